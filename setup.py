@@ -1,0 +1,70 @@
+"""Builds tunecomp and its extension tunecomp._C from csrc/.
+
+The C++ (CPU) sources are always built. The CUDA sources (csrc/*.cu) are built too when
+torch is a CUDA build and nvcc is found, unless TUNECOMP_NO_CUDA=1. Target GPUs come from
+TUNECOMP_CUDA_ARCHS (default "80;90": A100 and H100/H200).
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def _find_cuda_home():
+    """CUDA_HOME, or the toolkit folder that holds the real nvcc.
+
+    torch guesses dirname(dirname(which nvcc)), which is wrong when nvcc on the PATH is a
+    wrapper script (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc).
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home  # read by torch.utils.cpp_extension at import
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+sources = sorted(glob.glob("csrc/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/*.cu"))
+with_cuda = (
+    os.environ.get("TUNECOMP_NO_CUDA", "0") != "1"
+    and torch.version.cuda is not None
+    and _cuda_home is not None
+    and bool(cuda_sources)
+)
+
+# No -std flag: torch.utils.cpp_extension adds the standard its headers need.
+cxx_flags = ["-O3"]
+if with_cuda:
+    archs = os.environ.get("TUNECOMP_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    extension = CUDAExtension(
+        "tunecomp._C",
+        sources + cuda_sources,
+        define_macros=[("TUNECOMP_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+else:
+    extension = CppExtension("tunecomp._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+setup(
+    packages=["tunecomp", "tunecomp.kernels"],
+    package_dir={"tunecomp": "tunecomp", "tunecomp.kernels": "kernels"},
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

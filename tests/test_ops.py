@@ -1,0 +1,199 @@
+"""tunecomp.ops: dispatch, custom-op registration, autograd and input checks."""
+
+import pytest
+import torch
+
+from conftest import random_mask, rel_error
+from tunecomp import ops, reference
+
+CPU_BACKENDS = ["torch", "auto"]
+
+
+def make_inputs(n=7, k=13, m=5, r=3, dtype=torch.float64, keep=0.5, lead=(), grad=False):
+    opts = {"dtype": dtype, "requires_grad": grad}
+    return dict(
+        x=torch.randn(*lead, n, k, **opts),
+        u=torch.randn(m, r, **opts),
+        v=torch.randn(k, r, **opts),
+        bias=torch.randn(m, **opts),
+        mask_u=random_mask((m, r), keep),
+        mask_v=random_mask((k, r), keep),
+    )
+
+
+def make_teacher(a, dtype=torch.float64):
+    m, k = a["u"].shape[0], a["v"].shape[0]
+    return dict(teacher_weight=torch.randn(m, k, dtype=dtype), teacher_bias=torch.randn(m, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lead", [(), (2,), (2, 3)])
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_masked_op_matches_reference(backend, lead, keep):
+    a = make_inputs(dtype=torch.float32, keep=keep, lead=lead)
+    y = ops.masked_lowrank_linear(**a, backend=backend)
+    expected = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in a.items()})
+    assert y.shape == (*lead, 7, 5) and y.dtype == torch.float32
+    assert rel_error(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, torch.tensor(0.6)])
+def test_blended_op_matches_reference(backend, alpha):
+    a = make_inputs(dtype=torch.float32, lead=(2,))
+    t = make_teacher(a, torch.float32)
+    y = ops.blended_lowrank_linear(**a, **t, alpha=alpha, backend=backend)
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()}
+    expected = reference.blended_lowrank_linear(**dbl, alpha=float(alpha))
+    assert rel_error(y, expected) < 1e-5
+
+
+def test_gradcheck_through_custom_ops():
+    a = make_inputs(n=4, k=5, m=3, r=2, grad=True)
+    t = make_teacher(a)
+    names = ("x", "u", "v", "bias")
+    masks = {"mask_u": a["mask_u"], "mask_v": a["mask_v"]}
+
+    def masked(x, u, v, bias):
+        return ops.masked_lowrank_linear(x, u, v, bias, **masks, backend="torch")
+
+    def blended(x, u, v, bias):
+        return ops.blended_lowrank_linear(x, u, v, bias, **masks, **t, alpha=0.4, backend="torch")
+
+    inputs = tuple(a[n] for n in names)
+    assert torch.autograd.gradcheck(masked, inputs)
+    assert torch.autograd.gradcheck(blended, inputs)
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_gradients_match_reference_autograd(blend):
+    a = make_inputs(n=9, k=12, m=10, r=4, dtype=torch.float32, lead=(3,), grad=True)
+    t = make_teacher(a, torch.float32)
+    grad_y = torch.randn(3, 9, 10)
+
+    def run(fn, inputs):
+        args = {k: (v.detach().clone().requires_grad_() if v.requires_grad else v) for k, v in inputs.items()}
+        y = fn(**args, **t, alpha=0.7) if blend else fn(**args)
+        y.backward(grad_y)
+        return {k: args[k].grad for k in ("x", "u", "v", "bias")}
+
+    if blend:
+        got = run(lambda **kw: ops.blended_lowrank_linear(**kw, backend="torch"), a)
+        want = run(reference.blended_lowrank_linear, a)
+    else:
+        got = run(lambda **kw: ops.masked_lowrank_linear(**kw, backend="torch"), a)
+        want = run(reference.masked_lowrank_linear, a)
+    for name in got:
+        assert rel_error(got[name], want[name]) < 1e-5, name
+    assert torch.all(got["u"][~a["mask_u"]] == 0) and torch.all(got["v"][~a["mask_v"]] == 0)
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_opcheck(blend):
+    """torch.library's own consistency checks: schema, fake tensors, autograd registration,
+    AOT dispatch (what torch.compile relies on)."""
+    a = make_inputs(n=6, k=8, m=5, r=3, dtype=torch.float32, grad=True)
+    if blend:
+        t = make_teacher(a, torch.float32)
+        args = (a["x"], a["u"], a["v"], a["bias"], a["mask_u"], a["mask_v"],
+                t["teacher_weight"], t["teacher_bias"], torch.tensor(0.5), "torch")
+        torch.library.opcheck(torch.ops.tunecomp.blended_lowrank_linear.default, args)
+    else:
+        args = (a["x"], a["u"], a["v"], a["bias"], a["mask_u"], a["mask_v"], "torch")
+        torch.library.opcheck(torch.ops.tunecomp.masked_lowrank_linear.default, args)
+        args = (a["x"], a["u"], a["v"], None, None, None, "torch")
+        torch.library.opcheck(torch.ops.tunecomp.masked_lowrank_linear.default, args)
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_zero_tokens(blend):
+    a = make_inputs(n=0, dtype=torch.float32, lead=(2,), grad=True)
+    if blend:
+        y = ops.blended_lowrank_linear(**a, **make_teacher(a, torch.float32), alpha=0.5)
+    else:
+        y = ops.masked_lowrank_linear(**a)
+    assert y.shape == (2, 0, 5)
+    y.sum().backward()
+    assert a["x"].grad.shape == (2, 0, 13)
+    for name in ("u", "v", "bias"):  # a sum over no tokens: zero gradient, not empty
+        assert a[name].grad.shape == a[name].shape and torch.count_nonzero(a[name].grad) == 0
+
+
+def test_one_dim_and_non_contiguous_x():
+    a = make_inputs(dtype=torch.float32)
+    x_1d = torch.randn(13)
+    y = ops.masked_lowrank_linear(x_1d, a["u"], a["v"], a["bias"])
+    assert y.shape == (5,)
+    assert rel_error(y, reference.masked_lowrank_linear(x_1d.double(), a["u"].double(), a["v"].double(), a["bias"].double())) < 1e-5
+    x_t = torch.randn(13, 7).T  # [7, 13], not contiguous
+    assert not x_t.is_contiguous()
+    y = ops.masked_lowrank_linear(x_t, a["u"], a["v"], a["bias"], a["mask_u"], a["mask_v"])
+    want = reference.masked_lowrank_linear(x_t.double(), a["u"].double(), a["v"].double(), a["bias"].double(), a["mask_u"], a["mask_v"])
+    assert rel_error(y, want) < 1e-5
+
+
+def test_autocast_casts_inputs():
+    a = make_inputs(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.masked_lowrank_linear(**a, backend="torch")
+    assert y.dtype == torch.bfloat16
+    want = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in a.items()})
+    assert rel_error(y, want) < 2e-2  # bf16 operands: 8-bit mantissa
+
+
+def test_backend_resolution():
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) in ("torch", "cpu", "triton")
+    assert ops.available_backends("cpu")["torch"] is None
+    assert set(ops.available_backends("cpu")) == set(ops.BACKENDS) - {"auto"}
+
+
+# ---- bad inputs: (what, change to the good arguments, error type, words the message must hold)
+BAD_MASKED = [
+    ("x not a tensor", dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+    ("integer x", dict(x=torch.ones(7, 13, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
+    ("in mismatch", dict(x=torch.randn(7, 12)), ValueError, "x.shape[-1] (in_features) must equal v.shape[0]"),
+    ("u not 2-D", dict(u=torch.randn(5, 3, 1)), ValueError, "u must be 2-D"),
+    ("rank mismatch", dict(u=torch.randn(5, 4)), ValueError, "same rank"),
+    ("zero rank", dict(u=torch.randn(5, 0), v=torch.randn(13, 0), mask_u=None, mask_v=None), ValueError, "rank must be at least 1"),
+    ("mask dtype", dict(mask_u=torch.ones(5, 3)), TypeError, "mask_u must be a bool tensor"),
+    ("mask shape", dict(mask_v=torch.ones(13, 2, dtype=torch.bool)), ValueError, "mask_v must have the shape of v (13, 3); got (13, 2)"),
+    ("bias shape", dict(bias=torch.randn(6)), ValueError, "bias must have shape (out_features,) = (5,); got (6,)"),
+    ("dtype mismatch", dict(u=torch.randn(5, 3, dtype=torch.float64)), TypeError, "u must have x's dtype torch.float32; got torch.float64"),
+    ("bias dtype", dict(bias=torch.randn(5, dtype=torch.float16)), TypeError, "bias must have x's dtype"),
+    ("device mismatch", dict(u=torch.randn(5, 3, device="meta")), ValueError, "u must be on x's device cpu; got meta"),
+    ("unknown backend", dict(backend="cublas"), ValueError, "backend must be one of"),
+    ("backend type", dict(backend=3), TypeError, "backend must be a str"),
+    ("unavailable backend", dict(backend="cuda"), ValueError, "backend='cuda' is not available"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_MASKED, ids=lambda c: c[0])
+def test_bad_input_masked(case):
+    what, change, error, words = case
+    args = {**make_inputs(dtype=torch.float32), "backend": "torch", **change}
+    with pytest.raises(error) as info:
+        ops.masked_lowrank_linear(**args)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (dict(alpha=1.5), ValueError, "alpha must be in [0, 1]; got 1.5"),
+        (dict(alpha=-0.1), ValueError, "alpha must be in [0, 1]"),
+        (dict(alpha=float("nan")), ValueError, "alpha must be in [0, 1]"),
+        (dict(alpha="0.5"), TypeError, "alpha must be a float"),
+        (dict(alpha=torch.ones(2)), ValueError, "one-element tensor"),
+        (dict(alpha=torch.tensor(1)), TypeError, "alpha tensor must have a floating dtype"),
+        (dict(teacher_weight=torch.randn(13, 5)), ValueError, "teacher_weight must have shape (out_features, in_features) = (5, 13)"),
+        (dict(teacher_weight=torch.randn(5, 13, dtype=torch.float64)), TypeError, "teacher_weight must have x's dtype"),
+        (dict(teacher_bias=torch.randn(4)), ValueError, "teacher_bias must have shape (out_features,) = (5,)"),
+        (dict(teacher_weight=None), TypeError, "teacher_weight must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_blended(change, error, words):
+    a = make_inputs(dtype=torch.float32)
+    args = {**a, **make_teacher(a, torch.float32), "alpha": 0.5, **change}
+    with pytest.raises(error) as info:
+        ops.blended_lowrank_linear(**args)
+    assert words in str(info.value)

@@ -1,0 +1,487 @@
+"""The single dispatch point of tunecomp: input checks, backend choice, custom ops, autograd.
+
+Two public ops (DESIGN.md section 3)::
+
+    y = masked_lowrank_linear(x, u, v, bias=None, mask_u=None, mask_v=None, backend="auto")
+    y = blended_lowrank_linear(x, u, v, bias, mask_u, mask_v,
+                               teacher_weight, teacher_bias, alpha, backend="auto")
+
+Each is a ``torch.library`` custom op (``tunecomp::...``) with a fake implementation and an
+autograd formula whose backward is itself a custom op, so ``torch.compile(fullgraph=True)``
+traces through them and every backend only has to supply plain forward/backward functions.
+
+The Python wrappers below do the work that must not be repeated by every backend:
+argument checks (a clear ``TypeError``/``ValueError`` naming the argument, the expected and
+the actual), autocast, flattening the leading dims of ``x`` to one token dim, turning
+``alpha`` into a one-element float32 tensor (so a changing alpha neither recompiles a
+compiled model nor invalidates a CUDA graph), and resolving ``backend="auto"``.
+
+Gradients flow to ``x``, ``u``, ``v`` and ``bias``. Masks, the teacher weight and bias and
+alpha are constants: they never receive a gradient. Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import apply_mask
+
+try:  # the native extension; tunecomp still works (backend "torch") without it
+    from . import _C
+    NATIVE_IMPORT_ERROR = None
+except ImportError as error:  # e.g. the sources were copied without `pip install`
+    _C = None
+    NATIVE_IMPORT_ERROR = str(error)
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "resolve_backend",
+    "masked_lowrank_linear",
+    "blended_lowrank_linear",
+]
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+"""Every backend name the ops accept. ``available_backends()`` says which run here."""
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends. Each one works on a 2-D x [N, in] with N >= 1 and returns fresh tensors.
+# --------------------------------------------------------------------------------------------
+
+
+class _TorchBackend:
+    """Eager PyTorch: the reference math, any device, any floating dtype."""
+
+    name = "torch"
+
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        return None
+
+    @staticmethod
+    def forward(x, u, v, bias, mask_u, mask_v):
+        return reference.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v)
+
+    @staticmethod
+    def backward(grad_y, x, u, v, mask_u, mask_v, has_bias):
+        u_m, v_m = apply_mask(u, mask_u), apply_mask(v, mask_v)
+        t = x @ v_m  # recomputed rather than saved: the fused kernels never store it either
+        g = grad_y @ u_m
+        grad_x = g @ v_m.T
+        grad_u = apply_mask(grad_y.T @ t, mask_u)
+        grad_v = apply_mask(x.T @ g, mask_v)
+        grad_b = grad_y.sum(0) if has_bias else grad_y.new_empty(0)
+        return grad_x, grad_u, grad_v, grad_b
+
+    @staticmethod
+    def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
+        return reference.blended_lowrank_linear(
+            x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
+        )
+
+    @staticmethod
+    def blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
+        a = alpha.reshape(()).to(x.dtype)
+        s = reference.student_scale(a)
+        u_m, v_m = apply_mask(u, mask_u), apply_mask(v, mask_v)
+        t = x @ v_m
+        g = (grad_y @ u_m) * s
+        grad_x = g @ v_m.T + a * (grad_y @ teacher_weight)
+        grad_u = apply_mask((grad_y.T @ t) * s, mask_u)
+        grad_v = apply_mask(x.T @ g, mask_v)
+        grad_b = grad_y.sum(0) * s if has_bias else grad_y.new_empty(0)
+        return grad_x, grad_u, grad_v, grad_b
+
+
+class _PendingBackend:
+    """A backend name that the contract reserves but this build does not implement yet."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self._reason = reason
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        return self._reason
+
+
+_BACKENDS = {
+    "torch": _TorchBackend(),
+    "triton": _PendingBackend("triton", "the Triton kernels are not part of this build yet"),
+    "cuda": _PendingBackend("cuda", "the CUDA C++ kernels are not part of this build yet"),
+    "cpu": _PendingBackend("cpu", "the C++ CPU kernels are not part of this build yet"),
+}
+
+# Preference order of "auto", per device type; the first available backend wins.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def available_backends(
+    device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
+) -> dict:
+    """``{name: None if usable else the reason it is not}`` for tensors on ``device``."""
+    device = torch.device(device)
+    return {name: b.unavailable_reason(device, dtype) for name, b in _BACKENDS.items()}
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs for ``backend`` on tensors of ``device`` and ``dtype``.
+
+    A backend named explicitly is used or refused with a ``ValueError``, never swapped.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if _BACKENDS[name].unavailable_reason(device, dtype) is None:
+                return name
+        return "torch"
+    reason = _BACKENDS[backend].unavailable_reason(device, dtype)
+    if reason is not None:
+        raise ValueError(
+            f"backend={backend!r} is not available for {dtype} tensors on {device}: {reason}. "
+            f"Use backend='auto' or one of "
+            f"{[n for n, r in available_backends(device, dtype).items() if r is None]}"
+        )
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops. x is 2-D here; the wrappers flatten leading dims and check everything first.
+# --------------------------------------------------------------------------------------------
+
+
+def _lowrank_grads_for_no_tokens(x, u, v, has_bias):
+    # N == 0: the gradient of a sum over no tokens is zero, not empty.
+    grad_b = u.new_zeros(u.shape[0]) if has_bias else u.new_empty(0)
+    return x.new_empty(x.shape), torch.zeros_like(u), torch.zeros_like(v), grad_b
+
+
+@torch.library.custom_op("tunecomp::masked_lowrank_linear", mutates_args=())
+def _masked_lowrank_linear_op(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    mask_u: Optional[Tensor],
+    mask_v: Optional[Tensor],
+    backend: str,
+) -> Tensor:
+    if x.shape[0] == 0:
+        return x.new_empty((0, u.shape[0]))
+    return _BACKENDS[backend].forward(x, u, v, bias, mask_u, mask_v)
+
+
+@_masked_lowrank_linear_op.register_fake
+def _(x, u, v, bias, mask_u, mask_v, backend):
+    return x.new_empty((x.shape[0], u.shape[0]))
+
+
+@torch.library.custom_op("tunecomp::masked_lowrank_linear_backward", mutates_args=())
+def _masked_lowrank_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    mask_u: Optional[Tensor],
+    mask_v: Optional[Tensor],
+    has_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if x.shape[0] == 0:
+        return _lowrank_grads_for_no_tokens(x, u, v, has_bias)
+    return _BACKENDS[backend].backward(grad_y, x, u, v, mask_u, mask_v, has_bias)
+
+
+@_masked_lowrank_linear_backward_op.register_fake
+def _(grad_y, x, u, v, mask_u, mask_v, has_bias, backend):
+    grad_b = u.new_empty(u.shape[0] if has_bias else 0)
+    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(v), grad_b
+
+
+def _masked_setup_context(ctx, inputs, output):
+    x, u, v, bias, mask_u, mask_v, backend = inputs
+    ctx.save_for_backward(x, u, v, mask_u, mask_v)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _masked_backward(ctx, grad_y):
+    x, u, v, mask_u, mask_v = ctx.saved_tensors
+    grad_x, grad_u, grad_v, grad_b = _masked_lowrank_linear_backward_op(
+        grad_y, x, u, v, mask_u, mask_v, ctx.has_bias, ctx.backend
+    )
+    return grad_x, grad_u, grad_v, (grad_b if ctx.has_bias else None), None, None, None
+
+
+_masked_lowrank_linear_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)
+
+
+@torch.library.custom_op("tunecomp::blended_lowrank_linear", mutates_args=())
+def _blended_lowrank_linear_op(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    mask_u: Optional[Tensor],
+    mask_v: Optional[Tensor],
+    teacher_weight: Tensor,
+    teacher_bias: Optional[Tensor],
+    alpha: Tensor,
+    backend: str,
+) -> Tensor:
+    if x.shape[0] == 0:
+        return x.new_empty((0, u.shape[0]))
+    return _BACKENDS[backend].blended_forward(
+        x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
+    )
+
+
+@_blended_lowrank_linear_op.register_fake
+def _(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, backend):
+    return x.new_empty((x.shape[0], u.shape[0]))
+
+
+@torch.library.custom_op("tunecomp::blended_lowrank_linear_backward", mutates_args=())
+def _blended_lowrank_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    mask_u: Optional[Tensor],
+    mask_v: Optional[Tensor],
+    teacher_weight: Tensor,
+    alpha: Tensor,
+    has_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if x.shape[0] == 0:
+        return _lowrank_grads_for_no_tokens(x, u, v, has_bias)
+    return _BACKENDS[backend].blended_backward(
+        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias
+    )
+
+
+@_blended_lowrank_linear_backward_op.register_fake
+def _(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias, backend):
+    grad_b = u.new_empty(u.shape[0] if has_bias else 0)
+    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(v), grad_b
+
+
+def _blended_setup_context(ctx, inputs, output):
+    x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, backend = inputs
+    ctx.save_for_backward(x, u, v, mask_u, mask_v, teacher_weight, alpha)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _blended_backward(ctx, grad_y):
+    x, u, v, mask_u, mask_v, teacher_weight, alpha = ctx.saved_tensors
+    grad_x, grad_u, grad_v, grad_b = _blended_lowrank_linear_backward_op(
+        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, ctx.has_bias, ctx.backend
+    )
+    grad_b = grad_b if ctx.has_bias else None
+    return grad_x, grad_u, grad_v, grad_b, None, None, None, None, None, None
+
+
+_blended_lowrank_linear_op.register_autograd(
+    _blended_backward, setup_context=_blended_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_tensor(name: str, t, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {expected}; got {type(t).__name__}")
+
+
+def _check_same(name: str, t: Tensor, x: Tensor) -> None:
+    """``t`` shares x's device and (for floating tensors) dtype."""
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}; got {t.dtype}")
+
+
+def _check_lowrank_args(x, u, v, bias, mask_u, mask_v) -> None:
+    for name, t in (("x", x), ("u", u), ("v", v)):
+        _check_tensor(name, t)
+    for name, t in (("bias", bias), ("mask_u", mask_u), ("mask_v", mask_v)):
+        _check_tensor(name, t, optional=True)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must have a floating dtype, one of {_FLOAT_DTYPES}; got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim [..., in_features]; got {_describe(x)}")
+    for name, t in (("u", u), ("v", v)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [{'out' if name == 'u' else 'in'}, rank]; "
+                             f"got {_describe(t)}")
+        _check_same(name, t, x)
+    if x.shape[-1] != v.shape[0]:
+        raise ValueError(
+            f"x.shape[-1] (in_features) must equal v.shape[0]; got x {tuple(x.shape)} and "
+            f"v {tuple(v.shape)}"
+        )
+    if u.shape[1] != v.shape[1]:
+        raise ValueError(
+            f"u and v must have the same rank (dim 1); got u {tuple(u.shape)} and "
+            f"v {tuple(v.shape)}"
+        )
+    if u.shape[1] == 0:
+        raise ValueError(f"rank must be at least 1; got u {tuple(u.shape)}")
+    for name, mask, factor in (("mask_u", mask_u, u), ("mask_v", mask_v, v)):
+        if mask is None:
+            continue
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor; got dtype {mask.dtype}")
+        if mask.shape != factor.shape:
+            raise ValueError(
+                f"{name} must have the shape of {name[-1]} {tuple(factor.shape)}; "
+                f"got {tuple(mask.shape)}"
+            )
+        if mask.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {mask.device}")
+    if bias is not None:
+        if bias.shape != (u.shape[0],):
+            raise ValueError(
+                f"bias must have shape (out_features,) = ({u.shape[0]},); got {tuple(bias.shape)}"
+            )
+        _check_same("bias", bias, x)
+
+
+def _check_teacher_args(x, u, teacher_weight, teacher_bias, alpha) -> None:
+    _check_tensor("teacher_weight", teacher_weight)
+    _check_tensor("teacher_bias", teacher_bias, optional=True)
+    expected = (u.shape[0], x.shape[-1])
+    if teacher_weight.shape != expected:
+        raise ValueError(
+            f"teacher_weight must have shape (out_features, in_features) = {expected}; "
+            f"got {tuple(teacher_weight.shape)}"
+        )
+    _check_same("teacher_weight", teacher_weight, x)
+    if teacher_bias is not None:
+        if teacher_bias.shape != (u.shape[0],):
+            raise ValueError(
+                f"teacher_bias must have shape (out_features,) = ({u.shape[0]},); "
+                f"got {tuple(teacher_bias.shape)}"
+            )
+        _check_same("teacher_bias", teacher_bias, x)
+    if isinstance(alpha, Tensor):
+        # The range of a tensor alpha is not checked here: that would sync the device on
+        # every call. FusedPrunedLowRankLinear checks it when alpha is set.
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must be a number or a one-element tensor; got {_describe(alpha)}")
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha tensor must have a floating dtype; got {alpha.dtype}")
+    elif isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        if not (0.0 <= float(alpha) <= 1.0):  # also rejects NaN
+            raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+    else:
+        raise TypeError(f"alpha must be a float in [0, 1] or a one-element tensor; "
+                        f"got {type(alpha).__name__}")
+
+
+def _autocast(x: Tensor, tensors: Sequence[Optional[Tensor]]):
+    """Apply autocast by hand: custom ops are opaque to it, so under
+    ``torch.autocast`` the floating inputs are cast to the autocast dtype here."""
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(device_type):
+        return x, tensors
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+    return cast(x), [cast(t) for t in tensors]
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops
+# --------------------------------------------------------------------------------------------
+
+
+def masked_lowrank_linear(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor] = None,
+    mask_u: Optional[Tensor] = None,
+    mask_v: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``y = (x @ (v*mask_v)) @ (u*mask_u).T + bias``.
+
+    Args:
+        x: ``[..., in]`` input, fp16/bf16/fp32 (fp64 on the "torch" backend).
+        u: ``[out, r]`` and v: ``[in, r]`` factors, x's dtype and device.
+        bias: ``[out]`` or None.
+        mask_u, mask_v: bool masks of u's / v's shape (True = kept), or None (all kept).
+            A pruned entry counts as exactly zero, whatever it holds (NaN included), and
+            its gradient is exactly zero.
+        backend: one of ``BACKENDS``; "auto" picks the fastest available for x's device.
+
+    Returns ``[..., out]`` in x's dtype. Zero tokens give an empty ``[..., out]`` output.
+    """
+    x, (u, v, bias) = _autocast(x, (u, v, bias))
+    _check_lowrank_args(x, u, v, bias, mask_u, mask_v)
+    name = resolve_backend(backend, x.device, x.dtype)
+    lead = x.shape[:-1]
+    y = _masked_lowrank_linear_op(x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v, name)
+    return y.reshape(*lead, u.shape[0])
+
+
+def blended_lowrank_linear(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    mask_u: Optional[Tensor],
+    mask_v: Optional[Tensor],
+    teacher_weight: Tensor,
+    teacher_bias: Optional[Tensor],
+    alpha: Union[float, Tensor],
+    backend: str = "auto",
+) -> Tensor:
+    """``alpha*(x @ W0.T + b0) + sqrt(1-alpha**2) * masked_lowrank_linear(x, u, v, ...)``.
+
+    The training-time blend of the frozen teacher ``W0 = teacher_weight [out, in]``,
+    ``b0 = teacher_bias [out]`` with the low-rank student. ``alpha`` is a number in [0, 1]
+    or a one-element tensor (its range is then the caller's responsibility: checking it
+    here would sync the device every call). Teacher and alpha receive no gradient.
+    """
+    x, (u, v, bias, teacher_weight, teacher_bias) = _autocast(
+        x, (u, v, bias, teacher_weight, teacher_bias)
+    )
+    _check_lowrank_args(x, u, v, bias, mask_u, mask_v)
+    _check_teacher_args(x, u, teacher_weight, teacher_bias, alpha)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.detach().reshape(()).to(device=x.device, dtype=torch.float32)
+    else:
+        alpha = torch.tensor(float(alpha), dtype=torch.float32, device=x.device)
+    name = resolve_backend(backend, x.device, x.dtype)
+    lead = x.shape[:-1]
+    y = _blended_lowrank_linear_op(
+        x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v,
+        teacher_weight, teacher_bias, alpha, name,
+    )
+    return y.reshape(*lead, u.shape[0])

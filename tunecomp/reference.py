@@ -1,0 +1,75 @@
+"""Pure-PyTorch reference of every tunecomp op: the ground truth for tests and kernels.
+
+Written for clarity, not speed. Every backend must compute the same function as these.
+
+Masks select which entries of the factors are kept. A pruned entry is treated as an exact
+zero, selected with ``torch.where`` rather than multiplied, so a NaN or Inf stored in a pruned
+entry does not leak into the output and its gradient is exactly zero. NaN/Inf in ``x`` or in
+kept entries propagate as in ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+
+def apply_mask(weight: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``weight`` with pruned entries (``mask == False``) set to exactly zero."""
+    if mask is None:
+        return weight
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def masked_lowrank_linear(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor] = None,
+    mask_u: Optional[Tensor] = None,
+    mask_v: Optional[Tensor] = None,
+) -> Tensor:
+    """``y = (x @ (v*mask_v)) @ (u*mask_u).T + bias``.
+
+    x: [..., in], u: [out, r], v: [in, r], masks bool of the shape of u / v, bias: [out].
+    The rank-r intermediate ``x @ v`` is computed first: r*(in+out) FLOPs per token instead of
+    in*out for the merged weight.
+    """
+    t = x @ apply_mask(v, mask_v)
+    y = t @ apply_mask(u, mask_u).T
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def student_scale(alpha: Union[float, Tensor]) -> Union[float, Tensor]:
+    """The student's weight in the blend, ``sqrt(1 - alpha**2)``."""
+    if isinstance(alpha, Tensor):
+        return torch.sqrt(1.0 - alpha * alpha)
+    return math.sqrt(1.0 - alpha * alpha)
+
+
+def blended_lowrank_linear(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    mask_u: Optional[Tensor],
+    mask_v: Optional[Tensor],
+    teacher_weight: Tensor,
+    teacher_bias: Optional[Tensor],
+    alpha: Union[float, Tensor],
+) -> Tensor:
+    """``alpha*(x @ W0.T + b0) + sqrt(1-alpha**2) * masked_lowrank_linear(x, u, v, ...)``.
+
+    teacher_weight W0: [out, in], teacher_bias b0: [out]. alpha in [0, 1], a number or a
+    one-element tensor (then it may change between calls without recompiling anything).
+    """
+    teacher = torch.nn.functional.linear(x, teacher_weight, teacher_bias)
+    student = masked_lowrank_linear(x, u, v, bias, mask_u, mask_v)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.reshape(()).to(x.dtype)
+    return alpha * teacher + student_scale(alpha) * student
