@@ -197,3 +197,36 @@ def test_bad_input_blended(change, error, words):
     with pytest.raises(error) as info:
         ops.blended_lowrank_linear(**args)
     assert words in str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ops_on_gpu_match_reference(gpu, dtype):
+    a = {k: t.to(gpu) for k, t in make_inputs(n=197, k=96, m=80, r=24, dtype=dtype).items()}
+    t = {k: v.to(gpu) for k, v in make_teacher(a, dtype).items()}
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()}
+    # bf16 operands carry 8 mantissa bits (~4e-3 per rounding); fp16 11; fp32 may use tf32
+    bound = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    y = ops.masked_lowrank_linear(**a)
+    assert rel_error(y, reference.masked_lowrank_linear(**{k: dbl[k] for k in a})) < bound
+    alpha = torch.tensor(0.4, device=gpu)
+    y = ops.blended_lowrank_linear(**a, **t, alpha=alpha)
+    assert rel_error(y, reference.blended_lowrank_linear(**dbl, alpha=0.4)) < bound
+
+
+@pytest.mark.gpu
+def test_blend_in_cuda_graph_reads_new_alpha(gpu):
+    """alpha lives in a tensor: a captured graph replays with a new value, no recapture."""
+    a = {k: t.to(gpu) for k, t in make_inputs(n=64, k=32, m=48, r=8, dtype=torch.float32).items()}
+    t = {k: v.to(gpu) for k, v in make_teacher(a, torch.float32).items()}
+    alpha = torch.tensor(0.9, device=gpu)
+    ops.blended_lowrank_linear(**a, **t, alpha=alpha)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.blended_lowrank_linear(**a, **t, alpha=alpha)
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()}
+    for value in (0.9, 0.1):
+        alpha.fill_(value)
+        graph.replay()
+        assert rel_error(y, reference.blended_lowrank_linear(**dbl, alpha=value)) < 2e-3

@@ -1,0 +1,173 @@
+"""FusedPrunedLowRankLinear: drop-in behaviour, blend, state_dict, compile, accounting."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_mask, rel_error
+from tunecomp import FusedPrunedLowRankLinear, reference
+
+
+def linear(k=24, m=40, bias=True):
+    return nn.Linear(k, m, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_student_reproduces_linear(bias):
+    lin = linear(bias=bias)
+    layer = FusedPrunedLowRankLinear.from_linear(lin, rank=24, keep_teacher=False)
+    x = torch.randn(2, 5, 24)
+    assert layer.alpha == 0.0 and not layer.has_teacher
+    # SVD in float64, factors rounded to fp32: error ~ a few fp32 ulps of the output
+    assert rel_error(layer(x), lin(x)) < 1e-5
+
+
+def test_teacher_attached_starts_as_the_linear_and_blends():
+    lin = linear()
+    layer = FusedPrunedLowRankLinear.from_linear(lin, rank=4)  # far from full rank
+    x = torch.randn(6, 24)
+    assert layer.alpha == 1.0 and layer.has_teacher
+    assert rel_error(layer(x), lin(x)) < 1e-6
+    layer.alpha = 0.3
+    student = reference.masked_lowrank_linear(x, layer.u, layer.v, layer.bias, layer.mask_u, layer.mask_v)
+    expected = 0.3 * lin(x) + math.sqrt(1 - 0.09) * student
+    assert rel_error(layer(x), expected) < 1e-6
+    layer.alpha = 0.0
+    assert rel_error(layer(x), student) < 1e-6
+
+
+def test_alpha_checks():
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=4)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]; got 1.5"):
+        layer.alpha = 1.5
+    with pytest.raises(TypeError, match="alpha must be a float"):
+        layer.alpha = "high"
+    layer.drop_teacher()
+    with pytest.raises(ValueError, match="alpha must be 0 without a teacher"):
+        layer.alpha = 0.5
+
+
+def test_drop_teacher_frees_buffers():
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=4)
+    assert "teacher_weight" in layer.state_dict()
+    before = sum(b.numel() for b in layer.buffers())
+    layer.drop_teacher()
+    assert layer.teacher_weight is None and layer.teacher_bias is None and layer.alpha == 0.0
+    assert "teacher_weight" not in layer.state_dict()
+    assert before - sum(b.numel() for b in layer.buffers()) == 40 * 24 + 40
+
+
+def test_gradients_flow_to_student_only():
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=6)
+    layer.alpha = 0.5
+    layer.mask_u.copy_(random_mask(layer.mask_u.shape, 0.5))
+    x = torch.randn(3, 24, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.bias.grad is not None
+    assert torch.all(layer.u.grad[~layer.mask_u] == 0)
+    assert torch.count_nonzero(layer.u.grad[layer.mask_u]) > 0
+    assert not layer.teacher_weight.requires_grad
+    assert [n for n, _ in layer.named_parameters()] == ["u", "v", "bias"]
+
+
+def test_state_dict_round_trip():
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=5)
+    layer.alpha = 0.25
+    layer.mask_v.copy_(random_mask(layer.mask_v.shape, 0.5))
+    state = layer.state_dict()
+    assert state["mask_v"].dtype == torch.bool and "alpha_tensor" in state
+    clone = FusedPrunedLowRankLinear(24, 40, 5)
+    clone.teacher_weight = torch.empty(40, 24)
+    clone.teacher_bias = torch.empty(40)
+    clone.load_state_dict(state)
+    assert clone.alpha == 0.25  # the Python-side alpha follows the loaded buffer
+    assert torch.equal(clone.mask_v, layer.mask_v)
+    x = torch.randn(4, 24)
+    assert torch.equal(clone(x), layer(x))
+
+
+def test_alpha_stays_float32_when_module_is_cast():
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=5)
+    layer.alpha = 0.997  # bf16 would round this to 1.0 and silence the student
+    layer = layer.to(torch.bfloat16)
+    assert layer.u.dtype == torch.bfloat16 and layer.alpha_tensor.dtype == torch.float32
+    assert layer.alpha_tensor.item() == pytest.approx(0.997, abs=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_to_linear_computes_the_same(alpha):
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=7)
+    layer.alpha = alpha
+    layer.mask_u.copy_(random_mask(layer.mask_u.shape, 0.7))
+    dense = layer.to_linear()
+    x = torch.randn(5, 24)
+    assert isinstance(dense, nn.Linear) and dense.weight.shape == (40, 24)
+    assert rel_error(dense(x), layer(x)) < 1e-5
+
+
+def test_effective_params_sparsity_and_repr():
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=8)
+    assert layer.num_effective_params() == 8 * (24 + 40) + 40
+    layer.mask_u[:, :4] = False  # 40*4 of 8*64 factor entries pruned
+    assert layer.num_effective_params() == 8 * 64 - 160 + 40
+    assert layer.sparsity == pytest.approx(160 / 512)
+    text = repr(layer)
+    for words in ("in_features=24", "out_features=40", "rank=8", "sparsity=31.2%", "teacher=attached"):
+        assert words in text
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in_features, out_features\)\] = \[1, 24\]"):
+        FusedPrunedLowRankLinear(24, 40, 25)
+    with pytest.raises(ValueError, match="rank must be in"):
+        FusedPrunedLowRankLinear(24, 40, 0)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        FusedPrunedLowRankLinear(24, 40, 2.5)
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        FusedPrunedLowRankLinear(0, 40, 1)
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        FusedPrunedLowRankLinear.from_linear(nn.Conv2d(3, 3, 1), rank=1)
+    with pytest.raises(ValueError, match="init must be one of"):
+        FusedPrunedLowRankLinear.from_linear(linear(), rank=4, init="pca")
+
+
+def test_random_init_has_linear_like_scale():
+    layer = FusedPrunedLowRankLinear(256, 256, 64, bias=False)
+    weight, _ = layer.merged_weight()
+    expected_var = 1.0 / (3 * 256)  # nn.Linear's default
+    assert weight.var().item() == pytest.approx(expected_var, rel=0.2)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = FusedPrunedLowRankLinear.from_linear(nn.Linear(16, 24), rank=6)
+        self.fc2 = FusedPrunedLowRankLinear.from_linear(nn.Linear(24, 8), rank=4, keep_teacher=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = TwoLayers()
+    model.fc1.alpha = 0.5
+    model.fc1.mask_u.copy_(random_mask(model.fc1.mask_u.shape, 0.6))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    eager_y = model(x)
+    y = compiled(x)
+    assert rel_error(y, eager_y) < 1e-5
+    # gradients through the compiled graph match eager ones
+    grads = torch.autograd.grad(y.sum(), [x, model.fc1.u, model.fc2.v])
+    eager_grads = torch.autograd.grad(eager_y.sum(), [x, model.fc1.u, model.fc2.v])
+    for got, want in zip(grads, eager_grads):
+        assert rel_error(got, want) < 1e-5
+    # a new alpha is read from the buffer: same compiled graph, new result, no recompile
+    model.fc1.alpha = 0.2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert rel_error(compiled(x), model(x)) < 1e-5

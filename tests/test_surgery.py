@@ -1,0 +1,101 @@
+"""surgery: find and swap linear layers, on timm ViTs and plain modules."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import rel_error
+from tunecomp import FusedPrunedLowRankLinear, replace_linear_layers
+from tunecomp.surgery import rank_for
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_base_patch16_224"])
+def test_full_rank_vit_gives_the_same_logits(name):
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+    report = replace_linear_layers(model, rank_ratio=1.0, keep_teacher=False)
+    depth = len(model.blocks)
+    assert len(report.layers) == 4 * depth
+    replaced = [m for m in model.modules() if isinstance(m, FusedPrunedLowRankLinear)]
+    assert len(replaced) == 4 * depth
+    assert type(model.head) is nn.Linear  # the classifier is left alone
+    with torch.no_grad():
+        logits = model(x)
+    # fp32 factors from a float64 SVD; 12 blocks of rounding, each ~1e-7 relative
+    assert rel_error(logits, expected) < 1e-4
+
+
+def test_teacher_attached_model_is_unchanged_until_alpha_moves():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, depth=2).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+        replace_linear_layers(model, rank=8)  # heavy truncation, but alpha = 1
+        assert rel_error(model(x), expected) < 1e-6
+        for layer in model.modules():
+            if isinstance(layer, FusedPrunedLowRankLinear):
+                layer.alpha = 0.0
+        assert rel_error(model(x), expected) > 1e-2  # now the rank-8 students run
+
+
+def test_report_counts_and_table():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, depth=1)
+    report = replace_linear_layers(model, param_ratio=0.25)
+    by_name = {layer.name: layer for layer in report.layers}
+    assert set(by_name) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    qkv = by_name["blocks.0.attn.qkv"]  # 192 -> 576
+    assert (qkv.in_features, qkv.out_features) == (192, 576)
+    assert qkv.rank == (192 * 576 // 4) // (192 + 576)
+    assert qkv.params_before == 192 * 576 + 576
+    assert qkv.params_after == qkv.rank * (192 + 576) + 576
+    assert report.params_before == sum(l.params_before for l in report.layers)
+    for layer in report.layers:  # the budget holds for the weights
+        assert layer.params_after - layer.out_features <= 0.25 * (layer.params_before - layer.out_features)
+    text = str(report)
+    assert "blocks.0.mlp.fc1" in text and "4 layers replaced" in text
+
+
+def test_rank_forms():
+    assert rank_for(768, 2304, rank=100) == 100
+    assert rank_for(768, 2304, rank=5000) == 768  # capped at full rank
+    assert rank_for(768, 2304, rank_ratio=0.25) == 192
+    assert rank_for(768, 768, param_ratio=0.5) == 192
+    assert rank_for(4, 4, rank_ratio=0.01) == 1
+    with pytest.raises(ValueError, match="exactly one of rank, rank_ratio, param_ratio"):
+        rank_for(8, 8, rank=2, rank_ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        rank_for(8, 8)
+    with pytest.raises(ValueError, match=r"rank_ratio must be in \(0, 1\]; got 1.5"):
+        rank_for(8, 8, rank_ratio=1.5)
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        rank_for(8, 8, rank=0)
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def test_any_module_glob_targets_and_head():
+    model = Plain()
+    report = replace_linear_layers(model, rank=4, targets=["encoder.*", "*"])
+    assert [l.name for l in report.layers] == ["encoder.0", "encoder.2"]  # head excluded
+    assert isinstance(model.encoder[0], FusedPrunedLowRankLinear)
+    model = Plain()
+    report = replace_linear_layers(model, rank=2, targets="head", include_head=True)
+    assert [l.name for l in report.layers] == ["head"]
+    assert model(torch.randn(2, 8)).shape == (2, 3)
+
+
+def test_no_match_is_an_error_that_lists_linears():
+    with pytest.raises(ValueError, match="no nn.Linear matches targets .* linear layers here: encoder.0, encoder.2, head"):
+        replace_linear_layers(Plain(), rank=2)  # the ViT defaults match nothing here

@@ -1,0 +1,159 @@
+"""Find the ``nn.Linear`` layers of a model by name and swap them for low-rank layers, in place.
+
+Works on any ``nn.Module``; the default targets are the four linear layers of every timm
+ViT block. The classifier head is never replaced unless asked (``include_head=True``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .nn import FusedPrunedLowRankLinear
+
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """True when ``name`` (a module's qualified name) is ``pattern``, ends with
+    ``"." + pattern``, or matches it as a glob (``blocks.1?.mlp.*``)."""
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def rank_for(
+    in_features: int,
+    out_features: int,
+    rank: Optional[int] = None,
+    rank_ratio: Optional[float] = None,
+    param_ratio: Optional[float] = None,
+) -> int:
+    """The rank for one layer, from exactly one of:
+
+    - ``rank``: absolute, capped at full rank ``min(in, out)``;
+    - ``rank_ratio`` in (0, 1]: a fraction of full rank, rounded, at least 1;
+    - ``param_ratio`` in (0, 1]: the largest rank whose factors hold at most this fraction
+      of the dense weight's parameters, ``floor(ratio·in·out / (in+out))``, at least 1.
+    """
+    given = {k: v for k, v in
+             (("rank", rank), ("rank_ratio", rank_ratio), ("param_ratio", param_ratio))
+             if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of rank, rank_ratio, param_ratio; got {given or 'none'}")
+    full = min(in_features, out_features)
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int; got {rank!r}")
+        return min(rank, full)
+    (name, ratio), = given.items()
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1]; got {ratio!r}")
+    if rank_ratio is not None:
+        r = round(rank_ratio * full)
+    else:
+        r = math.floor(param_ratio * in_features * out_features / (in_features + out_features))
+    return max(1, min(r, full))
+
+
+@dataclass
+class ReplacedLayer:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class SurgeryReport:
+    """What ``replace_linear_layers`` replaced. ``str(report)`` is a table."""
+
+    layers: list = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """Parameters after over before, over the replaced layers."""
+        return self.params_after / max(self.params_before, 1)
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        lines = [f"{'layer':<{width}}  {'in':>5} {'out':>5} {'rank':>5} {'before':>10} {'after':>10}"]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<{width}}  {layer.in_features:>5} {layer.out_features:>5} "
+                f"{layer.rank:>5} {layer.params_before:>10,} {layer.params_after:>10,}"
+            )
+        lines.append(
+            f"{len(self.layers)} layers replaced: {self.params_before:,} -> {self.params_after:,} "
+            f"parameters ({self.ratio:.1%})"
+        )
+        return "\n".join(lines)
+
+
+def _classifier_names(model: nn.Module) -> set:
+    names = {name for name, _ in model.named_modules() if name.split(".")[0] in ("head", "classifier")}
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):  # timm models name their classifier themselves
+        head = get_classifier()
+        names |= {name for name, module in model.named_modules() if module is head}
+    return names
+
+
+def replace_linear_layers(
+    model: nn.Module,
+    rank: Optional[int] = None,
+    *,
+    rank_ratio: Optional[float] = None,
+    param_ratio: Optional[float] = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    include_head: bool = False,
+    init: str = "svd",
+    keep_teacher: bool = True,
+    backend: str = "auto",
+) -> SurgeryReport:
+    """Swap, in place, every ``nn.Linear`` whose name matches one of ``targets`` for a
+    ``FusedPrunedLowRankLinear.from_linear(...)``; the rank comes from exactly one of
+    ``rank``, ``rank_ratio``, ``param_ratio`` (see ``rank_for``). Returns a report.
+
+    Raises ``ValueError`` when no linear layer matches, listing the ones that exist.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    rank_for(8, 8, rank, rank_ratio, param_ratio)  # check the rank arguments before any work
+    skip = set() if include_head else _classifier_names(model)
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    chosen = [(name, m) for name, m in linears
+              if name not in skip and any(name_matches(name, p) for p in targets)]
+    if not chosen:
+        shown = ", ".join(name for name, _ in linears[:8]) or "none"
+        raise ValueError(
+            f"no nn.Linear matches targets {tuple(targets)} (classifier head "
+            f"{'included' if include_head else 'excluded'}); linear layers here: {shown}"
+            f"{' ...' if len(linears) > 8 else ''}"
+        )
+    report = SurgeryReport()
+    for name, linear in chosen:
+        r = rank_for(linear.in_features, linear.out_features, rank, rank_ratio, param_ratio)
+        layer = FusedPrunedLowRankLinear.from_linear(
+            linear, r, init=init, keep_teacher=keep_teacher, backend=backend
+        )
+        layer.train(linear.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        before = linear.weight.numel() + (0 if linear.bias is None else linear.bias.numel())
+        report.layers.append(ReplacedLayer(
+            name, linear.in_features, linear.out_features, r, before, layer.num_effective_params()
+        ))
+    return report
