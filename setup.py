@@ -62,8 +62,13 @@ if with_cuda:
 else:
     extension = CppExtension("tunecomp._C", sources, extra_compile_args={"cxx": cxx_flags})
 
+# kernels/ is installed as tunecomp.kernels (a top-level `kernels` would collide).
+packages = ["tunecomp"]
+if os.path.exists(os.path.join("kernels", "__init__.py")):
+    packages.append("tunecomp.kernels")
+
 setup(
-    packages=["tunecomp", "tunecomp.kernels"],
+    packages=packages,
     package_dir={"tunecomp": "tunecomp", "tunecomp.kernels": "kernels"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
