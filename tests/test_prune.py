@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from tunecomp import FusedPrunedLowRankLinear
+from tunecomp.prune import prune_, sparsity_penalty
+
+
+def layers(*shapes):
+    return [FusedPrunedLowRankLinear(k, m, r) for k, m, r in shapes]
+
+
+def pruned_fraction(group):
+    total = sum(l.mask_u.numel() + l.mask_v.numel() for l in group)
+    return sum(int((~l.mask_u).sum() + (~l.mask_v).sum()) for l in group) / total
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_unstructured_exact_ratio_smallest_first_and_monotone(scope):
+    group = layers((24, 40, 8), (16, 12, 5))
+    prune_(group, 0.3, scope=scope)
+    if scope == "layer":
+        for layer in group:
+            n = layer.mask_u.numel() + layer.mask_v.numel()
+            assert int((~layer.mask_u).sum() + (~layer.mask_v).sum()) == round(0.3 * n)
+    else:
+        n = sum(l.mask_u.numel() + l.mask_v.numel() for l in group)
+        assert pruned_fraction(group) == pytest.approx(round(0.3 * n) / n)
+    for layer in group:  # every pruned magnitude <= every kept one (within a layer's pool)
+        w = torch.cat([layer.u.flatten(), layer.v.flatten()]).abs()
+        m = torch.cat([layer.mask_u.flatten(), layer.mask_v.flatten()])
+        if scope == "layer":
+            assert w[~m].max() <= w[m].min()
+    before = [(l.mask_u.clone(), l.mask_v.clone()) for l in group]
+    with torch.no_grad():  # grow pruned entries: they must stay pruned
+        for l in group:
+            l.u[~l.mask_u] = 100.0
+    prune_(group, 0.6, scope=scope)
+    for l, (mu, mv) in zip(group, before):
+        assert not torch.any(l.mask_u & ~mu) and not torch.any(l.mask_v & ~mv)
+    assert pruned_fraction(group) == pytest.approx(0.6, abs=0.01)
+    snapshot = [l.mask_u.clone() for l in group]
+    prune_(group, 0.2, scope=scope)  # a lower ratio revives nothing
+    assert all(torch.equal(l.mask_u, s) for l, s in zip(group, snapshot))
+
+
+def test_rank_mode_prunes_weakest_components():
+    layer = FusedPrunedLowRankLinear(24, 40, 8)
+    with torch.no_grad():
+        layer.u[:, 3] *= 1e-3  # component 3 is by far the weakest
+    prune_([layer], 0.25, mode="rank")  # 2 of 8
+    dead = ~layer.mask_u.any(0)
+    assert int(dead.sum()) == 2 and dead[3]
+    assert torch.equal(~layer.mask_u.any(0), ~layer.mask_v.any(0))  # whole columns
+    assert bool(layer.mask_u[:, ~dead].all())
+
+
+def test_n_m_pattern_along_reduction_dims():
+    layer = FusedPrunedLowRankLinear(32, 24, 8)
+    prune_([layer], 0.5, mode="n:m")
+    # V [in, r]: groups of 4 consecutive rows in each column keep exactly 2
+    assert torch.all(layer.mask_v.reshape(8, 4, 8).sum(1) == 2)
+    # U [out, r]: groups of 4 consecutive columns in each row keep exactly 2
+    assert torch.all(layer.mask_u.reshape(24, 2, 4).sum(-1) == 2)
+    half = FusedPrunedLowRankLinear(32, 24, 8)
+    prune_([half], 0.3, mode="n:m")  # floored to 1/4
+    assert torch.all(half.mask_v.reshape(8, 4, 8).sum(1) == 3)
+    with pytest.raises(ValueError, match=r"ratio for 2:4 pruning must be in \[0, 0.5\]"):
+        prune_([layer], 0.75, mode="n:m")
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        prune_([FusedPrunedLowRankLinear(30, 24, 8)], 0.5, mode="n:m")
+
+
+def test_bad_arguments():
+    group = layers((8, 8, 2))
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\); got 1.0"):
+        prune_(group, 1.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        prune_(group, 0.1, mode="random")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        prune_(group, 0.1, scope="model")
+    with pytest.raises(ValueError, match="rank pruning works per layer"):
+        prune_(group, 0.1, mode="rank", scope="global")
+
+
+def test_sparsity_penalty_values_and_gradients():
+    layer = FusedPrunedLowRankLinear(6, 5, 3)
+    layer.mask_u[0] = False
+    l1 = sparsity_penalty([layer])
+    expected = (layer.u[layer.mask_u].abs().sum() + layer.v.abs().sum()) / (15 + 18)
+    assert l1.item() == pytest.approx(expected.item())
+    l1.backward()
+    assert torch.all(layer.u.grad[0] == 0) and torch.equal(layer.v.grad, torch.sign(layer.v.detach()) / 33)
+    group = sparsity_penalty([layer], mode="rank")
+    assert group.item() == pytest.approx(((torch.where(layer.mask_u, layer.u, 0).norm(dim=0).sum() + layer.v.norm(dim=0).sum()) / 3).item())
