@@ -6,16 +6,33 @@ approximation of W in Frobenius and spectral norm (Eckart–Young), with the sin
 split evenly between the factors so that U and V have the same scale (which keeps their
 gradients and an L1 penalty on their entries balanced).
 
-The activation-aware initialisations (ASVD scaling, SVD-LLM whitening) come with the
-training loop.
+Activation-aware inits use calibration statistics of the layer's input x (``CalibStats``:
+the Gram matrix ``G = Σ xᵀx`` over tokens and the mean |x| per input channel), because what
+matters is the error of the layer's *output* on real inputs, ``‖(W − U·Vᵀ)·Xᵀ‖``, not of W:
+
+``"asvd"`` (ASVD, Yuan et al. 2023): scale W's input columns by ``s = mean|x|^β``
+(β = 0.5), ``W·diag(s) ≈ P_r·Σ_r·Q_rᵀ``, then undo the scaling on V:
+``U = P_r·sqrt(Σ_r)``, ``V = diag(1/s)·Q_r·sqrt(Σ_r)``. Channels that carry large activations
+are approximated more accurately.
+
+``"whiten"`` (SVD-LLM, Wang et al. 2024): with the Cholesky factor ``S`` of
+``G + εI = S·Sᵀ``, ``‖(W − W')·Xᵀ‖_F = ‖(W − W')·S‖_F``, so the truncated SVD of ``W·S``
+``≈ P_r·Σ_r·Q_rᵀ`` is the best rank-r approximation in output error:
+``U = P_r·sqrt(Σ_r)``, ``V = S⁻ᵀ·Q_r·sqrt(Σ_r)``. ε starts at 1e-6·mean(diag G) and grows
+tenfold until the factorisation succeeds, so rank-deficient statistics (fewer tokens than
+channels, dead channels) are regularised rather than fatal.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
-INITS = ("svd",)
+import torch
+from torch import Tensor, nn
+
+INITS = ("svd", "asvd", "whiten")
+ASVD_EXPONENT = 0.5
 
 
 def check_rank(rank, in_features: int, out_features: int) -> int:
@@ -47,3 +64,119 @@ def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     u = p[:, :rank] * root
     v = qh[:rank].T * root
     return u.to(weight.dtype), v.to(weight.dtype)
+
+
+@dataclass
+class CalibStats:
+    """Statistics of one layer's input over calibration tokens."""
+
+    gram: Tensor  # [in, in], Σ xᵀx
+    abs_sum: Tensor  # [in], Σ |x|
+    tokens: int = 0
+
+    @property
+    def abs_mean(self) -> Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.gram.dtype)
+        self.gram.addmm_(x.T, x)
+        self.abs_sum.add_(x.abs().sum(0))
+        self.tokens += x.shape[0]
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable,
+    names: Iterable[str],
+    max_batches: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """``{name: CalibStats}`` for the ``nn.Linear`` layers ``names`` of ``model``, from
+    forward hooks over ``batches`` (tensors, or tuples whose first item is the input).
+
+    ``dtype`` is the accumulation type of the Gram matrices (float32 by default: a 3072-wide
+    layer's Gram matrix is 36 MiB; float64 doubles that for more exact sums).
+    """
+    stats, hooks = {}, []
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"{name} must be an nn.Linear to collect input statistics; got {type(layer).__name__}")
+        device = layer.weight.device
+        stats[name] = CalibStats(
+            torch.zeros(layer.in_features, layer.in_features, dtype=dtype, device=device),
+            torch.zeros(layer.in_features, dtype=dtype, device=device),
+        )
+        hooks.append(layer.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.update(args[0])))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    empty = [name for name, s in stats.items() if s.tokens == 0]
+    if empty:
+        raise ValueError(f"no calibration tokens reached {empty[:4]}: is batches empty?")
+    return stats
+
+
+def _split(p: Tensor, s: Tensor, q: Tensor, rank: int) -> tuple:
+    root = s[:rank].sqrt()
+    return p[:, :rank] * root, q[:, :rank] * root
+
+
+@torch.no_grad()
+def asvd_factors(weight: Tensor, stats: CalibStats, rank: int, exponent: float = ASVD_EXPONENT) -> tuple:
+    """ASVD factors (see the module doc), returned in ``weight``'s dtype and device."""
+    check_rank(rank, weight.shape[1], weight.shape[0])
+    w = weight.to(torch.float64)
+    scale = stats.abs_mean.to(w).pow(exponent)
+    scale = scale.clamp_min(scale.max().clamp_min(1e-12) * 1e-6)  # dead channels: no 1/0
+    p, s, qh = torch.linalg.svd(w * scale, full_matrices=False)
+    u, v = _split(p, s, qh.T, rank)
+    return u.to(weight.dtype), (v / scale[:, None]).to(weight.dtype)
+
+
+def _regularised_cholesky(gram: Tensor) -> Tensor:
+    eps = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
+        if int(info) == 0:
+            return factor
+        eps = eps * 10
+    raise ValueError("the calibration Gram matrix stays singular after regularisation (NaN in it?)")
+
+
+@torch.no_grad()
+def whiten_factors(weight: Tensor, stats: CalibStats, rank: int) -> tuple:
+    """SVD-LLM whitening factors (see the module doc), in ``weight``'s dtype and device."""
+    check_rank(rank, weight.shape[1], weight.shape[0])
+    w = weight.to(torch.float64)
+    chol = _regularised_cholesky(stats.gram.to(w))
+    p, s, qh = torch.linalg.svd(w @ chol, full_matrices=False)
+    u, q_root = _split(p, s, qh.T, rank)
+    v = torch.linalg.solve_triangular(chol.T, q_root, upper=True)  # S⁻ᵀ·Q_r·sqrt(Σ_r)
+    return u.to(weight.dtype), v.to(weight.dtype)
+
+
+def init_factors(weight: Tensor, rank: int, init: str = "svd", calib: Optional[CalibStats] = None) -> tuple:
+    """``(U, V)`` for ``weight`` by ``init`` (one of ``INITS``); asvd/whiten need ``calib``."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}; got {init!r}")
+    if init == "svd":
+        return svd_factors(weight, rank)
+    if not isinstance(calib, CalibStats):
+        raise ValueError(f"init={init!r} needs calib=CalibStats of the layer's inputs (collect_stats); got {type(calib).__name__}")
+    if calib.gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"calib was collected for {calib.gram.shape[0]} input channels; the weight has {weight.shape[1]}")
+    return (asvd_factors if init == "asvd" else whiten_factors)(weight, calib, rank)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .decompose import INITS, check_rank, svd_factors
+from .decompose import check_rank, init_factors
 from .reference import apply_mask
 
 
@@ -102,24 +102,21 @@ class FusedPrunedLowRankLinear(nn.Module):
     ) -> "FusedPrunedLowRankLinear":
         """A low-rank layer initialised from ``linear`` (on its device, in its dtype).
 
-        ``init="svd"``: truncated SVD of the weight (see ``tunecomp.decompose``); the student
-        bias starts as the linear's bias. With ``keep_teacher`` the layer keeps a frozen copy
-        of the weight and bias and starts at alpha = 1: it computes exactly what ``linear``
-        did until alpha is lowered. Without it, alpha is 0 and the student runs alone.
-        ``calib`` (calibration statistics) is for the activation-aware inits, not yet here.
+        ``init``: ``"svd"`` (truncated SVD of the weight), ``"asvd"`` or ``"whiten"``
+        (activation-aware, needing ``calib``, the layer's ``CalibStats``); see
+        ``tunecomp.decompose``. The student bias starts as the linear's bias. With
+        ``keep_teacher`` the layer keeps a frozen copy of the weight and bias and starts at
+        alpha = 1: it computes exactly what ``linear`` did until alpha is lowered. Without
+        it, alpha is 0 and the student runs alone.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}; got {init!r}")
-        if calib is not None:
-            raise ValueError(f"calib is only used by activation-aware inits; init={init!r} takes none")
         weight = linear.weight.detach()
         layer = cls(
             linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
             device=weight.device, dtype=weight.dtype, backend=backend,
         )
-        u, v = svd_factors(weight, rank)
+        u, v = init_factors(weight, rank, init, calib)
         layer.u.copy_(u)
         layer.v.copy_(v)
         if linear.bias is not None:

@@ -120,12 +120,15 @@ def replace_linear_layers(
     targets: Sequence[str] = DEFAULT_TARGETS,
     include_head: bool = False,
     init: str = "svd",
+    calib: Optional[dict] = None,
     keep_teacher: bool = True,
     backend: str = "auto",
 ) -> SurgeryReport:
     """Swap, in place, every ``nn.Linear`` whose name matches one of ``targets`` for a
     ``FusedPrunedLowRankLinear.from_linear(...)``; the rank comes from exactly one of
-    ``rank``, ``rank_ratio``, ``param_ratio`` (see ``rank_for``). Returns a report.
+    ``rank``, ``rank_ratio``, ``param_ratio`` (see ``rank_for``). ``init`` and ``calib``
+    (``{name: CalibStats}`` from ``tunecomp.decompose.collect_stats``, for the
+    activation-aware inits) are passed on to ``from_linear``. Returns a report.
 
     Raises ``ValueError`` when no linear layer matches, listing the ones that exist.
     """
@@ -143,11 +146,16 @@ def replace_linear_layers(
             f"{'included' if include_head else 'excluded'}); linear layers here: {shown}"
             f"{' ...' if len(linears) > 8 else ''}"
         )
+    if calib is not None:
+        missing = [name for name, _ in chosen if name not in calib]
+        if missing:
+            raise ValueError(f"calib has no statistics for {missing[:4]}; collect them for every target")
     report = SurgeryReport()
     for name, linear in chosen:
         r = rank_for(linear.in_features, linear.out_features, rank, rank_ratio, param_ratio)
         layer = FusedPrunedLowRankLinear.from_linear(
-            linear, r, init=init, keep_teacher=keep_teacher, backend=backend
+            linear, r, init=init, calib=None if calib is None else calib[name],
+            keep_teacher=keep_teacher, backend=backend,
         )
         layer.train(linear.training)
         parent_name, _, child = name.rpartition(".")

@@ -1,0 +1,86 @@
+"""Initialisations: plain SVD, ASVD scaling, SVD-LLM whitening."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_error
+from tunecomp import FusedPrunedLowRankLinear, replace_linear_layers
+from tunecomp.decompose import CalibStats, collect_stats, init_factors
+
+
+def anisotropic_inputs(tokens, k, dead=0):
+    """Inputs whose channels differ in scale by 100x (as activations of real models do)."""
+    scale = torch.logspace(-1, 1, k)
+    if dead:
+        scale[:dead] = 0.0
+    return torch.randn(tokens, k) * scale
+
+
+def stats_of(x):
+    s = CalibStats(torch.zeros(x.shape[1], x.shape[1]), torch.zeros(x.shape[1]))
+    s.update(x)
+    return s
+
+
+def output_error(w, u, v, x):
+    return rel_error(x @ (u @ v.T).T, x @ w.T)
+
+
+@pytest.mark.parametrize("init", ["svd", "asvd", "whiten"])
+def test_full_rank_is_exact(init):
+    w = torch.randn(20, 16)
+    x = anisotropic_inputs(64, 16)
+    u, v = init_factors(w, 16, init, None if init == "svd" else stats_of(x))
+    assert rel_error(u @ v.T, w) < 1e-5
+
+
+def test_activation_aware_beats_plain_svd_on_output_error():
+    w = torch.randn(48, 32)
+    x = anisotropic_inputs(256, 32)
+    stats = stats_of(x)
+    errors = {init: output_error(w, *init_factors(w, 8, init, None if init == "svd" else stats), x)
+              for init in ("svd", "asvd", "whiten")}
+    # whitening is the optimum of the output error at this rank: nothing can beat it
+    assert errors["whiten"] <= errors["asvd"] + 1e-6 and errors["whiten"] <= errors["svd"] + 1e-6
+    assert errors["whiten"] < 0.8 * errors["svd"]
+
+
+def test_rank_deficient_statistics_are_regularised():
+    w = torch.randn(24, 32)
+    x = anisotropic_inputs(10, 32, dead=4)  # 10 tokens < 32 channels, 4 dead channels
+    stats = stats_of(x)
+    for init in ("asvd", "whiten"):
+        u, v = init_factors(w, 8, init, stats)
+        assert torch.isfinite(u).all() and torch.isfinite(v).all()
+        # on the inputs seen, rank 8 can fit them nearly exactly (they span <= 10 dims)
+        assert output_error(w, u, v, x) < 1.0
+
+
+def test_collect_stats_and_activation_aware_surgery():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    batches = [anisotropic_inputs(20, 16) for _ in range(3)]
+    stats = collect_stats(model, batches, ["0", "2"])
+    assert stats["0"].tokens == 60
+    x = torch.cat(batches)
+    assert rel_error(stats["0"].gram, x.T @ x) < 1e-6
+    assert rel_error(stats["0"].abs_mean, x.abs().mean(0)) < 1e-6
+    with torch.no_grad():
+        expected = model(x)
+        report = replace_linear_layers(model, rank=6, targets=["0", "2"], init="whiten", calib=stats, keep_teacher=False)
+        assert len(report.layers) == 2 and isinstance(model[0], FusedPrunedLowRankLinear)
+        assert rel_error(model(x), expected) < 0.5
+
+
+def test_init_errors():
+    w = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="init='whiten' needs calib=CalibStats"):
+        init_factors(w, 2, "whiten")
+    with pytest.raises(ValueError, match="init must be one of"):
+        init_factors(w, 2, "pca")
+    with pytest.raises(ValueError, match="calib was collected for 5 input channels; the weight has 6"):
+        init_factors(w, 2, "asvd", stats_of(torch.randn(4, 5)))
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        collect_stats(nn.Sequential(nn.Linear(4, 4)), [], ["0"])
+    with pytest.raises(ValueError, match="calib has no statistics"):
+        replace_linear_layers(nn.Sequential(nn.Linear(4, 4)), rank=2, targets=["0"], init="asvd", calib={})
