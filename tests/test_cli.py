@@ -1,5 +1,6 @@
-"""The command line: info and demo, run as a user would."""
+"""The command line, run as a user would."""
 
+import json
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from tunecomp.cli import demo, load_timm_model, main
+from tunecomp.cli import load_timm_model, main
 
 
 def run_cli(*args):
@@ -21,19 +22,43 @@ def test_info_lists_backends():
         assert words in result.stdout
 
 
-def test_demo_full_rank_reproduces_and_smaller_ranks_shrink(capsys):
-    rows = demo("vit_tiny_patch16_224", None, [1.0, 0.25], batch=2, seed=0)
-    full, quarter = rows
-    assert full["logit_rel_error"] < 1e-4
-    assert quarter["linear_params"] < 0.4 * quarter["linear_params_before"]
-    assert quarter["model_params"] < full["model_params"]
-    assert main(["demo", "--rank-ratios", "0.5", "--batch", "1"]) == 0
-    assert "rank ratio" in capsys.readouterr().out
+def test_compress_on_digits(tmp_path):
+    kwargs = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, **json.loads(kwargs))
+    weights = tmp_path / "pretrained.pth"
+    torch.save(source.state_dict(), weights)
+    out = tmp_path / "run"
+    result = run_cli("compress", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs,
+                     "--pretrained-file", str(weights), "--dataset", "digits", "--classes", "0,1,2",
+                     "--steps", "12", "--batch-size", "16", "--param-ratio", "0.5", "--prune", "0.3",
+                     "--decay-steps", "6", "--calib-batches", "2", "--num-workers", "0",
+                     "--checkpoint-every", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_after"] < summary["params_before"] and summary["compression_ratio"] > 1
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["replaced_layers"] == 4
+    assert "accuracy" in result.stdout and "layers replaced" in result.stdout
+    for name in ("model.safetensors", "model.json", "log.jsonl", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    from safetensors.torch import load_file
+    state = load_file(out / "model.safetensors")
+    assert not any(k.endswith("teacher_weight") for k in state)  # the compact model only
+    assert state["blocks.0.mlp.fc1.mask_u"].dtype == torch.bool
 
 
-def test_demo_rejects_bad_ratios():
-    result = run_cli("demo", "--rank-ratios", "0,2")
-    assert result.returncode == 2 and "ratios must be in (0, 1]" in result.stderr
+def test_compress_bad_arguments():
+    result = run_cli("compress", "--dataset", "digits")
+    assert result.returncode == 2 and "--out" in result.stderr
+    result = run_cli("compress", "--dataset", "cifar100", "--data-dir", "/nonexistent", "--out", "/tmp/x",
+                     "--model", "vit_tiny_patch16_224")
+    assert result.returncode != 0 and "CIFAR-100 not found" in result.stderr
+
+
+def test_demo_runs_and_prints_the_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    for words in ("dense fine-tune (teacher)", "TuneComp, linear params x0.5, rho=0.5", "ratio"):
+        assert words in out
 
 
 def test_pretrained_file_is_loaded(tmp_path):

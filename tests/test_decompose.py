@@ -46,6 +46,14 @@ def test_activation_aware_beats_plain_svd_on_output_error():
     assert errors["whiten"] < 0.8 * errors["svd"]
 
 
+@pytest.mark.parametrize("init", ["svd", "asvd", "whiten"])
+def test_factors_are_balanced(init):
+    w = torch.randn(24, 16)
+    x = anisotropic_inputs(64, 16) * 30.0  # large activations push V's scale far from U's
+    u, v = init_factors(w, 6, init, None if init == "svd" else stats_of(x))
+    assert torch.allclose(u.norm(dim=0), v.norm(dim=0), rtol=1e-4)
+
+
 def test_rank_deficient_statistics_are_regularised():
     w = torch.randn(24, 32)
     x = anisotropic_inputs(10, 32, dead=4)  # 10 tokens < 32 channels, 4 dead channels

@@ -18,18 +18,19 @@ def pruned_fraction(group):
 def test_unstructured_exact_ratio_smallest_first_and_monotone(scope):
     group = layers((24, 40, 8), (16, 12, 5))
     prune_(group, 0.3, scope=scope)
-    if scope == "layer":
+    if scope == "layer":  # each factor of each layer exactly
         for layer in group:
-            n = layer.mask_u.numel() + layer.mask_v.numel()
-            assert int((~layer.mask_u).sum() + (~layer.mask_v).sum()) == round(0.3 * n)
+            for mask in (layer.mask_u, layer.mask_v):
+                assert int((~mask).sum()) == round(0.3 * mask.numel())
     else:
         n = sum(l.mask_u.numel() + l.mask_v.numel() for l in group)
         assert pruned_fraction(group) == pytest.approx(round(0.3 * n) / n)
-    for layer in group:  # every pruned magnitude <= every kept one (within a layer's pool)
-        w = torch.cat([layer.u.flatten(), layer.v.flatten()]).abs()
-        m = torch.cat([layer.mask_u.flatten(), layer.mask_v.flatten()])
-        if scope == "layer":
-            assert w[~m].max() <= w[m].min()
+    pools = ([[(l.u, l.mask_u)] for l in group] + [[(l.v, l.mask_v)] for l in group] if scope == "layer"
+             else [[(l.u, l.mask_u) for l in group] + [(l.v, l.mask_v) for l in group]])
+    for pool in pools:  # every pruned magnitude <= every kept one, within a pool
+        w = torch.cat([t.detach().flatten() for t, _ in pool]).abs()
+        m = torch.cat([mask.flatten() for _, mask in pool])
+        assert w[~m].max() <= w[m].min()
     before = [(l.mask_u.clone(), l.mask_v.clone()) for l in group]
     with torch.no_grad():  # grow pruned entries: they must stay pruned
         for l in group:

@@ -7,7 +7,8 @@ Public API::
 
 from . import ops
 from .nn import FusedPrunedLowRankLinear
-from .surgery import DEFAULT_TARGETS, SurgeryReport, replace_linear_layers
+from .surgery import DEFAULT_TARGETS, SurgeryReport, prepare, replace_linear_layers
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -15,7 +16,10 @@ __all__ = [
     "DEFAULT_TARGETS",
     "FusedPrunedLowRankLinear",
     "SurgeryReport",
+    "TrainConfig",
     "ops",
+    "prepare",
     "replace_linear_layers",
+    "train",
     "__version__",
 ]

@@ -1,13 +1,14 @@
 """The ``tunecomp`` command line (also ``python -m tunecomp``).
 
-    tunecomp info    versions, devices, and which backends run here
-    tunecomp demo    compress the linear layers of a timm ViT and report error and size
+    tunecomp info       versions, devices, and which backends run here
+    tunecomp compress   TuneComp: fine-tune, distil and prune a pretrained timm model jointly
+    tunecomp demo       a small offline run on real data (scikit-learn's digits), ~2-4 min on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
 import platform
 import sys
@@ -17,7 +18,10 @@ from typing import Optional, Sequence
 import torch
 
 from . import __version__, ops
-from .surgery import replace_linear_layers
+from .data import DATASETS, load_dataset
+from .prune import MODES
+from .surgery import DEFAULT_TARGETS, prepare
+from .train import TrainConfig, effective_params, train
 
 
 def _version(module_name: str) -> str:
@@ -76,61 +80,124 @@ def load_timm_model(name: str, pretrained_file: Optional[str] = None, **kwargs) 
     )
 
 
-def demo(model_name: str, pretrained_file: Optional[str], rank_ratios: Sequence[float],
-         batch: int, seed: int) -> list:
-    """Compress every attention/MLP linear of ``model_name`` at each rank ratio (truncated
-    SVD, student alone) and measure the logits' relative error on random images."""
+def model_input(model: torch.nn.Module) -> dict:
+    """Input size and normalisation a timm model expects."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {}
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None):
+        size = patch_embed.img_size[-1]  # follows an img_size override
+    return {"image_size": int(size), "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
+
+
+def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwargs: dict) -> str:
+    """The trained model's tensors as safetensors plus a JSON file to rebuild it."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file(state, path)
+    ranks = {name: m.rank for name, m in model.named_modules() if hasattr(m, "mask_u")}
+    with open(os.path.join(out_dir, "model.json"), "w") as f:
+        json.dump({"model": model_name, "kwargs": model_kwargs, "ranks": ranks,
+                   "tunecomp": __version__, "torch": torch.__version__}, f, indent=2)
+    return path
+
+
+def _loader(dataset, batch_size: int):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def compress(args) -> dict:
+    """``tunecomp compress``: prepare, train, save, summarise."""
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    probe = load_timm_model(args.model, None, **model_kwargs)
+    data = load_dataset(args.dataset, args.data_dir, classes=classes, **model_input(probe))
+    model_kwargs["num_classes"] = data.num_classes
+    model = load_timm_model(args.model, args.pretrained_file, **model_kwargs)
+    params_before = sum(p.numel() for p in model.parameters())
+    rank_spec = {"param_ratio": args.param_ratio} if args.param_ratio else {"rank_ratio": args.rank_ratio}
+    calib = None
+    if args.init != "svd":
+        calib = (images for images, _ in _loader(data.train, args.batch_size))
+    report = prepare(model, **rank_spec, targets=args.targets.split(","), init=args.init,
+                     calib_batches=calib, calib_max_batches=args.calib_batches, backend=args.backend)
+    print(report)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
+        prune=args.prune, prune_mode=args.prune_mode, reg="none" if args.reg_weight == 0 else "l1",
+        reg_weight=args.reg_weight, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        amp=args.amp, seed=args.seed, num_workers=args.num_workers,
+    )
+    result = train(model, data.train, data.test, config, args.out, resume=args.resume, device=args.device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result
+    save_model(model, args.out, args.model, model_kwargs)
+    params_after = effective_params(model)
+    summary = {
+        "accuracy": result["final_accuracy"], "best_accuracy": result["best_accuracy"],
+        "params_before": params_before, "params_after": params_after,
+        "compression_ratio": params_before / params_after,
+        "replaced_layers": len(report.layers), "seconds": result["seconds"],
+        "peak_memory_bytes": result["peak_memory_bytes"], "device": result["device"],
+        "model": args.model, "dataset": args.dataset, "versions": {"tunecomp": __version__, "torch": torch.__version__},
+        "train": result["config"],
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"accuracy {summary['accuracy']:.4f}, parameters {params_before:,} -> {params_after:,} "
+          f"({summary['compression_ratio']:.2f}x smaller), {summary['seconds']:.0f}s; written to {args.out}")
+    return summary
+
+
+# The demo: a small ViT pretrained on one task (digits 0-4) and compressed while it learns
+# another (digits 5-9), against plain dense fine-tuning from the same weights.
+DEMO_MODEL = "vit_tiny_patch16_224"
+DEMO_KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
+
+
+def demo(out_dir: str, steps: int = 200, seed: int = 0) -> list:
     torch.manual_seed(seed)
-    model = load_timm_model(model_name, pretrained_file).eval()
-    size = model.default_cfg.get("input_size", (3, 224, 224))
-    images = torch.randn(batch, *size)
-    with torch.no_grad():
-        reference_logits = model(images)
+    source = load_dataset("digits", image_size=16, classes=[0, 1, 2, 3, 4])
+    target = load_dataset("digits", image_size=16, classes=[5, 6, 7, 8, 9])
+    common = {"batch_size": 64, "seed": seed, "log_every": 20}
+
+    def run(name: str, model, cfg: TrainConfig, data):
+        print(f"[{name}] {cfg.steps} steps ...", flush=True)
+        result = train(model, data.train, data.test, cfg, os.path.join(out_dir, name), device="cpu")
+        print(f"[{name}] accuracy {result['final_accuracy']:.3f} in {result['seconds']:.0f}s", flush=True)
+        return result
+
+    pretrained = load_timm_model(DEMO_MODEL, None, num_classes=5, **DEMO_KWARGS)
+    run("pretrain-source", pretrained, TrainConfig(steps=2 * steps, lr=2e-3, warmup_steps=20, **common), source)
+    weights = os.path.join(out_dir, "pretrained.pth")
+    torch.save(pretrained.state_dict(), weights)
+
     rows = []
-    for ratio in rank_ratios:
-        start = time.perf_counter()
-        compressed = copy.deepcopy(model)
-        report = replace_linear_layers(compressed, rank_ratio=ratio, keep_teacher=False)
-        with torch.no_grad():
-            logits = compressed(images)
-        error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
-        total_before = sum(p.numel() for p in model.parameters())
-        total_after = total_before - report.params_before + report.params_after
-        rows.append({
-            "rank_ratio": ratio,
-            "layers": len(report.layers),
-            "linear_params": report.params_after,
-            "linear_params_before": report.params_before,
-            "model_params": total_after,
-            "model_params_before": total_before,
-            "logit_rel_error": error,
-            "seconds": time.perf_counter() - start,
-        })
+    dense = load_timm_model(DEMO_MODEL, weights, num_classes=5, **DEMO_KWARGS)
+    params = sum(p.numel() for p in dense.parameters())
+    result = run("dense-finetune", dense, TrainConfig(steps=steps, lr=1e-3, **common), target)
+    rows.append(("dense fine-tune (teacher)", result["final_accuracy"], params, params))
+    for param_ratio, prune in ((0.5, 0.0), (0.5, 0.5), (0.25, 0.0)):
+        model = load_timm_model(DEMO_MODEL, weights, num_classes=5, **DEMO_KWARGS)
+        calib = [images for images, _ in _loader(target.train, 64)][:4]
+        prepare(model, param_ratio=param_ratio, init="whiten", calib_batches=calib)
+        cfg = TrainConfig(steps=steps, lr=1e-3, decay_steps=steps // 2, prune=prune, **common)
+        result = run(f"tunecomp-p{param_ratio}-rho{prune}", model, cfg, target)
+        rows.append((f"TuneComp, linear params x{param_ratio}, rho={prune}", result["final_accuracy"],
+                     params, effective_params(model)))
     return rows
 
 
-def _print_demo(model_name: str, pretrained_file: Optional[str], rows: list) -> None:
-    weights = pretrained_file or "random init (no weights file given)"
-    print(f"model {model_name}, weights: {weights}")
-    print(f"{'rank ratio':>10} {'layers':>6} {'linear params':>22} {'model params':>12} "
-          f"{'logit rel. error':>16} {'time':>6}")
-    for row in rows:
-        linear = f"{row['linear_params']:,} ({row['linear_params'] / row['linear_params_before']:.0%})"
-        print(f"{row['rank_ratio']:>10g} {row['layers']:>6} {linear:>22} "
-              f"{row['model_params']:>12,} {row['logit_rel_error']:>16.2e} {row['seconds']:>5.1f}s")
-    if pretrained_file is None:
-        print("Random weights have a flat spectrum, so truncation costs much more than on "
-              "pretrained weights; full rank (1.0) must reproduce the logits.")
-
-
-def _ratios(text: str) -> list:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers; got {text!r}")
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"ratios must be in (0, 1]; got {text!r}")
-    return values
+def _print_demo(rows: list) -> None:
+    print("\nDigits 5-9 (downstream), from a ViT pretrained on digits 0-4; CPU, one seed")
+    print(f"{'method':<38} {'accuracy':>8} {'params':>10} {'ratio':>6}")
+    for name, accuracy, before, after in rows:
+        print(f"{name:<38} {accuracy:>8.3f} {after:>10,} {before / after:>5.2f}x")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -138,20 +205,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends")
-    p = sub.add_parser("demo", help="compress a timm ViT's linear layers, report error and size")
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
-    p.add_argument("--pretrained-file", default=None,
-                   help="local weights file (safetensors or state dict); random init if omitted")
-    p.add_argument("--rank-ratios", type=_ratios, default=[1.0, 0.5, 0.25],
-                   help="comma-separated fractions of full rank (default 1,0.5,0.25)")
-    p.add_argument("--batch", type=int, default=4, help="random images to compare logits on")
+
+    p = sub.add_parser("compress", help="TuneComp on a timm model and a dataset",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
+    p.add_argument("--model-kwargs", default=None, help='JSON of extra timm kwargs, e.g. \'{"img_size": 32}\'')
+    p.add_argument("--pretrained-file", default=None, help="local weights (safetensors or state dict)")
+    p.add_argument("--dataset", default="cifar100", choices=DATASETS)
+    p.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    p.add_argument("--classes", default=None, help="comma-separated class subset, relabelled 0..k-1")
+    p.add_argument("--out", required=True, help="output directory (log, checkpoint, model, summary)")
+    p.add_argument("--rank-ratio", type=float, default=0.25, help="rank as a fraction of full rank")
+    p.add_argument("--param-ratio", type=float, default=None, help="instead: fraction of each layer's weights kept")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated layer name patterns")
+    p.add_argument("--init", default="whiten", choices=("svd", "asvd", "whiten"))
+    p.add_argument("--calib-batches", type=int, default=8, help="batches of input statistics for the init")
+    p.add_argument("--prune", type=float, default=0.0, help="final pruning ratio of factor entries")
+    p.add_argument("--prune-mode", default="unstructured", choices=MODES)
+    p.add_argument("--decay-steps", type=int, default=None, help="T: steps until alpha reaches 0 (default steps/2)")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--reg-weight", type=float, default=1e-2, help="initial lambda of the L1 regulariser (0: off)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
+    p.add_argument("--backend", default="auto", choices=ops.BACKENDS)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="small offline TuneComp run on real data, prints a table")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps per fine-tuning run")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "compress":
+        compress(args)
     elif args.command == "demo":
-        rows = demo(args.model, args.pretrained_file, args.rank_ratios, args.batch, args.seed)
-        _print_demo(args.model, args.pretrained_file, rows)
+        _print_demo(demo(args.out, args.steps, args.seed))
     return 0
 
 

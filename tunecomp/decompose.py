@@ -21,6 +21,9 @@ are approximated more accurately.
 ``U = P_r·sqrt(Σ_r)``, ``V = S⁻ᵀ·Q_r·sqrt(Σ_r)``. ε starts at 1e-6·mean(diag G) and grows
 tenfold until the factorisation succeeds, so rank-deficient statistics (fewer tokens than
 channels, dead channels) are regularised rather than fatal.
+
+Both activation-aware inits end with ``balance``: each rank component rescaled so that its
+U and V columns have equal norms (the product is unchanged).
 """
 
 from __future__ import annotations
@@ -134,6 +137,18 @@ def _split(p: Tensor, s: Tensor, q: Tensor, rank: int) -> tuple:
     return p[:, :rank] * root, q[:, :rank] * root
 
 
+def balance(u: Tensor, v: Tensor) -> tuple:
+    """Rescale each rank component so that ``‖U[:, i]‖ = ‖V[:, i]‖`` (``U·Vᵀ`` unchanged).
+
+    The activation-aware inits map V back through ``diag(1/s)`` or ``S⁻ᵀ``, which can leave
+    the two factors orders of magnitude apart; balanced factors get comparable gradients,
+    a fair L1 penalty, and magnitude pruning that does not wipe out one factor.
+    """
+    u_norm, v_norm = u.norm(dim=0), v.norm(dim=0)
+    scale = torch.where((u_norm > 0) & (v_norm > 0), (v_norm / u_norm).sqrt(), torch.ones_like(u_norm))
+    return u * scale, v / scale
+
+
 @torch.no_grad()
 def asvd_factors(weight: Tensor, stats: CalibStats, rank: int, exponent: float = ASVD_EXPONENT) -> tuple:
     """ASVD factors (see the module doc), returned in ``weight``'s dtype and device."""
@@ -142,8 +157,9 @@ def asvd_factors(weight: Tensor, stats: CalibStats, rank: int, exponent: float =
     scale = stats.abs_mean.to(w).pow(exponent)
     scale = scale.clamp_min(scale.max().clamp_min(1e-12) * 1e-6)  # dead channels: no 1/0
     p, s, qh = torch.linalg.svd(w * scale, full_matrices=False)
-    u, v = _split(p, s, qh.T, rank)
-    return u.to(weight.dtype), (v / scale[:, None]).to(weight.dtype)
+    u, v = balance(*_split(p, s, qh.T, rank))
+    u, v = balance(u, v / scale[:, None])
+    return u.to(weight.dtype), v.to(weight.dtype)
 
 
 def _regularised_cholesky(gram: Tensor) -> Tensor:
@@ -166,6 +182,7 @@ def whiten_factors(weight: Tensor, stats: CalibStats, rank: int) -> tuple:
     p, s, qh = torch.linalg.svd(w @ chol, full_matrices=False)
     u, q_root = _split(p, s, qh.T, rank)
     v = torch.linalg.solve_triangular(chol.T, q_root, upper=True)  # S⁻ᵀ·Q_r·sqrt(Σ_r)
+    u, v = balance(u, v)
     return u.to(weight.dtype), v.to(weight.dtype)
 
 

@@ -5,8 +5,9 @@ pruned (its mask set False; the ops then treat it as an exact zero). Masks are m
 entry once pruned stays pruned, so lowering ρ prunes nothing more and revives nothing.
 
 Modes:
-- ``"unstructured"`` (the paper's): any entry of U or V; per layer (U and V entries together)
-  or global (one threshold over every layer's entries).
+- ``"unstructured"`` (the paper's): any entry of U or V. Per layer, U and V are each pruned
+  to the ratio (their scales can drift apart in training, and one threshold over both could
+  empty one factor); global: one threshold over every layer's entries.
 - ``"rank"``: whole rank components, scored by ``‖U[:, i]‖·‖V[:, i]‖`` (the Frobenius norm of
   the rank-1 term they form); per layer. The pruned components can then be removed outright.
 - ``"n:m"``: in every group of m consecutive entries along a factor's reduction dimension
@@ -61,13 +62,14 @@ def prune_unstructured_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
     layers = list(layers)
-    groups = [layers] if scope == "global" else [[layer] for layer in layers]
-    for group in groups:
-        masks, scores = [], []
-        for layer in group:
-            masks += [layer.mask_u, layer.mask_v]
-            scores += [_scores(layer.u, layer.mask_u).view(-1), _scores(layer.v, layer.mask_v).view(-1)]
+    if scope == "global":
+        masks = [m for layer in layers for m in (layer.mask_u, layer.mask_v)]
+        scores = [_scores(w, m).view(-1) for layer in layers for w, m in ((layer.u, layer.mask_u), (layer.v, layer.mask_v))]
         _prune_smallest(torch.cat(scores), masks, ratio)
+        return
+    for layer in layers:
+        for weight, mask in ((layer.u, layer.mask_u), (layer.v, layer.mask_v)):
+            _prune_smallest(_scores(weight, mask).view(-1), [mask], ratio)
 
 
 @torch.no_grad()

@@ -9,10 +9,11 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from torch import nn
 
+from .decompose import collect_stats
 from .nn import FusedPrunedLowRankLinear
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -111,6 +112,56 @@ def _classifier_names(model: nn.Module) -> set:
     return names
 
 
+def select_linear_layers(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
+                         include_head: bool = False) -> list:
+    """``[(name, nn.Linear)]`` matching ``targets``; a ``ValueError`` listing the model's
+    linear layers when none does."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    skip = set() if include_head else _classifier_names(model)
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    chosen = [(name, m) for name, m in linears
+              if name not in skip and any(name_matches(name, p) for p in targets)]
+    if not chosen:
+        shown = ", ".join(name for name, _ in linears[:8]) or "none"
+        raise ValueError(
+            f"no nn.Linear matches targets {tuple(targets)} (classifier head "
+            f"{'included' if include_head else 'excluded'}); linear layers here: {shown}"
+            f"{' ...' if len(linears) > 8 else ''}"
+        )
+    return chosen
+
+
+def prepare(
+    model: nn.Module,
+    rank: Optional[int] = None,
+    *,
+    rank_ratio: Optional[float] = None,
+    param_ratio: Optional[float] = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    include_head: bool = False,
+    init: str = "whiten",
+    calib_batches: Optional[Iterable] = None,
+    calib_max_batches: Optional[int] = None,
+    keep_teacher: bool = True,
+    backend: str = "auto",
+) -> SurgeryReport:
+    """The first step of TuneComp: collect input statistics of the target layers on
+    ``calib_batches`` (for the activation-aware inits) and swap the layers for low-rank ones
+    with the teacher attached. Returns ``replace_linear_layers``' report."""
+    calib = None
+    if init != "svd":
+        if calib_batches is None:
+            raise ValueError(f"init={init!r} needs calib_batches (input batches of the model)")
+        names = [name for name, _ in select_linear_layers(model, targets, include_head)]
+        calib = collect_stats(model, calib_batches, names, max_batches=calib_max_batches)
+    return replace_linear_layers(
+        model, rank, rank_ratio=rank_ratio, param_ratio=param_ratio, targets=targets,
+        include_head=include_head, init=init, calib=calib, keep_teacher=keep_teacher,
+        backend=backend,
+    )
+
+
 def replace_linear_layers(
     model: nn.Module,
     rank: Optional[int] = None,
@@ -132,20 +183,8 @@ def replace_linear_layers(
 
     Raises ``ValueError`` when no linear layer matches, listing the ones that exist.
     """
-    if isinstance(targets, str):
-        targets = (targets,)
     rank_for(8, 8, rank, rank_ratio, param_ratio)  # check the rank arguments before any work
-    skip = set() if include_head else _classifier_names(model)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    chosen = [(name, m) for name, m in linears
-              if name not in skip and any(name_matches(name, p) for p in targets)]
-    if not chosen:
-        shown = ", ".join(name for name, _ in linears[:8]) or "none"
-        raise ValueError(
-            f"no nn.Linear matches targets {tuple(targets)} (classifier head "
-            f"{'included' if include_head else 'excluded'}); linear layers here: {shown}"
-            f"{' ...' if len(linears) > 8 else ''}"
-        )
+    chosen = select_linear_layers(model, targets, include_head)
     if calib is not None:
         missing = [name for name, _ in chosen if name not in calib]
         if missing:

@@ -1,0 +1,97 @@
+"""Dataset loaders, on small files the tests write in each real format."""
+
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from tunecomp.data import load_dataset
+
+
+def write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx(tmp_path):
+    rng = np.random.default_rng()
+    for prefix, n in (("train", 30), ("t10k", 12)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    data = load_dataset("fashion_mnist", str(tmp_path), image_size=32)
+    assert (len(data.train), len(data.test), data.num_classes) == (30, 12, 10)
+    image, label = data.train[13]
+    assert image.shape == (3, 32, 32) and int(label) == 3
+    subset = load_dataset("fashion_mnist", str(tmp_path), image_size=28, classes=[7, 2])
+    assert subset.num_classes == 2 and len(subset.train) == 6
+    assert sorted({int(subset.train[i][1]) for i in range(6)}) == [0, 1]
+
+
+def test_fashion_mnist_missing_and_truncated(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((4, 28, 28)))
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "rb") as f:
+        data = f.read()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(data[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+
+
+def test_digits_split_and_range():
+    data = load_dataset("digits", image_size=8)
+    assert len(data.train) + len(data.test) == 1797 and data.num_classes == 10
+    x = torch.stack([data.test[i][0] for i in range(50)])
+    assert x.shape == (50, 3, 8, 8) and torch.isfinite(x).all() and x.std() > 0.1
+
+
+def test_cifar100_from_local_python_files(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng()
+    for name, n in (("train", 20), ("test", 10)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": [i % 100 for i in range(n)]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
+    data = load_dataset("cifar100", str(tmp_path), image_size=48)
+    assert (len(data.train), len(data.test), data.num_classes) == (20, 10, 100)
+    image, label = data.test[3]
+    assert image.shape == (3, 48, 48) and int(label) == 3
+    subset = load_dataset("cifar100", str(tmp_path), image_size=32, classes=[5, 1])
+    assert len(subset.train) == 2 and sorted(int(subset.train[i][1]) for i in range(2)) == [0, 1]
+
+
+def test_cifar100_missing_says_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        load_dataset("cifar100", str(tmp_path), image_size=32)
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(2):
+                Image.fromarray(np.random.default_rng().integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png")
+    data = load_dataset("imagefolder", str(tmp_path), image_size=16)
+    assert data.num_classes == 2 and len(data.train) == 4
+    assert data.test[0][0].shape == (3, 16, 16)
+    with pytest.raises(FileNotFoundError, match="train/ and val/"):
+        load_dataset("imagefolder", str(tmp_path / "nowhere"), image_size=16)
+
+
+def test_unknown_dataset_and_bad_classes():
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match=r"classes \[12\] are not labels"):
+        load_dataset("digits", image_size=8, classes=[1, 12])

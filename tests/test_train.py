@@ -1,0 +1,152 @@
+"""The joint loop: schedules applied, teacher freed, exact sparsity, logs, crash + resume."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from tunecomp import TrainConfig, prepare, train
+from tunecomp.data import load_dataset
+from tunecomp.train import compressible_layers, effective_params
+
+TINY = {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny_setup(init="whiten"):
+    torch.manual_seed(0)
+    data = load_dataset("digits", image_size=8, classes=[0, 1, 2, 3, 4])
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **TINY)
+    calib = [torch.stack([data.train[i][0] for i in range(64)])]
+    prepare(model, param_ratio=0.5, init=init, calib_batches=calib if init != "svd" else None)
+    return model, data
+
+
+def read_log(path):
+    with open(os.path.join(path, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_joint_loop_end_to_end(tmp_path):
+    model, data = tiny_setup()
+    layers = compressible_layers(model)
+    assert all(layer.alpha == 1.0 and layer.has_teacher for layer in layers)
+    cfg = TrainConfig(steps=60, batch_size=32, lr=3e-3, decay_steps=30, prune=0.4, prune_every=5,
+                      log_every=10, progress=False)
+    summary = train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
+    log = read_log(tmp_path)
+    dropped = [r for r in log if r.get("event") == "teacher_dropped"]
+    assert len(dropped) == 1 and dropped[0]["step"] == 30
+    assert dropped[0]["bytes_after"] < dropped[0]["bytes_before"]
+    assert all(not layer.has_teacher and layer.alpha == 0.0 for layer in layers)
+    for layer in layers:  # each factor pruned to exactly the target ratio
+        for mask in (layer.mask_u, layer.mask_v):
+            assert int((~mask).sum()) == round(0.4 * mask.numel())
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [10, 20, 30, 40, 50, 60]
+    alphas = [r["alpha"] for r in steps]
+    assert alphas == sorted(alphas, reverse=True) and alphas[-1] == 0.0
+    assert any("eval_accuracy" in r for r in log)
+    assert summary["effective_params"] == effective_params(model)
+    assert summary["factor_sparsity"] == pytest.approx(0.4, abs=0.01)
+    assert summary["final_accuracy"] > 0.4  # 5 classes: chance is 0.2
+    assert os.path.isfile(tmp_path / "checkpoint.pt") and os.path.isfile(tmp_path / "train_summary.json")
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no half-written checkpoint left
+
+
+class CrashingDataset(torch.utils.data.Dataset):
+    """Raises after `crash_after` items have been read: a process killed mid-run."""
+
+    def __init__(self, base, crash_after):
+        self.base, self.left = base, crash_after
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.left -= 1
+        if self.left < 0:
+            raise RuntimeError("simulated crash")
+        return self.base[i]
+
+
+def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(steps=24, batch_size=32, grad_accum=2, lr=3e-3, decay_steps=8, prune=0.3,
+                      prune_every=2, checkpoint_every=5, eval_every=7, log_every=4, progress=False)
+    straight_model, data = tiny_setup("svd")
+    train(straight_model, data.train, data.test, cfg, str(tmp_path / "straight"), device="cpu")
+
+    model, data = tiny_setup("svd")
+    crashing = CrashingDataset(data.train, crash_after=32 * 2 * 12 + 5)  # inside step 13
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model, crashing, data.test, cfg, str(tmp_path / "resumed"), device="cpu")
+    payload = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert payload["state"]["step"] == 10  # the last checkpoint before the crash
+
+    fresh, data = tiny_setup("svd")  # a new process: teachers attached again, RNG elsewhere
+    torch.manual_seed(1234)
+    train(fresh, data.train, data.test, cfg, str(tmp_path / "resumed"), resume=True, device="cpu")
+    straight, resumed = straight_model.state_dict(), fresh.state_dict()
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_dense_model_is_plain_fine_tuning(tmp_path):
+    data = load_dataset("digits", image_size=8, classes=[0, 1])
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **TINY)
+    summary = train(model, data.train, data.test, TrainConfig(steps=5, batch_size=16, progress=False), str(tmp_path), device="cpu")
+    assert summary["effective_params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(decay_steps=50), "decay_steps must be in [0, steps=20]"),
+    (dict(prune=1.0), "prune must be in [0, 1)"),
+    (dict(batch_size=0), "batch_size must be at least 1"),
+    (dict(prune_mode="blocks"), "prune_mode must be one of"),
+    (dict(prune_start=15, prune_end=10), "prune_start must be in [0, prune_end=10]"),
+])
+def test_config_checks(change, words):
+    with pytest.raises(ValueError) as info:
+        TrainConfig(steps=20, **change).resolved()
+    assert words in str(info.value)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    model, data = tiny_setup("svd")
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt in"):
+        train(model, data.train, data.test, TrainConfig(steps=2, progress=False), str(tmp_path), resume=True, device="cpu")
+
+
+DDP_SCRIPT = """
+import json, os, sys, timm, torch
+from tunecomp import TrainConfig, prepare, train
+from tunecomp.data import load_dataset
+torch.manual_seed(0)
+data = load_dataset("digits", image_size=8, classes=[0, 1, 2])
+model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+prepare(model, param_ratio=0.5, init="svd")
+summary = train(model, data.train, data.test, TrainConfig(steps=8, batch_size=16, decay_steps=4, prune=0.2, prune_every=2, progress=False), sys.argv[1], device="cpu")
+u = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith(".u")])
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"world": summary["world_size"], "checksum": float(u.double().sum())}, f)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # replicas stayed identical
+    log = read_log(tmp_path / "out")
+    assert sum(1 for r in log if r.get("step") == 8 and "loss" in r) == 1  # rank 0 alone logs

@@ -1,0 +1,207 @@
+"""Datasets, all read from local files (nothing is downloaded).
+
+- ``cifar100``: torchvision's CIFAR-100 from ``data_dir/cifar-100-python`` (the "python
+  version" archive, extracted).
+- ``fashion_mnist``: the idx files of Debian's ``dataset-fashion-mnist`` package
+  (``/usr/share/datasets/fashion-mnist``) or of any ``data_dir`` holding the same files.
+- ``digits``: scikit-learn's bundled 8×8 digits (1,797 images; a fixed 80/20 split).
+- ``imagefolder``: ``data_dir/train`` and ``data_dir/val`` (or ``test``) in torchvision's
+  ImageFolder layout.
+
+Every dataset yields ``(image [3, S, S] float32, label)``: grayscale images are repeated to 3
+channels and all images resized to the model's input size S and normalised with the model's
+mean/std, so a pretrained ViT sees inputs shaped like its own. ``classes`` keeps a subset of
+the classes and relabels them 0..k-1 (a downstream task of held-out classes).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+DATASETS = ("cifar100", "fashion_mnist", "digits", "imagefolder")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    name: str
+
+
+class TensorImageDataset(Dataset):
+    """Images kept compact (uint8 or float, [N, H, W] or [N, H, W, C]) and turned into
+    normalised ``[3, S, S]`` float tensors on access, with an optional horizontal flip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, scale: float = 255.0, flip: bool = False):
+        if len(images) != len(labels):
+            raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+        self.images, self.labels = images, labels.long()
+        self.image_size, self.scale, self.flip = image_size, scale, flip
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index].float() / self.scale
+        image = image.unsqueeze(0).expand(3, -1, -1) if image.dim() == 2 else image.permute(2, 0, 1)
+        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
+            image = F.interpolate(image[None], size=(self.image_size, self.image_size),
+                                  mode="bilinear", align_corners=False)[0]
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return (image - self.mean) / self.std, self.labels[index]
+
+
+def _subset(images, labels, classes: Optional[Sequence[int]]):
+    if classes is None:
+        return images, labels
+    classes = list(classes)
+    remap = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
+    missing = [c for c in classes if not 0 <= c < len(remap)]
+    if missing:
+        raise ValueError(f"classes {missing} are not labels of this dataset (0..{len(remap) - 1})")
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+    keep = remap[labels] >= 0
+    return images[keep], remap[labels[keep]]
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """An idx file (optionally gzipped): big-endian dims after a 4-byte magic."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: {body.size} bytes for shape {tuple(dims)}")
+    return body.reshape(tuple(dims))
+
+
+def _idx_file(directory: str, stem: str) -> str:
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}. On Debian/Ubuntu: "
+        f"`apt-get install dataset-fashion-mnist` (installs to {FASHION_MNIST_DIR}), or pass "
+        f"--data-dir with the four idx files."
+    )
+
+
+def fashion_mnist(data_dir: Optional[str], image_size: int, classes=None, **norm) -> DataBundle:
+    directory = data_dir or FASHION_MNIST_DIR
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = torch.from_numpy(_read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte")).copy())
+        labels = torch.from_numpy(_read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte")).astype(np.int64))
+        images, labels = _subset(images, labels, classes)
+        parts[split] = TensorImageDataset(images, labels, image_size, flip=False, **norm)
+    return DataBundle(parts["train"], parts["test"], len(classes) if classes else 10, "fashion_mnist")
+
+
+def digits(image_size: int, classes=None, **norm) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.from_numpy(data.images.astype(np.float32))  # [1797, 8, 8], values 0..16
+    labels = torch.from_numpy(data.target.astype(np.int64))
+    images, labels = _subset(images, labels, classes)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(order))
+    split = {"train": order[:cut], "test": order[cut:]}
+    parts = {k: TensorImageDataset(images[i], labels[i], image_size, scale=16.0, **norm) for k, i in split.items()}
+    return DataBundle(parts["train"], parts["test"], len(classes) if classes else 10, "digits")
+
+
+def _torchvision_transforms(image_size: int, train: bool, mean, std):
+    from torchvision import transforms as T
+
+    steps = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+    if train:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def cifar100(data_dir: Optional[str], image_size: int, classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DataBundle:
+    from torchvision.datasets import CIFAR100
+
+    class LocalCIFAR100(CIFAR100):
+        # The files are the user's own copy: check they exist, not their checksums, and
+        # never download.
+        def _check_integrity(self) -> bool:
+            folder = os.path.join(self.root, self.base_folder)
+            return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:  # torchvision's, without the checksum
+            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+                meta = pickle.load(f, encoding="latin1")
+            self.classes = meta[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    if data_dir is None or not os.path.isdir(os.path.join(data_dir, "cifar-100-python")):
+        raise FileNotFoundError(
+            f"CIFAR-100 not found: expected {os.path.join(data_dir or '<--data-dir>', 'cifar-100-python')} "
+            f"holding train, test and meta (the 'CIFAR-100 python version' archive, extracted). "
+            f"Nothing is downloaded."
+        )
+    parts = {}
+    for split in ("train", "test"):
+        ds = LocalCIFAR100(data_dir, train=split == "train", download=False,
+                           transform=_torchvision_transforms(image_size, split == "train", mean, std))
+        if classes is not None:
+            labels = torch.tensor(ds.targets)
+            keep, new_labels = _subset(torch.arange(len(labels)), labels, classes)
+            ds.data, ds.targets = ds.data[keep.numpy()], new_labels.tolist()
+        parts[split] = ds
+    return DataBundle(parts["train"], parts["test"], len(classes) if classes else 100, "cifar100")
+
+
+def imagefolder(data_dir: Optional[str], image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DataBundle:
+    from torchvision.datasets import ImageFolder
+
+    if data_dir is None or not os.path.isdir(os.path.join(data_dir, "train")):
+        raise FileNotFoundError(f"imagefolder needs --data-dir with train/ and val/ (or test/) subfolders; got {data_dir!r}")
+    test_dir = next((os.path.join(data_dir, d) for d in ("val", "test") if os.path.isdir(os.path.join(data_dir, d))), None)
+    if test_dir is None:
+        raise FileNotFoundError(f"{data_dir} has train/ but neither val/ nor test/")
+    train = ImageFolder(os.path.join(data_dir, "train"), transform=_torchvision_transforms(image_size, True, mean, std))
+    test = ImageFolder(test_dir, transform=_torchvision_transforms(image_size, False, mean, std))
+    if train.classes != test.classes:
+        raise ValueError(f"train/ and {os.path.basename(test_dir)}/ have different classes")
+    return DataBundle(train, test, len(train.classes), "imagefolder")
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, image_size: int = 224,
+                 classes: Optional[Sequence[int]] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DataBundle:
+    """The named dataset (one of ``DATASETS``) for a model with input size ``image_size``."""
+    norm = {"mean": tuple(mean), "std": tuple(std)}
+    if name == "cifar100":
+        return cifar100(data_dir, image_size, classes, **norm)
+    if name == "fashion_mnist":
+        return fashion_mnist(data_dir, image_size, classes, **norm)
+    if name == "digits":
+        return digits(image_size, classes, **norm)
+    if name == "imagefolder":
+        if classes is not None:
+            raise ValueError("classes is not supported for imagefolder: arrange the folders instead")
+        return imagefolder(data_dir, image_size, **norm)
+    raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}")

@@ -1,0 +1,432 @@
+"""The joint fine-tune/distil/prune loop of TuneComp.
+
+Each optimiser step t, before the forward pass, every ``FusedPrunedLowRankLinear`` gets
+``alpha = alpha_t`` (the teacher's share of its output) and, every ``prune_every`` steps, its
+masks are shrunk to ``rho_t``; the loss is the task loss plus ``lam_t`` times the sparsity
+regulariser. The optimiser trains the student factors and every parameter that was not
+replaced (head, norms, embeddings, as in full fine-tuning); the frozen teacher weights take
+no part and are freed as soon as alpha reaches 0.
+
+Runs on one device or under ``torchrun`` (DistributedDataParallel, one process per device;
+rank 0 logs, evaluates and writes). Output directory::
+
+    log.jsonl          one JSON object per logged step / evaluation
+    checkpoint.pt      model, masks, optimiser, LR schedule, step, data position, RNG states
+                       (written atomically: a crash never leaves a half-written file)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .nn import FusedPrunedLowRankLinear
+from .prune import MODES, SCOPES, prune_, sparsity_penalty
+from .schedule import Schedule
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of the joint loop. Steps count optimiser steps (after gradient accumulation).
+
+    decay_steps: T, the step at which alpha reaches 0 (default: half of ``steps``).
+    prune: the final ratio ρ of pruned factor entries; it ramps up (cubic) from
+    ``prune_start`` to ``prune_end`` (default: ``decay_steps``), masks updated every
+    ``prune_every`` steps. reg_weight: the regulariser's initial λ, decaying to 0 at
+    ``reg_end`` (default: ``prune_end``); ``reg="none"`` switches it off.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None
+    prune: float = 0.0
+    prune_mode: str = "unstructured"
+    prune_scope: str = "layer"
+    prune_start: int = 0
+    prune_end: Optional[int] = None
+    prune_every: int = 10
+    reg: str = "l1"
+    reg_weight: float = 1e-2
+    reg_end: Optional[int] = None
+    eval_every: int = 0  # 0: at the end of every epoch
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "none"
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the defaults that depend on other fields filled in, checked."""
+        c = TrainConfig(**asdict(self))
+        c.decay_steps = c.steps // 2 if c.decay_steps is None else c.decay_steps
+        c.prune_end = c.decay_steps if c.prune_end is None else c.prune_end
+        c.reg_end = c.prune_end if c.reg_end is None else c.reg_end
+        positive = {"steps": c.steps, "batch_size": c.batch_size, "grad_accum": c.grad_accum, "prune_every": c.prune_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1; got {value}")
+        for name in ("decay_steps", "prune_end", "reg_end"):
+            if not 0 <= getattr(c, name) <= c.steps:
+                raise ValueError(f"{name} must be in [0, steps={c.steps}]; got {getattr(c, name)}")
+        if not 0 <= c.prune_start <= c.prune_end:
+            raise ValueError(f"prune_start must be in [0, prune_end={c.prune_end}]; got {c.prune_start}")
+        if not 0.0 <= c.prune < 1.0:
+            raise ValueError(f"prune must be in [0, 1); got {c.prune}")
+        if c.prune_mode not in MODES or c.prune_scope not in SCOPES:
+            raise ValueError(f"prune_mode must be one of {MODES} and prune_scope one of {SCOPES}; "
+                             f"got {c.prune_mode!r}, {c.prune_scope!r}")
+        if c.reg not in ("l1", "none") or c.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"reg must be 'l1' or 'none' and amp 'auto', 'bf16' or 'none'; got {c.reg!r}, {c.amp!r}")
+        return c
+
+    def schedule(self) -> Schedule:
+        c = self.resolved()
+        return Schedule(c.decay_steps, c.prune, c.prune_start, c.prune_end,
+                        c.reg_weight if c.reg != "none" else 0.0, c.reg_end)
+
+
+def compressible_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, FusedPrunedLowRankLinear)]
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and buffers (the teacher's included while attached)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def effective_params(model: nn.Module) -> int:
+    """Parameters a compact export stores: unpruned factor entries and bias of each low-rank
+    layer, plus every other parameter. One function for every method, so counts compare."""
+    layers = compressible_layers(model)
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return rest + sum(layer.num_effective_params() for layer in layers)
+
+
+# ---- distributed -----------------------------------------------------------------------------
+
+
+def _dist_setup(device: Optional[str]) -> tuple:
+    """(rank, world_size, device); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available() and device != "cpu":
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl")
+            return dist.get_rank(), world, torch.device("cuda", local)
+        dist.init_process_group("gloo")
+        return dist.get_rank(), world, torch.device("cpu")
+    if world > 1:
+        return dist.get_rank(), world, torch.device(device or "cpu")
+    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return 0, 1, torch.device(chosen)
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list:
+    """This rank's batches of one epoch: a permutation drawn from (seed, epoch) alone, so a
+    resumed run sees exactly the batches the interrupted one would have."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    per_rank = n // world
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    count = len(mine) // batch_size
+    if count == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(mine)} training examples per process")
+    return [mine[i * batch_size:(i + 1) * batch_size].tolist() for i in range(count)]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """torch.save to a temporary file in the same folder, then an atomic rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, model: nn.Module) -> dict:
+    """Load a checkpoint's model state into ``model`` (dropping teachers the checkpoint no
+    longer has) and return the whole payload."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload["model"]
+    for name, layer in model.named_modules():
+        if isinstance(layer, FusedPrunedLowRankLinear) and layer.has_teacher:
+            if f"{name}.teacher_weight" not in state:
+                layer.drop_teacher()
+    model.load_state_dict(state)
+    return payload
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, amp_dtype=None,
+             num_workers: int = 0) -> float:
+    """Top-1 accuracy on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                     generator=torch.Generator()):
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_accuracy: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: str,
+          resume: bool = False, device: Optional[str] = None) -> dict:
+    """Run the joint loop on ``model`` (already prepared with low-rank layers, or dense for
+    plain fine-tuning) and return a summary dict. See the module doc for ``out_dir``."""
+    cfg = config.resolved()
+    sched = cfg.schedule()
+    rank, world, dev = _dist_setup(device)
+    main_process = rank == 0
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    model.to(dev).train()
+    layers = compressible_layers(model)
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda") else None
+
+    factors = {id(p) for layer in layers for p in (layer.u, layer.v)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # factors get the sparsity regulariser instead; norms and biases no decay
+            (decay if p.dim() >= 2 and id(p) not in factors else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    state = _State()
+    checkpoint_path = os.path.join(out_dir, CHECKPOINT)
+    if resume:
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out_dir}")
+        payload = load_checkpoint(checkpoint_path, model)
+        optimizer.load_state_dict(payload["optimizer"])
+        lr_schedule.load_state_dict(payload["lr_schedule"])
+        state = _State(**payload["state"])
+        _set_rng_state(payload["rng"][rank] if rank < len(payload["rng"]) else payload["rng"][0], dev)
+
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
+    # broadcast_buffers=False: masks follow from identical weights on every rank, and the
+    # DDP buffer list would otherwise keep the dropped teachers alive.
+    forward = ddp or model
+
+    def write_log(record: dict) -> None:
+        if main_process:
+            with open(os.path.join(out_dir, LOG), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        rng = [_rng_state(dev)]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if main_process:
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "state": asdict(state),
+                "rng": rng, "config": asdict(cfg),
+            })
+
+    def run_eval() -> float:
+        accuracy = evaluate(model, test_set, cfg.batch_size, dev, amp_dtype, cfg.num_workers) if main_process else 0.0
+        if world > 1:
+            dist.barrier()
+        state.best_accuracy = max(state.best_accuracy, accuracy)
+        record = {"step": state.step, "epoch": state.epoch, "eval_accuracy": accuracy}
+        state.history.append(record)
+        write_log(record)
+        return accuracy
+
+    def apply_schedule(step: int) -> tuple:
+        a, rho, lam = sched.at(step)
+        for layer in layers:
+            if layer.has_teacher:
+                layer.alpha = a
+        if layers and rho > 0 and (step % cfg.prune_every == 0 or step >= cfg.prune_end):
+            prune_(layers, rho, cfg.prune_mode, cfg.prune_scope)
+        if a == 0.0 and any(layer.has_teacher for layer in layers):
+            before = model_bytes(model)
+            for layer in layers:
+                layer.drop_teacher()
+            write_log({"step": step, "event": "teacher_dropped", "bytes_before": before, "bytes_after": model_bytes(model)})
+        return a, rho, lam
+
+    def loader(batch_sampler) -> DataLoader:
+        # A private generator: creating the loader draws nothing from the global RNG, so a
+        # resumed run's random numbers match the uninterrupted run's.
+        return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=cfg.num_workers,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+
+    batches = None
+
+    def next_batch():
+        nonlocal batches
+        while True:
+            if batches is None:
+                epoch = _epoch_batches(len(train_set), cfg.batch_size, cfg.seed, state.epoch, rank, world)
+                batches = iter(loader(epoch[state.batch_in_epoch:]))
+            batch = next(batches, None)
+            if batch is not None:
+                state.batch_in_epoch += 1
+                return batch
+            if cfg.eval_every == 0:  # an epoch is over
+                run_eval()
+            state.epoch, state.batch_in_epoch, batches = state.epoch + 1, 0, None
+
+    start_time = time.perf_counter()
+    progress = None
+    if cfg.progress and main_process:
+        from tqdm.auto import tqdm
+        # disable=None: no bar when the output is not a terminal (logs stay readable)
+        progress = tqdm(total=cfg.steps, initial=state.step, desc="tunecomp", unit="step",
+                        dynamic_ncols=True, disable=None)
+    zero = torch.zeros((), device=dev)
+    running = {"loss": zero, "task": zero, "correct": zero, "seen": 0}
+    try:
+        while state.step < cfg.steps:
+            a, rho, lam = apply_schedule(state.step)
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(cfg.grad_accum):
+                images, labels = (t.to(dev, non_blocking=True) for t in next_batch())
+                last = micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = forward(images)
+                        task = F.cross_entropy(logits.float(), labels)
+                        loss = task
+                        if lam > 0 and layers:
+                            loss = task + lam * sparsity_penalty(layers, cfg.prune_mode)
+                    (loss / cfg.grad_accum).backward()
+                # kept as tensors: no device sync until a log line is written
+                running["loss"] = running["loss"] + loss.detach()
+                running["task"] = running["task"] + task.detach()
+                running["correct"] = running["correct"] + (logits.argmax(-1) == labels).sum()
+                running["seen"] += len(labels)
+            optimizer.step()
+            lr_schedule.step()
+            state.step += 1
+            if progress is not None:
+                progress.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                micro_steps = max(1, running["seen"] // cfg.batch_size)
+                write_log({
+                    "step": state.step, "epoch": state.epoch,
+                    "loss": float(running["loss"]) / micro_steps,
+                    "task_loss": float(running["task"]) / micro_steps,
+                    "train_accuracy": float(running["correct"]) / max(1, running["seen"]),
+                    "alpha": a, "rho": rho, "lambda": lam, "lr": lr_schedule.get_last_lr()[0],
+                    "sparsity": _factor_sparsity(layers), "seconds": time.perf_counter() - start_time,
+                })
+                if progress is not None:
+                    shown = {"loss": f"{float(running['task']) / micro_steps:.3f}"}
+                    if layers:
+                        shown.update(alpha=f"{a:.2f}", rho=f"{rho:.2f}")
+                    progress.set_postfix(shown)
+                running = {"loss": zero, "task": zero, "correct": zero, "seen": 0}
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                run_eval()
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                checkpoint()
+    finally:
+        if progress is not None:
+            progress.close()
+
+    # The end: the student alone, at its final sparsity.
+    apply_schedule(cfg.steps)
+    final_accuracy = run_eval()
+    checkpoint()
+    summary = {
+        "final_accuracy": final_accuracy,
+        "best_accuracy": state.best_accuracy,
+        "steps": state.step,
+        "effective_params": effective_params(model),
+        "model_bytes": model_bytes(model),
+        "factor_sparsity": _factor_sparsity(layers),
+        "seconds": time.perf_counter() - start_time,
+        "peak_memory_bytes": _peak_memory(dev),
+        "device": str(dev),
+        "world_size": world,
+        "config": asdict(cfg),
+    }
+    if main_process:
+        with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _factor_sparsity(layers: list) -> float:
+    total = sum(layer.mask_u.numel() + layer.mask_v.numel() for layer in layers)
+    if total == 0:
+        return 0.0
+    kept = sum(int(layer.mask_u.sum()) + int(layer.mask_v.sum()) for layer in layers)
+    return 1.0 - kept / total
