@@ -145,15 +145,17 @@ def _dist_setup(device: Optional[str]) -> tuple:
 
 
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list:
-    """This rank's batches of one epoch: a permutation drawn from (seed, epoch) alone, so a
-    resumed run sees exactly the batches the interrupted one would have."""
+    """This process's batches of one epoch. The permutation depends on (seed, epoch) alone,
+    so a resumed run sees exactly the batches the interrupted one would have; global batch i
+    is ``order[i·B·world : (i+1)·B·world]`` and process r takes its r-th slice of B, so
+    ``world`` processes of batch B see what one process of batch B·world would."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    per_rank = n // world
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    count = len(mine) // batch_size
+    global_batch = batch_size * world
+    count = n // global_batch
     if count == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(mine)} training examples per process")
-    return [mine[i * batch_size:(i + 1) * batch_size].tolist() for i in range(count)]
+        raise ValueError(f"batch_size {batch_size} x {world} processes exceeds the {n} training examples")
+    return [order[i * global_batch + rank * batch_size:i * global_batch + (rank + 1) * batch_size].tolist()
+            for i in range(count)]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
