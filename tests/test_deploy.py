@@ -1,0 +1,138 @@
+"""Export / load of the compact inference model."""
+
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+from conftest import random_mask, rel_error
+from tunecomp import replace_linear_layers
+from tunecomp.deploy import DeployError, LowRankLinear, export, load
+from tunecomp.nn import FusedPrunedLowRankLinear
+
+KW = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}
+
+
+def trained_like_model(keep=0.6):
+    """A ViT whose targets are low-rank students with pruned masks and two dead components."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KW).eval()
+    replace_linear_layers(model, param_ratio=0.5, keep_teacher=False)
+    for layer in model.modules():
+        if isinstance(layer, FusedPrunedLowRankLinear):
+            layer.mask_u.copy_(random_mask(layer.mask_u.shape, keep))
+            layer.mask_v.copy_(random_mask(layer.mask_v.shape, keep))
+            layer.mask_u[:, :2] = False  # components 0 and 1 are dead
+    return model
+
+
+@pytest.mark.parametrize("form", [None, "lowrank", "dense"])
+def test_round_trip_reproduces_outputs(tmp_path, form):
+    model = trained_like_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)]
+    forms = {n: form for n in names} if form else None
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, forms=forms)
+    loaded = load(str(tmp_path))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(loaded(x), model(x)) < 1e-5
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    for name in names:
+        info = manifest["layers"][name]
+        assert info["rank"] <= info["rank_before"] - 2  # dead components removed
+        module = loaded.get_submodule(name)
+        if info["form"] == "lowrank":
+            assert isinstance(module, LowRankLinear) and module.u.shape[1] == info["rank"]
+        else:
+            assert type(module) is torch.nn.Linear
+    if form:
+        assert {manifest["layers"][n]["form"] for n in names} == {form}
+
+
+def test_form_rule_and_all_pruned_layer(tmp_path):
+    model = trained_like_model(keep=1.0)
+    qkv = model.blocks[0].attn.qkv
+    qkv.mask_u.zero_()  # nothing left: the layer is its bias alone
+    manifest = export(model, str(tmp_path), arch_kwargs=KW)
+    info = manifest["layers"]["blocks.0.attn.qkv"]
+    assert info["rank"] == 0 and info["form"] == "dense"
+    for name, info in manifest["layers"].items():
+        if info["rank"]:
+            cheaper = info["rank"] * (info["in_features"] + info["out_features"]) < info["in_features"] * info["out_features"]
+            assert info["form"] == ("lowrank" if cheaper else "dense"), name
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(load(str(tmp_path))(x), model(x)) < 1e-5
+
+
+def test_measured_forms_and_dtype(tmp_path):
+    model = trained_like_model()
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, measure=True, tokens=64)
+    assert {i["form"] for i in manifest["layers"].values()} <= {"lowrank", "dense"}
+    loaded = load(str(tmp_path), dtype=torch.bfloat16)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        y = loaded(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_no_pickle_and_size_near_kept_bytes(tmp_path):
+    model = trained_like_model()
+    manifest = export(model, str(tmp_path), arch_kwargs=KW)
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "model.safetensors"]
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))  # safetensors: a JSON header, then raw bytes
+    assert "__metadata__" in header or all("dtype" in v for v in header.values())
+    payload = sum(4 * torch.Size(shape).numel() for shape in manifest["tensors"].values())
+    assert os.path.getsize(tmp_path / "model.safetensors") < payload * 1.1
+
+
+def test_teacher_attached_is_refused(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KW)
+    replace_linear_layers(model, param_ratio=0.5)
+    with pytest.raises(ValueError, match="teacher still attached"):
+        export(model, str(tmp_path))
+
+
+def test_tampered_truncated_version_missing(tmp_path):
+    model = trained_like_model()
+    export(model, str(tmp_path), arch_kwargs=KW)
+    tensors = tmp_path / "model.safetensors"
+    original = tensors.read_bytes()
+    tampered = bytearray(original)
+    tampered[-5] ^= 0xFF
+    tensors.write_bytes(bytes(tampered))
+    with pytest.raises(DeployError, match="SHA-256"):
+        load(str(tmp_path))
+    tensors.write_bytes(original[:-100])
+    with pytest.raises(DeployError, match="truncated"):
+        load(str(tmp_path))
+    tensors.write_bytes(original)
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(DeployError, match="format_version 99"):
+        load(str(tmp_path))
+    manifest_path.write_text(json.dumps({**manifest, "tensors": {**manifest["tensors"], "extra.weight": [2]}}))
+    with pytest.raises(DeployError, match="lacks tensors"):
+        load(str(tmp_path))
+    manifest_path.write_text(json.dumps(manifest)[:50])
+    with pytest.raises(DeployError, match="not valid JSON"):
+        load(str(tmp_path))
+    with pytest.raises(DeployError, match="no manifest.json"):
+        load(str(tmp_path / "elsewhere"))
+
+
+def test_inference_layer_compiles(tmp_path):
+    model = trained_like_model()
+    export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.mlp.fc1": "lowrank"})
+    loaded = load(str(tmp_path))
+    layer = loaded.blocks[0].mlp.fc1
+    assert isinstance(layer, LowRankLinear)
+    x = torch.randn(5, layer.in_features)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        assert rel_error(compiled(x), layer(x)) < 1e-5

@@ -1,0 +1,252 @@
+"""Export a trained model to a compact file, and load it back for inference.
+
+``export(model, path)`` writes a directory:
+
+    model.safetensors   every tensor (never pickle)
+    manifest.json       format version, tunecomp/torch versions, the architecture to rebuild
+                        (timm name + kwargs), each low-rank layer's form, shapes and dtype,
+                        and the SHA-256 of model.safetensors
+
+For each ``FusedPrunedLowRankLinear`` (the teacher must be gone: alpha = 0) the masks are
+folded into the factors, rank components that are entirely pruned are removed, and one form
+is chosen:
+
+- ``"lowrank"``: ``LowRankLinear``, ``y = (x·V)·Uᵀ + b`` through ``tunecomp.ops`` (the fused
+  kernels where available), when it moves fewer bytes and FLOPs than the dense weight, i.e.
+  ``r·(in + out) < in·out``;
+- ``"dense"``: the merged ``nn.Linear`` otherwise (and for a layer whose rank fell to 0).
+
+With ``measure=True`` the choice is made by timing both forms on the layer's own shape
+(``tokens`` rows) on ``device`` instead of by that rule.
+
+``load(path, device=..., dtype=...)`` rebuilds the architecture, swaps in the exported forms,
+loads the tensors and returns the model in eval mode. A tampered or truncated file, a
+manifest of another format version, or a missing tensor raises ``DeployError`` naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__, ops
+from .nn import FusedPrunedLowRankLinear
+from .reference import apply_mask
+
+FORMAT_VERSION = 1
+FORMS = ("lowrank", "dense")
+TENSORS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+class DeployError(ValueError):
+    """An exported model that cannot be loaded as it is (the message says why)."""
+
+
+class LowRankLinear(nn.Module):
+    """Inference-only ``y = (x @ v) @ u.T + bias``: no masks, no teacher, no gradients."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None, backend: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.backend = in_features, out_features, rank, backend
+        factory = {"device": device, "dtype": dtype}
+        self.u = nn.Parameter(torch.empty(out_features, rank, **factory), requires_grad=False)
+        self.v = nn.Parameter(torch.empty(in_features, rank, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.masked_lowrank_linear(x, self.u, self.v, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+
+@torch.no_grad()
+def compact_factors(layer: FusedPrunedLowRankLinear) -> tuple:
+    """``(u, v)`` with the masks folded in and the entirely pruned rank components removed."""
+    u, v = apply_mask(layer.u, layer.mask_u), apply_mask(layer.v, layer.mask_v)
+    alive = (u != 0).any(0) & (v != 0).any(0)  # a component is dead if either side is empty
+    return u[:, alive].contiguous(), v[:, alive].contiguous()
+
+
+def _time(module: nn.Module, x: Tensor, repeats: int = 20) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            module(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            module(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) / repeats
+
+
+def _dense(u: Tensor, v: Tensor, bias: Optional[Tensor], in_features: int, out_features: int) -> nn.Linear:
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=u.device, dtype=u.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(u @ v.T)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
+def _lowrank(u: Tensor, v: Tensor, bias: Optional[Tensor]) -> LowRankLinear:
+    layer = LowRankLinear(v.shape[0], u.shape[0], u.shape[1], bias is not None, device=u.device, dtype=u.dtype)
+    with torch.no_grad():
+        layer.u.copy_(u)
+        layer.v.copy_(v)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = False,
+                device=None, tokens: int = 1576) -> str:
+    """The form for one layer: by the rule in the module doc, or by timing both."""
+    in_features, out_features, rank = v.shape[0], u.shape[0], u.shape[1]
+    if rank == 0:
+        return "dense"
+    if not measure:
+        return "lowrank" if rank * (in_features + out_features) < in_features * out_features else "dense"
+    device = torch.device(device or u.device)
+    x = torch.randn(tokens, in_features, device=device, dtype=u.dtype)
+    u, v = u.to(device), v.to(device)
+    bias = None if bias is None else bias.to(device)
+    timings = {"lowrank": _time(_lowrank(u, v, bias), x), "dense": _time(_dense(u, v, bias, in_features, out_features), x)}
+    return min(timings, key=timings.get)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs: Optional[dict] = None,
+           forms: Optional[dict] = None, measure: bool = False, device=None, tokens: int = 1576) -> dict:
+    """Write ``model`` (with trained ``FusedPrunedLowRankLinear`` layers) to the directory
+    ``path``; returns the manifest. ``arch``/``arch_kwargs``: the timm name and kwargs to
+    rebuild it (default: the model's own ``pretrained_cfg['architecture']``, no kwargs);
+    without them, ``load`` needs the caller's skeleton model. ``forms``: ``{layer name:
+    form}`` to force a form. ``measure``/``device``/``tokens``: choose forms by timing."""
+    from safetensors.torch import save_file
+
+    forms = dict(forms or {})
+    unknown = {n: f for n, f in forms.items() if f not in FORMS}
+    if unknown:
+        raise ValueError(f"forms must be one of {FORMS}; got {unknown}")
+    if arch is None:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)}
+    attached = [f"{name} (alpha={m.alpha:g})" for name, m in layers.items() if m.has_teacher]
+    if attached:
+        raise ValueError(f"export needs the student alone; teacher still attached to {attached[:3]}: "
+                         f"finish training (alpha = 0) or call drop_teacher()")
+    state, layer_info = {}, {}
+    for name, layer in layers.items():
+        u, v = compact_factors(layer)
+        bias = None if layer.bias is None else layer.bias.detach()
+        form = forms.pop(name, None) or choose_form(u, v, bias, measure, device, tokens)
+        if u.shape[1] == 0:  # everything pruned: the layer is its bias
+            form = "dense"
+        if form == "dense":
+            state[f"{name}.weight"] = (u @ v.T).contiguous()
+        else:
+            state[f"{name}.u"], state[f"{name}.v"] = u, v
+        if bias is not None:
+            state[f"{name}.bias"] = bias.contiguous()
+        layer_info[name] = {"form": form, "in_features": layer.in_features, "out_features": layer.out_features,
+                            "rank": int(u.shape[1]), "rank_before": layer.rank, "bias": bias is not None,
+                            "dtype": str(layer.u.dtype).replace("torch.", "")}
+    if forms:
+        raise ValueError(f"forms names layers that are not low-rank layers of the model: {sorted(forms)}")
+    prefixes = tuple(f"{name}." for name in layers)
+    for key, tensor in model.state_dict().items():
+        if not key.startswith(prefixes):
+            state[key] = tensor.detach().contiguous()
+    os.makedirs(path, exist_ok=True)
+    tensors_path = os.path.join(path, TENSORS)
+    save_file({k: t.cpu() for k, t in state.items()}, tensors_path)
+    manifest = {
+        "format_version": FORMAT_VERSION, "tunecomp": __version__, "torch": torch.__version__,
+        "arch": arch, "arch_kwargs": arch_kwargs or {}, "layers": layer_info,
+        "tensors": {k: list(t.shape) for k, t in state.items()},
+        "sha256": _sha256(tensors_path), "bytes": os.path.getsize(tensors_path),
+    }
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(path, MANIFEST))
+    return manifest
+
+
+def read_manifest(path: str) -> dict:
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise DeployError(f"{path} holds no {MANIFEST}: not a tunecomp export")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as error:
+        raise DeployError(f"{manifest_path} is not valid JSON ({error}): truncated or edited?") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DeployError(f"{manifest_path} has format_version {version!r}; this tunecomp "
+                          f"({__version__}) reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Optional[nn.Module] = None,
+         backend: str = "auto") -> nn.Module:
+    """The exported model, ready for inference (eval mode, no gradients)."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(path)
+    tensors_path = os.path.join(path, TENSORS)
+    if not os.path.isfile(tensors_path):
+        raise DeployError(f"{path} has no {TENSORS}")
+    size = os.path.getsize(tensors_path)
+    if size != manifest["bytes"]:
+        raise DeployError(f"{tensors_path} has {size} bytes, the manifest says {manifest['bytes']}: truncated or replaced")
+    if _sha256(tensors_path) != manifest["sha256"]:
+        raise DeployError(f"{tensors_path} does not match the manifest's SHA-256: the file was modified")
+    state = load_file(tensors_path)
+    missing = [k for k in manifest["tensors"] if k not in state]
+    if missing:
+        raise DeployError(f"{tensors_path} lacks tensors the manifest lists: {missing[:4]}")
+    if model is None:
+        if not manifest.get("arch"):
+            raise DeployError("the manifest names no architecture: pass model= (the skeleton to load into)")
+        import timm
+
+        model = timm.create_model(manifest["arch"], pretrained=False, **manifest["arch_kwargs"])
+    for name, info in manifest["layers"].items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        shape = (info["in_features"], info["out_features"])
+        if info["form"] == "dense" or info["rank"] == 0:
+            module = nn.Linear(*shape, bias=info["bias"])
+        elif info["form"] == "lowrank":
+            module = LowRankLinear(*shape, info["rank"], bias=info["bias"], backend=backend)
+        else:
+            raise DeployError(f"layer {name} has form {info['form']!r}; this tunecomp knows {FORMS}")
+        setattr(parent, child, module)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise DeployError(f"the tensors do not fit the architecture: {error}") from None
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval()
