@@ -45,6 +45,28 @@ def test_compress_on_digits(tmp_path):
     assert not any(k.endswith("teacher_weight") for k in state)  # the compact model only
     assert state["blocks.0.mlp.fc1.mask_u"].dtype == torch.bool
 
+    # the run exports to the compact format, which loads and benchmarks against the original
+    exported = tmp_path / "exported"
+    result = run_cli("export", "--run", str(out), "--out", str(exported))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exported 4 low-rank layers" in result.stdout
+    from tunecomp.cli import rebuild_run
+    from tunecomp.deploy import load
+    trained, _ = rebuild_run(str(out))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(load(str(exported))(x), trained(x), rtol=1e-4, atol=1e-5)
+    result = run_cli("bench-model", str(exported), "--batch", "1,2", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compressed") == 2 and "speed-up" in result.stdout
+
+
+def test_export_and_bench_errors(tmp_path):
+    result = run_cli("export", "--run", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert result.returncode != 0 and "has no model.json" in result.stderr
+    result = run_cli("bench-model", str(tmp_path), "--batch", "1,a")
+    assert result.returncode == 2 and "--batch must be comma-separated integers" in result.stderr
+
 
 def test_compress_bad_arguments():
     result = run_cli("compress", "--dataset", "digits")

@@ -35,7 +35,7 @@ CPU_DTYPES = DTYPES[:2]
 def _fp32_tolerance():
     from tunecomp.kernels.masked_lowrank import fp32_dot_precision
 
-    return 1e-5 if fp32_dot_precision() == "ieee" else 1e-3
+    return 1e-5 if fp32_dot_precision() == "ieee" else 5e-3
 
 
 # Relative Frobenius error bounds ||out - ref|| / ||ref|| against float64 math on the same
@@ -44,7 +44,8 @@ def _fp32_tolerance():
 # Each rounding is at most the unit roundoff u relative, and random signs keep the Frobenius
 # ratio near u, so the bounds are a few u:
 #   fp32 ieee: u = 6e-8, fp32 sums over a few hundred terms stay far below 1e-5;
-#   fp32 tf32: operands rounded to 10 mantissa bits (u = 4.9e-4; truncation can bias) -> 1e-3;
+#   fp32 tf32 (only if torch's fp32 matmul precision is lowered): operands truncated to 10
+#              mantissa bits, up to 9.8e-4 each and biased towards zero, two per product -> 5e-3;
 #   fp16:      u = 4.9e-4 -> 2e-3;
 #   bf16:      u = 3.9e-3 -> 1e-2.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -143,7 +144,8 @@ def assert_close(name, out, ref, dtype, seed):
         assert (out == 0).all(), f"{name}: expected exact zeros (seed {seed})"
         return
     err = (out.double() - ref).norm().item() / ref_norm
-    assert err <= tolerance(dtype), f"{name}: rel error {err:.3g} > {tolerance(dtype)} (seed {seed})"
+    bound = tolerance(dtype)
+    assert err <= bound, f"{name}: rel error {err:.3g} > {bound} (seed {seed})"
 
 
 def assert_pruned_grads_zero(grad_u, grad_v, p, seed):
@@ -341,7 +343,8 @@ GPU_SHAPES = [  # ViT-B/16 layers, tokens = batch x 197
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"N{n}-{i}to{o}-r{r}" for n, i, o, r in GPU_SHAPES])
+@pytest.mark.parametrize("shape", GPU_SHAPES,
+                         ids=[f"N{n}-{i}to{o}-r{r}" for n, i, o, r in GPU_SHAPES])
 def test_gpu_vit_shapes(shape, dtype):
     seed = fresh_seed()
     n, i, o, r = shape

@@ -3,6 +3,8 @@
     tunecomp info       versions, devices, and which backends run here
     tunecomp compress   TuneComp: fine-tune, distil and prune a pretrained timm model jointly
     tunecomp demo       a small offline run on real data (scikit-learn's digits), ~2-4 min on 2 cores
+    tunecomp export     a `compress` run's model to the compact inference format
+    tunecomp bench-model  latency/throughput of an exported model against its dense original
 """
 
 from __future__ import annotations
@@ -154,6 +156,84 @@ def compress(args) -> dict:
     return summary
 
 
+def rebuild_run(run_dir: str) -> tuple:
+    """``(model, meta)``: the trained model of a ``compress`` run directory and its
+    model.json (timm name, kwargs, ranks)."""
+    from safetensors.torch import load_file
+
+    from .nn import FusedPrunedLowRankLinear
+
+    meta_path = os.path.join(run_dir, "model.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{run_dir} has no model.json: is it a finished `tunecomp compress` run?")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    model = load_timm_model(meta["model"], None, **meta["kwargs"])
+    for name, rank in meta["ranks"].items():
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, FusedPrunedLowRankLinear(
+            linear.in_features, linear.out_features, rank, bias=linear.bias is not None))
+    model.load_state_dict(load_file(os.path.join(run_dir, "model.safetensors")))
+    return model.eval(), meta
+
+
+def export_run(run_dir: str, out: str, measure: bool, device: Optional[str]) -> dict:
+    from .deploy import export
+
+    model, meta = rebuild_run(run_dir)
+    manifest = export(model, out, arch=meta["model"], arch_kwargs=meta["kwargs"], measure=measure, device=device)
+    forms = {}
+    for info in manifest["layers"].values():
+        forms[info["form"]] = forms.get(info["form"], 0) + 1
+    print(f"exported {len(manifest['layers'])} low-rank layers ({', '.join(f'{n} {f}' for f, n in forms.items())}) "
+          f"to {out}: {manifest['bytes'] / 2**20:.2f} MiB")
+    return manifest
+
+
+def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torch.dtype,
+                compile_model: bool, repeats: int = 10) -> list:
+    """Latency, throughput and peak memory of the exported model and of its dense original
+    (same architecture, random weights: speed does not depend on the values)."""
+    from .deploy import load, read_manifest
+
+    manifest = read_manifest(model_dir)
+    compressed = load(model_dir, device=device, dtype=dtype)
+    dense = load_timm_model(manifest["arch"], None, **manifest["arch_kwargs"]).to(device=device, dtype=dtype).eval()
+    size = model_input(dense)["image_size"]
+    rows = []
+    for label, model in (("dense", dense), ("compressed", compressed)):
+        runner = torch.compile(model) if compile_model else model
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                for _ in range(3):
+                    runner(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    runner(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / repeats
+            peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+            rows.append({"model": label, "batch": batch, "latency_ms": seconds * 1e3,
+                         "images_per_s": batch / seconds, "peak_memory_bytes": peak})
+    return rows
+
+
+def _print_bench(rows: list) -> None:
+    dense = {r["batch"]: r for r in rows if r["model"] == "dense"}
+    print(f"{'model':<11} {'batch':>5} {'latency ms':>11} {'images/s':>10} {'peak MiB':>9} {'speed-up':>8}")
+    for r in rows:
+        peak = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
+        speedup = dense[r["batch"]]["latency_ms"] / r["latency_ms"]
+        print(f"{r['model']:<11} {r['batch']:>5} {r['latency_ms']:>11.2f} {r['images_per_s']:>10.1f} {peak:>9} {speedup:>7.2f}x")
+
+
 # The demo: a small ViT pretrained on one task (digits 0-4) and compressed while it learns
 # another (digits 5-9), against plain dense fine-tuning from the same weights.
 DEMO_MODEL = "vit_tiny_patch16_224"
@@ -239,6 +319,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("export", help="write a compress run's model in the compact inference format")
+    p.add_argument("--run", required=True, help="a `tunecomp compress` output directory")
+    p.add_argument("--out", required=True, help="directory to write model.safetensors + manifest.json to")
+    p.add_argument("--measure", action="store_true", help="choose each layer's form by timing it")
+    p.add_argument("--device", default=None, help="device to time on with --measure")
+
+    p = sub.add_parser("bench-model", help="exported model vs its dense original: latency, throughput")
+    p.add_argument("model_dir")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    p.add_argument("--repeats", type=int, default=10)
+
     p = sub.add_parser("demo", help="small offline TuneComp run on real data, prints a table")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps per fine-tuning run")
@@ -250,6 +345,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compress(args)
     elif args.command == "demo":
         _print_demo(demo(args.out, args.steps, args.seed))
+    elif args.command == "export":
+        export_run(args.run, args.out, args.measure, args.device)
+    elif args.command == "bench-model":
+        dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+        try:
+            batches = [int(b) for b in args.batch.split(",")]
+        except ValueError:
+            parser.error(f"--batch must be comma-separated integers; got {args.batch!r}")
+        _print_bench(bench_model(args.model_dir, batches, args.device, dtype, args.compile, args.repeats))
     return 0
 
 
