@@ -230,3 +230,51 @@ def test_blend_in_cuda_graph_reads_new_alpha(gpu):
         alpha.fill_(value)
         graph.replay()
         assert rel_error(y, reference.blended_lowrank_linear(**dbl, alpha=value)) < 2e-3
+
+
+def _triton_ready():
+    return ops.available_backends("cpu", torch.float32)["triton"] is None
+
+
+@pytest.mark.skipif(not _triton_ready(), reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("blend", [False, True])
+def test_triton_backend_through_the_custom_ops(blend):
+    """The ops layer (checks, flattening, autograd, alpha tensor) over the Triton kernels,
+    against the torch backend. The kernels themselves: tests/test_triton_kernels.py."""
+    a = make_inputs(n=9, k=24, m=20, r=5, dtype=torch.float32, lead=(2,), grad=True)
+    t = make_teacher(a, torch.float32)
+    grad_y = torch.randn(2, 9, 20)
+
+    def run(backend):
+        args = {k: (v.detach().clone().requires_grad_() if v.requires_grad else v) for k, v in a.items()}
+        if blend:
+            y = ops.blended_lowrank_linear(**args, **t, alpha=torch.tensor(0.6), backend=backend)
+        else:
+            y = ops.masked_lowrank_linear(**args, backend=backend)
+        y.backward(grad_y)
+        return y, [args[k].grad for k in ("x", "u", "v", "bias")]
+
+    y, grads = run("triton")
+    y_ref, grads_ref = run("torch")
+    assert rel_error(y, y_ref) < 1e-5  # both fp32 with ieee products: rounding order only
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_error(g, g_ref) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _triton_ready(), reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
+def test_triton_backend_under_torch_compile():
+    a = make_inputs(n=5, k=16, m=12, r=4, dtype=torch.float32, grad=True)
+    torch._dynamo.reset()
+
+    def f(x, u, v, bias):
+        return torch.relu(ops.masked_lowrank_linear(x, u, v, bias, a["mask_u"], a["mask_v"], backend="triton"))
+
+    compiled = torch.compile(f, fullgraph=True)
+    inputs = [a[k] for k in ("x", "u", "v", "bias")]
+    y = compiled(*inputs)
+    assert rel_error(y, f(*inputs)) < 1e-6
+    grads = torch.autograd.grad(y.sum(), inputs)
+    ref = torch.autograd.grad(f(*inputs).sum(), inputs)
+    for g, r in zip(grads, ref):
+        assert rel_error(g, r) < 1e-6

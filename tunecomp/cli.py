@@ -47,7 +47,7 @@ def info() -> str:
         lines.append(f"native    tunecomp._C not built: {ops.NATIVE_IMPORT_ERROR}")
     elif ops._C.with_cuda:
         archs = ", ".join(f"sm_{a // 10}" for a in ops._C.cuda_compiled_archs())
-        lines.append(f"native    tunecomp._C with CUDA kernels for {archs}")
+        lines.append(f"native    tunecomp._C, CUDA sources compiled for {archs}")
     else:
         lines.append("native    tunecomp._C, CPU only")
     devices = ["cpu"]

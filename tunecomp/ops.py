@@ -112,9 +112,17 @@ class _PendingBackend:
         return self._reason
 
 
+def _triton_backend():
+    try:
+        from .kernels import TritonBackend
+    except ImportError as error:  # kernels/ not installed with the package
+        return _PendingBackend("triton", f"tunecomp.kernels cannot be imported ({error})")
+    return TritonBackend()
+
+
 _BACKENDS = {
     "torch": _TorchBackend(),
-    "triton": _PendingBackend("triton", "the Triton kernels are not part of this build yet"),
+    "triton": _triton_backend(),
     "cuda": _PendingBackend("cuda", "the CUDA C++ kernels are not part of this build yet"),
     "cpu": _PendingBackend("cpu", "the C++ CPU kernels are not part of this build yet"),
 }

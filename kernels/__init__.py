@@ -1,0 +1,107 @@
+"""Triton backend of tunecomp's ops (installed as ``tunecomp.kernels``).
+
+The contract is the one ``tunecomp.ops`` dispatches to: ``forward``, ``backward``,
+``blended_forward``, ``blended_backward`` on a 2-D ``x [N, in]`` with ``N >= 1``, returning
+fresh tensors in x's dtype, plus ``unavailable_reason(device, dtype)``. ``TritonBackend``
+bundles them as a backend object.
+
+The kernel modules are imported lazily, on first use: Triton decides between compiling and
+interpreting (``TRITON_INTERPRET=1``) when a kernel is decorated, so importing this package
+early (for ``unavailable_reason``) must not freeze that choice. ``unavailable_reason`` reads
+the environment at call time and refuses when the already-imported kernels were built for the
+other mode.
+
+Inputs may be non-contiguous: kernels read every tensor through its strides, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "TritonBackend",
+    "unavailable_reason",
+    "forward",
+    "backward",
+    "blended_forward",
+    "blended_backward",
+]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    # Same truthy spellings as Triton's own env parsing.
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:
+    """None if these kernels can run on tensors of ``device`` and ``dtype``, else why not."""
+    device = torch.device(device)
+    if dtype not in _DTYPES:
+        return f"the Triton kernels support {_DTYPES}, not {dtype}"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    interpret = _interpreting()
+    built = sys.modules.get(__name__ + ".masked_lowrank")
+    if built is not None and built.BUILT_FOR_INTERPRETER != interpret:
+        return ("the Triton kernels were imported with TRITON_INTERPRET="
+                f"{'1' if built.BUILT_FOR_INTERPRETER else '0'} but it is now "
+                f"{'1' if interpret else '0'}; set it before the first call")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device.type == "cpu":
+        if not interpret:
+            return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1"
+        if dtype == torch.bfloat16:
+            return "tl.dot on bfloat16 is wrong under Triton's CPU interpreter"
+        return None
+    return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device.type}"
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def forward(x, u, v, bias, mask_u, mask_v):
+    """``(x @ Vm) @ Um.T + bias`` with T = x @ Vm kept on chip."""
+    return _module("masked_lowrank").forward(x, u, v, bias, mask_u, mask_v)
+
+
+def backward(grad_y, x, u, v, mask_u, mask_v, has_bias):
+    """``(grad_x, grad_u, grad_v, grad_b)``; grad_b is empty when ``has_bias`` is False."""
+    return _module("masked_lowrank").backward(grad_y, x, u, v, mask_u, mask_v, has_bias)
+
+
+def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
+    """``a*(x @ W0.T + b0) + sqrt(1-a^2)*((x @ Vm) @ Um.T + bias)``, alpha a device tensor."""
+    return _module("blended_lowrank").blended_forward(
+        x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
+    )
+
+
+def blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
+    """Gradients for x, u, v, bias of the blend; teacher and alpha get none."""
+    return _module("blended_lowrank").blended_backward(
+        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias
+    )
+
+
+class TritonBackend:
+    """The backend object ``tunecomp.ops`` registers under the name "triton"."""
+
+    name = "triton"
+    unavailable_reason = staticmethod(unavailable_reason)
+    forward = staticmethod(forward)
+    backward = staticmethod(backward)
+    blended_forward = staticmethod(blended_forward)
+    blended_backward = staticmethod(blended_backward)

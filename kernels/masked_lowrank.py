@@ -1,0 +1,492 @@
+"""Triton kernels of ``y = (x @ Vm) @ Um.T + bias`` (forward and backward, side by side).
+
+``Um = where(mask_u, u, 0)`` and ``Vm = where(mask_v, v, 0)`` are never built: every kernel
+loads a tile of the factor and of its mask and selects with ``tl.where`` on the fly, so a NaN
+stored in a pruned entry cannot leak (``0 * NaN`` would) and no dense masked copy is written.
+
+Forward design (one launch)
+---------------------------
+Grid ``(cdiv(N, BLOCK_M), cdiv(out, BLOCK_N * OUT_TILES))``. A program owns ``BLOCK_M`` tokens
+and a group of ``OUT_TILES`` consecutive output tiles:
+
+1. K loop over ``in``: ``T[BLOCK_M, R_PAD] += X_tile @ Vm_tile`` in fp32 registers. X is read
+   once per program; T never leaves the chip.
+2. For each output tile of the group: ``Y_tile = T @ Um_tile.T + bias``, one ``tl.dot`` with
+   ``K = R_PAD``, bias added in fp32, one store.
+
+Rank handling: the whole rank is held at once, padded to ``R_PAD = max(16, next_pow2(r))``
+(``tl.arange`` needs a power of two; padded columns load as zeros and add nothing). This keeps
+the kernel a plain two-GEMM chain with T resident, at the price of up to 2x wasted rank FLOPs
+just above a power of two (r=384 runs as 512) and register pressure growing with r, which the
+config pruning below handles (``prune_by_registers``: large ``R_PAD`` only gets thin tiles).
+Looping over rank chunks instead would force either storing T or re-reading X once per chunk.
+
+``OUT_TILES`` is the knob between the two designs DESIGN.md asks to measure: ``OUT_TILES=1``
+recomputes T for every output tile (most parallelism, ``out/BLOCK_N`` times the X@V FLOPs),
+a large ``OUT_TILES`` holds T across the whole row block (X@V computed once, fewer programs).
+The autotuner picks per shape; a GPU measurement should confirm which wins for ViT shapes
+(small N favours recompute, large N and large ``out/BLOCK_N`` favour holding).
+
+Backward design (five launches, N x r intermediates in HBM, which is allowed)
+-----------------------------------------------------------------------------
+``T = X @ Vm`` and ``G = s * (dY @ Um)`` (``_rank_project_kernel``), then
+``dX = G @ Vm.T [+ a * dY @ W0]`` (``_grad_x_kernel``), ``dU = where(Mu, s * dY.T @ T, 0)``
+with ``db = s * sum(dY)`` fused in (``_grad_factor_kernel``), ``dV = where(Mv, X.T @ G, 0)``
+(same kernel). ``s``/``a`` come from the blend (``blended_lowrank.py``); here s = 1, a = 0.
+T and G are stored in the input dtype, as the eager reference rounds them.
+
+Precision: every ``tl.dot`` accumulates in fp32. For fp32 inputs ``input_precision`` is
+``fp32_dot_precision()``: "ieee" under the interpreter, and on GPU it follows
+``torch.get_float32_matmul_precision()`` ("highest", torch's default, gives "ieee";
+"high"/"medium" give "tf32"), so the kernels round exactly as much as cuBLAS would for the
+same process setting. fp16/bf16 ignore it.
+
+Strides: every tensor is read through its strides (no ``.contiguous()`` copies), masks are
+reinterpreted as uint8 (a free view). Offsets are int64 so ``N * in`` beyond 2**31 is safe.
+
+Autotune: small config sets (5-10 per kernel) keyed on (token bucket = next_pow2(N), in, out,
+rank, and the dtypes, which Triton adds to every key). The forward configs are first pruned by
+an estimate of live registers per thread, so large ranks never time configs that would spill.
+The first call per new key compiles and times every surviving config: compiling one config
+for sm_90 took 0.3-2 s on a 2-core CPU (up to ~7 s for rank 384), timing ~0.1 s each, so
+roughly 5-20 s per kernel and key; then the choice is cached in-process (compiled binaries on
+disk by Triton). A training step uses up to 6 kernels (forward + 5 backward launches), so the
+first step of each new layer shape pays this. Warm up before CUDA-graph capture: autotuning
+cannot run inside a capture.
+Under ``TRITON_INTERPRET=1`` a single small config is used (tuning there is meaningless and
+slow), with 16-wide tiles so that tests with tiny shapes still cross tile boundaries.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_TRUTHY = ("1", "true", "on")
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels with its CPU interpreter (read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+
+
+# Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
+BUILT_FOR_INTERPRETER = interpreting()
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot`` input_precision for fp32 operands (see the module docstring)."""
+    if BUILT_FOR_INTERPRETER:
+        return "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def token_bucket(n_tokens: int) -> int:
+    """Autotune key for the token count: a new N only re-tunes when it changes power of two."""
+    return triton.next_power_of_2(n_tokens)
+
+
+def rank_pad(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def configs(gpu_configs, interpreter_config):
+    return [interpreter_config] if BUILT_FOR_INTERPRETER else gpu_configs
+
+
+def _cfg(num_warps=4, num_stages=2, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+# Budget (tile elements per thread) for what a forward program keeps live: T [BLOCK_M, R_PAD],
+# the output accumulator, the V and U tiles and (blended) the W0 tile. Calibrated on sm_90
+# cubins of the forward kernel (ptxas resource usage, fp16, aligned unit-stride inputs as Triton
+# specializes contiguous tensors): configs above ~450 spilled or needed more shared memory than
+# an H100 has, so they are not even compiled. Strided or unaligned inputs compile to a separate,
+# unpipelined binary that spills earlier; the autotune key does not see alignment, so such
+# calls reuse the config tuned for the first (usually aligned) call.
+_REGISTER_BUDGET = 400
+
+
+def _live_elements_per_thread(cfg, r_pad):
+    m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    return (m * r_pad + m * n + k * r_pad + r_pad * n + k * n) / (32 * cfg.num_warps)
+
+
+def prune_by_registers(configs_list, named_args, **kwargs):
+    # rank is a positional argument, which every Triton 3.x passes in named_args.
+    r_pad = rank_pad(named_args["rank"])
+    kept = [c for c in configs_list if _live_elements_per_thread(c, r_pad) <= _REGISTER_BUDGET]
+    if kept:
+        return kept
+    return [min(configs_list, key=lambda c: _live_elements_per_thread(c, r_pad))]
+
+
+def mask_arg(mask: Optional[torch.Tensor], fallback: torch.Tensor):
+    """(pointer argument, strides) for an optional bool mask; uint8 view costs nothing."""
+    if mask is None:
+        return fallback, (0, 0)
+    m = mask.view(torch.uint8)
+    return m, (m.stride(0), m.stride(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c):
+    """A [len(rows), len(cols)] tile, zeros outside the matrix. Swap the strides to read a
+    transposed tile."""
+    in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=in_bounds,
+                   other=0.0)
+
+
+@triton.jit
+def load_masked_tile(ptr, mask_ptr, rows, cols, n_rows, n_cols, stride_r, stride_c,
+                     mstride_r, mstride_c, HAS_MASK: tl.constexpr):
+    """A factor tile with pruned entries replaced by exact zeros (select, never multiply)."""
+    tile = load_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c)
+    if HAS_MASK:
+        in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        keep = tl.load(mask_ptr + rows[:, None] * mstride_r + cols[None, :] * mstride_c,
+                       mask=in_bounds, other=0)
+        tile = tl.where(keep != 0, tile, 0.0)
+    return tile
+
+
+@triton.jit
+def student_scale(alpha_ptr):
+    """(a, s) with s = sqrt(1 - a^2), read from device memory so that a changing alpha needs
+    neither a host sync nor a recompile (CUDA graphs replay with the new value)."""
+    a = tl.load(alpha_ptr).to(tl.float32)
+    return a, tl.sqrt(tl.maximum(1.0 - a * a, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+FORWARD_GPU_CONFIGS = [
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, OUT_TILES=1, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, OUT_TILES=1, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, OUT_TILES=4, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, OUT_TILES=64, num_warps=8, num_stages=3),
+    # large ranks (R_PAD 256-512): thin K steps keep the V tile small
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, OUT_TILES=1, num_warps=4, num_stages=2),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, OUT_TILES=4, num_warps=8, num_stages=2),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, OUT_TILES=16, num_warps=8, num_stages=2),
+    _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, OUT_TILES=1, num_warps=8, num_stages=2),
+    _cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, OUT_TILES=8, num_warps=8, num_stages=2),
+    _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, OUT_TILES=1, num_warps=4, num_stages=1),
+]
+_FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,
+                           _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, OUT_TILES=2))
+
+
+@triton.autotune(configs=_FORWARD_CONFIGS, key=["n_bucket", "in_features", "out_features", "rank"],
+                 prune_configs_by={"early_config_prune": prune_by_registers})
+@triton.jit
+def _forward_kernel(
+    x_ptr, u_ptr, v_ptr, bias_ptr, mask_u_ptr, mask_v_ptr, y_ptr,
+    n_tokens, in_features, out_features, rank, n_bucket,
+    stride_xm, stride_xk, stride_u0, stride_u1, stride_v0, stride_v1,
+    stride_mu0, stride_mu1, stride_mv0, stride_mv1, stride_b, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_MASK_U: tl.constexpr, HAS_MASK_V: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_TILES: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD).to(tl.int64)
+
+    t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        x_tile = load_tile(x_ptr, offs_m, offs_k, n_tokens, in_features, stride_xm, stride_xk)
+        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r, in_features, rank,
+                                  stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+        t = tl.dot(x_tile, v_tile, t, input_precision=DOT_PRECISION)
+    # Round T like the eager math does, and so the second dot runs on the input dtype.
+    t_in = t.to(x_ptr.dtype.element_ty)
+
+    first_n = pid_g * (OUT_TILES * BLOCK_N)
+    last_n = tl.minimum(first_n + OUT_TILES * BLOCK_N, out_features)
+    for n0 in range(first_n, last_n, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        # Um.T tile [R_PAD, BLOCK_N]: u read with swapped strides.
+        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r, offs_n, rank, out_features,
+                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+        acc = tl.dot(t_in, ut_tile, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < out_features, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+        y_mask = (offs_m[:, None] < n_tokens) & (offs_n[None, :] < out_features)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def forward(x, u, v, bias, mask_u, mask_v):
+    n_tokens, in_features = x.shape
+    out_features, rank = u.shape
+    y = torch.empty((n_tokens, out_features), dtype=x.dtype, device=x.device)
+    mu, mu_strides = mask_arg(mask_u, u)
+    mv, mv_strides = mask_arg(mask_v, v)
+    bias_arg = bias if bias is not None else y
+
+    def grid(meta):
+        return (triton.cdiv(n_tokens, meta["BLOCK_M"]),
+                triton.cdiv(out_features, meta["BLOCK_N"] * meta["OUT_TILES"]))
+
+    _forward_kernel[grid](
+        x, u, v, bias_arg, mu, mv, y,
+        n_tokens, in_features, out_features, rank, token_bucket(n_tokens),
+        x.stride(0), x.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        *mu_strides, *mv_strides, bias.stride(0) if bias is not None else 0,
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_MASK_U=mask_u is not None, HAS_MASK_V=mask_v is not None,
+        R_PAD=rank_pad(rank), DOT_PRECISION=fp32_dot_precision(),
+    )
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+_PROJECT_CONFIGS = configs(
+    [
+        _cfg(BLOCK_M=32, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_R=64, BLOCK_K=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_R=128, BLOCK_K=32, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=16, BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    ],
+    _cfg(BLOCK_M=16, BLOCK_R=16, BLOCK_K=16),
+)
+
+
+@triton.autotune(configs=_PROJECT_CONFIGS, key=["n_bucket", "k_dim", "rank"])
+@triton.jit
+def _rank_project_kernel(
+    a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr,
+    n_tokens, k_dim, rank, n_bucket,
+    stride_am, stride_ak, stride_bk, stride_br, stride_mk, stride_mr, stride_cm, stride_cr,
+    HAS_MASK: tl.constexpr, SCALE_BY_STUDENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[N, r] = s * A[N, k] @ where(M, B[k, r]): T = X @ Vm and G = s * dY @ Um."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        a_tile = load_tile(a_ptr, offs_m, offs_k, n_tokens, k_dim, stride_am, stride_ak)
+        b_tile = load_masked_tile(b_ptr, mask_ptr, offs_k, offs_r, k_dim, rank,
+                                  stride_bk, stride_br, stride_mk, stride_mr, HAS_MASK)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+    if SCALE_BY_STUDENT:
+        _, s = student_scale(alpha_ptr)
+        acc = acc * s
+    c_mask = (offs_m[:, None] < n_tokens) & (offs_r[None, :] < rank)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr,
+             acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+_GRAD_X_CONFIGS = configs(
+    [
+        _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+        _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    ],
+    _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16),
+)
+
+
+@triton.autotune(configs=_GRAD_X_CONFIGS,
+                 key=["n_bucket", "in_features", "out_features", "rank"])
+@triton.jit
+def _grad_x_kernel(
+    g_ptr, v_ptr, mask_v_ptr, dy_ptr, w_ptr, alpha_ptr, dx_ptr,
+    n_tokens, in_features, out_features, rank, n_bucket,
+    stride_gm, stride_gr, stride_v0, stride_v1, stride_mv0, stride_mv1,
+    stride_dym, stride_dyn, stride_w0, stride_w1, stride_dxm, stride_dxk,
+    HAS_MASK_V: tl.constexpr, HAS_TEACHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dX[N, in] = G @ Vm.T (+ a * dY @ W0 when the teacher is blended in).
+
+    The rank is a reduction here, so it is simply looped over in BLOCK_K chunks."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_K):
+        offs_r = r0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        g_tile = load_tile(g_ptr, offs_m, offs_r, n_tokens, rank, stride_gm, stride_gr)
+        vt_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_r, offs_i, rank, in_features,
+                                   stride_v1, stride_v0, stride_mv1, stride_mv0, HAS_MASK_V)
+        acc = tl.dot(g_tile, vt_tile, acc, input_precision=DOT_PRECISION)
+    if HAS_TEACHER:
+        teacher = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for o0 in range(0, out_features, BLOCK_K):
+            offs_o = o0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            dy_tile = load_tile(dy_ptr, offs_m, offs_o, n_tokens, out_features,
+                                stride_dym, stride_dyn)
+            w_tile = load_tile(w_ptr, offs_o, offs_i, out_features, in_features,
+                               stride_w0, stride_w1)
+            teacher = tl.dot(dy_tile, w_tile, teacher, input_precision=DOT_PRECISION)
+        a, _ = student_scale(alpha_ptr)
+        acc += a * teacher
+    dx_mask = (offs_m[:, None] < n_tokens) & (offs_i[None, :] < in_features)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_i[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+_GRAD_FACTOR_CONFIGS = configs(
+    [
+        _cfg(BLOCK_D=32, BLOCK_R=32, BLOCK_T=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_D=64, BLOCK_R=64, BLOCK_T=64, num_warps=4, num_stages=3),
+        _cfg(BLOCK_D=128, BLOCK_R=64, BLOCK_T=64, num_warps=8, num_stages=3),
+        _cfg(BLOCK_D=128, BLOCK_R=128, BLOCK_T=32, num_warps=8, num_stages=3),
+        _cfg(BLOCK_D=64, BLOCK_R=32, BLOCK_T=128, num_warps=4, num_stages=2),
+    ],
+    _cfg(BLOCK_D=16, BLOCK_R=16, BLOCK_T=16),
+)
+
+
+@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["n_bucket", "d_dim", "rank"])
+@triton.jit
+def _grad_factor_kernel(
+    a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr, db_ptr,
+    n_tokens, d_dim, rank, n_bucket,
+    stride_am, stride_ad, stride_bm, stride_br, stride_md, stride_mr, stride_cd, stride_cr,
+    stride_db,
+    HAS_MASK: tl.constexpr, SCALE_BY_STUDENT: tl.constexpr, SUM_A: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """C[d, r] = where(M, s * A[N, d].T @ B[N, r], 0): dU = dY.T @ T, dV = X.T @ G.
+
+    With SUM_A the programs of the first rank column also write db = s * A.sum(0): they load
+    every A tile anyway, so the bias gradient costs no extra pass over dY."""
+    pid_r = tl.program_id(1)
+    offs_d = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t0 in range(0, n_tokens, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        # A.T tile [BLOCK_D, BLOCK_T]: A read with swapped strides.
+        at_tile = load_tile(a_ptr, offs_d, offs_t, d_dim, n_tokens, stride_ad, stride_am)
+        b_tile = load_tile(b_ptr, offs_t, offs_r, n_tokens, rank, stride_bm, stride_br)
+        acc = tl.dot(at_tile, b_tile, acc, input_precision=DOT_PRECISION)
+        if SUM_A:
+            col_sum += tl.sum(at_tile.to(tl.float32), axis=1)
+    if SCALE_BY_STUDENT:
+        _, s = student_scale(alpha_ptr)
+        acc = acc * s
+        col_sum = col_sum * s
+    in_bounds = (offs_d[:, None] < d_dim) & (offs_r[None, :] < rank)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + offs_d[:, None] * stride_md + offs_r[None, :] * stride_mr,
+                       mask=in_bounds, other=0)
+        acc = tl.where(keep != 0, acc, 0.0)
+    tl.store(c_ptr + offs_d[:, None] * stride_cd + offs_r[None, :] * stride_cr,
+             acc.to(c_ptr.dtype.element_ty), mask=in_bounds)
+    if SUM_A:
+        tl.store(db_ptr + offs_d * stride_db, col_sum.to(db_ptr.dtype.element_ty),
+                 mask=(offs_d < d_dim) & (pid_r == 0))
+
+
+def _rank_project(a, b, mask, alpha):
+    """``s * a @ where(mask, b, 0)`` as a fresh [N, r] tensor (s = 1 when alpha is None)."""
+    n_tokens, k_dim = a.shape
+    rank = b.shape[1]
+    c = torch.empty((n_tokens, rank), dtype=a.dtype, device=a.device)
+    m, m_strides = mask_arg(mask, b)
+
+    def grid(meta):
+        return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(rank, meta["BLOCK_R"]))
+
+    _rank_project_kernel[grid](
+        a, b, m, alpha if alpha is not None else c, c,
+        n_tokens, k_dim, rank, token_bucket(n_tokens),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *m_strides,
+        c.stride(0), c.stride(1),
+        HAS_MASK=mask is not None, SCALE_BY_STUDENT=alpha is not None,
+        DOT_PRECISION=fp32_dot_precision(),
+    )
+    return c
+
+
+def _grad_factor(a, b, mask, alpha, grad_bias: Optional[torch.Tensor]):
+    """``where(mask, s * a.T @ b, 0)``; also fills ``grad_bias = s * a.sum(0)`` if given."""
+    n_tokens, d_dim = a.shape
+    rank = b.shape[1]
+    c = torch.empty((d_dim, rank), dtype=a.dtype, device=a.device)
+    m, m_strides = mask_arg(mask, c)
+    db = grad_bias if grad_bias is not None else c
+
+    def grid(meta):
+        return (triton.cdiv(d_dim, meta["BLOCK_D"]), triton.cdiv(rank, meta["BLOCK_R"]))
+
+    _grad_factor_kernel[grid](
+        a, b, m, alpha if alpha is not None else c, c, db,
+        n_tokens, d_dim, rank, token_bucket(n_tokens),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *m_strides,
+        c.stride(0), c.stride(1), db.stride(0),
+        HAS_MASK=mask is not None, SCALE_BY_STUDENT=alpha is not None,
+        SUM_A=grad_bias is not None, DOT_PRECISION=fp32_dot_precision(),
+    )
+    return c
+
+
+def _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha):
+    """``g @ Vm.T`` plus ``alpha * grad_y @ teacher_weight`` when a teacher is given."""
+    n_tokens, rank = g.shape
+    in_features = v.shape[0]
+    out_features = grad_y.shape[1]
+    dx = torch.empty((n_tokens, in_features), dtype=g.dtype, device=g.device)
+    mv, mv_strides = mask_arg(mask_v, v)
+    has_teacher = teacher_weight is not None
+    w = teacher_weight if has_teacher else dx
+
+    def grid(meta):
+        return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(in_features, meta["BLOCK_N"]))
+
+    _grad_x_kernel[grid](
+        g, v, mv, grad_y, w, alpha if has_teacher else dx, dx,
+        n_tokens, in_features, out_features, rank, token_bucket(n_tokens),
+        g.stride(0), g.stride(1), v.stride(0), v.stride(1), *mv_strides,
+        grad_y.stride(0), grad_y.stride(1), w.stride(0), w.stride(1),
+        dx.stride(0), dx.stride(1),
+        HAS_MASK_V=mask_v is not None, HAS_TEACHER=has_teacher,
+        DOT_PRECISION=fp32_dot_precision(),
+    )
+    return dx
+
+
+def lowrank_backward(grad_y, x, u, v, mask_u, mask_v, has_bias, teacher_weight=None,
+                     alpha=None):
+    """Shared by the plain (alpha None: s = 1, no teacher) and the blended backward."""
+    t = _rank_project(x, v, mask_v, None)
+    g = _rank_project(grad_y, u, mask_u, alpha)
+    grad_x = _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha)
+    grad_b = (torch.empty(u.shape[0], dtype=x.dtype, device=x.device) if has_bias
+              else x.new_empty(0))
+    grad_u = _grad_factor(grad_y, t, mask_u, alpha, grad_b if has_bias else None)
+    grad_v = _grad_factor(x, g, mask_v, None, None)
+    return grad_x, grad_u, grad_v, grad_b
+
+
+def backward(grad_y, x, u, v, mask_u, mask_v, has_bias):
+    return lowrank_backward(grad_y, x, u, v, mask_u, mask_v, has_bias)
