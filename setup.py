@@ -47,8 +47,10 @@ with_cuda = (
     and bool(cuda_sources)
 )
 
-# No -std flag: torch.utils.cpp_extension adds the standard its headers need.
-cxx_flags = ["-O3"]
+# No -std flag: torch.utils.cpp_extension adds the standard its headers need. -fopenmp:
+# at::parallel_for is inlined from ATen's headers and runs serially without it.
+cxx_flags = ["-O3", "-fopenmp"]
+link_flags = ["-fopenmp"]
 if with_cuda:
     archs = os.environ.get("TUNECOMP_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -58,9 +60,11 @@ if with_cuda:
         sources + cuda_sources,
         define_macros=[("TUNECOMP_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
-    extension = CppExtension("tunecomp._C", sources, extra_compile_args={"cxx": cxx_flags})
+    extension = CppExtension("tunecomp._C", sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags)
 
 # kernels/ is installed as tunecomp.kernels (a top-level `kernels` would collide).
 packages = ["tunecomp"]

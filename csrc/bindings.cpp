@@ -5,10 +5,14 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tunecomp native kernels";
-  m.def("masked_lowrank_forward_cpu", &tunecomp::masked_lowrank_forward_cpu,
-        "y = x @ where(mask_v, v, 0) @ where(mask_u, u, 0).T + bias, x 2-D on the CPU",
+  m.def("lowrank_forward_cpu", &tunecomp::lowrank_forward_cpu,
+        "y = x @ where(mask_v, v, 0) @ where(mask_u, u, 0).T + bias, x [N, in] float32 on the CPU",
         py::arg("x"), py::arg("u"), py::arg("v"), py::arg("bias") = py::none(),
-        py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none());
+        py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(), py::arg("sparse") = false);
+  m.def("lowrank_backward_cpu", &tunecomp::lowrank_backward_cpu,
+        "[grad_x, grad_u, grad_v, grad_b] of lowrank_forward_cpu", py::arg("grad_y"), py::arg("x"),
+        py::arg("u"), py::arg("v"), py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(),
+        py::arg("has_bias") = true, py::arg("sparse") = false);
 #ifdef TUNECOMP_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_compiled_archs", &tunecomp::cuda_compiled_archs,

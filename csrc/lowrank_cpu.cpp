@@ -1,59 +1,296 @@
-// CPU forward of the masked low-rank op, written with ATen: the first native function of
-// tunecomp._C, so that the extension's build, load and error paths are exercised from day
-// one. The multithreaded, sparse-aware CPU kernels replace it in their own change.
+// CPU kernels of the masked low-rank op, forward and backward, float32.
+//
+// Two paths, chosen by the caller (tunecomp/ops.py) from the factors' density:
+//
+// dense  : the masked factors are formed once and the chain runs as two BLAS GEMMs
+//          (at::mm), the fastest way while most entries are kept.
+// sparse : for high pruning ratios. Work in token-minor ("transposed") layout, where every
+//          operation is an axpy or a dot product over a contiguous row of N tokens:
+//            xt [in, N] = xᵀ                       (one transpose copy)
+//            tt [r, N]  : tt[j] = Σ_{k kept in V[:, j]} V[k, j]·xt[k]
+//            yt [out, N]: yt[o] = b[o] + Σ_{j kept in U[o, :]} U[o, j]·tt[j]
+//          so the cost is (kept entries)·N multiply-adds instead of r·(in+out)·N, and
+//          pruned entries are never touched. Backward in the same layout:
+//            gt [r, N]  : gt[j] = Σ_{o kept in U[:, j]} U[o, j]·dyt[o]
+//            dxt[in, N] : dxt[k] = Σ_{j kept in V[k, :]} V[k, j]·gt[j]
+//            dU[o, j]   = dot(dyt[o], tt[j]) for kept (o, j) only, 0 elsewhere
+//            dV[k, j]   = dot(xt[k], gt[j])  for kept (k, j) only
+//            db[o]      = Σ dyt[o]
+// Token chunks (or rows, for the factor gradients) are spread over threads with
+// at::parallel_for (OpenMP); the inner loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and baseline x86-64, and picked at load time.
 #include "tunecomp.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
 
 namespace tunecomp {
 
 namespace {
 
-void check_factor(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D; got ", t.dim(), "-D ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ",
-                   x.scalar_type(), "; got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on x's device ", x.device(),
-                    "; got ", t.device());
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TUNECOMP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define TUNECOMP_CLONES
+#endif
+
+// Token chunk: the rows of every operand are cut into chunks of this many tokens, and the
+// chunk loop is the outer one, so the source rows' chunks a thread touches stay in its L2
+// (a [768, 64] float slice is 192 KiB) while each output chunk lives in registers.
+constexpr int64_t kChunk = 64;
+
+// Eight floats, loaded and stored unaligned. Explicit vectors: GCC left the plain-loop
+// version of gather_axpy scalar (4x slower, measured), and the default clone still gets
+// SSE pairs from these.
+typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline Vec8 load8(const float* p) { return *reinterpret_cast<const Vec8*>(p); }
+inline void store8(float* p, Vec8 v) { *reinterpret_cast<Vec8*>(p) = v; }
+
+// out[0:len] += Σ_e value[e]·src[index[e]·stride : +len]
+TUNECOMP_CLONES void gather_axpy(const float* __restrict value, const int32_t* __restrict index,
+                                 int64_t count, const float* __restrict src, int64_t stride,
+                                 float* __restrict out, int64_t len) {
+  if (len == kChunk) {  // the common case: the output chunk stays in 8 vector registers
+    Vec8 acc[kChunk / 8];
+    for (int k = 0; k < kChunk / 8; ++k) acc[k] = load8(out + 8 * k);
+    for (int64_t e = 0; e < count; ++e) {
+      const float a = value[e];
+      const Vec8 scale = {a, a, a, a, a, a, a, a};
+      const float* row = src + static_cast<int64_t>(index[e]) * stride;
+#pragma GCC unroll 8
+      for (int k = 0; k < kChunk / 8; ++k) acc[k] += scale * load8(row + 8 * k);
+    }
+    for (int k = 0; k < kChunk / 8; ++k) store8(out + 8 * k, acc[k]);
+    return;
+  }
+  for (int64_t e = 0; e < count; ++e) {
+    const float a = value[e];
+    const float* row = src + static_cast<int64_t>(index[e]) * stride;
+    for (int64_t i = 0; i < len; ++i) out[i] += a * row[i];
+  }
 }
 
-at::Tensor masked(const at::Tensor& factor, const std::optional<at::Tensor>& mask,
-                  const char* name) {
+TUNECOMP_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  Vec8 acc0 = {0, 0, 0, 0, 0, 0, 0, 0}, acc1 = acc0;  // two chains hide the FMA latency
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += load8(a + i) * load8(b + i);
+    acc1 += load8(a + i + 8) * load8(b + i + 8);
+  }
+  acc0 += acc1;
+  float total = 0;
+  for (int l = 0; l < 8; ++l) total += acc0[l];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// The kept entries of a masked [rows, cols] matrix, grouped by row (by_row) or by column:
+// group g lists (index along the other dim, value) at [start[g], start[g+1]).
+struct Groups {
+  at::Tensor start;  // int64 [groups + 1]
+  at::Tensor index;  // int32 [kept]
+  at::Tensor value;  // float [kept]
+  const int64_t* starts() const { return start.data_ptr<int64_t>(); }
+  const int32_t* indices() const { return index.data_ptr<int32_t>(); }
+  const float* values() const { return value.data_ptr<float>(); }
+  int64_t groups() const { return start.numel() - 1; }
+};
+
+Groups kept_entries(const at::Tensor& w, const std::optional<at::Tensor>& mask, bool by_row) {
+  // nonzero() lists a bool matrix's entries in row-major order: grouped by row, as needed.
+  const at::Tensor wg = (by_row ? w : w.t()).contiguous();
+  const at::Tensor keep = mask.has_value() ? (by_row ? *mask : mask->t()).contiguous()
+                                           : at::ones_like(wg, wg.options().dtype(at::kBool));
+  Groups g;
+  g.start = at::zeros({wg.size(0) + 1}, wg.options().dtype(at::kLong));
+  g.start.narrow(0, 1, wg.size(0)).copy_(keep.sum(1).cumsum(0));
+  g.index = keep.nonzero().select(1, 1).to(at::kInt).contiguous();
+  g.value = wg.masked_select(keep).contiguous();
+  return g;
+}
+
+// out[q] += Σ value·src[index] over group q, for every group; rows of length n.
+void grouped_axpy(const Groups& g, const float* src, float* out, int64_t n) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t* start = g.starts();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t offset = c * kChunk, len = std::min(kChunk, n - offset);
+      for (int64_t q = 0; q < g.groups(); ++q)
+        gather_axpy(g.values() + start[q], g.indices() + start[q], start[q + 1] - start[q],
+                    src + offset, n, out + q * n + offset, len);
+    }
+  });
+}
+
+at::Tensor masked(const at::Tensor& factor, const std::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return factor;
-  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, name, " must be a bool tensor; got ",
-                   mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == factor.sizes(), name, " must have shape ",
-                    factor.sizes(), "; got ", mask->sizes());
-  TORCH_CHECK_VALUE(mask->device() == factor.device(), name, " must be on ", factor.device(),
-                    "; got ", mask->device());
   // where, not multiply: a NaN stored in a pruned entry must not leak (see reference.py).
   return at::where(*mask, factor, at::zeros({}, factor.options()));
 }
 
-}  // namespace
+void check_factor(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D; got ", t.dim(), "-D ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ",
+                   x.scalar_type(), "; got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor; got ", t.device());
+}
 
-at::Tensor masked_lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u,
-                                      const at::Tensor& v,
-                                      const std::optional<at::Tensor>& bias,
-                                      const std::optional<at::Tensor>& mask_u,
-                                      const std::optional<at::Tensor>& mask_v) {
+void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& factor,
+                const char* name) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, name, " must be a bool tensor; got ",
+                   mask->scalar_type());
+  TORCH_CHECK_VALUE(mask->sizes() == factor.sizes(), name, " must have shape ",
+                    factor.sizes(), "; got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->device().is_cpu(), name, " must be a CPU tensor; got ",
+                    mask->device());
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask_u,
+                  const std::optional<at::Tensor>& mask_v) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor; got ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x must have a floating dtype; got ",
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32 for the cpu backend; got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in]; got ", x.sizes());
   check_factor(u, "u", x);
   check_factor(v, "v", x);
-  TORCH_CHECK_VALUE(x.size(1) == v.size(0), "x.shape[1] (in_features) must equal v.shape[0]; got ",
-                    x.size(1), " and ", v.size(0));
+  TORCH_CHECK_VALUE(x.size(1) == v.size(0),
+                    "x.shape[1] (in_features) must equal v.shape[0]; got ", x.size(1), " and ",
+                    v.size(0));
   TORCH_CHECK_VALUE(u.size(1) == v.size(1), "u and v must have the same rank; got ", u.size(1),
                     " and ", v.size(1));
-  const at::Tensor t = at::mm(x, masked(v, mask_v, "mask_v"));
-  const at::Tensor u_kept = masked(u, mask_u, "mask_u");
-  if (!bias.has_value()) return at::mm(t, u_kept.t());
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == u.size(0),
-                    "bias must have shape (out_features,) = (", u.size(0), ",); got ",
-                    bias->sizes());
-  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ",
-                   x.scalar_type(), "; got ", bias->scalar_type());
-  return at::addmm(*bias, t, u_kept.t());
+  check_mask(mask_u, u, "mask_u");
+  check_mask(mask_v, v, "mask_v");
+}
+
+// tt [r, N] = (x·Vm)ᵀ from xt [in, N].
+at::Tensor project(const at::Tensor& xt, const at::Tensor& v,
+                   const std::optional<at::Tensor>& mask_v) {
+  const int64_t n = xt.size(1);
+  at::Tensor tt = at::zeros({v.size(1), n}, xt.options());
+  grouped_axpy(kept_entries(v, mask_v, /*by_row=*/false), xt.data_ptr<float>(),
+               tt.data_ptr<float>(), n);
+  return tt;
+}
+
+}  // namespace
+
+at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& mask_u,
+                               const std::optional<at::Tensor>& mask_v, bool sparse) {
+  check_inputs(x, u, v, mask_u, mask_v);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == u.size(0),
+                      "bias must have shape (out_features,) = (", u.size(0), ",); got ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ",
+                     x.scalar_type(), "; got ", bias->scalar_type());
+  }
+  if (!sparse) {
+    const at::Tensor t = at::mm(x, masked(v, mask_v));
+    const at::Tensor u_kept = masked(u, mask_u);
+    return bias.has_value() ? at::addmm(*bias, t, u_kept.t()) : at::mm(t, u_kept.t());
+  }
+  // Each thread takes chunks of kChunk tokens and does the whole chain for them in buffers
+  // that stay in its L2: x's chunk transposed, t's chunk, and y written in place (the
+  // 64 tokens' rows of y are 64 cache lines, filled one column o at a time).
+  const int64_t n = x.size(0), in = x.size(1), out = u.size(0), rank = u.size(1);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const Groups gv = kept_entries(v, mask_v, /*by_row=*/false);  // per rank j: kept k
+  const Groups gu = kept_entries(u, mask_u, /*by_row=*/true);   // per output o: kept j
+  at::Tensor y = at::empty({n, out}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  // Transposes go through blocks of kBlock columns: whole cache lines on the strided side
+  // (one column at a time, every store hit the same L1 set: rows of y are 4 KiB multiples
+  // apart for ViT widths).
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xt(in * kChunk), tt(rank * kChunk), yt(kBlock * kChunk);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t n0 = c * kChunk, len = std::min(kChunk, n - n0);
+      std::fill(xt.begin(), xt.end(), 0.0f);  // a short last chunk is padded with zeros
+      for (int64_t k0 = 0; k0 < in; k0 += kBlock) {
+        const int64_t kn = std::min(kBlock, in - k0);
+        for (int64_t i = 0; i < len; ++i)
+          for (int64_t k = k0; k < k0 + kn; ++k) xt[k * kChunk + i] = xp[(n0 + i) * in + k];
+      }
+      std::fill(tt.begin(), tt.end(), 0.0f);
+      const int64_t* sv = gv.starts();
+      for (int64_t j = 0; j < rank; ++j)
+        gather_axpy(gv.values() + sv[j], gv.indices() + sv[j], sv[j + 1] - sv[j], xt.data(),
+                    kChunk, tt.data() + j * kChunk, kChunk);
+      const int64_t* su = gu.starts();
+      for (int64_t o0 = 0; o0 < out; o0 += kBlock) {
+        const int64_t on = std::min(kBlock, out - o0);
+        for (int64_t q = 0; q < on; ++q) {
+          const int64_t o = o0 + q;
+          float* acc = yt.data() + q * kChunk;
+          std::fill(acc, acc + kChunk, bp ? bp[o] : 0.0f);
+          gather_axpy(gu.values() + su[o], gu.indices() + su[o], su[o + 1] - su[o], tt.data(),
+                      kChunk, acc, kChunk);
+        }
+        for (int64_t i = 0; i < len; ++i)
+          for (int64_t q = 0; q < on; ++q) yp[(n0 + i) * out + o0 + q] = yt[q * kChunk + i];
+      }
+    }
+  });
+  return y;
+}
+
+std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                             const at::Tensor& u, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& mask_u,
+                                             const std::optional<at::Tensor>& mask_v,
+                                             bool has_bias, bool sparse) {
+  check_inputs(x, u, v, mask_u, mask_v);
+  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == u.size(0),
+                    "grad_y must have shape (tokens, out_features) = (", x.size(0), ", ",
+                    u.size(0), "); got ", grad_y.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "grad_y must have x's dtype");
+  const at::Tensor grad_b = has_bias ? grad_y.sum(0) : at::empty({0}, x.options());
+  if (!sparse) {
+    const at::Tensor u_m = masked(u, mask_u), v_m = masked(v, mask_v);
+    const at::Tensor t = at::mm(x, v_m), g = at::mm(grad_y, u_m);
+    return {at::mm(g, v_m.t()), masked(at::mm(grad_y.t(), t), mask_u),
+            masked(at::mm(x.t(), g), mask_v), grad_b};
+  }
+  const int64_t n = x.size(0), in = v.size(0), out = u.size(0), rank = u.size(1);
+  const at::Tensor xt = x.t().contiguous(), dyt = grad_y.t().contiguous();
+  const at::Tensor tt = project(xt, v, mask_v);
+  at::Tensor gt = at::zeros({rank, n}, x.options());
+  grouped_axpy(kept_entries(u, mask_u, /*by_row=*/false), dyt.data_ptr<float>(),
+               gt.data_ptr<float>(), n);
+  at::Tensor dxt = at::zeros({in, n}, x.options());
+  grouped_axpy(kept_entries(v, mask_v, /*by_row=*/true), gt.data_ptr<float>(),
+               dxt.data_ptr<float>(), n);
+
+  // Gradients of the factors at kept entries only: pruned ones stay exactly 0.
+  auto sampled = [n](const at::Tensor& left, const at::Tensor& right,
+                     const std::optional<at::Tensor>& mask, int64_t rows, int64_t cols) {
+    at::Tensor grad = at::zeros({rows, cols}, left.options());
+    at::Tensor mc = mask.has_value() ? mask->contiguous() : at::Tensor();
+    const bool* mp = mask.has_value() ? mc.data_ptr<bool>() : nullptr;
+    const float* lp = left.data_ptr<float>();
+    const float* rp = right.data_ptr<float>();
+    float* gp = grad.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t j = 0; j < cols; ++j)
+          if (!mp || mp[i * cols + j]) gp[i * cols + j] = dot(lp + i * n, rp + j * n, n);
+    });
+    return grad;
+  };
+  return {dxt.t().contiguous(), sampled(dyt, tt, mask_u, out, rank),
+          sampled(xt, gt, mask_v, in, rank), grad_b};
 }
 
 }  // namespace tunecomp

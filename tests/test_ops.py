@@ -6,7 +6,7 @@ import torch
 from conftest import random_mask, rel_error
 from tunecomp import ops, reference
 
-CPU_BACKENDS = ["torch", "auto"]
+CPU_BACKENDS = ["torch", "cpu", "auto"]
 
 
 def make_inputs(n=7, k=13, m=5, r=3, dtype=torch.float64, keep=0.5, lead=(), grad=False):

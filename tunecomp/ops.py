@@ -101,6 +101,59 @@ class _TorchBackend:
         return grad_x, grad_u, grad_v, grad_b
 
 
+class _CpuBackend:
+    """The C++ kernels of ``tunecomp._C`` on CPU tensors, float32.
+
+    Dense factors run as BLAS GEMMs; once few entries are kept, a path that skips the pruned
+    ones (see csrc/lowrank_cpu.cpp). The blend adds the teacher's GEMM in eager PyTorch.
+    """
+
+    name = "cpu"
+    # Kept fraction of factor entries under which skipping pruned entries beats BLAS.
+    # Measured on 2 cores (ViT-B fc1, 1576 tokens, rank 192): the sparse forward is 1.4x
+    # slower at 50% kept, 1.7x faster at 10% kept; the crossover lies near 30%.
+    SPARSE_BELOW = 0.25
+    # The backward's sparse path (sampled dot products for dU, dV) pays off later: at 20%
+    # kept it measured 2x slower than BLAS, at 10% kept 1.8x faster.
+    BACKWARD_SPARSE_BELOW = 0.12
+
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if _C is None:
+            return f"tunecomp._C is not built ({NATIVE_IMPORT_ERROR})"
+        if device.type != "cpu":
+            return "the C++ kernels take CPU tensors"
+        if dtype != torch.float32:
+            return f"the C++ CPU kernels take float32, not {dtype}"
+        return None
+
+    @staticmethod
+    def _kept(u, v, mask_u, mask_v) -> float:
+        if mask_u is None or mask_v is None:
+            return 1.0
+        return (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
+
+    def forward(self, x, u, v, bias, mask_u, mask_v):
+        sparse = self._kept(u, v, mask_u, mask_v) < self.SPARSE_BELOW
+        return _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, sparse)
+
+    def backward(self, grad_y, x, u, v, mask_u, mask_v, has_bias):
+        sparse = self._kept(u, v, mask_u, mask_v) < self.BACKWARD_SPARSE_BELOW
+        return tuple(_C.lowrank_backward_cpu(grad_y.contiguous(), x, u, v, mask_u, mask_v, has_bias, sparse))
+
+    def blended_forward(self, x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
+        a = alpha.reshape(()).to(x.dtype)
+        teacher = torch.nn.functional.linear(x, teacher_weight, teacher_bias)
+        return a * teacher + reference.student_scale(a) * self.forward(x, u, v, bias, mask_u, mask_v)
+
+    def blended_backward(self, grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
+        a = alpha.reshape(()).to(x.dtype)
+        grad_x, grad_u, grad_v, grad_b = self.backward(
+            grad_y * reference.student_scale(a), x, u, v, mask_u, mask_v, has_bias
+        )
+        return grad_x + a * (grad_y @ teacher_weight), grad_u, grad_v, grad_b
+
+
 class _PendingBackend:
     """A backend name that the contract reserves but this build does not implement yet."""
 
@@ -124,7 +177,7 @@ _BACKENDS = {
     "torch": _TorchBackend(),
     "triton": _triton_backend(),
     "cuda": _PendingBackend("cuda", "the CUDA C++ kernels are not part of this build yet"),
-    "cpu": _PendingBackend("cpu", "the C++ CPU kernels are not part of this build yet"),
+    "cpu": _CpuBackend(),
 }
 
 # Preference order of "auto", per device type; the first available backend wins.
