@@ -9,7 +9,7 @@ import torch
 
 from conftest import random_mask, rel_error
 from tunecomp import replace_linear_layers
-from tunecomp.deploy import DeployError, LowRankLinear, export, load
+from tunecomp.deploy import DeployError, LowRankLinear, SparseLowRankLinear, export, load
 from tunecomp.nn import FusedPrunedLowRankLinear
 
 KW = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}
@@ -27,7 +27,7 @@ def trained_like_model(keep=0.6):
     return model
 
 
-@pytest.mark.parametrize("form", [None, "lowrank", "dense"])
+@pytest.mark.parametrize("form", [None, "lowrank", "sparse", "dense"])
 def test_round_trip_reproduces_outputs(tmp_path, form):
     model = trained_like_model()
     names = [n for n, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)]
@@ -42,7 +42,10 @@ def test_round_trip_reproduces_outputs(tmp_path, form):
         info = manifest["layers"][name]
         assert info["rank"] <= info["rank_before"] - 2  # dead components removed
         module = loaded.get_submodule(name)
-        if info["form"] == "lowrank":
+        if info["form"] == "sparse":
+            assert isinstance(module, SparseLowRankLinear) and module.mask_u.shape[1] == info["rank"]
+            assert int(module.mask_u.sum() + module.mask_v.sum()) == round(info["kept"] * (module.u.numel() + module.v.numel()))
+        elif info["form"] == "lowrank":
             assert isinstance(module, LowRankLinear) and module.u.shape[1] == info["rank"]
         else:
             assert type(module) is torch.nn.Linear
@@ -64,12 +67,27 @@ def test_form_rule_and_all_pruned_layer(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert rel_error(load(str(tmp_path))(x), model(x)) < 1e-5
+    # at 10% kept every layer goes sparse, and the file holds about 8 bytes per kept entry
+    sparse_model = trained_like_model(keep=0.1)
+    manifest = export(sparse_model, str(tmp_path / "sparse"), arch_kwargs=KW)
+    assert {info["form"] for info in manifest["layers"].values()} == {"sparse"}
+    payload = sum(4 * torch.Size(shape).numel() for key, shape in manifest["tensors"].items())
+    path = tmp_path / "sparse" / "model.safetensors"
+    with open(path, "rb") as f:
+        header = 8 + int.from_bytes(f.read(8), "little")  # the JSON index of tensor names
+    assert os.path.getsize(path) - header == payload  # values + positions + the rest, nothing else
+    sparse_bytes = sum(4 * torch.Size(shape).numel() for key, shape in manifest["tensors"].items()
+                       if key.endswith((".values", ".positions")))
+    kept = sum(round(i["kept"] * i["rank"] * (i["in_features"] + i["out_features"])) for i in manifest["layers"].values())
+    assert sparse_bytes == 8 * kept  # 4-byte value + 4-byte position per kept entry
+    with torch.no_grad():
+        assert rel_error(load(str(tmp_path / "sparse"))(x), sparse_model(x)) < 1e-5
 
 
 def test_measured_forms_and_dtype(tmp_path):
     model = trained_like_model()
     manifest = export(model, str(tmp_path), arch_kwargs=KW, measure=True, tokens=64)
-    assert {i["form"] for i in manifest["layers"].values()} <= {"lowrank", "dense"}
+    assert {i["form"] for i in manifest["layers"].values()} <= {"lowrank", "sparse", "dense"}
     loaded = load(str(tmp_path), dtype=torch.bfloat16)
     assert next(loaded.parameters()).dtype == torch.bfloat16
     with torch.no_grad():

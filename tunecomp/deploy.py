@@ -14,6 +14,10 @@ is chosen:
 - ``"lowrank"``: ``LowRankLinear``, ``y = (x·V)·Uᵀ + b`` through ``tunecomp.ops`` (the fused
   kernels where available), when it moves fewer bytes and FLOPs than the dense weight, i.e.
   ``r·(in + out) < in·out``;
+- ``"sparse"``: ``SparseLowRankLinear``, when fewer than ``ops``' CPU threshold (25%) of the
+  factor entries are kept: the file stores the kept values and their int32 positions
+  (8 bytes per kept entry instead of 4 per entry), and on the CPU backend the forward
+  touches kept entries only;
 - ``"dense"``: the merged ``nn.Linear`` otherwise (and for a layer whose rank fell to 0).
 
 With ``measure=True`` the choice is made by timing both forms on the layer's own shape
@@ -40,7 +44,7 @@ from .nn import FusedPrunedLowRankLinear
 from .reference import apply_mask
 
 FORMAT_VERSION = 1
-FORMS = ("lowrank", "dense")
+FORMS = ("lowrank", "sparse", "dense")
 TENSORS = "model.safetensors"
 MANIFEST = "manifest.json"
 
@@ -67,6 +71,35 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.bias is not None}")
+
+
+class SparseLowRankLinear(LowRankLinear):
+    """``LowRankLinear`` whose factors keep their masks: most entries are zero, and the
+    "cpu" backend's sparse path skips them."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None, backend: str = "auto"):
+        super().__init__(in_features, out_features, rank, bias, device, dtype, backend)
+        self.register_buffer("mask_u", torch.zeros(out_features, rank, dtype=torch.bool, device=device))
+        self.register_buffer("mask_v", torch.zeros(in_features, rank, dtype=torch.bool, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.masked_lowrank_linear(x, self.u, self.v, self.bias, self.mask_u, self.mask_v,
+                                         backend=self.backend)
+
+
+def _pack(factor: Tensor) -> tuple:
+    """(values, int32 flat positions) of the nonzero entries."""
+    positions = factor.reshape(-1).nonzero().reshape(-1)
+    return factor.reshape(-1)[positions].contiguous(), positions.to(torch.int32)
+
+
+def _unpack(values: Tensor, positions: Tensor, shape) -> tuple:
+    factor = values.new_zeros(shape)
+    mask = torch.zeros(shape, dtype=torch.bool, device=values.device)
+    factor.view(-1)[positions.long()] = values
+    mask.view(-1)[positions.long()] = True
+    return factor, mask
 
 
 @torch.no_grad()
@@ -100,8 +133,8 @@ def _dense(u: Tensor, v: Tensor, bias: Optional[Tensor], in_features: int, out_f
     return linear.requires_grad_(False)
 
 
-def _lowrank(u: Tensor, v: Tensor, bias: Optional[Tensor]) -> LowRankLinear:
-    layer = LowRankLinear(v.shape[0], u.shape[0], u.shape[1], bias is not None, device=u.device, dtype=u.dtype)
+def _lowrank(u: Tensor, v: Tensor, bias: Optional[Tensor], cls=LowRankLinear) -> LowRankLinear:
+    layer = cls(v.shape[0], u.shape[0], u.shape[1], bias is not None, device=u.device, dtype=u.dtype)
     with torch.no_grad():
         layer.u.copy_(u)
         layer.v.copy_(v)
@@ -117,12 +150,19 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
     if rank == 0:
         return "dense"
     if not measure:
+        kept = (int((u != 0).sum()) + int((v != 0).sum())) / (u.numel() + v.numel())
+        if kept < ops._CpuBackend.SPARSE_BELOW:
+            return "sparse"
         return "lowrank" if rank * (in_features + out_features) < in_features * out_features else "dense"
     device = torch.device(device or u.device)
     x = torch.randn(tokens, in_features, device=device, dtype=u.dtype)
     u, v = u.to(device), v.to(device)
     bias = None if bias is None else bias.to(device)
-    timings = {"lowrank": _time(_lowrank(u, v, bias), x), "dense": _time(_dense(u, v, bias, in_features, out_features), x)}
+    sparse = _lowrank(u, v, bias, SparseLowRankLinear)
+    sparse.mask_u.copy_(u != 0)
+    sparse.mask_v.copy_(v != 0)
+    timings = {"lowrank": _time(_lowrank(u, v, bias), x), "sparse": _time(sparse, x),
+               "dense": _time(_dense(u, v, bias, in_features, out_features), x)}
     return min(timings, key=timings.get)
 
 
@@ -164,12 +204,16 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
             form = "dense"
         if form == "dense":
             state[f"{name}.weight"] = (u @ v.T).contiguous()
+        elif form == "sparse":
+            for side, factor in (("u", u), ("v", v)):
+                state[f"{name}.{side}.values"], state[f"{name}.{side}.positions"] = _pack(factor)
         else:
             state[f"{name}.u"], state[f"{name}.v"] = u, v
         if bias is not None:
             state[f"{name}.bias"] = bias.contiguous()
         layer_info[name] = {"form": form, "in_features": layer.in_features, "out_features": layer.out_features,
                             "rank": int(u.shape[1]), "rank_before": layer.rank, "bias": bias is not None,
+                            "kept": (int((u != 0).sum()) + int((v != 0).sum())) / max(1, u.numel() + v.numel()),
                             "dtype": str(layer.u.dtype).replace("torch.", "")}
     if forms:
         raise ValueError(f"forms names layers that are not low-rank layers of the model: {sorted(forms)}")
@@ -241,6 +285,12 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             module = nn.Linear(*shape, bias=info["bias"])
         elif info["form"] == "lowrank":
             module = LowRankLinear(*shape, info["rank"], bias=info["bias"], backend=backend)
+        elif info["form"] == "sparse":
+            module = SparseLowRankLinear(*shape, info["rank"], bias=info["bias"], backend=backend)
+            for side, rows in (("u", info["out_features"]), ("v", info["in_features"])):
+                values = state.pop(f"{name}.{side}.values")
+                positions = state.pop(f"{name}.{side}.positions")
+                state[f"{name}.{side}"], state[f"{name}.mask_{side}"] = _unpack(values, positions, (rows, info["rank"]))
         else:
             raise DeployError(f"layer {name} has form {info['form']!r}; this tunecomp knows {FORMS}")
         setattr(parent, child, module)
