@@ -1,0 +1,87 @@
+"""One forward + backward of each Triton op (masked and blended) at a small, awkward shape.
+
+The workload ``gpu_check.sh`` runs under ``compute-sanitizer --tool memcheck``: no size is a
+multiple of a tile, so every kernel's edge masking is exercised. Run it once without the
+sanitizer first, with ``TRITON_CACHE_AUTOTUNING=1``: autotuning then happens there, and the
+sanitized run reuses the cached choice instead of benchmarking every config under memcheck
+(which slows each launch by orders of magnitude). Run the sanitized one with
+``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that every tensor is its own allocation and an
+out-of-bounds access is not hidden inside a cached block.
+
+Also checks the results against ``tunecomp.reference`` in float64 (loosely: this is not the
+test suite) so that a kernel that silently skips work does not pass. Exit code 0 = all ran
+and matched; no CUDA = nothing to check (exit 0, says so).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from tunecomp import ops, reference
+
+N, IN, OUT, RANK = 37, 72, 100, 20
+DTYPE = torch.bfloat16
+TOLERANCE = 3e-2  # relative error in bf16 with fp32 accumulation is ~1e-2 at most here
+
+
+def rel_error(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def run(op: str, device="cuda", dtype=DTYPE) -> list:
+    """[(name, relative error vs the float64 reference)] for y and every gradient."""
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float64)
+
+    x, u, v, bias = randn(N, IN), randn(OUT, RANK) / RANK ** 0.5, randn(IN, RANK) / IN ** 0.5, randn(OUT)
+    mask_u = torch.rand(OUT, RANK, device=device) < 0.5
+    mask_v = torch.rand(IN, RANK, device=device) < 0.5
+    teacher = (randn(OUT, IN) / IN ** 0.5, randn(OUT), torch.tensor(0.6, device=device))
+    grad_y = randn(N, OUT)
+
+    def forward(backend, x, u, v, bias):
+        if op == "masked":
+            fn = reference.masked_lowrank_linear if backend is None else ops.masked_lowrank_linear
+            extra = ()
+        else:
+            fn = reference.blended_lowrank_linear if backend is None else ops.blended_lowrank_linear
+            w0, b0, alpha = teacher
+            extra = (w0.to(x.dtype), b0.to(x.dtype), alpha)
+        kwargs = {} if backend is None else {"backend": backend}
+        return fn(x, u, v, bias, mask_u, mask_v, *extra, **kwargs)
+
+    results = []
+    for backend, run_dtype in ((None, torch.float64), ("triton", dtype)):
+        leaves = [t.to(run_dtype).requires_grad_() for t in (x, u, v, bias)]
+        y = forward(backend, *leaves)
+        grads = torch.autograd.grad(y, leaves, grad_y.to(run_dtype))
+        results.append([y.detach(), *grads])
+    names = ("y", "grad_x", "grad_u", "grad_v", "grad_bias")
+    return [(name, rel_error(got, want)) for name, want, got in zip(names, *results)]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitize_kernels: no CUDA device, nothing to check")
+        return 0
+    reason = ops.available_backends("cuda", DTYPE)["triton"]
+    if reason is not None:
+        print(f"sanitize_kernels: the triton backend is unavailable: {reason}")
+        return 1
+    torch.manual_seed(0)
+    failed = False
+    for op in ("masked", "blended"):
+        for name, error in run(op):
+            ok = error < TOLERANCE  # also False for NaN
+            failed |= not ok
+            print(f"{op:8s} {name:10s} rel. error {error:.2e} {'ok' if ok else 'TOO LARGE'}")
+    print(f"sanitize_kernels: {'FAILED' if failed else 'ok'} (N={N}, {IN}->{OUT}, rank {RANK}, {DTYPE})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The kernel benchmark suite and its report, end to end on the tiny CPU "smoke" grid.
+
+Checks the plumbing, not the speed: the suite runs under pytest-benchmark and writes its JSON,
+``benchmarks/report.py`` turns that into the results .json/.md with every field the GPU run
+relies on, and the numbers are sane (finite, positive, the byte floor and FLOPs as defined).
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env, timeout):
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_benchmark_suite_and_report_on_cpu(tmp_path):
+    env = dict(os.environ, TUNECOMP_BENCH_GRID="smoke", TUNECOMP_BENCH_BACKENDS="torch",
+               CUDA_VISIBLE_DEVICES="",
+               # One thread: on a shared 2-core machine OpenMP barriers turn into scheduler
+               # ticks (ms per op); this test is about the plumbing, not CPU speed.
+               OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # set by tests/conftest.py; the smoke grid needs no Triton
+    bench = tmp_path / "bench.json"
+    _run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
+          f"--benchmark-json={bench}"], env, timeout=240)
+    out = tmp_path / "results"
+    _run([sys.executable, "benchmarks/report.py", str(bench), "--out-dir", str(out)], env, timeout=60)
+
+    (json_path,), (md_path,) = list(out.glob("*.json")), list(out.glob("*.md"))
+    assert json_path.stem == md_path.stem
+    assert re.fullmatch(r"cpu-[a-z0-9-]+-\d{4}-\d{2}-\d{2}", json_path.stem), json_path.stem
+    results = json.loads(json_path.read_text())
+    assert results["device"].startswith("CPU")
+    assert json_path.stem == f"{results['device_slug']}-{results['date']}"
+    assert results["grid"] == "smoke" and results["dtype"] == "float32"
+    assert {"torch", "triton", "tunecomp"} <= set(results["versions"])
+    assert _positive(results["ceilings"]["copy_gb_s"])
+    assert _positive(results["ceilings"]["matmul_tflop_s"])
+    assert results["backends"] == ["torch"]
+    assert results["skipped"] == [] and results["failed"] == []
+
+    points = results["points"]
+    measured = {(p["impl"], p["op"], p["direction"]) for p in points}
+    for op, impls in (("masked", ("torch", "eager", "compile", "dense")), ("blended", ("torch", "eager"))):
+        for direction in ("fwd", "fwd+bwd"):
+            for impl in impls:
+                assert (impl, op, direction) in measured
+    for p in points:
+        for key in ("median_s", "min_s", "gb_s", "tflop_s", "bytes", "flops", "byte_floor_s",
+                    "pct_byte_floor", "pct_roofline"):
+            assert _positive(p[key]), (key, p)
+        assert p["k"] >= 1 and p["rounds"] >= 1 and p["dtype"] == "float32"
+        if p["role"] == "backend":
+            expected = {"eager", "compile", "dense"} if p["op"] == "masked" else {"eager"}
+            assert set(p["speedup"]) == expected, p
+            assert all(_positive(r) for r in p["speedup"].values()), p
+
+    # The byte floor and FLOPs as benchmarks/README.md defines them, at one point.
+    (p,) = [p for p in points if (p["impl"], p["op"], p["direction"], p["tokens"], p["rho"])
+            == ("torch", "masked", "fwd", 40, 0.5)]
+    n, n_in, n_out, r = 40, 64, 96, 8
+    assert (p["in_features"], p["out_features"], p["rank"]) == (n_in, n_out, r)
+    assert p["bytes"] == 4 * (n * n_in + n * n_out + r * (n_in + n_out) + n_out) + r * (n_in + n_out)
+    assert p["flops"] == 2 * n * r * (n_in + n_out)
+
+    geomeans = {(g["backend"], g["op"], g["direction"]): g for g in results["geomeans"]}
+    assert _positive(geomeans[("torch", "masked", "fwd")]["speedup"]["compile"])
+    statuses = {t["name"]: t["status"] for t in results["targets"]}
+    assert len(statuses) == 5 and not results["targets_apply"]
+    assert statuses["masked fwd, >= 8192 tokens: % of byte floor at every point"] == "NOT MEASURED"
+    for name, status in statuses.items():
+        if "8192" not in name:
+            assert status in ("PASS", "MISS"), (name, status)
+
+    md = md_path.read_text()
+    for text in ("## torch: masked fwd", "## torch: blended fwd+bwd", "×compile", "GB/s",
+                 "Geometric means", "Informational only", "never edited by hand"):
+        assert text in md
+    assert md.count("| torch | ") >= 4 + 5  # geometric-mean rows + target rows
+
+    # A run without torch.compile says so instead of leaving the column silently empty.
+    data = json.loads(bench.read_text())
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["impl"] != "compile"]
+    data["tunecomp"]["baselines"]["masked"].remove("compile")
+    bench.write_text(json.dumps(data))
+    _run([sys.executable, "benchmarks/report.py", str(bench), "--out-dir", str(tmp_path / "nc")],
+         env, timeout=60)
+    md = next((tmp_path / "nc").glob("*.md")).read_text()
+    assert "baseline `compile`: not in this run's grid" in md
+    assert "torch.compile | **NOT MEASURED**" in md
