@@ -10,17 +10,27 @@ namespace tunecomp {
 
 // y = x @ where(mask_v, v, 0) @ where(mask_u, u, 0).T + bias; x [N, in] float32 on the CPU.
 // sparse: skip pruned entries (worth it at high pruning ratios), else two BLAS GEMMs.
+// packed: the kept entries grouped as the sparse path needs them (pack_groups_cpu), reused
+// while the factors and masks do not change; built on each call when absent.
 at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& mask_u,
-                               const std::optional<at::Tensor>& mask_v, bool sparse);
+                               const std::optional<at::Tensor>& mask_v, bool sparse,
+                               const std::optional<std::vector<at::Tensor>>& packed);
+
+// The kept entries of the factors grouped four ways (V by column, U by row, U by column,
+// V by row), three tensors each: group starts (int64), indices (int32), values (float).
+std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v,
+                                        const std::optional<at::Tensor>& mask_u,
+                                        const std::optional<at::Tensor>& mask_v);
 
 // {grad_x, grad_u, grad_v, grad_b} of the op; grad_b is empty unless has_bias.
 std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& u, const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask_u,
                                              const std::optional<at::Tensor>& mask_v,
-                                             bool has_bias, bool sparse);
+                                             bool has_bias, bool sparse,
+                                             const std::optional<std::vector<at::Tensor>>& packed);
 
 #ifdef TUNECOMP_WITH_CUDA
 // The SM architectures this build compiled device code for (e.g. {80, 90}).

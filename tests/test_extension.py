@@ -110,3 +110,25 @@ def test_cuda_part_built_when_toolkit_present():
     assert _C.with_cuda
     archs = os.environ.get("TUNECOMP_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
     assert set(_C.cuda_compiled_archs()) == {int(a) * 10 for a in archs}  # __CUDA_ARCH__ style
+
+
+def test_packed_groups_match_and_follow_in_place_changes():
+    x, u, v, bias, mask_u, mask_v = inputs((70, 24, 20, 6), 0.1, True)
+    packed = _C.pack_groups_cpu(u, v, mask_u, mask_v)
+    assert len(packed) == 12
+    assert torch.equal(_C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True, packed),
+                       _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True))
+    with pytest.raises(ValueError, match="packed must hold the 12 tensors"):
+        _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True, packed[:3])
+    with pytest.raises(ValueError, match="packed does not match these factors"):
+        _C.lowrank_forward_cpu(x, u[:, :5].contiguous(), v[:, :5].contiguous(), bias,
+                               mask_u[:, :5].contiguous(), mask_v[:, :5].contiguous(), True, packed)
+    # the backend caches the packing; an in-place update (an optimiser step, a new mask) must
+    # be seen at once
+    y1 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+    u.mul_(2.0)
+    y2 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+    assert rel_error(y2 - bias, 2 * (y1 - bias)) < 1e-6
+    mask_v.zero_()
+    y3 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+    assert torch.allclose(y3, bias.expand_as(y3))

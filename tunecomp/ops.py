@@ -22,7 +22,9 @@ alpha are constants: they never receive a gradient. Double backward is not suppo
 
 from __future__ import annotations
 
+import collections
 import numbers
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -127,19 +129,38 @@ class _CpuBackend:
             return f"the C++ CPU kernels take float32, not {dtype}"
         return None
 
-    @staticmethod
-    def _kept(u, v, mask_u, mask_v) -> float:
+    def __init__(self):
+        # (kept fraction, packed groups) per factor set, reused while none of u, v and the
+        # masks is replaced or modified in place (tensor identity + version counter), so an
+        # inference model packs once and a training step packs once for forward and backward.
+        self._packed = collections.OrderedDict()
+
+    def _pack(self, u, v, mask_u, mask_v) -> tuple:
         if mask_u is None or mask_v is None:
-            return 1.0
-        return (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
+            return 1.0, None
+        tensors = (u, v, mask_u, mask_v)
+        key = tuple(id(t) for t in tensors)
+        entry = self._packed.get(key)
+        if entry is not None and all(r() is t and t._version == ver for (r, ver), t in zip(entry[0], tensors)):
+            self._packed.move_to_end(key)
+            return entry[1], entry[2]
+        kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
+        packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v) if kept < self.SPARSE_BELOW else None
+        self._packed[key] = ([(weakref.ref(t), t._version) for t in tensors], kept, packed)
+        while len(self._packed) > 256:  # one entry per layer in use is enough
+            self._packed.popitem(last=False)
+        return kept, packed
 
     def forward(self, x, u, v, bias, mask_u, mask_v):
-        sparse = self._kept(u, v, mask_u, mask_v) < self.SPARSE_BELOW
-        return _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, sparse)
+        kept, packed = self._pack(u, v, mask_u, mask_v)
+        sparse = kept < self.SPARSE_BELOW
+        return _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, sparse, packed if sparse else None)
 
     def backward(self, grad_y, x, u, v, mask_u, mask_v, has_bias):
-        sparse = self._kept(u, v, mask_u, mask_v) < self.BACKWARD_SPARSE_BELOW
-        return tuple(_C.lowrank_backward_cpu(grad_y.contiguous(), x, u, v, mask_u, mask_v, has_bias, sparse))
+        kept, packed = self._pack(u, v, mask_u, mask_v)
+        sparse = kept < self.BACKWARD_SPARSE_BELOW
+        return tuple(_C.lowrank_backward_cpu(grad_y.contiguous(), x, u, v, mask_u, mask_v, has_bias,
+                                             sparse, packed if sparse else None))
 
     def blended_forward(self, x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
         a = alpha.reshape(()).to(x.dtype)
