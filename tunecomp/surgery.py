@@ -149,6 +149,7 @@ def prepare(
     """The first step of TuneComp: collect input statistics of the target layers on
     ``calib_batches`` (for the activation-aware inits) and swap the layers for low-rank ones
     with the teacher attached. Returns ``replace_linear_layers``' report."""
+    rank_for(8, 8, rank, rank_ratio, param_ratio)  # bad rank arguments fail before calibration
     calib = None
     if init != "svd":
         if calib_batches is None:
