@@ -25,7 +25,7 @@ import random
 import resource
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
+    kd_weight: float = 0.5  # with a distillation teacher: weight of the KL term vs the task loss
+    kd_temperature: float = 2.0
 
     def resolved(self) -> "TrainConfig":
         """A copy with the defaults that depend on other fields filled in, checked."""
@@ -232,9 +234,16 @@ class _State:
 
 
 def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: str,
-          resume: bool = False, device: Optional[str] = None) -> dict:
+          resume: bool = False, device: Optional[str] = None,
+          distill_from: Optional[nn.Module] = None,
+          step_hook: Optional[Callable[[int], None]] = None) -> dict:
     """Run the joint loop on ``model`` (already prepared with low-rank layers, or dense for
-    plain fine-tuning) and return a summary dict. See the module doc for ``out_dir``."""
+    plain fine-tuning) and return a summary dict. See the module doc for ``out_dir``.
+
+    ``distill_from``: a frozen model whose logits the loss also matches (logit KD:
+    ``(1-w)·CE + w·T²·KL(teacher_T ‖ model_T)``, w and T from the config), for the
+    fine-tune-then-distil baseline. ``step_hook(step)``: called before every step, after
+    the schedule (baselines with schedules of their own use it)."""
     cfg = config.resolved()
     sched = cfg.schedule()
     rank, world, dev = _dist_setup(device)
@@ -244,6 +253,8 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
     random.seed(cfg.seed + rank)
 
     model.to(dev).train()
+    if distill_from is not None:
+        distill_from.to(dev).eval().requires_grad_(False)
     layers = compressible_layers(model)
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda") else None
 
@@ -357,6 +368,8 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
     try:
         while state.step < cfg.steps:
             a, rho, lam = apply_schedule(state.step)
+            if step_hook is not None:
+                step_hook(state.step)
             optimizer.zero_grad(set_to_none=True)
             for micro in range(cfg.grad_accum):
                 images, labels = (t.to(dev, non_blocking=True) for t in next_batch())
@@ -366,6 +379,12 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                         logits = forward(images)
                         task = F.cross_entropy(logits.float(), labels)
                         loss = task
+                        if distill_from is not None:
+                            with torch.no_grad():
+                                target = distill_from(images).float() / cfg.kd_temperature
+                            kd = F.kl_div(F.log_softmax(logits.float() / cfg.kd_temperature, -1),
+                                          F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+                            loss = (1 - cfg.kd_weight) * task + cfg.kd_weight * cfg.kd_temperature ** 2 * kd
                         if lam > 0 and layers:
                             loss = task + lam * sparsity_penalty(layers, cfg.prune_mode)
                     (loss / cfg.grad_accum).backward()

@@ -1,0 +1,165 @@
+"""TuneComp and the pipelines it is compared with, under one budget.
+
+Every method starts from the same pretrained model, trains for the same total number of
+optimiser steps on the same data, and ends with the same number of parameters, counted by
+``train.effective_params`` (unpruned factor entries + every untouched parameter):
+
+- ``ft-svd``     fine-tune dense for all steps, then whitened SVD + one-shot pruning; no recovery
+- ``ft-svd-ft``  fine-tune dense for half, SVD + prune, fine-tune the compressed model for half
+- ``ft-kd``      fine-tune dense for half, then distil its logits into a low-rank student
+                 (SVD of the fine-tuned weights), pruned gradually, for half
+- ``svd-ft``     compress first (SVD + one-shot pruning), then fine-tune for all steps
+- ``pc-lora``    PC-LoRA style: ``y = λ_t·W0·x + B·A·x + b`` with λ_t decaying 1→0 over the
+                 first half (same curve as TuneComp's alpha), the student weighted 1,
+                 randomly initialised factors (A random, B zero), no pruning
+- ``tunecomp``   whitened init, teacher blended out over the first half (alpha_t), factors
+                 pruned gradually to ρ over the same half, L1 pull, then the student alone
+
+``level`` is the fraction of the replaced layers' weight parameters kept. Methods that prune
+by ρ get rank ratio ``level / (1 − ρ)`` (so ρ of their factor entries go and ``level``
+remains); PC-LoRA, which does not prune, gets rank ratio ``level`` directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .prune import prune_
+from .schedule import alpha as alpha_schedule
+from .surgery import DEFAULT_TARGETS, prepare, rank_for, select_linear_layers
+from .train import TrainConfig, compressible_layers, effective_params, evaluate, train
+
+METHODS = ("ft-svd", "ft-svd-ft", "ft-kd", "svd-ft", "pc-lora", "tunecomp")
+
+
+class PCLoRALinear(nn.Module):
+    """``y = λ·(x·W0ᵀ) + (x·Aᵀ)·Bᵀ + b``: the frozen weight fades out under λ while a
+    LoRA-initialised pair (A random, B = 0) learns to replace it; W0 is freed at λ = 0."""
+
+    def __init__(self, linear: nn.Linear, rank: int):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = linear.in_features, linear.out_features, rank
+        weight = linear.weight.detach()
+        self.a = nn.Parameter(torch.empty(rank, self.in_features, device=weight.device, dtype=weight.dtype))
+        nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+        self.b = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.register_buffer("teacher_weight", weight.clone())
+        self.lam = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(F.linear(x, self.a), self.b, self.bias)
+        if self.teacher_weight is not None and self.lam > 0:
+            y = y + self.lam * F.linear(x, self.teacher_weight)
+        return y
+
+    def set_lambda(self, value: float) -> None:
+        self.lam = value
+        if value == 0.0:
+            self.teacher_weight = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = 300
+    level: float = 0.5  # fraction of the replaced layers' weight parameters kept
+    rho: float = 0.5  # pruning ratio of the methods that prune
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+    calib_batches: int = 4
+    targets: tuple = DEFAULT_TARGETS
+
+    @property
+    def rank_ratio(self) -> float:
+        """param_ratio of the pruning methods: ρ of the factor entries go, ``level`` stays."""
+        return min(1.0, self.level / (1.0 - self.rho))
+
+
+def _calib(data, budget: Budget) -> list:
+    loader = torch.utils.data.DataLoader(data.train, batch_size=budget.batch_size, shuffle=False)
+    return [images for images, _ in loader][:budget.calib_batches]
+
+
+def _compress_now(model: nn.Module, data, budget: Budget) -> None:
+    """Whitened SVD at the pruning methods' rank, then one-shot magnitude pruning to ρ."""
+    prepare(model, param_ratio=budget.rank_ratio, targets=budget.targets, init="whiten",
+            calib_batches=_calib(data, budget), keep_teacher=False)
+    if budget.rho > 0:
+        prune_(compressible_layers(model), budget.rho)
+
+
+def _config(budget: Budget, steps: int, **changes) -> TrainConfig:
+    base = TrainConfig(steps=steps, batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed,
+                       warmup_steps=min(20, steps // 10), log_every=max(1, steps // 10),
+                       progress=False, reg="none", decay_steps=0)
+    return replace(base, **changes)
+
+
+def run_method(method: str, make_model: Callable[[], nn.Module], data, budget: Budget, out_dir: str,
+               device: str = "cpu") -> dict:
+    """Run one method from ``make_model()`` (the pretrained model with a fresh head) and
+    return ``{"method", "accuracy", "effective_params", "seconds", ...}``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    torch.manual_seed(budget.seed)
+    start = time.perf_counter()
+    model = make_model()
+    half = budget.steps // 2
+
+    def fit(m, steps, name, **changes):
+        return train(m, data.train, data.test, _config(budget, steps, **changes.pop("cfg", {})),
+                     os.path.join(out_dir, name), device=device, **changes)
+
+    if method == "ft-svd":
+        fit(model, budget.steps, "finetune")
+        _compress_now(model, data, budget)
+    elif method == "ft-svd-ft":
+        fit(model, half, "finetune")
+        _compress_now(model, data, budget)
+        fit(model, budget.steps - half, "recover")
+    elif method == "ft-kd":
+        fit(model, half, "finetune")
+        teacher = copy.deepcopy(model).eval()
+        prepare(model, param_ratio=budget.rank_ratio, targets=budget.targets, init="whiten",
+                calib_batches=_calib(data, budget), keep_teacher=False)
+        rest = budget.steps - half
+        fit(model, rest, "distil", distill_from=teacher,
+            cfg={"prune": budget.rho, "prune_end": rest // 2, "prune_every": 5})
+    elif method == "svd-ft":
+        _compress_now(model, data, budget)
+        fit(model, budget.steps, "finetune")
+    elif method == "pc-lora":
+        layers = []
+        for name, linear in select_linear_layers(model, budget.targets):
+            rank = rank_for(linear.in_features, linear.out_features, param_ratio=budget.level)
+            layer = PCLoRALinear(linear, rank)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+            layers.append(layer)
+
+        def fade(step):
+            for layer in layers:
+                layer.set_lambda(alpha_schedule(step, half))
+
+        fit(model, budget.steps, "pc-lora", step_hook=fade)
+        fade(budget.steps)
+    else:  # tunecomp
+        prepare(model, param_ratio=budget.rank_ratio, targets=budget.targets, init="whiten",
+                calib_batches=_calib(data, budget), keep_teacher=True)
+        fit(model, budget.steps, "tunecomp",
+            cfg={"decay_steps": half, "prune": budget.rho, "prune_end": half, "prune_every": 5,
+                 "reg": "l1", "reg_weight": 1e-2})
+    accuracy = evaluate(model, data.test, budget.batch_size, torch.device(device))
+    return {"method": method, "accuracy": accuracy, "effective_params": effective_params(model),
+            "level": budget.level, "rho": budget.rho if method != "pc-lora" else 0.0,
+            "seed": budget.seed, "steps": budget.steps, "seconds": time.perf_counter() - start}
