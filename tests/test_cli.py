@@ -61,6 +61,17 @@ def test_compress_on_digits(tmp_path):
     assert result.stdout.count("compressed") == 2 and "speed-up" in result.stdout
 
 
+def test_compress_baseline_method(tmp_path):
+    kwargs = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    out = tmp_path / "svdft"
+    result = run_cli("compress", "--method", "svd-ft", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs,
+                     "--dataset", "digits", "--classes", "0,1", "--steps", "4", "--batch-size", "16",
+                     "--param-ratio", "0.5", "--prune", "0.5", "--calib-batches", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "svd-ft" and summary["level"] == 0.25 and summary["effective_params"] > 0
+
+
 def test_export_and_bench_errors(tmp_path):
     result = run_cli("export", "--run", str(tmp_path), "--out", str(tmp_path / "x"))
     assert result.returncode != 0 and "has no model.json" in result.stderr

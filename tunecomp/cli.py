@@ -112,6 +112,29 @@ def _loader(dataset, batch_size: int):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+def compress_baseline(args, data, model_kwargs) -> dict:
+    """``tunecomp compress --method M`` for a baseline pipeline (tunecomp.baselines): the
+    same steps, data and parameter count as TuneComp with the same flags."""
+    from .baselines import Budget, run_method
+
+    if args.param_ratio is None:
+        raise SystemExit("--method other than tunecomp needs --param-ratio (the budget is set in parameters)")
+    budget = Budget(steps=args.steps, level=args.param_ratio * (1 - args.prune), rho=args.prune, lr=args.lr,
+                    batch_size=args.batch_size, seed=args.seed, calib_batches=args.calib_batches,
+                    targets=tuple(args.targets.split(",")))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = run_method(args.method, lambda: load_timm_model(args.model, args.pretrained_file, **model_kwargs),
+                        data, budget, args.out, device)
+    result.update(model=args.model, dataset=args.dataset,
+                  versions={"tunecomp": __version__, "torch": torch.__version__})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{args.method}: accuracy {result['accuracy']:.4f}, {result['effective_params']:,} parameters, "
+          f"{result['seconds']:.0f}s; written to {args.out}")
+    return result
+
+
 def compress(args) -> dict:
     """``tunecomp compress``: prepare, train, save, summarise."""
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -119,6 +142,8 @@ def compress(args) -> dict:
     probe = load_timm_model(args.model, None, **model_kwargs)
     data = load_dataset(args.dataset, args.data_dir, classes=classes, **model_input(probe))
     model_kwargs["num_classes"] = data.num_classes
+    if args.method != "tunecomp":
+        return compress_baseline(args, data, model_kwargs)
     model = load_timm_model(args.model, args.pretrained_file, **model_kwargs)
     params_before = sum(p.numel() for p in model.parameters())
     rank_spec = {"param_ratio": args.param_ratio} if args.param_ratio else {"rank_ratio": args.rank_ratio}
@@ -289,6 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("compress", help="TuneComp on a timm model and a dataset",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
+    p.add_argument("--method", default="tunecomp",
+                   choices=("ft-svd", "ft-svd-ft", "ft-kd", "svd-ft", "pc-lora", "tunecomp"),
+                   help="TuneComp, or a baseline pipeline at the same budget (tunecomp.baselines)")
     p.add_argument("--model-kwargs", default=None, help='JSON of extra timm kwargs, e.g. \'{"img_size": 32}\'')
     p.add_argument("--pretrained-file", default=None, help="local weights (safetensors or state dict)")
     p.add_argument("--dataset", default="cifar100", choices=DATASETS)
