@@ -59,6 +59,9 @@ def parse(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--readme", default=os.path.join(HERE, "..", "..", "README.md"),
+                   help="README whose marked results block to rewrite ('' for none)")
+    p.add_argument("--from-json", default=None, help="re-render from this results.json, run nothing")
     return p.parse_args(argv)
 
 
@@ -140,8 +143,25 @@ def markdown(meta, comparison, sweep, levels):
     return "\n".join(lines)
 
 
+def render(results, out_dir, readme):
+    """results.md, the plots and the README block from a results.json's content."""
+    meta = results["meta"]
+    comparison = [dict(r, key=tuple(r["key"])) for r in results["comparison"]]
+    plot(comparison, results["sweep"], out_dir)
+    text = markdown(meta, comparison, results["sweep"], meta["levels"])
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(text)
+    if readme:
+        update_readme(readme, text, os.path.relpath(out_dir, os.path.dirname(os.path.abspath(readme))))
+    return text
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.from_json:  # re-render tables, plots and the README from a finished run
+        with open(args.from_json) as f:
+            print(render(json.load(f), os.path.dirname(os.path.abspath(args.from_json)), args.readme))
+        return
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     data = load_dataset(args.dataset, args.data_dir, image_size=args.image_size)
     if not os.path.isfile(args.teacher_file):
@@ -182,14 +202,29 @@ def main(argv=None):
         "steps": args.steps, "seeds": seeds, "rho": args.rho, "levels": args.levels,
         "sweep_rank_ratio": args.sweep_rank_ratio, "seconds": time.perf_counter() - start,
     }
+    results = {"meta": meta, "runs": runs, "sweep_runs": sweep_runs, "comparison": comparison, "sweep": sweep}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "runs": runs, "sweep_runs": sweep_runs,
-                   "comparison": comparison, "sweep": sweep}, f, indent=1)
-    plot(comparison, sweep, args.out)
-    text = markdown(meta, comparison, sweep, args.levels)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
+        json.dump(results, f, indent=1)
+    print(render(json.loads(json.dumps(results)), args.out, args.readme))
+
+
+BEGIN, END = "<!-- accuracy results: begin (written by benchmarks/accuracy/reproduce.py) -->", "<!-- accuracy results: end -->"
+
+
+def update_readme(path, text, out_rel):
+    """Replace the README's marked results block with this run's tables and plots, so the
+    README shows generated numbers and never hand-copied ones."""
+    with open(path) as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        print(f"{path} has no results markers; not updated", file=sys.stderr)
+        return
+    body = text.split("\n", 2)[2]  # drop the file's own title
+    body = body.replace("](accuracy_vs", f"]({out_rel}/accuracy_vs")
+    head, rest = readme.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{body}\n{END}{tail}")
 
 
 if __name__ == "__main__":
