@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -98,6 +99,8 @@ def plot(comparison, sweep, out_dir):
     fig.savefig(os.path.join(out_dir, "accuracy_vs_compression.png"), dpi=120)
     plt.close(fig)
 
+    if not sweep:
+        return
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     rows = sorted(sweep, key=lambda r: r["key"])
     ax.errorbar([100 * r["key"] for r in rows], [100 * r["mean"] for r in rows],
@@ -134,12 +137,14 @@ def markdown(meta, comparison, sweep, levels):
         if ours and others:
             best = max(others, key=lambda r: r["mean"])
             lines.append(f"- kept {lvl:g}: {100 * (ours['mean'] - best['mean']):+.1f} points vs {best['key'][0]}")
-    lines += ["", f"## TuneComp pruning sweep (rank ratio {meta['sweep_rank_ratio']:g})", "",
-              "| ρ | accuracy (%) | params |", "|---|---|---|"]
-    for r in sorted(sweep, key=lambda r: r["key"]):
-        lines.append(f"| {r['key']:g} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} | {r['params']:,.0f} |")
-    lines += ["", "![accuracy vs compression](accuracy_vs_compression.png)", "",
-              "![accuracy vs rho](accuracy_vs_rho.png)", ""]
+    if sweep:
+        lines += ["", f"## TuneComp pruning sweep (rank ratio {meta['sweep_rank_ratio']:g})", "",
+                  "| ρ | accuracy (%) | params |", "|---|---|---|"]
+        for r in sorted(sweep, key=lambda r: r["key"]):
+            lines.append(f"| {r['key']:g} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} | {r['params']:,.0f} |")
+    lines += ["", "![accuracy vs compression](accuracy_vs_compression.png)", ""]
+    if sweep:
+        lines += ["![accuracy vs rho](accuracy_vs_rho.png)", ""]
     return "\n".join(lines)
 
 
@@ -195,7 +200,7 @@ def main(argv=None):
     comparison = summarise(runs, lambda r: (r["method"], r["level"]))
     sweep = summarise(sweep_runs, lambda r: r["rho"])
     meta = {
-        "command": "python benchmarks/accuracy/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/accuracy/reproduce.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "tunecomp": tunecomp.__version__,
         "model": args.model, "model_kwargs": kwargs, "dataset": args.dataset, "teacher_file": os.path.basename(args.teacher_file),
