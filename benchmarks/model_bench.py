@@ -1,0 +1,151 @@
+"""End-to-end inference: a timm ViT, dense against compressed (exported and loaded back with
+tunecomp.deploy), with file sizes on disk. Random weights: speed does not depend on them.
+
+    TUNECOMP_MODEL_GRID=cpu python -m pytest benchmarks/model_bench.py -q
+    TUNECOMP_MODEL_GRID=gpu python -m pytest benchmarks/model_bench.py -q
+
+writes benchmarks/results/model-<device>-<date>.json and .md (or into
+TUNECOMP_RESULTS_DIR). Grids: "cpu" (ViT-B/16, fp32, batch 1 and 8, eager; the 25%-of-
+parameters variants at rho 0 and a 50% variant pruned to rho 0.9), "gpu" (ViT-B/16, bf16,
+batch 1-256, eager and torch.compile, rho 0.5 in 2:4 mode exported in the low-rank form:
+the 2:4 form is not written yet), "smoke" (a tiny ViT, for the test suite).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import tempfile
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import tunecomp
+from tunecomp import replace_linear_layers
+from tunecomp.deploy import export, load
+from tunecomp.prune import prune_
+from tunecomp.train import compressible_layers, effective_params
+
+VIT_B = ("vit_base_patch16_224", {})
+GRIDS = {
+    # (name, param_ratio, rho, prune mode); None ratio = the dense original
+    "smoke": dict(model=("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
+                  device="cpu", dtype=torch.float32, batches=(1, 2), modes=("eager",), rounds=3,
+                  variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
+                            ("params 50%, rho 0.9", 0.5, 0.9, "unstructured"))),
+    "cpu": dict(model=VIT_B, device="cpu", dtype=torch.float32, batches=(1, 8), modes=("eager",), rounds=5,
+                variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
+                          ("params 25%", 0.25, 0.0, None),
+                          ("params 50%, rho 0.9", 0.5, 0.9, "unstructured"))),
+    "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(1, 8, 64, 256),
+                modes=("eager", "compile"), rounds=10,
+                variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
+                          ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m"))),
+}
+GRID_NAME = os.environ.get("TUNECOMP_MODEL_GRID", "gpu" if torch.cuda.is_available() else "cpu")
+GRID = GRIDS[GRID_NAME]
+ROWS = []
+_MODELS = {}
+
+
+def _device_name():
+    if GRID["device"] == "cuda":
+        return torch.cuda.get_device_name(0)
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                     platform.machine())
+    return f"CPU {model}, {torch.get_num_threads()} threads"
+
+
+def build(variant):
+    """(inference model, parameters, bytes on disk) of one variant, built once."""
+    if variant in _MODELS:
+        return _MODELS[variant]
+    name, ratio, rho, mode = next(v for v in GRID["variants"] if v[0] == variant)
+    arch, kwargs = GRID["model"]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        if ratio is None:
+            path = os.path.join(tmp, "model.safetensors")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+            size, params = os.path.getsize(path), sum(p.numel() for p in model.parameters())
+            ready = model.to(GRID["device"], GRID["dtype"])
+        else:
+            replace_linear_layers(model, param_ratio=ratio, keep_teacher=False)
+            if rho:
+                prune_(compressible_layers(model), rho, mode)
+            params = effective_params(model)
+            manifest = export(model, tmp, arch=arch, arch_kwargs=kwargs)
+            size = manifest["bytes"]
+            ready = load(tmp, device=GRID["device"], dtype=GRID["dtype"])
+    _MODELS[variant] = (ready, params, size)
+    return _MODELS[variant]
+
+
+CASES = [(v[0], b, m) for m in GRID["modes"] for b in GRID["batches"] for v in GRID["variants"]]
+
+
+@pytest.mark.parametrize("variant, batch, mode", CASES, ids=[f"{v}-b{b}-{m}" for v, b, m in CASES])
+def test_inference(benchmark, variant, batch, mode):
+    model, params, size = build(variant)
+    run = torch.compile(model) if mode == "compile" else model
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    image = cfg.get("input_size", (3, 224, 224))[-1]
+    arch_kwargs = GRID["model"][1]
+    image = arch_kwargs.get("img_size", image)
+    x = torch.randn(batch, 3, image, image, device=GRID["device"], dtype=GRID["dtype"])
+    cuda = GRID["device"] == "cuda"
+
+    def step():
+        with torch.inference_mode():
+            run(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(2):  # warm-up: compilation, autotuning, allocator
+        step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=GRID["rounds"], iterations=1)
+    ROWS.append({"variant": variant, "batch": batch, "mode": mode, "median_s": benchmark.stats.stats.median,
+                 "params": params, "file_bytes": size,
+                 "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def write_results():
+    yield
+    if not ROWS:
+        return
+    dense = {(r["batch"], r["mode"]): r["median_s"] for r in ROWS if r["variant"] == "dense"}
+    for r in ROWS:
+        r["images_per_s"] = r["batch"] / r["median_s"]
+        base = dense.get((r["batch"], r["mode"]))
+        r["speedup_vs_dense"] = base / r["median_s"] if base else None
+    device = _device_name()
+    date = datetime.date.today().isoformat()
+    meta = {"device": device, "date": date, "grid": GRID_NAME, "model": GRID["model"][0],
+            "dtype": str(GRID["dtype"]).replace("torch.", ""), "torch": torch.__version__,
+            "tunecomp": tunecomp.__version__,
+            "command": f"TUNECOMP_MODEL_GRID={GRID_NAME} python -m pytest benchmarks/model_bench.py"}
+    out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"model-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{date}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": ROWS}, f, indent=1)
+    lines = [f"# End-to-end inference: {meta['model']}, {device}, {date}", "",
+             f"Generated by `{meta['command']}` (grid {GRID_NAME}, {meta['dtype']}, torch {meta['torch']}, "
+             f"tunecomp {meta['tunecomp']}); never edited by hand. Median of {GRID['rounds']} timed calls.", "",
+             "| variant | params | file MiB | batch | mode | ms | images/s | × dense |", "|---|---|---|---|---|---|---|---|"]
+    for r in ROWS:
+        speed = "—" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}"
+        lines.append(f"| {r['variant']} | {r['params']:,} | {r['file_bytes'] / 2**20:.1f} | {r['batch']} | {r['mode']} | "
+                     f"{1e3 * r['median_s']:.1f} | {r['images_per_s']:.1f} | {speed} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
