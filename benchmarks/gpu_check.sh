@@ -21,6 +21,10 @@
 # build ~1-1.5 min, tests ~1-2.5 min, sanitize ~1 min, benchmarks the rest (the "gpu" grid
 # needs ~5.5 min; its last section, extra ranks, is what a short budget drops).
 #
+# Optional stage "model": benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end, ~5 min),
+# results model-<device>-<date>.{json,md} in $OUT. Run it in its own call,
+# GPU_CHECK_STAGES="build model", since the device tool returns at most 8 files.
+#
 # Knobs: PYTHON (default python), GPU_CHECK_STAGES (default "build info tests sanitize bench"),
 # GPU_CHECK_TOTAL_S, GPU_CHECK_TESTS_S (tests cap, default 180), TUNECOMP_BENCH_GRID,
 # TUNECOMP_BENCH_BACKENDS, TUNECOMP_CUDA_ARCHS (default here: 90, i.e. H100/H200 only).
@@ -100,6 +104,11 @@ if wants sanitize; then
       "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 50 \
       "$PY" benchmarks/sanitize_kernels.py
   fi
+fi
+if wants model; then  # not in the default stages: run it as GPU_CHECK_STAGES="build model"
+  stage model 400 "$OUT/model.log" env TUNECOMP_MODEL_GRID=${TUNECOMP_MODEL_GRID:-gpu} TUNECOMP_RESULTS_DIR="$OUT" \
+    "$PY" -m pytest benchmarks/model_bench.py -q -p no:cacheprovider
+  for md in "$OUT"/model-*.md; do [[ -f "$md" ]] && cat "$md"; done
 fi
 if wants bench; then
   rm -f "$OUT/bench.json"
