@@ -41,6 +41,7 @@ from .masked_lowrank import (
     mask_arg,
     prune_by_registers,
     rank_pad,
+    store_tile,
     student_scale,
     token_bucket,
 )
@@ -106,9 +107,7 @@ def _blended_forward_kernel(
         teacher += b0.to(tl.float32)[None, :]
     a, s = student_scale(alpha_ptr)
     y = a * teacher + s * student
-    y_mask = (offs_m[:, None] < n_tokens) & n_ok[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             y.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_tile(y_ptr, offs_m, offs_n, n_tokens, out_features, stride_ym, stride_yn, y)
 
 
 def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):

@@ -149,6 +149,14 @@ def load_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c):
 
 
 @triton.jit
+def store_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c, tile):
+    """Store a [len(rows), len(cols)] tile in ptr's dtype, skipping entries outside the matrix."""
+    in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+             tile.to(ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
 def load_masked_tile(ptr, mask_ptr, rows, cols, n_rows, n_cols, stride_r, stride_c,
                      mstride_r, mstride_c, HAS_MASK: tl.constexpr):
     """A factor tile with pruned entries replaced by exact zeros (select, never multiply)."""
@@ -228,9 +236,7 @@ def _forward_kernel(
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < out_features, other=0.0)
             acc += b.to(tl.float32)[None, :]
-        y_mask = (offs_m[:, None] < n_tokens) & (offs_n[None, :] < out_features)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        store_tile(y_ptr, offs_m, offs_n, n_tokens, out_features, stride_ym, stride_yn, acc)
 
 
 def forward(x, u, v, bias, mask_u, mask_v):
@@ -295,9 +301,7 @@ def _rank_project_kernel(
     if SCALE_BY_STUDENT:
         _, s = student_scale(alpha_ptr)
         acc = acc * s
-    c_mask = (offs_m[:, None] < n_tokens) & (offs_r[None, :] < rank)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr,
-             acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    store_tile(c_ptr, offs_m, offs_r, n_tokens, rank, stride_cm, stride_cr, acc)
 
 
 _GRAD_X_CONFIGS = configs(
@@ -346,9 +350,7 @@ def _grad_x_kernel(
             teacher = tl.dot(dy_tile, w_tile, teacher, input_precision=DOT_PRECISION)
         a, _ = student_scale(alpha_ptr)
         acc += a * teacher
-    dx_mask = (offs_m[:, None] < n_tokens) & (offs_i[None, :] < in_features)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_i[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    store_tile(dx_ptr, offs_m, offs_i, n_tokens, in_features, stride_dxm, stride_dxk, acc)
 
 
 _GRAD_FACTOR_CONFIGS = configs(
@@ -400,8 +402,7 @@ def _grad_factor_kernel(
         keep = tl.load(mask_ptr + offs_d[:, None] * stride_md + offs_r[None, :] * stride_mr,
                        mask=in_bounds, other=0)
         acc = tl.where(keep != 0, acc, 0.0)
-    tl.store(c_ptr + offs_d[:, None] * stride_cd + offs_r[None, :] * stride_cr,
-             acc.to(c_ptr.dtype.element_ty), mask=in_bounds)
+    store_tile(c_ptr, offs_d, offs_r, d_dim, rank, stride_cd, stride_cr, acc)
     if SUM_A:
         tl.store(db_ptr + offs_d * stride_db, col_sum.to(db_ptr.dtype.element_ty),
                  mask=(offs_d < d_dim) & (pid_r == 0))
