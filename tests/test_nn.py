@@ -1,6 +1,5 @@
 """FusedPrunedLowRankLinear: drop-in behaviour, blend, state_dict, compile, accounting."""
 
-import copy
 import math
 
 import pytest

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import calibration_batches
 from .prune import prune_
 from .schedule import alpha as alpha_schedule
 from .surgery import DEFAULT_TARGETS, prepare, rank_for, select_linear_layers
@@ -86,8 +87,7 @@ class Budget:
 
 
 def _calib(data, budget: Budget) -> list:
-    loader = torch.utils.data.DataLoader(data.train, batch_size=budget.batch_size, shuffle=False)
-    return [images for images, _ in loader][:budget.calib_batches]
+    return calibration_batches(data.train, budget.batch_size, budget.calib_batches)
 
 
 def _compress_now(model: nn.Module, data, budget: Budget) -> None:

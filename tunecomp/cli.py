@@ -14,13 +14,12 @@ import json
 import os
 import platform
 import sys
-import time
 from typing import Optional, Sequence
 
 import torch
 
 from . import __version__, ops
-from .data import DATASETS, load_dataset
+from .data import DATASETS, calibration_batches, load_dataset
 from .prune import MODES
 from .surgery import DEFAULT_TARGETS, prepare
 from .train import TrainConfig, effective_params, train
@@ -108,10 +107,6 @@ def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwar
     return path
 
 
-def _loader(dataset, batch_size: int):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
 def compress_baseline(args, data, model_kwargs) -> dict:
     """``tunecomp compress --method M`` for a baseline pipeline (tunecomp.baselines): the
     same steps, data and parameter count as TuneComp with the same flags."""
@@ -149,9 +144,9 @@ def compress(args) -> dict:
     rank_spec = {"param_ratio": args.param_ratio} if args.param_ratio else {"rank_ratio": args.rank_ratio}
     calib = None
     if args.init != "svd":
-        calib = (images for images, _ in _loader(data.train, args.batch_size))
+        calib = calibration_batches(data.train, args.batch_size, args.calib_batches)
     report = prepare(model, **rank_spec, targets=args.targets.split(","), init=args.init,
-                     calib_batches=calib, calib_max_batches=args.calib_batches, backend=args.backend)
+                     calib_batches=calib, backend=args.backend)
     print(report)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -220,7 +215,7 @@ def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torc
                 compile_model: bool, repeats: int = 10) -> list:
     """Latency, throughput and peak memory of the exported model and of its dense original
     (same architecture, random weights: speed does not depend on the values)."""
-    from .deploy import load, read_manifest
+    from .deploy import load, read_manifest, time_forward
 
     manifest = read_manifest(model_dir)
     compressed = load(model_dir, device=device, dtype=dtype)
@@ -233,17 +228,7 @@ def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torc
             x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            with torch.inference_mode():
-                for _ in range(3):
-                    runner(x)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    runner(x)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-            seconds = (time.perf_counter() - start) / repeats
+            seconds = time_forward(runner, x, repeats)
             peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
             rows.append({"model": label, "batch": batch, "latency_ms": seconds * 1e3,
                          "images_per_s": batch / seconds, "peak_memory_bytes": peak})
@@ -289,7 +274,7 @@ def demo(out_dir: str, steps: int = 200, seed: int = 0) -> list:
     rows.append(("dense fine-tune (teacher)", result["final_accuracy"], params, params))
     for param_ratio, prune in ((0.5, 0.0), (0.5, 0.5), (0.25, 0.0)):
         model = load_timm_model(DEMO_MODEL, weights, num_classes=5, **DEMO_KWARGS)
-        calib = [images for images, _ in _loader(target.train, 64)][:4]
+        calib = calibration_batches(target.train, 64, 4)
         prepare(model, param_ratio=param_ratio, init="whiten", calib_batches=calib)
         cfg = TrainConfig(steps=steps, lr=1e-3, decay_steps=steps // 2, prune=prune, **common)
         result = run(f"tunecomp-p{param_ratio}-rho{prune}", model, cfg, target)

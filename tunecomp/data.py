@@ -17,6 +17,7 @@ the classes and relabels them 0..k-1 (a downstream task of held-out classes).
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import pickle
 from dataclasses import dataclass
@@ -188,6 +189,13 @@ def imagefolder(data_dir: Optional[str], image_size: int, mean=IMAGENET_MEAN, st
     if train.classes != test.classes:
         raise ValueError(f"train/ and {os.path.basename(test_dir)}/ have different classes")
     return DataBundle(train, test, len(train.classes), "imagefolder")
+
+
+def calibration_batches(dataset: Dataset, batch_size: int, count: int) -> list:
+    """The first ``count`` input batches of ``dataset`` in order (labels dropped), for the
+    activation statistics of the initialisation; only those batches are loaded."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return [images for images, _ in itertools.islice(loader, count)]
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, image_size: int = 224,

@@ -110,7 +110,9 @@ def compact_factors(layer: FusedPrunedLowRankLinear) -> tuple:
     return u[:, alive].contiguous(), v[:, alive].contiguous()
 
 
-def _time(module: nn.Module, x: Tensor, repeats: int = 20) -> float:
+def time_forward(module: nn.Module, x: Tensor, repeats: int = 20) -> float:
+    """Seconds per ``module(x)`` under inference mode, after 3 warm-up calls (the device is
+    synchronised around the timed calls)."""
     with torch.inference_mode():
         for _ in range(3):
             module(x)
@@ -143,14 +145,19 @@ def _lowrank(u: Tensor, v: Tensor, bias: Optional[Tensor], cls=LowRankLinear) ->
     return layer
 
 
+def kept_fraction(u: Tensor, v: Tensor) -> float:
+    """The fraction of nonzero entries over both factors."""
+    return (int((u != 0).sum()) + int((v != 0).sum())) / max(1, u.numel() + v.numel())
+
+
 def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = False,
-                device=None, tokens: int = 1576) -> str:
-    """The form for one layer: by the rule in the module doc, or by timing both."""
+                device=None, tokens: int = 1576, kept: Optional[float] = None) -> str:
+    """The form for one layer: by the rule in the module doc, or by timing all three."""
     in_features, out_features, rank = v.shape[0], u.shape[0], u.shape[1]
     if rank == 0:
         return "dense"
     if not measure:
-        kept = (int((u != 0).sum()) + int((v != 0).sum())) / (u.numel() + v.numel())
+        kept = kept_fraction(u, v) if kept is None else kept
         if kept < ops._CpuBackend.SPARSE_BELOW:
             return "sparse"
         return "lowrank" if rank * (in_features + out_features) < in_features * out_features else "dense"
@@ -161,8 +168,8 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
     sparse = _lowrank(u, v, bias, SparseLowRankLinear)
     sparse.mask_u.copy_(u != 0)
     sparse.mask_v.copy_(v != 0)
-    timings = {"lowrank": _time(_lowrank(u, v, bias), x), "sparse": _time(sparse, x),
-               "dense": _time(_dense(u, v, bias, in_features, out_features), x)}
+    timings = {"lowrank": time_forward(_lowrank(u, v, bias), x), "sparse": time_forward(sparse, x),
+               "dense": time_forward(_dense(u, v, bias, in_features, out_features), x)}
     return min(timings, key=timings.get)
 
 
@@ -199,7 +206,8 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     for name, layer in layers.items():
         u, v = compact_factors(layer)
         bias = None if layer.bias is None else layer.bias.detach()
-        form = forms.pop(name, None) or choose_form(u, v, bias, measure, device, tokens)
+        kept = kept_fraction(u, v)
+        form = forms.pop(name, None) or choose_form(u, v, bias, measure, device, tokens, kept)
         if u.shape[1] == 0:  # everything pruned: the layer is its bias
             form = "dense"
         if form == "dense":
@@ -213,7 +221,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
             state[f"{name}.bias"] = bias.contiguous()
         layer_info[name] = {"form": form, "in_features": layer.in_features, "out_features": layer.out_features,
                             "rank": int(u.shape[1]), "rank_before": layer.rank, "bias": bias is not None,
-                            "kept": (int((u != 0).sum()) + int((v != 0).sum())) / max(1, u.numel() + v.numel()),
+                            "kept": kept,
                             "dtype": str(layer.u.dtype).replace("torch.", "")}
     if forms:
         raise ValueError(f"forms names layers that are not low-rank layers of the model: {sorted(forms)}")
