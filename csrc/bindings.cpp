@@ -21,6 +21,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = true;
   m.def("cuda_compiled_archs", &tunecomp::cuda_compiled_archs,
         "SM architectures the CUDA sources were compiled for");
+  m.def("lowrank_forward_cuda", &tunecomp::lowrank_forward_cuda,
+        "y = x @ where(mask_v, v, 0) @ where(mask_u, u, 0).T + bias on CUDA tensors",
+        py::arg("x"), py::arg("u"), py::arg("v"), py::arg("bias") = py::none(),
+        py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none());
+  m.def("lowrank_backward_cuda", &tunecomp::lowrank_backward_cuda,
+        "[grad_x, grad_u, grad_v, grad_b] of lowrank_forward_cuda", py::arg("grad_y"),
+        py::arg("x"), py::arg("u"), py::arg("v"), py::arg("mask_u") = py::none(),
+        py::arg("mask_v") = py::none(), py::arg("has_bias") = true);
+  m.def("blended_forward_cuda", &tunecomp::blended_forward_cuda,
+        "alpha*(x @ W0.T + b0) + sqrt(1-alpha^2)*lowrank_forward_cuda(...) on CUDA tensors",
+        py::arg("x"), py::arg("u"), py::arg("v"), py::arg("bias"), py::arg("mask_u"),
+        py::arg("mask_v"), py::arg("teacher_weight"), py::arg("teacher_bias"), py::arg("alpha"));
+  m.def("blended_backward_cuda", &tunecomp::blended_backward_cuda,
+        "[grad_x, grad_u, grad_v, grad_b] of blended_forward_cuda", py::arg("grad_y"),
+        py::arg("x"), py::arg("u"), py::arg("v"), py::arg("mask_u"), py::arg("mask_v"),
+        py::arg("teacher_weight"), py::arg("alpha"), py::arg("has_bias") = true);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -35,6 +35,33 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
 #ifdef TUNECOMP_WITH_CUDA
 // The SM architectures this build compiled device code for (e.g. {80, 90}).
 std::vector<int> cuda_compiled_archs();
+
+// The "cuda" backend (lowrank_cuda.cu): the op, its blend with the frozen teacher
+// alpha·(x·W0ᵀ + b0) + sqrt(1 - alpha²)·op(x), and their backward passes, on CUDA tensors
+// (float32, float16, bfloat16; any strides). alpha is a one-element float32 device tensor.
+// The backward functions return {grad_x, grad_u, grad_v, grad_b}, grad_b empty unless has_bias.
+at::Tensor lowrank_forward_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& mask_u,
+                                const std::optional<at::Tensor>& mask_v);
+std::vector<at::Tensor> lowrank_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                              const at::Tensor& u, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& mask_u,
+                                              const std::optional<at::Tensor>& mask_v,
+                                              bool has_bias);
+at::Tensor blended_forward_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& mask_u,
+                                const std::optional<at::Tensor>& mask_v,
+                                const at::Tensor& teacher_weight,
+                                const std::optional<at::Tensor>& teacher_bias,
+                                const at::Tensor& alpha);
+std::vector<at::Tensor> blended_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                              const at::Tensor& u, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& mask_u,
+                                              const std::optional<at::Tensor>& mask_v,
+                                              const at::Tensor& teacher_weight,
+                                              const at::Tensor& alpha, bool has_bias);
 #endif
 
 }  // namespace tunecomp

@@ -175,6 +175,65 @@ class _CpuBackend:
         return grad_x + a * (grad_y @ teacher_weight), grad_u, grad_v, grad_b
 
 
+class _CudaBackend:
+    """The CUDA C++ kernels of ``tunecomp._C`` (csrc/lowrank_cuda.cu) on CUDA tensors.
+
+    float32, float16 and bfloat16; fp16/bf16 multiply on tensor cores with fp32 accumulation,
+    float32 in IEEE fp32 whatever ``torch.get_float32_matmul_precision()`` says. Inputs are
+    read through their strides (nothing is copied); alpha is read on the device.
+
+    ``native`` and ``device_type`` exist for tests/cuda_emulator, which runs the same C++
+    on the CPU.
+    """
+
+    name = "cuda"
+    _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __init__(self, native=None, device_type: str = "cuda"):
+        self._native = native
+        self._device_type = device_type
+
+    @property
+    def native(self):
+        return self._native if self._native is not None else _C
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        native = self.native
+        if native is None:
+            return f"tunecomp._C is not built ({NATIVE_IMPORT_ERROR})"
+        if not hasattr(native, "lowrank_forward_cuda"):
+            return ("tunecomp._C was built without its CUDA part (a CPU-only torch, no nvcc, "
+                    "or TUNECOMP_NO_CUDA=1 at build time)")
+        if device.type != self._device_type:
+            return f"the CUDA kernels take {self._device_type} tensors, not {device.type}"
+        if dtype not in self._DTYPES:
+            return f"the CUDA kernels support {self._DTYPES}, not {dtype}"
+        if self._device_type != "cuda":
+            return None
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        major, minor = torch.cuda.get_device_capability(device)
+        archs = native.cuda_compiled_archs()  # __CUDA_ARCH__ style: 800, 900
+        if not any(a // 100 == major and (a % 100) // 10 <= minor for a in archs):
+            return (f"this build has device code for {['sm_%d' % (a // 10) for a in archs]}, "
+                    f"not sm_{major}{minor}: rebuild with TUNECOMP_CUDA_ARCHS={major}{minor}")
+        return None
+
+    def forward(self, x, u, v, bias, mask_u, mask_v):
+        return self.native.lowrank_forward_cuda(x, u, v, bias, mask_u, mask_v)
+
+    def backward(self, grad_y, x, u, v, mask_u, mask_v, has_bias):
+        return tuple(self.native.lowrank_backward_cuda(grad_y, x, u, v, mask_u, mask_v, has_bias))
+
+    def blended_forward(self, x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
+        return self.native.blended_forward_cuda(x, u, v, bias, mask_u, mask_v, teacher_weight,
+                                                teacher_bias, alpha)
+
+    def blended_backward(self, grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
+        return tuple(self.native.blended_backward_cuda(grad_y, x, u, v, mask_u, mask_v,
+                                                       teacher_weight, alpha, has_bias))
+
+
 class _PendingBackend:
     """A backend name that the contract reserves but this build does not implement yet."""
 
@@ -197,7 +256,7 @@ def _triton_backend():
 _BACKENDS = {
     "torch": _TorchBackend(),
     "triton": _triton_backend(),
-    "cuda": _PendingBackend("cuda", "the CUDA C++ kernels are not part of this build yet"),
+    "cuda": _CudaBackend(),
     "cpu": _CpuBackend(),
 }
 

@@ -1,0 +1,104 @@
+// The "cuda" backend: entry points of the masked low-rank op on CUDA tensors (see
+// lowrank_cuda_ops.h for the composition, masked_gemm.cuh for the kernel). Every launch goes
+// on the current stream of x's device; no call syncs the host, so all of them can be
+// captured in a CUDA graph.
+#include "tunecomp.h"
+
+#include <array>
+#include <atomic>
+
+// c10's CUDA headers only: ATen/cuda/CUDAContext.h also pulls in the cuBLAS and cuSPARSE
+// headers, which a toolkit with just nvcc and the runtime does not have.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#define TUNECOMP_KERNEL_DEVICE c10::DeviceType::CUDA
+#include "lowrank_cuda_ops.h"
+
+namespace tunecomp {
+
+namespace cuda_ops {
+
+void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t grid_z) {
+  using namespace cuda_kernels;
+  if (params.m == 0 || params.n == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(params.m, kBlockM)),
+                  static_cast<unsigned>(ceil_div(params.n, kBlockN)),
+                  static_cast<unsigned>(grid_z));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (dtype) {
+    case at::kFloat:
+      masked_gemm_kernel<float><<<grid, kThreads, 0, stream>>>(params);
+      break;
+    case at::kHalf:
+      masked_gemm_kernel<__half><<<grid, kThreads, 0, stream>>>(params);
+      break;
+    case at::kBFloat16:
+      masked_gemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params);
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16; got ", dtype);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int64_t multiprocessor_count(const at::Tensor& like) {
+  static std::array<std::atomic<int>, 64> cache{};  // per device index; 0 = not asked yet
+  const int device = like.device().index();
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int count = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    if (cached) cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+}  // namespace cuda_ops
+
+at::Tensor lowrank_forward_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& mask_u,
+                                const std::optional<at::Tensor>& mask_v) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return cuda_ops::forward(x, u, v, bias, mask_u, mask_v, std::nullopt, std::nullopt,
+                           std::nullopt);
+}
+
+std::vector<at::Tensor> lowrank_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                              const at::Tensor& u, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& mask_u,
+                                              const std::optional<at::Tensor>& mask_v,
+                                              bool has_bias) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return cuda_ops::backward(grad_y, x, u, v, mask_u, mask_v, std::nullopt, std::nullopt,
+                            has_bias);
+}
+
+at::Tensor blended_forward_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                                const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& mask_u,
+                                const std::optional<at::Tensor>& mask_v,
+                                const at::Tensor& teacher_weight,
+                                const std::optional<at::Tensor>& teacher_bias,
+                                const at::Tensor& alpha) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return cuda_ops::forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha);
+}
+
+std::vector<at::Tensor> blended_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                              const at::Tensor& u, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& mask_u,
+                                              const std::optional<at::Tensor>& mask_v,
+                                              const at::Tensor& teacher_weight,
+                                              const at::Tensor& alpha, bool has_bias) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return cuda_ops::backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias);
+}
+
+}  // namespace tunecomp

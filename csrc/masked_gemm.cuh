@@ -1,0 +1,321 @@
+// The one GPU kernel behind the "cuda" backend: a tiled GEMM whose operands are read through
+// strides (so transposes are free) with optional masks applied on load, over up to two
+// K segments, with a fused epilogue.
+//
+//   C[M, N] = scale_first · (A0 · B0)  +  A1 · B1          (the second segment is optional)
+//           + scale(bias0) · bias0[n]  +  scale(bias1) · bias1[n]
+//   C[m, n] = 0 where out_mask[m, n] is false
+//
+// where an operand element (i, j) is data[i·stride_i + j·stride_j], or 0 where its mask is
+// false (a select, not a multiply: a NaN in a pruned entry never reaches the sum). The scales
+// are 1, alpha or sqrt(1 - alpha²), with alpha read from device memory by every block, so
+// a new alpha neither needs a host sync nor invalidates a captured CUDA graph.
+// Every product of the masked low-rank op and its blend is one such GEMM (lowrank_cuda_ops.h).
+//
+// Tiles are 64 x 64 x 32, four warps. fp16 and bf16 multiply on tensor cores (wmma 16x16x16,
+// fp32 accumulation); fp32 runs on the FMA units in fp32 (IEEE, like torch's default matmul
+// precision "highest"). The next K tile is fetched into registers while the current one is
+// multiplied from shared memory. The accumulator goes through shared memory for the
+// epilogue, so every output element is written by one thread with plain bounds checks.
+// Split-K (the factor gradients, whose K is the token count) writes fp32 partial tiles
+// [splits, M, N] that the host sums.
+//
+// This header is also compiled on the CPU by tests/cuda_emulator, which supplies stand-ins
+// for the CUDA built-ins and wmma, to test the indexing without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#ifndef TUNECOMP_EMULATE_CUDA
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "tunecomp's CUDA kernels need sm_80 or newer (bf16 tensor cores): set TUNECOMP_CUDA_ARCHS"
+#endif
+#endif
+
+namespace tunecomp {
+namespace cuda_kernels {
+
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
+constexpr int kBlockK = 32;
+constexpr int kThreads = 128;  // four warps, 2 x 2 over the 64 x 64 output tile
+// Row padding of the shared tiles: wmma needs row strides that are multiples of 16 bytes,
+// and the shift spreads a tile column over the banks.
+constexpr int kPadAB = 8;
+constexpr int kPadC = 4;
+constexpr int kLoadsA = kBlockM * kBlockK / kThreads;
+constexpr int kLoadsB = kBlockK * kBlockN / kThreads;
+
+enum ScaleKind : int { kScaleOne = 0, kScaleAlpha = 1, kScaleStudent = 2 };
+
+// Element (i, j) of a 2-D operand; the mask, if any, is indexed the same way.
+struct Operand {
+  const void* data = nullptr;
+  int64_t stride_i = 0, stride_j = 0;
+  const bool* mask = nullptr;
+  int64_t mask_stride_i = 0, mask_stride_j = 0;
+};
+
+struct Segment {  // A [M, k] · B [k, N]
+  Operand a, b;
+  int64_t k = 0;
+};
+
+struct GemmParams {
+  int64_t m = 0, n = 0;
+  Segment seg[2];
+  int num_segments = 1;
+  int scale_first = kScaleOne;  // ScaleKind of the first segment's product
+  const void* bias[2] = {nullptr, nullptr};  // [n] in the operands' dtype, or null
+  int64_t bias_stride[2] = {0, 0};
+  int bias_scale[2] = {kScaleOne, kScaleOne};
+  const float* alpha = nullptr;  // device scalar; null when no scale reads it
+  const bool* out_mask = nullptr;
+  int64_t out_mask_stride_i = 0, out_mask_stride_j = 0;
+  // [m, n] contiguous in the operands' dtype; or, with k_per_split > 0 (one segment only),
+  // fp32 partial sums [gridDim.z, m, n], block z covering k in [z·k_per_split, +k_per_split)
+  void* out = nullptr;
+  int64_t k_per_split = 0;
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T value);
+template <>
+__device__ __forceinline__ float to_float<float>(float value) { return value; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half value) { return __half2float(value); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
+  return __bfloat162float(value);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float value);
+template <>
+__device__ __forceinline__ float from_float<float>(float value) { return value; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float value) { return __float2half(value); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) {
+  return __float2bfloat16(value);
+}
+
+__device__ __forceinline__ float scale_value(int kind, float alpha) {
+  if (kind == kScaleAlpha) return alpha;
+  if (kind == kScaleStudent) return sqrtf(fmaxf(1.0f - alpha * alpha, 0.0f));
+  return 1.0f;
+}
+
+// Operand element (i, j); 0 outside [rows, cols) or where the mask is false.
+template <typename T>
+__device__ __forceinline__ T load_element(const Operand& op, int64_t i, int64_t j, int64_t rows,
+                                          int64_t cols) {
+  if (i >= rows || j >= cols) return from_float<T>(0.0f);
+  if (op.mask != nullptr && !op.mask[i * op.mask_stride_i + j * op.mask_stride_j]) {
+    return from_float<T>(0.0f);
+  }
+  return static_cast<const T*>(op.data)[i * op.stride_i + j * op.stride_j];
+}
+
+// Which (row, col) of a rows x cols tile the thread's l-th load covers. Consecutive threads
+// take consecutive elements along the operand's unit-stride dimension, so loads coalesce
+// for row-major and transposed (column-major) operands alike.
+__device__ __forceinline__ void tile_position(int e, int rows, int cols, bool rows_fast, int& r,
+                                              int& c) {
+  r = rows_fast ? e % rows : e / cols;
+  c = rows_fast ? e / rows : e % cols;
+}
+
+__device__ __forceinline__ bool rows_fast(const Operand& op) {
+  return op.stride_i == 1 && op.stride_j != 1;
+}
+
+// fp16 / bf16: tensor cores. Each warp owns a 32 x 32 quarter of the tile as 2 x 2 fragments.
+template <typename T>
+struct MmaEngine {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
+
+  __device__ __forceinline__ void zero() {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  __device__ __forceinline__ void step(const T (*a)[kBlockK + kPadAB],
+                                       const T (*b)[kBlockN + kPadAB]) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+    for (int kk = 0; kk < kBlockK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &a[wm * 32 + i * 16][kk], kBlockK + kPadAB);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &b[kk][wn * 32 + j * 16], kBlockN + kPadAB);
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void scale(float s) {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        for (int e = 0; e < acc[i][j].num_elements; ++e) acc[i][j].x[e] *= s;
+  }
+
+  __device__ __forceinline__ void store(float (*c)[kBlockN + kPadC]) {
+    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        nvcuda::wmma::store_matrix_sync(&c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j],
+                                        kBlockN + kPadC, nvcuda::wmma::mem_row_major);
+  }
+};
+
+// fp32: FMA units. Thread (ty, tx) of a 8 x 16 grid owns rows ty + 8i and columns tx + 16j.
+struct FmaEngine {
+  float acc[8][4];
+
+  __device__ __forceinline__ void zero() {
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  }
+
+  __device__ __forceinline__ void step(const float (*a)[kBlockK + kPadAB],
+                                       const float (*b)[kBlockN + kPadAB]) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    for (int k = 0; k < kBlockK; ++k) {
+      float a_col[8], b_row[4];
+      for (int i = 0; i < 8; ++i) a_col[i] = a[ty + 8 * i][k];
+      for (int j = 0; j < 4; ++j) b_row[j] = b[k][tx + 16 * j];
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a_col[i], b_row[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void scale(float s) {
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] *= s;
+  }
+
+  __device__ __forceinline__ void store(float (*c)[kBlockN + kPadC]) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 4; ++j) c[ty + 8 * i][tx + 16 * j] = acc[i][j];
+  }
+};
+
+template <typename T>
+struct EngineFor {
+  using type = MmaEngine<T>;
+};
+template <>
+struct EngineFor<float> {
+  using type = FmaEngine;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams p) {
+  __shared__ __align__(32) T a_tile[kBlockM][kBlockK + kPadAB];
+  __shared__ __align__(32) T b_tile[kBlockK][kBlockN + kPadAB];
+  __shared__ __align__(32) float c_tile[kBlockM][kBlockN + kPadC];
+
+  const int tid = threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBlockN;
+  const float alpha = p.alpha != nullptr ? *p.alpha : 0.0f;
+
+  // The K range of each segment; split-K narrows the first (and then only) one.
+  int64_t k_begin[2] = {0, 0};
+  int64_t k_end[2] = {p.seg[0].k, p.seg[1].k};
+  if (p.k_per_split > 0) {
+    k_begin[0] = static_cast<int64_t>(blockIdx.z) * p.k_per_split;
+    k_end[0] = k_begin[0] + p.k_per_split < k_end[0] ? k_begin[0] + p.k_per_split : k_end[0];
+  }
+  int64_t num_tiles[2] = {0, 0};
+  for (int s = 0; s < p.num_segments; ++s) {
+    if (k_end[s] > k_begin[s]) num_tiles[s] = (k_end[s] - k_begin[s] + kBlockK - 1) / kBlockK;
+  }
+  const int64_t total_tiles = num_tiles[0] + num_tiles[1];
+
+  // K tile t (counted over both segments): its segment and first k.
+  auto locate = [&](int64_t t, int& s, int64_t& k0) {
+    s = t < num_tiles[0] ? 0 : 1;
+    k0 = k_begin[s] + (s == 0 ? t : t - num_tiles[0]) * kBlockK;
+  };
+
+  T a_reg[kLoadsA];
+  T b_reg[kLoadsB];
+  auto fetch = [&](int64_t t) {  // global -> registers, masks and bounds applied
+    int s;
+    int64_t k0;
+    locate(t, s, k0);
+    const Segment& seg = p.seg[s];
+    const bool a_rows = rows_fast(seg.a), b_rows = rows_fast(seg.b);
+    for (int l = 0; l < kLoadsA; ++l) {
+      int r, c;
+      tile_position(tid + l * kThreads, kBlockM, kBlockK, a_rows, r, c);
+      a_reg[l] = load_element<T>(seg.a, m0 + r, k0 + c, p.m, k_end[s]);
+    }
+    for (int l = 0; l < kLoadsB; ++l) {
+      int r, c;
+      tile_position(tid + l * kThreads, kBlockK, kBlockN, b_rows, r, c);
+      b_reg[l] = load_element<T>(seg.b, k0 + r, n0 + c, k_end[s], p.n);
+    }
+  };
+  auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch
+    int s;
+    int64_t k0;
+    locate(t, s, k0);
+    const bool a_rows = rows_fast(p.seg[s].a), b_rows = rows_fast(p.seg[s].b);
+    for (int l = 0; l < kLoadsA; ++l) {
+      int r, c;
+      tile_position(tid + l * kThreads, kBlockM, kBlockK, a_rows, r, c);
+      a_tile[r][c] = a_reg[l];
+    }
+    for (int l = 0; l < kLoadsB; ++l) {
+      int r, c;
+      tile_position(tid + l * kThreads, kBlockK, kBlockN, b_rows, r, c);
+      b_tile[r][c] = b_reg[l];
+    }
+  };
+
+  typename EngineFor<T>::type engine;
+  engine.zero();
+  if (total_tiles > 0) fetch(0);
+  for (int64_t t = 0; t < total_tiles; ++t) {
+    stash(t);
+    __syncthreads();
+    if (t + 1 < total_tiles) fetch(t + 1);  // in flight while the tensor cores work
+    engine.step(a_tile, b_tile);
+    if (t + 1 == num_tiles[0]) engine.scale(scale_value(p.scale_first, alpha));
+    __syncthreads();
+  }
+  engine.store(c_tile);
+  __syncthreads();
+
+  const float bias_scale[2] = {scale_value(p.bias_scale[0], alpha),
+                               scale_value(p.bias_scale[1], alpha)};
+  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
+    const int r = e / kBlockN, c = e % kBlockN;
+    const int64_t gm = m0 + r, gn = n0 + c;
+    if (gm >= p.m || gn >= p.n) continue;
+    float value = c_tile[r][c];
+    for (int s = 0; s < 2; ++s) {
+      if (p.bias[s] != nullptr) {
+        value += bias_scale[s] * to_float(static_cast<const T*>(p.bias[s])[gn * p.bias_stride[s]]);
+      }
+    }
+    if (p.out_mask != nullptr && !p.out_mask[gm * p.out_mask_stride_i + gn * p.out_mask_stride_j]) {
+      value = 0.0f;
+    }
+    if (p.k_per_split > 0) {
+      static_cast<float*>(p.out)[(static_cast<int64_t>(blockIdx.z) * p.m + gm) * p.n + gn] = value;
+    } else {
+      static_cast<T*>(p.out)[gm * p.n + gn] = from_float<T>(value);
+    }
+  }
+}
+
+}  // namespace cuda_kernels
+}  // namespace tunecomp

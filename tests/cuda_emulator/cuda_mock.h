@@ -1,0 +1,91 @@
+// CPU stand-ins for the CUDA built-ins and the wmma API that csrc/masked_gemm.cuh uses, so
+// the kernel's source runs unchanged on the CPU: each block's threads are OS threads,
+// __shared__ arrays are statics (one block runs at a time), __syncthreads is a barrier.
+// wmma fragments hold the whole 16 x 16 tile in every thread of the warp, and lane 0 stores
+// it; the products are exact in float, as on tensor cores, with fp32 accumulation.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#define TUNECOMP_EMULATE_CUDA 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __shared__ static
+#define __align__(bytes) __attribute__((aligned(bytes)))
+
+struct EmulatedDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmulatedDim3 threadIdx;
+inline thread_local EmulatedDim3 blockIdx;
+inline std::barrier<>* emulated_block_barrier = nullptr;
+
+inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
+
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline float __half2float(__half h) { return static_cast<float>(h); }
+inline __half __float2half(float f) { return __half(f); }
+inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(h); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator knows 16x16x16 only");
+  static constexpr int num_elements = 256;
+  float x[256];  // row-major 16 x 16: A [m][k], B [k][n], C [m][n]
+};
+
+template <typename Use, typename T>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major>& f, const T* p,
+                             unsigned ldm) {
+  static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>);
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = static_cast<float>(p[r * ldm + c]);
+}
+
+template <typename T>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float sum = c.x[m * 16 + n];
+      for (int k = 0; k < 16; ++k) sum += a.x[m * 16 + k] * b.x[k * 16 + n];
+      out[m * 16 + n] = sum;
+    }
+  for (int e = 0; e < 256; ++e) d.x[e] = out[e];
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float value) {
+  for (float& e : f.x) e = value;
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+  if (threadIdx.x % 32 != 0 || layout != mem_row_major) return;  // lane 0 writes the tile
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,176 @@
+"""The float64-reference battery shared by every kernel backend (tests/test_kernels.py) and
+the Triton-only tests: problem generation, the reference, tolerances and assertions.
+
+Inputs are fresh random every run; the seed of a failing case is in its assertion message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from typing import Optional
+
+import pytest
+import torch
+
+from tunecomp import ops, reference
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _triton_fp32_tolerance():
+    from tunecomp.kernels.masked_lowrank import fp32_dot_precision
+
+    return 1e-5 if fp32_dot_precision() == "ieee" else 5e-3
+
+
+# Relative Frobenius error bounds ||out - ref|| / ||ref|| against float64 math on the same
+# (already rounded) inputs. The kernels accumulate in fp32 and round twice: the rank-r
+# intermediate (T or G, stored/used in the input dtype as eager PyTorch does) and the output.
+# Each rounding is at most the unit roundoff u relative, and random signs keep the Frobenius
+# ratio near u, so the bounds are a few u:
+#   fp32 ieee: u = 6e-8, fp32 sums over a few hundred terms stay far below 1e-5;
+#   fp32 tf32 (Triton only, if torch's fp32 matmul precision is lowered): operands truncated
+#              to 10 mantissa bits, up to 9.8e-4 each and biased towards zero, two per
+#              product -> 5e-3;
+#   fp16:      u = 4.9e-4 -> 2e-3;
+#   bf16:      u = 3.9e-3 -> 1e-2.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@dataclasses.dataclass
+class Backend:
+    """A backend object of tunecomp.ops and the device its tests put tensors on."""
+
+    name: str
+    impl: object
+    device: torch.device
+
+    def skip_unless_available(self, dtype):
+        reason = self.impl.unavailable_reason(self.device, dtype)
+        if reason is not None:
+            pytest.skip(reason)
+
+    def tolerance(self, dtype):
+        if dtype != torch.float32:
+            return TOLERANCE[dtype]
+        return _triton_fp32_tolerance() if self.name == "triton" else 1e-5
+
+
+def make_backend(name: str) -> Backend:
+    """triton: on the GPU, else the CPU interpreter; cuda: the GPU only; cpu: the C++ CPU
+    kernels; cuda-emulator: the CUDA backend's C++ run on CPU threads (tests/cuda_emulator)."""
+    if name == "cuda-emulator":
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler to build the CUDA emulator")
+        import cuda_emulator
+
+        return Backend(name, ops._CudaBackend(native=cuda_emulator.load(), device_type="cpu"),
+                       torch.device("cpu"))
+    device = {"triton": "cuda" if CUDA else "cpu", "cuda": "cuda", "cpu": "cpu"}[name]
+    return Backend(name, ops._BACKENDS[name], torch.device(device))
+
+
+def fresh_seed():
+    """Seed torch from OS randomness and return it, so a failure names its inputs."""
+    return torch.seed()
+
+
+# mask cases: None (all kept), all pruned, all kept (explicit), keep 50 %, keep 5 % (95 % pruned)
+MASK_CASES = ["none", "zeros", "ones", "keep50", "keep5"]
+
+
+def make_mask(case, shape, device):
+    if case == "none":
+        return None
+    if case == "zeros":
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    if case == "ones":
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    keep = {"keep50": 0.5, "keep5": 0.05}[case]
+    return torch.rand(shape, device=device) < keep
+
+
+def plant_nan(weight, mask):
+    """Store NaN in one pruned entry (if any): a masked kernel must never read it as a value."""
+    if mask is None or bool(mask.all()):
+        return weight
+    weight = weight.clone()
+    idx = (~mask).nonzero()[0]
+    weight[idx[0], idx[1]] = float("nan")
+    return weight
+
+
+def make_problem(n_tokens, in_f, out_f, rank, dtype, mask_case, device, has_bias=True,
+                 teacher=False):
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    p = {
+        "x": rnd(n_tokens, in_f),
+        "u": rnd(out_f, rank, scale=rank ** -0.5),
+        "v": rnd(in_f, rank, scale=in_f ** -0.5),
+        "bias": rnd(out_f) if has_bias else None,
+        "mask_u": make_mask(mask_case, (out_f, rank), device),
+        "mask_v": make_mask(mask_case, (in_f, rank), device),
+        "grad_y": rnd(n_tokens, out_f),
+    }
+    p["u"] = plant_nan(p["u"], p["mask_u"])
+    p["v"] = plant_nan(p["v"], p["mask_v"])
+    if teacher:
+        p["teacher_weight"] = rnd(out_f, in_f, scale=in_f ** -0.5)
+        p["teacher_bias"] = rnd(out_f) if has_bias else None
+    return p
+
+
+def f64(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def reference_lowrank(p, alpha: Optional[float] = None):
+    """Output and (x, u, v, bias) gradients of the float64 reference, by autograd."""
+    x, u, v = (f64(p[k]).requires_grad_() for k in ("x", "u", "v"))
+    bias = f64(p["bias"])
+    if bias is not None:
+        bias.requires_grad_()
+    if alpha is None:
+        y = reference.masked_lowrank_linear(x, u, v, bias, p["mask_u"], p["mask_v"])
+    else:
+        y = reference.blended_lowrank_linear(
+            x, u, v, bias, p["mask_u"], p["mask_v"], f64(p["teacher_weight"]),
+            f64(p["teacher_bias"]), torch.tensor(alpha, dtype=torch.float64, device=x.device),
+        )
+    y.backward(f64(p["grad_y"]))
+    grads = (x.grad, u.grad, v.grad, bias.grad if bias is not None else None)
+    return y.detach(), grads
+
+
+def assert_close(name, out, ref, dtype, seed, bound):
+    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (seed {seed})"
+    ref_norm = ref.norm().item()
+    if ref_norm == 0.0:
+        # All-pruned factors: zero is exact, not approximately zero.
+        assert (out == 0).all(), f"{name}: expected exact zeros (seed {seed})"
+        return
+    err = (out.double() - ref).norm().item() / ref_norm
+    assert err <= bound, f"{name}: rel error {err:.3g} > {bound} (seed {seed})"
+
+
+def assert_pruned_grads_zero(grad_u, grad_v, p, seed):
+    for name, grad, mask in (("grad_u", grad_u, p["mask_u"]), ("grad_v", grad_v, p["mask_v"])):
+        if mask is not None:
+            assert (grad[~mask] == 0).all(), f"{name}: pruned entries not exactly 0 (seed {seed})"
+
+
+def check_backward(outs, p, ref_grads, dtype, seed, has_bias, bound):
+    grad_x, grad_u, grad_v, grad_b = outs
+    for name, out, ref in zip(("grad_x", "grad_u", "grad_v"), outs[:3], ref_grads[:3]):
+        assert_close(name, out, ref, dtype, seed, bound)
+    if has_bias:
+        assert_close("grad_b", grad_b, ref_grads[3], dtype, seed, bound)
+    else:
+        assert grad_b.shape == (0,)
+    assert_pruned_grads_zero(grad_u, grad_v, p, seed)

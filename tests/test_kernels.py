@@ -1,0 +1,257 @@
+"""Every kernel backend against tunecomp.reference in float64: one battery, parametrised
+over backends.
+
+  triton         the Triton kernels: on the GPU, or on the CPU under Triton's interpreter
+                 (slow: shapes stay small; bf16 skipped, the interpreter's tl.dot is wrong)
+  cuda           the CUDA C++ kernels (csrc/lowrank_cuda.cu): GPU only
+  cpu            the C++ CPU kernels (csrc/lowrank_cpu.cpp): float32 only
+  cuda-emulator  the CUDA backend's kernel and host code compiled for the CPU
+                 (tests/cuda_emulator): checks its logic where no GPU is at hand
+
+A backend skips the dtypes and devices it does not support, with its own reason.
+"""
+
+import os
+
+import torch
+
+# Triton picks interpreter or compiler when kernels are decorated: decide before any import
+# of triton (tests/conftest.py does the same).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernel_battery import (  # noqa: E402
+    MASK_CASES, assert_close, check_backward, fresh_seed, make_backend, make_problem,
+    needs_cuda, reference_lowrank,
+)
+
+BACKENDS = ["triton", "cuda", "cpu", "cuda-emulator"]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+
+@pytest.fixture(params=BACKENDS, scope="module")
+def backend(request):
+    return make_backend(request.param)
+
+
+def run_plain(backend, p, has_bias=True):
+    impl = backend.impl
+    y = impl.forward(p["x"], p["u"], p["v"], p["bias"], p["mask_u"], p["mask_v"])
+    grads = impl.backward(p["grad_y"], p["x"], p["u"], p["v"], p["mask_u"], p["mask_v"], has_bias)
+    return y, grads
+
+
+def run_blended(backend, p, alpha, has_bias=True):
+    impl = backend.impl
+    a = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(alpha, device=backend.device)
+    y = impl.blended_forward(p["x"], p["u"], p["v"], p["bias"], p["mask_u"], p["mask_v"],
+                             p["teacher_weight"], p["teacher_bias"], a)
+    grads = impl.blended_backward(p["grad_y"], p["x"], p["u"], p["v"], p["mask_u"],
+                                  p["mask_v"], p["teacher_weight"], a, has_bias)
+    return y, grads
+
+
+# (tokens, in, out, rank, bias): one token, odd token counts not a multiple of any block,
+# in/out not multiples of 16, ranks 1, 7, 64; 301 tokens: the CUDA backend's factor
+# gradients split over tokens (the emulator reports few SMs).
+SHAPES = [
+    (1, 24, 40, 7, True),
+    (37, 33, 17, 1, False),
+    (37, 24, 40, 64, True),
+    (53, 33, 17, 7, True),
+    (301, 24, 70, 9, True),
+]
+SHAPE_IDS = [f"N{n}-{i}to{o}-r{r}-{'bias' if b else 'nobias'}" for n, i, o, r, b in SHAPES]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_case", MASK_CASES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_forward_backward(backend, shape, mask_case, dtype):
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    n, i, o, r, has_bias = shape
+    p = make_problem(n, i, o, r, dtype, mask_case, backend.device, has_bias)
+    ref_y, ref_grads = reference_lowrank(p)
+    y, grads = run_plain(backend, p, has_bias)
+    bound = backend.tolerance(dtype)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("mask_case", ["none", "zeros", "keep50", "keep5"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3]],
+                         ids=[SHAPE_IDS[0], SHAPE_IDS[2], SHAPE_IDS[3]])
+def test_blended_forward_backward(backend, shape, mask_case, alpha, dtype):
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    n, i, o, r, has_bias = shape
+    p = make_problem(n, i, o, r, dtype, mask_case, backend.device, has_bias, teacher=True)
+    ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
+    y, grads = run_blended(backend, p, alpha, has_bias)
+    bound = backend.tolerance(dtype)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blended_many_tokens(backend, dtype):
+    """301 tokens: the blended factor gradients through the CUDA backend's split-K path."""
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(*SHAPES[4][:4], dtype, "keep50", backend.device, True, teacher=True)
+    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
+    y, grads = run_blended(backend, p, 0.3)
+    bound = backend.tolerance(dtype)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blended", [False, True], ids=["plain", "blended"])
+def test_rank_384(backend, blended, dtype):
+    """The largest rank the design names (Triton pads T to 512 columns, held on chip)."""
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(5, 24, 40, 384, dtype, "keep50", backend.device, True, teacher=blended)
+    alpha = 0.3 if blended else None
+    ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
+    y, grads = run_blended(backend, p, alpha) if blended else run_plain(backend, p)
+    bound = backend.tolerance(dtype)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+
+
+def _strided_copy(t, how):
+    """The same values as ``t`` in a non-contiguous layout."""
+    if how == "transposed":
+        return t.T.contiguous().T
+    # every other column of a twice-as-wide buffer
+    wide = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+    wide[:, ::2] = t
+    return wide[:, ::2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("how", ["transposed", "sliced"])
+def test_non_contiguous_inputs(backend, how, dtype):
+    """Views give the same result as contiguous tensors (read through strides or copied)."""
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(37, 33, 17, 7, dtype, "keep50", backend.device, True, teacher=True)
+    ref_y, ref_grads = reference_lowrank(p)
+    ref_blend_y, ref_blend_grads = reference_lowrank(p, alpha=0.3)
+    q = dict(p)
+    for key in ("x", "u", "v", "grad_y", "teacher_weight", "mask_u", "mask_v"):
+        q[key] = _strided_copy(p[key], how)
+        assert not q[key].is_contiguous()
+    for key in ("bias", "teacher_bias"):  # 1-D: every other element of a longer buffer
+        q[key] = torch.stack([p[key], torch.zeros_like(p[key])], dim=1)[:, 0]
+        assert q[key].stride(0) == 2
+    bound = backend.tolerance(dtype)
+
+    y, grads = run_plain(backend, q)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    y, grads = run_blended(backend, q, 0.3)
+    assert_close("blended y", y, ref_blend_y, dtype, seed, bound)
+    check_backward(grads, p, ref_blend_grads, dtype, seed, True, bound)
+
+
+def test_alpha_is_read_from_the_tensor_each_call(backend):
+    """Same alpha tensor object, new value: the result follows (no cached .item())."""
+    dtype = torch.float32
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(9, 24, 40, 7, dtype, "keep50", backend.device, True, teacher=True)
+    a = torch.tensor(0.0, device=backend.device)
+    for alpha in (0.0, 0.6, 1.0):
+        a.fill_(alpha)
+        ref_y, _ = reference_lowrank(p, alpha=alpha)
+        y, _ = run_blended(backend, p, a)
+        assert_close(f"y(alpha={alpha})", y, ref_y, dtype, seed, backend.tolerance(dtype))
+
+
+def test_backend_object_has_the_contract(backend):
+    assert backend.impl.name == backend.name.replace("-emulator", "")
+    for fn in ("unavailable_reason", "forward", "backward", "blended_forward",
+               "blended_backward"):
+        assert callable(getattr(backend.impl, fn))
+    assert backend.impl.unavailable_reason(backend.device, torch.float64) is not None
+    assert backend.impl.unavailable_reason(torch.device("meta"), torch.float32) is not None
+
+
+# ------------------------------------------------------------------------------------------
+# GPU only: real model shapes, outputs poisoned with NaN, > 2**31-element inputs.
+# ------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [  # ViT-B/16 layers, tokens = batch x 197
+    (197, 768, 2304, 32),
+    (2 * 197, 768, 768, 384),
+    (8 * 197, 768, 3072, 256),
+    (8 * 197, 3072, 768, 128),
+]
+
+
+def _poison_allocator(p, dtype):
+    """Fill freed blocks of the caching allocator with NaN in the sizes the kernels' outputs
+    and intermediates take, so an output element a kernel forgets to write stays NaN."""
+    n, i = p["x"].shape
+    o, r = p["u"].shape
+    sizes = [(n, o), (n, i), (n, r), (n, r), (o, r), (i, r), (o,), (64, o, r), (64, i, r)]
+    blocks = [torch.full(s, float("nan"), dtype=d, device="cuda")
+              for s in sizes for d in (dtype, torch.float32)]
+    del blocks
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"N{n}-{i}to{o}-r{r}" for n, i, o, r in GPU_SHAPES])
+def test_gpu_vit_shapes(backend, shape, dtype):
+    if backend.device.type != "cuda":
+        pytest.skip(f"{backend.name} does not run on the GPU")
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    n, i, o, r = shape
+    p = make_problem(n, i, o, r, dtype, "keep50", backend.device, True, teacher=True)
+    bound = backend.tolerance(dtype)
+    ref_y, ref_grads = reference_lowrank(p)
+    _poison_allocator(p, dtype)
+    y, grads = run_plain(backend, p)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+
+    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
+    _poison_allocator(p, dtype)
+    y, grads = run_blended(backend, p, 0.3)
+    assert_close("blended y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+
+
+@needs_cuda
+def test_gpu_int64_offsets(backend):
+    """N * in > 2**31: element offsets overflow int32. Checks the last rows, which are the
+    ones an int32 offset would send to the wrong address."""
+    if backend.device.type != "cuda":
+        pytest.skip(f"{backend.name} does not run on the GPU")
+    backend.skip_unless_available(torch.float16)
+    seed = fresh_seed()
+    n, i, o, r = 2 ** 21 + 37, 1024, 24, 16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * n * i * 2:
+        pytest.skip("not enough GPU memory for a > 2**31-element x")
+    p = make_problem(n, i, o, r, torch.float16, "keep50", backend.device, True)
+    y, (grad_x, *_) = run_plain(backend, p)
+    tail = {k: (p[k][-300:] if k in ("x", "grad_y") else p[k]) for k in p}
+    ref_tail, ref_grads = reference_lowrank(tail)
+    bound = backend.tolerance(torch.float16)
+    assert_close("y[-300:]", y[-300:], ref_tail, torch.float16, seed, bound)
+    assert_close("grad_x[-300:]", grad_x[-300:], ref_grads[0], torch.float16, seed, bound)
