@@ -8,7 +8,8 @@
 #   info      python -m tunecomp info                               -> setup.log, printed
 #   tests     python -m pytest tests -x -q (GPU tests run)          -> tests.log
 #   sanitize  benchmarks/sanitize_kernels.py once plain (autotunes, results cached on disk),
-#             then under compute-sanitizer --tool memcheck           -> sanitize.log
+#             then under compute-sanitizer --tool memcheck (triton and cuda backends) and
+#             --tool racecheck (cuda backend: its shared-memory pipeline) -> sanitize.log
 #   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu")
 #                                                                     -> bench.log, bench.json
 #   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
@@ -103,6 +104,9 @@ if wants sanitize; then
     stage sanitize 120 "$OUT/sanitize.log" env TRITON_CACHE_AUTOTUNING=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 50 \
       "$PY" benchmarks/sanitize_kernels.py
+    stage racecheck 90 "$OUT/sanitize.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 50 \
+      "$PY" benchmarks/sanitize_kernels.py --backends cuda
   fi
 fi
 if wants model; then  # not in the default stages: run it as GPU_CHECK_STAGES="build model"

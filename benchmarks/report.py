@@ -37,6 +37,13 @@ TARGETS = (
          name="masked fwd, >= 8192 tokens: % of byte floor at every point"),
     dict(op="blended", direction="fwd+bwd", stat="geomean", baseline="eager", at_least=1.3,
          name="blended fwd+bwd: geometric-mean speedup over eager blended"),
+    # The native CUDA kernels against the Triton ones (issue: within 10% or faster).
+    dict(op="masked", direction="fwd", stat="geomean", baseline="triton", at_least=0.9,
+         backends=("cuda",), name="masked fwd: geometric-mean speedup over triton"),
+    dict(op="masked", direction="fwd+bwd", stat="geomean", baseline="triton", at_least=0.9,
+         backends=("cuda",), name="masked fwd+bwd: geometric-mean speedup over triton"),
+    dict(op="blended", direction="fwd+bwd", stat="geomean", baseline="triton", at_least=0.9,
+         backends=("cuda",), name="blended fwd+bwd: geometric-mean speedup over triton"),
 )
 POINT_KEYS = ("op", "direction", "in_features", "out_features", "tokens", "rank", "rho")
 
@@ -88,6 +95,8 @@ def build(bench: dict) -> dict:
     for p in points:
         if p["role"] == "baseline":
             baselines[(p["impl"], _point_key(p, dense=p["impl"] == "dense"))] = p["median_s"]
+    triton_times = {_point_key(p): p["median_s"] for p in points
+                    if p["role"] == "backend" and p["impl"] == "triton"}
     backends = []
     for p in points:
         if p["role"] != "backend":
@@ -99,6 +108,8 @@ def build(bench: dict) -> dict:
             t = baselines.get((impl, _point_key(p, dense=impl == "dense")))
             if t is not None:
                 p["speedup"][impl] = t / p["median_s"]
+        if p["impl"] != "triton" and _point_key(p) in triton_times:
+            p["speedup"]["triton"] = triton_times[_point_key(p)] / p["median_s"]
 
     geomeans = []
     for backend in backends:
@@ -111,7 +122,8 @@ def build(bench: dict) -> dict:
 
     device_name = run.get("device_name", "unknown device")
     applies = bool(re.search(r"H100|H200", device_name)) and run.get("dtype") == "bfloat16"
-    targets = [check_target(t, backend, points, run) for backend in backends for t in TARGETS]
+    targets = [check_target(t, backend, points, run) for backend in backends for t in TARGETS
+               if backend in t.get("backends", (backend,))]
     return {
         "device": device_name,
         "device_slug": slug(device_name),
@@ -156,7 +168,9 @@ def check_target(target: dict, backend: str, points: list, run: dict) -> dict:
                   if target["baseline"] in p["speedup"]]
     if not values:
         baseline = target.get("baseline")
-        if baseline and baseline not in run.get("baselines", {}).get(target["op"], ()):
+        if baseline == "triton":
+            result["detail"] = "no triton timings of the same points in this run"
+        elif baseline and baseline not in run.get("baselines", {}).get(target["op"], ()):
             result["detail"] = f"baseline {baseline!r} not in this run's grid"
         else:
             result["detail"] = "no such points in this run (grid, skips or missing ceilings)"
@@ -241,8 +255,8 @@ def markdown(results: dict) -> str:
     lines += [
         "µs: median time per call. GB/s, TFLOP/s: byte floor and useful FLOPs over it. "
         "%floor: the byte floor at the measured copy bandwidth, as % of the time; %roof: the "
-        "same for max(that, FLOPs at the matmul rate). ×eager/×compile/×dense: baseline time "
-        "over backend time (above 1: backend faster). **Bold**: below a per-point target. "
+        "same for max(that, FLOPs at the matmul rate). ×eager/×compile/×dense/×triton: that "
+        "implementation's time over the backend's (above 1: backend faster). **Bold**: below a per-point target. "
         "Definitions: benchmarks/README.md.",
         "",
     ]
@@ -253,6 +267,8 @@ def markdown(results: dict) -> str:
                           key=lambda p: (p["in_features"], p["out_features"], p["tokens"],
                                          p["rank"], p["rho"]))
             cols = [i for i in ("eager", "compile", "dense") if i in planned.get(op, ())]
+            if any("triton" in p["speedup"] for p in rows):
+                cols.append("triton")
             lines += [f"## {backend}: {op} {direction}", ""]
             lines.append("| in→out | tokens | r | ρ | µs | GB/s | TFLOP/s | %floor | %roof | "
                          + " | ".join(f"×{i}" for i in cols) + " |")
@@ -272,13 +288,13 @@ def markdown(results: dict) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Geometric means of the speedups", "",
-              "| backend | op | direction | points | ×eager | ×compile | ×dense |",
-              "|---|---|---|---|---|---|---|"]
+              "| backend | op | direction | points | ×eager | ×compile | ×dense | ×triton |",
+              "|---|---|---|---|---|---|---|---|"]
     for g in results["geomeans"]:
         s = g["speedup"]
         lines.append(f"| {g['backend']} | {g['op']} | {g['direction']} | {g['points']} | "
                      f"{_f(s.get('eager'), '.2f')} | {_f(s.get('compile'), '.2f')} | "
-                     f"{_f(s.get('dense'), '.2f')} |")
+                     f"{_f(s.get('dense'), '.2f')} | {_f(s.get('triton'), '.2f')} |")
     lines += ["", "## Targets (H100/H200, bf16, ratios from this one run)", ""]
     if not results["targets_apply"]:
         lines += [f"Informational only: this run is {results['device']}, {results['dtype']}.", ""]

@@ -1,7 +1,10 @@
-"""One forward + backward of each Triton op (masked and blended) at a small, awkward shape.
+"""One forward + backward of each op (masked and blended) on each GPU backend (triton, cuda)
+at a small, awkward shape.
 
-The workload ``gpu_check.sh`` runs under ``compute-sanitizer --tool memcheck``: no size is a
-multiple of a tile, so every kernel's edge masking is exercised. Run it once without the
+The workload ``gpu_check.sh`` runs under ``compute-sanitizer --tool memcheck`` (both backends)
+and ``--tool racecheck`` (the CUDA C++ kernels: ``--backends cuda``): no size is a multiple
+of a tile, so every kernel's edge masking is exercised, and 301 tokens send the CUDA
+backend's factor gradients through its split-K path. Run it once without the
 sanitizer first, with ``TRITON_CACHE_AUTOTUNING=1``: autotuning then happens there, and the
 sanitized run reuses the cached choice instead of benchmarking every config under memcheck
 (which slows each launch by orders of magnitude). Run the sanitized one with
@@ -21,7 +24,9 @@ import torch
 
 from tunecomp import ops, reference
 
-N, IN, OUT, RANK = 37, 72, 100, 20
+import argparse
+
+N, IN, OUT, RANK = 301, 72, 100, 20
 DTYPE = torch.bfloat16
 TOLERANCE = 3e-2  # relative error in bf16 with fp32 accumulation is ~1e-2 at most here
 
@@ -31,7 +36,7 @@ def rel_error(actual, expected) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def run(op: str, device="cuda", dtype=DTYPE) -> list:
+def run(op: str, backend_name: str, device="cuda", dtype=DTYPE) -> list:
     """[(name, relative error vs the float64 reference)] for y and every gradient."""
 
     def randn(*shape):
@@ -55,7 +60,7 @@ def run(op: str, device="cuda", dtype=DTYPE) -> list:
         return fn(x, u, v, bias, mask_u, mask_v, *extra, **kwargs)
 
     results = []
-    for backend, run_dtype in ((None, torch.float64), ("triton", dtype)):
+    for backend, run_dtype in ((None, torch.float64), (backend_name, dtype)):
         leaves = [t.to(run_dtype).requires_grad_() for t in (x, u, v, bias)]
         y = forward(backend, *leaves)
         grads = torch.autograd.grad(y, leaves, grad_y.to(run_dtype))
@@ -64,22 +69,29 @@ def run(op: str, device="cuda", dtype=DTYPE) -> list:
     return [(name, rel_error(got, want)) for name, want, got in zip(names, *results)]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="triton,cuda", help="comma-separated GPU backends")
+    backends = [b for b in parser.parse_args(argv).backends.split(",") if b]
     if not torch.cuda.is_available():
         print("sanitize_kernels: no CUDA device, nothing to check")
         return 0
-    reason = ops.available_backends("cuda", DTYPE)["triton"]
-    if reason is not None:
-        print(f"sanitize_kernels: the triton backend is unavailable: {reason}")
-        return 1
-    torch.manual_seed(0)
     failed = False
-    for op in ("masked", "blended"):
-        for name, error in run(op):
-            ok = error < TOLERANCE  # also False for NaN
-            failed |= not ok
-            print(f"{op:8s} {name:10s} rel. error {error:.2e} {'ok' if ok else 'TOO LARGE'}")
-    print(f"sanitize_kernels: {'FAILED' if failed else 'ok'} (N={N}, {IN}->{OUT}, rank {RANK}, {DTYPE})")
+    for backend in backends:
+        reason = ops.available_backends("cuda", DTYPE)[backend]
+        if reason is not None:
+            print(f"sanitize_kernels: the {backend} backend is unavailable: {reason}")
+            failed = True
+            continue
+        torch.manual_seed(0)
+        for op in ("masked", "blended"):
+            for name, error in run(op, backend):
+                ok = error < TOLERANCE  # also False for NaN
+                failed |= not ok
+                print(f"{backend:7s} {op:8s} {name:10s} rel. error {error:.2e} "
+                      f"{'ok' if ok else 'TOO LARGE'}")
+    print(f"sanitize_kernels: {'FAILED' if failed else 'ok'} ({','.join(backends)}; N={N}, "
+          f"{IN}->{OUT}, rank {RANK}, {DTYPE})")
     return 1 if failed else 0
 
 

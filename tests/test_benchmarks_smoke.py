@@ -104,3 +104,25 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
     md = next((tmp_path / "nc").glob("*.md")).read_text()
     assert "baseline `compile`: not in this run's grid" in md
     assert "torch.compile | **NOT MEASURED**" in md
+
+    # Two kernel backends in one run: the cuda rows carry x-triton ratios and its targets.
+    data = json.loads(bench.read_text())
+    extra = []
+    for b in data["benchmarks"]:
+        if b["extra_info"].get("role") == "backend" and b["extra_info"]["impl"] == "torch":
+            for impl, slower in (("triton", 1.0), ("cuda", 1.25)):
+                c = json.loads(json.dumps(b))
+                c["extra_info"]["impl"] = impl
+                c["stats"] = {k: v * slower for k, v in b["stats"].items() if k in ("median", "min")} | {"rounds": b["stats"]["rounds"]}
+                extra.append(c)
+    data["benchmarks"] += extra
+    bench.write_text(json.dumps(data))
+    _run([sys.executable, "benchmarks/report.py", str(bench), "--out-dir", str(tmp_path / "two")],
+         env, timeout=60)
+    results = json.loads(next((tmp_path / "two").glob("*.json")).read_text())
+    cuda = [p for p in results["points"] if p["impl"] == "cuda"]
+    assert cuda and all(abs(p["speedup"]["triton"] - 0.8) < 1e-9 for p in cuda)
+    versus_triton = [t for t in results["targets"] if "over triton" in t["name"]]
+    assert {t["backend"] for t in versus_triton} == {"cuda"} and len(versus_triton) == 3
+    assert all(t["status"] == "MISS" and "short by 11.1%" in t["detail"] for t in versus_triton)
+    assert "×triton" in next((tmp_path / "two").glob("*.md")).read_text()

@@ -132,3 +132,102 @@ def test_packed_groups_match_and_follow_in_place_changes():
     mask_v.zero_()
     y3 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
     assert torch.allclose(y3, bias.expand_as(y3))
+
+
+# ------------------------------------------------------------------------------------------
+# The CUDA C++ backend. Its numbers are checked by tests/test_kernels.py (on the GPU, and on
+# the CPU through tests/cuda_emulator); here: its checks and its wiring into the ops.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler to build the CUDA emulator")
+    import cuda_emulator
+
+    return cuda_emulator.load()
+
+
+def test_cuda_checks_raise_python_errors(emulator):
+    """The CUDA entry points' TORCH_CHECKs (same host code as the GPU build, run on CPU
+    tensors) raise ValueError/TypeError naming the argument, the expected and the actual."""
+    x, u, v = torch.randn(4, 6), torch.randn(5, 2), torch.randn(6, 2)
+    f = emulator.lowrank_forward_cuda
+    with pytest.raises(ValueError, match=r"x.shape\[1\] \(in_features\) must equal v.shape\[0\]; got 6 and 7"):
+        f(x, u, torch.randn(7, 2))
+    with pytest.raises(ValueError, match="u and v must have the same rank; got 3 and 2"):
+        f(x, torch.randn(5, 3), v)
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        f(x, torch.randn(5, 0), torch.randn(6, 0))
+    with pytest.raises(TypeError, match="mask_u must be a bool tensor; got Float"):
+        f(x, u, v, None, torch.ones(5, 2))
+    with pytest.raises(ValueError, match=r"mask_v must have shape \[6, 2\]; got \[6, 3\]"):
+        f(x, u, v, None, None, torch.ones(6, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="v must have x's dtype Float; got Double"):
+        f(x, u, v.double())
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16 for the cuda backend; got Double"):
+        f(x.double(), u.double(), v.double())
+    with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(5,\); got \[4\]"):
+        f(x, u, v, torch.randn(4))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        f(x[None], u, v)
+    with pytest.raises(ValueError, match=r"grad_y must have shape \(tokens, out_features\) = \(4, 5\); got \[4, 4\]"):
+        emulator.lowrank_backward_cuda(torch.randn(4, 4), x, u, v)
+    w0, alpha = torch.randn(5, 6), torch.tensor(0.5)
+    g = emulator.blended_forward_cuda
+    with pytest.raises(ValueError, match=r"teacher_weight must have shape \(out_features, in_features\) = \(5, 6\); got \[6, 5\]"):
+        g(x, u, v, None, None, None, w0.T.contiguous(), None, alpha)
+    with pytest.raises(TypeError, match="alpha must be a float32 tensor; got Double"):
+        g(x, u, v, None, None, None, w0, None, alpha.double())
+    with pytest.raises(ValueError, match="alpha must have one element"):
+        g(x, u, v, None, None, None, w0, None, torch.ones(2))
+    with pytest.raises(ValueError, match=r"teacher_bias must have shape \(out_features,\) = \(5,\)"):
+        g(x, u, v, None, None, None, w0, torch.randn(3), alpha)
+
+
+def test_cuda_backend_zero_tokens(emulator):
+    x, u, v = torch.randn(0, 6), torch.randn(5, 2), torch.randn(6, 2)
+    assert emulator.lowrank_forward_cuda(x, u, v).shape == (0, 5)
+    gx, gu, gv, gb = emulator.lowrank_backward_cuda(torch.randn(0, 5), x, u, v, None, None, True)
+    assert gx.shape == (0, 6) and not gu.any() and not gv.any() and gb.shape == (5,) and not gb.any()
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_cuda_backend_through_the_custom_ops(emulator, monkeypatch, blend):
+    """ops -> custom op -> autograd -> the cuda backend's Python glue -> the C++ entry
+    points, with the emulator standing in for the GPU build; against the torch backend."""
+    monkeypatch.setitem(ops._BACKENDS, "cuda", ops._CudaBackend(native=emulator, device_type="cpu"))
+    x, u, v, bias, mask_u, mask_v = inputs((9, 24, 20, 5), 0.5, True)
+    x = x.reshape(3, 3, 24)  # leading dims are flattened by the ops layer
+    w0, b0 = torch.randn(20, 24), torch.randn(20)
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_() for t in (x, u, v, bias)]
+        if blend:
+            y = ops.blended_lowrank_linear(*leaves, mask_u, mask_v, w0, b0, 0.6, backend=backend)
+        else:
+            y = ops.masked_lowrank_linear(*leaves, mask_u, mask_v, backend=backend)
+        y.square().sum().backward()
+        return y, [t.grad for t in leaves]
+
+    y, grads = run("cuda")
+    y_ref, grads_ref = run("torch")
+    assert y.shape == (3, 3, 20)
+    assert rel_error(y, y_ref) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_error(g, g_ref) < 1e-5
+
+
+def test_cuda_backend_availability():
+    reason = ops.available_backends("cpu", torch.float32)["cuda"]
+    if not _C.with_cuda:
+        assert "built without its CUDA part" in reason
+        return
+    assert reason == "the CUDA kernels take cuda tensors, not cpu"
+    cuda = ops._BACKENDS["cuda"]
+    if not torch.cuda.is_available():
+        assert cuda.unavailable_reason(torch.device("cuda"), torch.float32) == "CUDA is not available"
+    else:
+        assert cuda.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
+    assert "float64" in cuda.unavailable_reason(torch.device("cuda"), torch.float64)

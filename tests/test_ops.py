@@ -199,25 +199,40 @@ def test_bad_input_blended(change, error, words):
     assert words in str(info.value)
 
 
+def _gpu_backend(name, dtype):
+    reason = ops.available_backends("cuda", dtype)[name]
+    if reason is not None:
+        pytest.skip(f"backend {name!r}: {reason}")
+    return name
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_ops_on_gpu_match_reference(gpu, dtype):
+def test_ops_on_gpu_match_reference(gpu, dtype, backend):
+    if backend != "auto":
+        _gpu_backend(backend, dtype)
     a = {k: t.to(gpu) for k, t in make_inputs(n=197, k=96, m=80, r=24, dtype=dtype).items()}
+    a["backend"] = backend
     t = {k: v.to(gpu) for k, v in make_teacher(a, dtype).items()}
-    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()}
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()
+           if k != "backend"}
     # bf16 operands carry 8 mantissa bits (~4e-3 per rounding); fp16 11; fp32 may use tf32
     bound = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     y = ops.masked_lowrank_linear(**a)
-    assert rel_error(y, reference.masked_lowrank_linear(**{k: dbl[k] for k in a})) < bound
+    assert rel_error(y, reference.masked_lowrank_linear(**{k: dbl[k] for k in a if k != "backend"})) < bound
     alpha = torch.tensor(0.4, device=gpu)
     y = ops.blended_lowrank_linear(**a, **t, alpha=alpha)
     assert rel_error(y, reference.blended_lowrank_linear(**dbl, alpha=0.4)) < bound
 
 
 @pytest.mark.gpu
-def test_blend_in_cuda_graph_reads_new_alpha(gpu):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_blend_in_cuda_graph_reads_new_alpha(gpu, backend):
     """alpha lives in a tensor: a captured graph replays with a new value, no recapture."""
+    _gpu_backend(backend, torch.float32)
     a = {k: t.to(gpu) for k, t in make_inputs(n=64, k=32, m=48, r=8, dtype=torch.float32).items()}
+    a["backend"] = backend
     t = {k: v.to(gpu) for k, v in make_teacher(a, torch.float32).items()}
     alpha = torch.tensor(0.9, device=gpu)
     ops.blended_lowrank_linear(**a, **t, alpha=alpha)  # warm up outside the capture
@@ -225,7 +240,8 @@ def test_blend_in_cuda_graph_reads_new_alpha(gpu):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = ops.blended_lowrank_linear(**a, **t, alpha=alpha)
-    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()}
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()
+           if k != "backend"}
     for value in (0.9, 0.1):
         alpha.fill_(value)
         graph.replay()
@@ -240,7 +256,7 @@ def _triton_ready():
 @pytest.mark.parametrize("blend", [False, True])
 def test_triton_backend_through_the_custom_ops(blend):
     """The ops layer (checks, flattening, autograd, alpha tensor) over the Triton kernels,
-    against the torch backend. The kernels themselves: tests/test_triton_kernels.py."""
+    against the torch backend. The kernels themselves: tests/test_kernels.py."""
     a = make_inputs(n=9, k=24, m=20, r=5, dtype=torch.float32, lead=(2,), grad=True)
     t = make_teacher(a, torch.float32)
     grad_y = torch.randn(2, 9, 20)
