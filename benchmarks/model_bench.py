@@ -77,7 +77,9 @@ def build(variant):
             size, params = os.path.getsize(path), sum(p.numel() for p in model.parameters())
             ready = model.to(GRID["device"], GRID["dtype"])
         else:
-            replace_linear_layers(model, param_ratio=ratio, keep_teacher=False)
+            # ranks in multiples of 4: 2:4 pruning groups U's entries along the rank
+            replace_linear_layers(model, param_ratio=ratio, keep_teacher=False,
+                                  rank_multiple=4 if mode == "n:m" else 1)
             if rho:
                 prune_(compressible_layers(model), rho, mode)
             params = effective_params(model)

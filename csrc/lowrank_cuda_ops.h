@@ -16,6 +16,7 @@
 // T and G ([N, r], in x's dtype, as eager PyTorch rounds them) go through device memory.
 #pragma once
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 

@@ -225,48 +225,47 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBlockN;
   const float alpha = p.alpha != nullptr ? *p.alpha : 0.0f;
 
-  // The K range of each segment; split-K narrows the first (and then only) one.
-  int64_t k_begin[2] = {0, 0};
-  int64_t k_end[2] = {p.seg[0].k, p.seg[1].k};
+  // The K range of each segment (scalars, not arrays indexed by segment: those would live
+  // in local memory); split-K narrows the first (and then only) one. The second segment
+  // always starts at 0.
+  int64_t begin0 = 0, end0 = p.seg[0].k;
   if (p.k_per_split > 0) {
-    k_begin[0] = static_cast<int64_t>(blockIdx.z) * p.k_per_split;
-    k_end[0] = k_begin[0] + p.k_per_split < k_end[0] ? k_begin[0] + p.k_per_split : k_end[0];
+    begin0 = static_cast<int64_t>(blockIdx.z) * p.k_per_split;
+    end0 = begin0 + p.k_per_split < end0 ? begin0 + p.k_per_split : end0;
   }
-  int64_t num_tiles[2] = {0, 0};
-  for (int s = 0; s < p.num_segments; ++s) {
-    if (k_end[s] > k_begin[s]) num_tiles[s] = (k_end[s] - k_begin[s] + kBlockK - 1) / kBlockK;
-  }
-  const int64_t total_tiles = num_tiles[0] + num_tiles[1];
+  const int64_t end1 = p.num_segments > 1 ? p.seg[1].k : 0;
+  const int64_t tiles0 = end0 > begin0 ? (end0 - begin0 + kBlockK - 1) / kBlockK : 0;
+  const int64_t tiles1 = end1 > 0 ? (end1 + kBlockK - 1) / kBlockK : 0;
+  const int64_t total_tiles = tiles0 + tiles1;
 
-  // K tile t (counted over both segments): its segment and first k.
-  auto locate = [&](int64_t t, int& s, int64_t& k0) {
-    s = t < num_tiles[0] ? 0 : 1;
-    k0 = k_begin[s] + (s == 0 ? t : t - num_tiles[0]) * kBlockK;
+  // K tile t (counted over both segments): its segment, first k and end of K.
+  auto locate = [&](int64_t t, int& s, int64_t& k0, int64_t& k_end) {
+    s = t < tiles0 ? 0 : 1;
+    k0 = s == 0 ? begin0 + t * kBlockK : (t - tiles0) * kBlockK;
+    k_end = s == 0 ? end0 : end1;
   };
 
   T a_reg[kLoadsA];
   T b_reg[kLoadsB];
   auto fetch = [&](int64_t t) {  // global -> registers, masks and bounds applied
     int s;
-    int64_t k0;
-    locate(t, s, k0);
+    int64_t k0, k_end;
+    locate(t, s, k0, k_end);
     const Segment& seg = p.seg[s];
     const bool a_rows = rows_fast(seg.a), b_rows = rows_fast(seg.b);
     for (int l = 0; l < kLoadsA; ++l) {
       int r, c;
       tile_position(tid + l * kThreads, kBlockM, kBlockK, a_rows, r, c);
-      a_reg[l] = load_element<T>(seg.a, m0 + r, k0 + c, p.m, k_end[s]);
+      a_reg[l] = load_element<T>(seg.a, m0 + r, k0 + c, p.m, k_end);
     }
     for (int l = 0; l < kLoadsB; ++l) {
       int r, c;
       tile_position(tid + l * kThreads, kBlockK, kBlockN, b_rows, r, c);
-      b_reg[l] = load_element<T>(seg.b, k0 + r, n0 + c, k_end[s], p.n);
+      b_reg[l] = load_element<T>(seg.b, k0 + r, n0 + c, k_end, p.n);
     }
   };
   auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch
-    int s;
-    int64_t k0;
-    locate(t, s, k0);
+    const int s = t < tiles0 ? 0 : 1;
     const bool a_rows = rows_fast(p.seg[s].a), b_rows = rows_fast(p.seg[s].b);
     for (int l = 0; l < kLoadsA; ++l) {
       int r, c;
@@ -288,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
     __syncthreads();
     if (t + 1 < total_tiles) fetch(t + 1);  // in flight while the tensor cores work
     engine.step(a_tile, b_tile);
-    if (t + 1 == num_tiles[0]) engine.scale(scale_value(p.scale_first, alpha));
+    if (t + 1 == tiles0) engine.scale(scale_value(p.scale_first, alpha));
     __syncthreads();
   }
   engine.store(c_tile);

@@ -154,3 +154,88 @@ def test_inference_layer_compiles(tmp_path):
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
         assert rel_error(compiled(x), layer(x)) < 1e-5
+
+
+def two_four_model(embed_dim=32):
+    """A ViT whose low-rank layers are 2:4-pruned (ranks in multiples of 4), after training."""
+    from tunecomp.prune import prune_
+
+    kw = {**KW, "embed_dim": embed_dim}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+    replace_linear_layers(model, param_ratio=0.5, keep_teacher=False, rank_multiple=4)
+    layers = [m for m in model.modules() if isinstance(m, FusedPrunedLowRankLinear)]
+    prune_(layers, 0.5, "n:m")
+    return model, kw, layers
+
+
+def test_2_4_packing_round_trip():
+    from tunecomp.deploy import _pack_2_4, _unpack_2_4, is_2_4
+
+    for shape, dim in (((12, 8), 0), ((12, 8), 1), ((4, 4), 1)):
+        moved = list(shape)
+        moved.append(moved.pop(dim))  # the reduction dim last, cut into groups of 4
+        groups = torch.randn(moved).reshape(-1, 4)
+        keep = torch.rand(groups.shape).argsort(-1) < torch.randint(0, 3, (groups.shape[0], 1))
+        groups.masked_fill_(~keep, 0)  # 0, 1 or 2 nonzeros per group of 4
+        factor = groups.reshape(moved).movedim(-1, dim)
+        assert is_2_4(factor, torch.zeros(4, shape[1])) if dim == 1 else is_2_4(torch.zeros(4, shape[1]), factor)
+        values, positions = _pack_2_4(factor, dim)
+        assert values.shape == (*positions.shape, 2) and positions.dtype == torch.uint8
+        assert torch.equal(_unpack_2_4(values, positions, shape, dim), factor)
+    u, v = torch.randn(8, 4), torch.randn(12, 4)
+    assert not is_2_4(u, v)
+    assert not is_2_4(torch.zeros(8, 6), torch.zeros(12, 6))  # rank not a multiple of 4
+
+
+@pytest.mark.filterwarnings("ignore:.*run as dense low-rank here")
+def test_2_4_form_round_trip_and_file_size(tmp_path):
+    from tunecomp.deploy import SemiStructuredLowRankLinear
+
+    model, kw, layers = two_four_model()
+    manifest = export(model, str(tmp_path), arch_kwargs=kw)
+    assert {i["form"] for i in manifest["layers"].values()} == {"semi24"}
+    with pytest.warns(UserWarning, match="2:4 sparse tensor cores need a CUDA GPU"):
+        loaded = load(str(tmp_path))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(loaded(x), model(x)) < 1e-5
+    for name, info in manifest["layers"].items():
+        module = loaded.get_submodule(name)
+        assert isinstance(module, SemiStructuredLowRankLinear) and not module.semi_structured
+        assert info["rank"] == info["rank_before"] and module.u.shape == (info["out_features"], info["rank"])
+    # per group of 4 entries: 2 values and 1 position byte, nothing else
+    entries = sum(i["rank"] * (i["in_features"] + i["out_features"]) for i in manifest["layers"].values())
+    packed = sum(torch.Size(s).numel() * (4 if k.endswith(".values24") else 1)
+                 for k, s in manifest["tensors"].items() if k.endswith(("values24", "positions24")))
+    assert packed == entries // 4 * (2 * 4 + 1)
+    assert not any(k.endswith((".u", ".v")) for k in manifest["tensors"])
+
+
+def test_2_4_form_refused_for_unstructured_masks(tmp_path):
+    model = trained_like_model()
+    with pytest.raises(ValueError, match="layer blocks.0.attn.qkv cannot take form 'semi24': its factors are not 2:4"):
+        export(model, str(tmp_path), arch_kwargs=KW, form="semi24")
+    with pytest.raises(ValueError, match="form must be one of"):
+        export(model, str(tmp_path), arch_kwargs=KW, form="csr")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_2_4_form_on_sparse_tensor_cores(tmp_path, gpu, dtype):
+    from tunecomp.deploy import SemiStructuredLowRankLinear, semi_structured_unavailable
+
+    reason = semi_structured_unavailable(gpu, dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    model, kw, _ = two_four_model(embed_dim=64)  # feature sizes multiples of 64
+    export(model, str(tmp_path), arch_kwargs=kw)
+    loaded = load(str(tmp_path), device=gpu, dtype=dtype)
+    semi = [m for m in loaded.modules() if isinstance(m, SemiStructuredLowRankLinear)]
+    assert semi and all(m.semi_structured for m in semi)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        reference = model.to(gpu, torch.float32)(x.to(gpu))
+        y = loaded(x.to(gpu, dtype))
+    assert y.dtype == dtype and rel_error(y, reference) < 3e-2  # 16-bit weights and activations
+    loaded.to(torch.float32)  # moving drops the sparse copies; the dense form takes over
+    assert not any(m.semi_structured for m in semi)

@@ -65,6 +65,12 @@ def test_rank_forms():
     assert rank_for(768, 2304, rank_ratio=0.25) == 192
     assert rank_for(768, 768, param_ratio=0.5) == 192
     assert rank_for(4, 4, rank_ratio=0.01) == 1
+    assert rank_for(768, 3072, param_ratio=0.5) == 307
+    assert rank_for(768, 3072, param_ratio=0.5, rank_multiple=4) == 304
+    assert rank_for(768, 3072, rank=3, rank_multiple=16) == 16  # at least one multiple
+    assert rank_for(6, 6, rank=5, rank_multiple=8) == 6  # at most full rank
+    with pytest.raises(ValueError, match="rank_multiple must be a positive int; got 0"):
+        rank_for(8, 8, rank=2, rank_multiple=0)
     with pytest.raises(ValueError, match="exactly one of rank, rank_ratio, param_ratio"):
         rank_for(8, 8, rank=2, rank_ratio=0.5)
     with pytest.raises(ValueError, match="exactly one"):

@@ -145,8 +145,10 @@ def compress(args) -> dict:
     calib = None
     if args.init != "svd":
         calib = calibration_batches(data.train, args.batch_size, args.calib_batches)
+    # 2:4 pruning groups U's entries by 4 along the rank: ranks must be multiples of 4
     report = prepare(model, **rank_spec, targets=args.targets.split(","), init=args.init,
-                     calib_batches=calib, backend=args.backend)
+                     calib_batches=calib, backend=args.backend,
+                     rank_multiple=4 if args.prune_mode == "n:m" else 1)
     print(report)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,

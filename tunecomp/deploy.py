@@ -18,10 +18,19 @@ is chosen:
   factor entries are kept: the file stores the kept values and their int32 positions
   (8 bytes per kept entry instead of 4 per entry), and on the CPU backend the forward
   touches kept entries only;
+- ``"semi24"``: ``SemiStructuredLowRankLinear``, when the factors are 2:4 sparse along their
+  reduction dims and not sparse enough for ``"sparse"`` (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank).
+  The file stores, per group of 4 entries, the 2 kept values and one byte of positions
+  (1.25 bytes per entry in bf16, against 2 dense); on a CUDA GPU of sm_80 or newer in
+  fp16/bf16 the factors run on the sparse tensor cores (``torch.sparse``'s semi-structured
+  tensors; the rank is padded with zero components to a multiple of 64 in memory), elsewhere
+  as the plain low-rank form. Dead rank components are kept (removing them would break U's
+  groups of 4 along the rank);
 - ``"dense"``: the merged ``nn.Linear`` otherwise (and for a layer whose rank fell to 0).
 
-With ``measure=True`` the choice is made by timing both forms on the layer's own shape
-(``tokens`` rows) on ``device`` instead of by that rule.
+With ``measure=True`` the choice is made by timing the forms on the layer's own shape
+(``tokens`` rows) on ``device`` instead of by that rule (2:4 factors: "semi24" is timed where
+it runs sparse, and otherwise chosen only by the rule).
 
 ``load(path, device=..., dtype=...)`` rebuilds the architecture, swaps in the exported forms,
 loads the tensors and returns the model in eval mode. A tampered or truncated file, a
@@ -34,9 +43,11 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__, ops
@@ -44,7 +55,7 @@ from .nn import FusedPrunedLowRankLinear
 from .reference import apply_mask
 
 FORMAT_VERSION = 1
-FORMS = ("lowrank", "sparse", "dense")
+FORMS = ("lowrank", "sparse", "dense", "semi24")
 TENSORS = "model.safetensors"
 MANIFEST = "manifest.json"
 
@@ -86,6 +97,103 @@ class SparseLowRankLinear(LowRankLinear):
     def forward(self, x: Tensor) -> Tensor:
         return ops.masked_lowrank_linear(x, self.u, self.v, self.bias, self.mask_u, self.mask_v,
                                          backend=self.backend)
+
+
+def semi_structured_unavailable(device, dtype: torch.dtype) -> Optional[str]:
+    """None if 2:4 semi-structured factors run on the sparse tensor cores here, else why not."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"2:4 sparse tensor cores need a CUDA GPU, not {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"2:4 sparse factors run in float16/bfloat16 here, not {dtype}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "2:4 sparse tensor cores need sm_80 or newer"
+    return None
+
+
+class SemiStructuredLowRankLinear(LowRankLinear):
+    """``LowRankLinear`` whose factors are 2:4 sparse along their reduction dims (V along
+    ``in``, U along the rank). ``sparsify_()`` converts them for the GPU's sparse tensor
+    cores where that is possible; until then, and after any ``.to()``, it runs as the plain
+    low-rank form (same results)."""
+
+    RANK_MULTIPLE = 64  # semi-structured shape constraints (32 rows, 64 columns) for both factors
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sparse = None
+
+    @property
+    def semi_structured(self) -> bool:
+        """Whether the forward runs on the sparse tensor cores."""
+        return self._sparse is not None
+
+    @torch.no_grad()
+    def sparsify_(self) -> Optional[str]:
+        """Convert the factors for the sparse tensor cores; None if done, else why not."""
+        self._sparse = None
+        reason = semi_structured_unavailable(self.u.device, self.u.dtype)
+        if reason is not None:
+            return reason
+        if not is_2_4(self.u, self.v):
+            return "the factors are not 2:4 sparse along their reduction dims"
+        from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+        pad = -self.rank % self.RANK_MULTIPLE  # zero components: 2:4 and contribute nothing
+        u = F.pad(self.u, (0, pad)).contiguous()
+        v_t = F.pad(self.v, (0, pad)).T.contiguous()  # [r, in]: reduces over in, like x @ v
+        cusparselt = getattr(torch.backends, "cusparselt", None)
+        cls = (SparseSemiStructuredTensorCUSPARSELT if cusparselt is not None and cusparselt.is_available()
+               else SparseSemiStructuredTensorCUTLASS)
+        self._sparse = (cls.from_dense(v_t), cls.from_dense(u))
+        return None
+
+    def _apply(self, fn, recurse=True):
+        self._sparse = None  # moved or cast: the converted copies no longer match
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._sparse is None:
+            return super().forward(x)
+        v_t, u = self._sparse
+        return F.linear(F.linear(x, v_t), u, self.bias)
+
+
+def _groups_of_4(factor: Tensor, dim: int) -> Tensor:
+    """``factor`` with ``dim`` moved last and cut into groups of 4: [rows, dim/4, 4]."""
+    moved = factor.movedim(dim, -1)
+    return moved.reshape(moved.shape[0], -1, 4)
+
+
+def is_2_4(u: Tensor, v: Tensor) -> bool:
+    """Whether at most 2 of every 4 consecutive entries along each factor's reduction dim
+    (V [in, r] along in, U [out, r] along r) are nonzero."""
+    for factor, dim in ((v, 0), (u, 1)):
+        if factor.shape[dim] % 4 or factor.numel() == 0:
+            return False
+        if bool(((_groups_of_4(factor, dim) != 0).sum(-1) > 2).any()):
+            return False
+    return True
+
+
+def _pack_2_4(factor: Tensor, dim: int) -> tuple:
+    """(values [rows, groups, 2], uint8 positions [rows, groups]) of a 2:4 factor: the (up to)
+    two nonzero entries of each group of 4 and their positions p0 + 4·p1."""
+    groups = _groups_of_4(factor, dim)
+    # stable sort puts the nonzero positions first, in order; a group with fewer than two
+    # nonzeros stores zeros at the first zero positions
+    where = torch.argsort((groups == 0).to(torch.int8), dim=-1, stable=True)[..., :2]
+    values = torch.gather(groups, -1, where).contiguous()
+    return values, (where[..., 0] + 4 * where[..., 1]).to(torch.uint8).contiguous()
+
+
+def _unpack_2_4(values: Tensor, positions: Tensor, shape, dim: int) -> Tensor:
+    p = positions.long()
+    where = torch.stack([p % 4, p // 4], dim=-1)
+    groups = values.new_zeros(*values.shape[:-1], 4).scatter_(-1, where, values)
+    moved_shape = list(shape)
+    moved_shape.append(moved_shape.pop(dim))
+    return groups.reshape(moved_shape).movedim(-1, dim).contiguous()
 
 
 def _pack(factor: Tensor) -> tuple:
@@ -151,8 +259,10 @@ def kept_fraction(u: Tensor, v: Tensor) -> float:
 
 
 def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = False,
-                device=None, tokens: int = 1576, kept: Optional[float] = None) -> str:
-    """The form for one layer: by the rule in the module doc, or by timing all three."""
+                device=None, tokens: int = 1576, kept: Optional[float] = None,
+                full: Optional[tuple] = None) -> str:
+    """The form for one layer: by the rule in the module doc, or by timing them. ``u``, ``v``:
+    the compacted factors; ``full``: the masked factors at full rank when they are 2:4."""
     in_features, out_features, rank = v.shape[0], u.shape[0], u.shape[1]
     if rank == 0:
         return "dense"
@@ -160,6 +270,8 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
         kept = kept_fraction(u, v) if kept is None else kept
         if kept < ops._CpuBackend.SPARSE_BELOW:
             return "sparse"
+        if full is not None:
+            return "semi24"
         return "lowrank" if rank * (in_features + out_features) < in_features * out_features else "dense"
     device = torch.device(device or u.device)
     x = torch.randn(tokens, in_features, device=device, dtype=u.dtype)
@@ -170,6 +282,10 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
     sparse.mask_v.copy_(v != 0)
     timings = {"lowrank": time_forward(_lowrank(u, v, bias), x), "sparse": time_forward(sparse, x),
                "dense": time_forward(_dense(u, v, bias, in_features, out_features), x)}
+    if full is not None:
+        semi = _lowrank(full[0].to(device), full[1].to(device), bias, SemiStructuredLowRankLinear)
+        if semi.sparsify_() is None:
+            timings["semi24"] = time_forward(semi, x)
     return min(timings, key=timings.get)
 
 
@@ -183,15 +299,19 @@ def _sha256(path: str) -> str:
 
 @torch.no_grad()
 def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs: Optional[dict] = None,
-           forms: Optional[dict] = None, measure: bool = False, device=None, tokens: int = 1576) -> dict:
+           forms: Optional[dict] = None, measure: bool = False, device=None, tokens: int = 1576,
+           form: Optional[str] = None) -> dict:
     """Write ``model`` (with trained ``FusedPrunedLowRankLinear`` layers) to the directory
     ``path``; returns the manifest. ``arch``/``arch_kwargs``: the timm name and kwargs to
     rebuild it (default: the model's own ``pretrained_cfg['architecture']``, no kwargs);
     without them, ``load`` needs the caller's skeleton model. ``forms``: ``{layer name:
-    form}`` to force a form. ``measure``/``device``/``tokens``: choose forms by timing."""
+    form}`` to force a form (``form``: the same for every layer that ``forms`` does not name).
+    ``measure``/``device``/``tokens``: choose forms by timing."""
     from safetensors.torch import save_file
 
     forms = dict(forms or {})
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}")
     unknown = {n: f for n, f in forms.items() if f not in FORMS}
     if unknown:
         raise ValueError(f"forms must be one of {FORMS}; got {unknown}")
@@ -207,20 +327,29 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         u, v = compact_factors(layer)
         bias = None if layer.bias is None else layer.bias.detach()
         kept = kept_fraction(u, v)
-        form = forms.pop(name, None) or choose_form(u, v, bias, measure, device, tokens, kept)
+        full = (apply_mask(layer.u, layer.mask_u).detach(), apply_mask(layer.v, layer.mask_v).detach())
+        full = full if is_2_4(*full) else None
+        chosen = forms.pop(name, None) or form or choose_form(u, v, bias, measure, device, tokens, kept, full)
         if u.shape[1] == 0:  # everything pruned: the layer is its bias
-            form = "dense"
-        if form == "dense":
+            chosen = "dense"
+        if chosen == "semi24" and full is None:
+            raise ValueError(f"layer {name} cannot take form 'semi24': its factors are not 2:4 sparse "
+                             f"along their reduction dims (prune with mode='n:m', n=2, m=4)")
+        rank = int(full[0].shape[1]) if chosen == "semi24" else int(u.shape[1])
+        if chosen == "dense":
             state[f"{name}.weight"] = (u @ v.T).contiguous()
-        elif form == "sparse":
+        elif chosen == "semi24":
+            for side, factor, dim in (("u", full[0], 1), ("v", full[1], 0)):
+                state[f"{name}.{side}.values24"], state[f"{name}.{side}.positions24"] = _pack_2_4(factor, dim)
+        elif chosen == "sparse":
             for side, factor in (("u", u), ("v", v)):
                 state[f"{name}.{side}.values"], state[f"{name}.{side}.positions"] = _pack(factor)
         else:
             state[f"{name}.u"], state[f"{name}.v"] = u, v
         if bias is not None:
             state[f"{name}.bias"] = bias.contiguous()
-        layer_info[name] = {"form": form, "in_features": layer.in_features, "out_features": layer.out_features,
-                            "rank": int(u.shape[1]), "rank_before": layer.rank, "bias": bias is not None,
+        layer_info[name] = {"form": chosen, "in_features": layer.in_features, "out_features": layer.out_features,
+                            "rank": rank, "rank_before": layer.rank, "bias": bias is not None,
                             "kept": kept,
                             "dtype": str(layer.u.dtype).replace("torch.", "")}
     if forms:
@@ -299,6 +428,12 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
                 values = state.pop(f"{name}.{side}.values")
                 positions = state.pop(f"{name}.{side}.positions")
                 state[f"{name}.{side}"], state[f"{name}.mask_{side}"] = _unpack(values, positions, (rows, info["rank"]))
+        elif info["form"] == "semi24":
+            module = SemiStructuredLowRankLinear(*shape, info["rank"], bias=info["bias"], backend=backend)
+            for side, rows, dim in (("u", info["out_features"], 1), ("v", info["in_features"], 0)):
+                values = state.pop(f"{name}.{side}.values24")
+                positions = state.pop(f"{name}.{side}.positions24")
+                state[f"{name}.{side}"] = _unpack_2_4(values, positions, (rows, info["rank"]), dim)
         else:
             raise DeployError(f"layer {name} has form {info['form']!r}; this tunecomp knows {FORMS}")
         setattr(parent, child, module)
@@ -307,4 +442,10 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
     except RuntimeError as error:
         raise DeployError(f"the tensors do not fit the architecture: {error}") from None
     model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    semi = [m for m in model.modules() if isinstance(m, SemiStructuredLowRankLinear)]
+    reasons = {m.sparsify_() for m in semi} - {None}
+    if reasons:
+        warnings.warn(f"{sum(not m.semi_structured for m in semi)} of {len(semi)} layers in 2:4 form "
+                      f"run as dense low-rank here: {'; '.join(sorted(reasons))}", stacklevel=2)
+    return model

@@ -346,7 +346,8 @@ def _masked_lowrank_linear_backward_op(
 @_masked_lowrank_linear_backward_op.register_fake
 def _(grad_y, x, u, v, mask_u, mask_v, has_bias, backend):
     grad_b = u.new_empty(u.shape[0] if has_bias else 0)
-    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(v), grad_b
+    # contiguous, as every backend returns them (empty_like would copy a view's strides)
+    return x.new_empty(x.shape), u.new_empty(u.shape), v.new_empty(v.shape), grad_b
 
 
 def _masked_setup_context(ctx, inputs, output):
@@ -415,7 +416,8 @@ def _blended_lowrank_linear_backward_op(
 @_blended_lowrank_linear_backward_op.register_fake
 def _(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias, backend):
     grad_b = u.new_empty(u.shape[0] if has_bias else 0)
-    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(v), grad_b
+    # contiguous, as every backend returns them (empty_like would copy a view's strides)
+    return x.new_empty(x.shape), u.new_empty(u.shape), v.new_empty(v.shape), grad_b
 
 
 def _blended_setup_context(ctx, inputs, output):

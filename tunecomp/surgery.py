@@ -31,6 +31,7 @@ def rank_for(
     rank: Optional[int] = None,
     rank_ratio: Optional[float] = None,
     param_ratio: Optional[float] = None,
+    rank_multiple: int = 1,
 ) -> int:
     """The rank for one layer, from exactly one of:
 
@@ -38,7 +39,12 @@ def rank_for(
     - ``rank_ratio`` in (0, 1]: a fraction of full rank, rounded, at least 1;
     - ``param_ratio`` in (0, 1]: the largest rank whose factors hold at most this fraction
       of the dense weight's parameters, ``floor(ratio·in·out / (in+out))``, at least 1.
+
+    ``rank_multiple``: round the rank down to a multiple of it (at least one multiple, at
+    most full rank): 4 for 2:4 pruning of U along the rank, 16 or 64 for tensor-core tiles.
     """
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be a positive int; got {rank_multiple!r}")
     given = {k: v for k, v in
              (("rank", rank), ("rank_ratio", rank_ratio), ("param_ratio", param_ratio))
              if v is not None}
@@ -48,15 +54,19 @@ def rank_for(
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int; got {rank!r}")
-        return min(rank, full)
-    (name, ratio), = given.items()
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1]; got {ratio!r}")
-    if rank_ratio is not None:
-        r = round(rank_ratio * full)
+        r = rank
     else:
-        r = math.floor(param_ratio * in_features * out_features / (in_features + out_features))
-    return max(1, min(r, full))
+        (name, ratio), = given.items()
+        if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+            raise ValueError(f"{name} must be in (0, 1]; got {ratio!r}")
+        if rank_ratio is not None:
+            r = round(rank_ratio * full)
+        else:
+            r = math.floor(param_ratio * in_features * out_features / (in_features + out_features))
+    r = max(1, min(r, full))
+    if rank_multiple > 1:
+        r = min(max(rank_multiple, r - r % rank_multiple), full)
+    return r
 
 
 @dataclass
@@ -145,11 +155,12 @@ def prepare(
     calib_max_batches: Optional[int] = None,
     keep_teacher: bool = True,
     backend: str = "auto",
+    rank_multiple: int = 1,
 ) -> SurgeryReport:
     """The first step of TuneComp: collect input statistics of the target layers on
     ``calib_batches`` (for the activation-aware inits) and swap the layers for low-rank ones
     with the teacher attached. Returns ``replace_linear_layers``' report."""
-    rank_for(8, 8, rank, rank_ratio, param_ratio)  # bad rank arguments fail before calibration
+    rank_for(8, 8, rank, rank_ratio, param_ratio, rank_multiple)  # bad rank arguments fail before calibration
     calib = None
     if init != "svd":
         if calib_batches is None:
@@ -159,7 +170,7 @@ def prepare(
     return replace_linear_layers(
         model, rank, rank_ratio=rank_ratio, param_ratio=param_ratio, targets=targets,
         include_head=include_head, init=init, calib=calib, keep_teacher=keep_teacher,
-        backend=backend,
+        backend=backend, rank_multiple=rank_multiple,
     )
 
 
@@ -175,16 +186,18 @@ def replace_linear_layers(
     calib: Optional[dict] = None,
     keep_teacher: bool = True,
     backend: str = "auto",
+    rank_multiple: int = 1,
 ) -> SurgeryReport:
     """Swap, in place, every ``nn.Linear`` whose name matches one of ``targets`` for a
     ``FusedPrunedLowRankLinear.from_linear(...)``; the rank comes from exactly one of
-    ``rank``, ``rank_ratio``, ``param_ratio`` (see ``rank_for``). ``init`` and ``calib``
+    ``rank``, ``rank_ratio``, ``param_ratio`` (see ``rank_for``, also for ``rank_multiple``).
+    ``init`` and ``calib``
     (``{name: CalibStats}`` from ``tunecomp.decompose.collect_stats``, for the
     activation-aware inits) are passed on to ``from_linear``. Returns a report.
 
     Raises ``ValueError`` when no linear layer matches, listing the ones that exist.
     """
-    rank_for(8, 8, rank, rank_ratio, param_ratio)  # check the rank arguments before any work
+    rank_for(8, 8, rank, rank_ratio, param_ratio, rank_multiple)  # check the rank arguments before any work
     chosen = select_linear_layers(model, targets, include_head)
     if calib is not None:
         missing = [name for name, _ in chosen if name not in calib]
@@ -192,7 +205,8 @@ def replace_linear_layers(
             raise ValueError(f"calib has no statistics for {missing[:4]}; collect them for every target")
     report = SurgeryReport()
     for name, linear in chosen:
-        r = rank_for(linear.in_features, linear.out_features, rank, rank_ratio, param_ratio)
+        r = rank_for(linear.in_features, linear.out_features, rank, rank_ratio, param_ratio,
+                     rank_multiple)
         layer = FusedPrunedLowRankLinear.from_linear(
             linear, r, init=init, calib=None if calib is None else calib[name],
             keep_teacher=keep_teacher, backend=backend,
