@@ -7,8 +7,12 @@ tunecomp.deploy), with file sizes on disk. Random weights: speed does not depend
 writes benchmarks/results/model-<device>-<date>.json and .md (or into
 TUNECOMP_RESULTS_DIR). Grids: "cpu" (ViT-B/16, fp32, batch 1 and 8, eager; the 25%-of-
 parameters variants at rho 0 and a 50% variant pruned to rho 0.9), "gpu" (ViT-B/16, bf16,
-batch 1-256, eager and torch.compile, rho 0.5 in 2:4 mode exported in the low-rank form:
-the 2:4 form is not written yet), "smoke" (a tiny ViT, for the test suite).
+batch 1-256, eager and torch.compile; the 50% variant pruned 2:4 to rho 0.5 is exported twice,
+in the 2:4 form and forced into the plain low-rank form, to measure what the sparse tensor
+cores add), "smoke" (a tiny ViT, for the test suite).
+
+"file / needed": the file's size over the bytes its kept entries need — every tensor, but the
+low-rank layers' value tensors counted by their nonzero entries only (index tensors in full).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import tempfile
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import tunecomp
 from tunecomp import replace_linear_layers
@@ -33,11 +37,12 @@ from tunecomp.train import compressible_layers, effective_params
 
 VIT_B = ("vit_base_patch16_224", {})
 GRIDS = {
-    # (name, param_ratio, rho, prune mode); None ratio = the dense original
+    # (name, param_ratio, rho, prune mode[, export form]); None ratio = the dense original
     "smoke": dict(model=("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
                   device="cpu", dtype=torch.float32, batches=(1, 2), modes=("eager",), rounds=3,
                   variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
-                            ("params 50%, rho 0.9", 0.5, 0.9, "unstructured"))),
+                            ("params 50%, rho 0.9", 0.5, 0.9, "unstructured"),
+                            ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m"))),
     "cpu": dict(model=VIT_B, device="cpu", dtype=torch.float32, batches=(1, 8), modes=("eager",), rounds=5,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
                           ("params 25%", 0.25, 0.0, None),
@@ -45,7 +50,8 @@ GRIDS = {
     "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(1, 8, 64, 256),
                 modes=("eager", "compile"), rounds=10,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
-                          ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m"))),
+                          ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m"),
+                          ("params 50%, rho 0.5 2:4 as low-rank", 0.5, 0.5, "n:m", "lowrank"))),
 }
 GRID_NAME = os.environ.get("TUNECOMP_MODEL_GRID", "gpu" if torch.cuda.is_available() else "cpu")
 GRID = GRIDS[GRID_NAME]
@@ -66,7 +72,7 @@ def build(variant):
     """(inference model, parameters, bytes on disk) of one variant, built once."""
     if variant in _MODELS:
         return _MODELS[variant]
-    name, ratio, rho, mode = next(v for v in GRID["variants"] if v[0] == variant)
+    name, ratio, rho, mode, *form = next(v for v in GRID["variants"] if v[0] == variant)
     arch, kwargs = GRID["model"]
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, **kwargs).eval()
@@ -75,6 +81,7 @@ def build(variant):
             path = os.path.join(tmp, "model.safetensors")
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
             size, params = os.path.getsize(path), sum(p.numel() for p in model.parameters())
+            needed = needed_bytes(path, set())
             ready = model.to(GRID["device"], GRID["dtype"])
         else:
             # ranks in multiples of 4: 2:4 pruning groups U's entries along the rank
@@ -83,11 +90,23 @@ def build(variant):
             if rho:
                 prune_(compressible_layers(model), rho, mode)
             params = effective_params(model)
-            manifest = export(model, tmp, arch=arch, arch_kwargs=kwargs)
+            manifest = export(model, tmp, arch=arch, arch_kwargs=kwargs, form=form[0] if form else None)
             size = manifest["bytes"]
+            needed = needed_bytes(os.path.join(tmp, "model.safetensors"), set(manifest["layers"]))
             ready = load(tmp, device=GRID["device"], dtype=GRID["dtype"])
-    _MODELS[variant] = (ready, params, size)
+    _MODELS[variant] = (ready, params, size, needed)
     return _MODELS[variant]
+
+
+def needed_bytes(path, lowrank_layers):
+    """Bytes the kept entries need: every tensor of the file, the value tensors of the
+    low-rank layers counted by their nonzero entries."""
+    total = 0
+    for key, t in load_file(path).items():
+        name, _, leaf = key.rpartition(".")
+        value = leaf in ("values", "values24") or (leaf in ("u", "v", "weight") and name in lowrank_layers)
+        total += (int(torch.count_nonzero(t)) if value else t.numel()) * t.element_size()
+    return total
 
 
 CASES = [(v[0], b, m) for m in GRID["modes"] for b in GRID["batches"] for v in GRID["variants"]]
@@ -95,7 +114,7 @@ CASES = [(v[0], b, m) for m in GRID["modes"] for b in GRID["batches"] for v in G
 
 @pytest.mark.parametrize("variant, batch, mode", CASES, ids=[f"{v}-b{b}-{m}" for v, b, m in CASES])
 def test_inference(benchmark, variant, batch, mode):
-    model, params, size = build(variant)
+    model, params, size, needed = build(variant)
     run = torch.compile(model) if mode == "compile" else model
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     image = cfg.get("input_size", (3, 224, 224))[-1]
@@ -116,7 +135,7 @@ def test_inference(benchmark, variant, batch, mode):
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=GRID["rounds"], iterations=1)
     ROWS.append({"variant": variant, "batch": batch, "mode": mode, "median_s": benchmark.stats.stats.median,
-                 "params": params, "file_bytes": size,
+                 "params": params, "file_bytes": size, "needed_bytes": needed,
                  "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None})
 
 
@@ -144,10 +163,12 @@ def write_results():
     lines = [f"# End-to-end inference: {meta['model']}, {device}, {date}", "",
              f"Generated by `{meta['command']}` (grid {GRID_NAME}, {meta['dtype']}, torch {meta['torch']}, "
              f"tunecomp {meta['tunecomp']}); never edited by hand. Median of {GRID['rounds']} timed calls.", "",
-             "| variant | params | file MiB | batch | mode | ms | images/s | × dense |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | params | file MiB | file / needed | batch | mode | ms | images/s | × dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in ROWS:
         speed = "—" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}"
-        lines.append(f"| {r['variant']} | {r['params']:,} | {r['file_bytes'] / 2**20:.1f} | {r['batch']} | {r['mode']} | "
+        lines.append(f"| {r['variant']} | {r['params']:,} | {r['file_bytes'] / 2**20:.1f} | "
+                     f"{r['file_bytes'] / r['needed_bytes']:.2f} | {r['batch']} | {r['mode']} | "
                      f"{1e3 * r['median_s']:.1f} | {r['images_per_s']:.1f} | {speed} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -17,7 +17,10 @@ def test_model_bench_smoke(tmp_path):
     (json_file,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
     data = json.loads(json_file.read_text())
     rows = data["rows"]
-    assert {r["variant"] for r in rows} == {"dense", "params 50%", "params 50%, rho 0.9"}
+    assert {r["variant"] for r in rows} == {"dense", "params 50%", "params 50%, rho 0.9",
+                                            "params 50%, rho 0.5 2:4"}
+    for r in rows:  # each form stores little beyond its kept entries (and their positions)
+        assert 1.0 <= r["file_bytes"] / r["needed_bytes"] < 1.1, r
     dense = next(r for r in rows if r["variant"] == "dense")
     for r in rows:
         assert r["median_s"] > 0 and r["speedup_vs_dense"] > 0
