@@ -62,6 +62,8 @@ def make_backend(name: str) -> Backend:
     """triton: on the GPU, else the CPU interpreter; cuda: the GPU only; cpu: the C++ CPU
     kernels; cuda-emulator: the CUDA backend's C++ run on CPU threads (tests/cuda_emulator)."""
     if name == "cuda-emulator":
+        if CUDA:  # building and running it costs about a minute of the GPU session
+            pytest.skip("a GPU is here: the real cuda backend is tested instead")
         if shutil.which("c++") is None:
             pytest.skip("no C++ compiler to build the CUDA emulator")
         import cuda_emulator

@@ -142,6 +142,8 @@ def test_packed_groups_match_and_follow_in_place_changes():
 
 @pytest.fixture(scope="module")
 def emulator():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the real cuda backend is tested instead")
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler to build the CUDA emulator")
     import cuda_emulator
@@ -149,47 +151,74 @@ def emulator():
     return cuda_emulator.load()
 
 
-def test_cuda_checks_raise_python_errors(emulator):
-    """The CUDA entry points' TORCH_CHECKs (same host code as the GPU build, run on CPU
-    tensors) raise ValueError/TypeError naming the argument, the expected and the actual."""
-    x, u, v = torch.randn(4, 6), torch.randn(5, 2), torch.randn(6, 2)
-    f = emulator.lowrank_forward_cuda
+@pytest.fixture(scope="module")
+def cuda_entry_points():
+    """(module with the cuda backend's entry points, device): tunecomp._C on a GPU, the
+    emulator (same host code) on the CPU elsewhere."""
+    if torch.cuda.is_available() and _C.with_cuda:
+        return _C, "cuda"
+    if shutil.which("c++") is None:
+        pytest.skip("no GPU, and no C++ compiler to build the CUDA emulator")
+    import cuda_emulator
+
+    return cuda_emulator.load(), "cpu"
+
+
+def test_cuda_checks_raise_python_errors(cuda_entry_points):
+    """The CUDA entry points' TORCH_CHECKs (on the CPU: the same host code, emulated) raise
+    ValueError/TypeError naming the argument, the expected and the actual."""
+    native, device = cuda_entry_points
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    def ones(*shape, dtype=torch.float32):
+        return torch.ones(*shape, device=device, dtype=dtype)
+
+    x, u, v = randn(4, 6), randn(5, 2), randn(6, 2)
+    f = native.lowrank_forward_cuda
     with pytest.raises(ValueError, match=r"x.shape\[1\] \(in_features\) must equal v.shape\[0\]; got 6 and 7"):
-        f(x, u, torch.randn(7, 2))
+        f(x, u, randn(7, 2))
     with pytest.raises(ValueError, match="u and v must have the same rank; got 3 and 2"):
-        f(x, torch.randn(5, 3), v)
+        f(x, randn(5, 3), v)
     with pytest.raises(ValueError, match="rank must be at least 1"):
-        f(x, torch.randn(5, 0), torch.randn(6, 0))
+        f(x, randn(5, 0), randn(6, 0))
     with pytest.raises(TypeError, match="mask_u must be a bool tensor; got Float"):
-        f(x, u, v, None, torch.ones(5, 2))
+        f(x, u, v, None, ones(5, 2))
     with pytest.raises(ValueError, match=r"mask_v must have shape \[6, 2\]; got \[6, 3\]"):
-        f(x, u, v, None, None, torch.ones(6, 3, dtype=torch.bool))
+        f(x, u, v, None, None, ones(6, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="v must have x's dtype Float; got Double"):
         f(x, u, v.double())
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16 for the cuda backend; got Double"):
         f(x.double(), u.double(), v.double())
     with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(5,\); got \[4\]"):
-        f(x, u, v, torch.randn(4))
+        f(x, u, v, randn(4))
     with pytest.raises(ValueError, match="x must be 2-D"):
         f(x[None], u, v)
     with pytest.raises(ValueError, match=r"grad_y must have shape \(tokens, out_features\) = \(4, 5\); got \[4, 4\]"):
-        emulator.lowrank_backward_cuda(torch.randn(4, 4), x, u, v)
-    w0, alpha = torch.randn(5, 6), torch.tensor(0.5)
-    g = emulator.blended_forward_cuda
+        native.lowrank_backward_cuda(randn(4, 4), x, u, v)
+    w0, alpha = randn(5, 6), torch.tensor(0.5, device=device)
+    g = native.blended_forward_cuda
     with pytest.raises(ValueError, match=r"teacher_weight must have shape \(out_features, in_features\) = \(5, 6\); got \[6, 5\]"):
         g(x, u, v, None, None, None, w0.T.contiguous(), None, alpha)
     with pytest.raises(TypeError, match="alpha must be a float32 tensor; got Double"):
         g(x, u, v, None, None, None, w0, None, alpha.double())
     with pytest.raises(ValueError, match="alpha must have one element"):
-        g(x, u, v, None, None, None, w0, None, torch.ones(2))
+        g(x, u, v, None, None, None, w0, None, ones(2))
     with pytest.raises(ValueError, match=r"teacher_bias must have shape \(out_features,\) = \(5,\)"):
-        g(x, u, v, None, None, None, w0, torch.randn(3), alpha)
+        g(x, u, v, None, None, None, w0, randn(3), alpha)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="x must be a CUDA tensor; got cpu"):
+            f(x.cpu(), u, v)
+        with pytest.raises(ValueError, match="u must be on x's device cuda:0; got cpu"):
+            f(x, u.cpu(), v)
 
 
-def test_cuda_backend_zero_tokens(emulator):
-    x, u, v = torch.randn(0, 6), torch.randn(5, 2), torch.randn(6, 2)
-    assert emulator.lowrank_forward_cuda(x, u, v).shape == (0, 5)
-    gx, gu, gv, gb = emulator.lowrank_backward_cuda(torch.randn(0, 5), x, u, v, None, None, True)
+def test_cuda_backend_zero_tokens(cuda_entry_points):
+    native, device = cuda_entry_points
+    x, u, v = (torch.randn(*s, device=device) for s in ((0, 6), (5, 2), (6, 2)))
+    assert native.lowrank_forward_cuda(x, u, v).shape == (0, 5)
+    gx, gu, gv, gb = native.lowrank_backward_cuda(torch.randn(0, 5, device=device), x, u, v, None, None, True)
     assert gx.shape == (0, 6) and not gu.any() and not gv.any() and gb.shape == (5,) and not gb.any()
 
 

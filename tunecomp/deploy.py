@@ -19,8 +19,8 @@ is chosen:
   (8 bytes per kept entry instead of 4 per entry), and on the CPU backend the forward
   touches kept entries only;
 - ``"semi24"``: ``SemiStructuredLowRankLinear``, when the factors are 2:4 sparse along their
-  reduction dims and not sparse enough for ``"sparse"`` (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank).
-  The file stores, per group of 4 entries, the 2 kept values and one byte of positions
+  reduction dims (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank)
+  and not sparse enough for ``"sparse"``. The file stores, per group of 4 entries, the 2 kept values and one byte of positions
   (1.25 bytes per entry in bf16, against 2 dense); on a CUDA GPU of sm_80 or newer in
   fp16/bf16 the factors run on the sparse tensor cores (``torch.sparse``'s semi-structured
   tensors; the rank is padded with zero components to a multiple of 64 in memory), elsewhere
