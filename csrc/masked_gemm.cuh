@@ -14,7 +14,8 @@
 //
 // Tiles are 64 x 64 x 32, four warps. fp16 and bf16 multiply on tensor cores (wmma 16x16x16,
 // fp32 accumulation); fp32 runs on the FMA units in fp32 (IEEE, like torch's default matmul
-// precision "highest"). The next K tile is fetched into registers while the current one is
+// precision "highest"). Global loads are 16-byte runs along each operand's unit-stride dim
+// where alignment allows. The next K tile is fetched into registers while the current one is
 // multiplied from shared memory. The accumulator goes through shared memory for the
 // epilogue, so every output element is written by one thread with plain bounds checks.
 // Split-K (the factor gradients, whose K is the token count) writes fp32 partial tiles
@@ -46,8 +47,6 @@ constexpr int kThreads = 128;  // four warps, 2 x 2 over the 64 x 64 output tile
 // and the shift spreads a tile column over the banks.
 constexpr int kPadAB = 8;
 constexpr int kPadC = 4;
-constexpr int kLoadsA = kBlockM * kBlockK / kThreads;
-constexpr int kLoadsB = kBlockK * kBlockN / kThreads;
 
 enum ScaleKind : int { kScaleOne = 0, kScaleAlpha = 1, kScaleStudent = 2 };
 
@@ -120,17 +119,69 @@ __device__ __forceinline__ T load_element(const Operand& op, int64_t i, int64_t 
   return static_cast<const T*>(op.data)[i * op.stride_i + j * op.stride_j];
 }
 
-// Which (row, col) of a rows x cols tile the thread's l-th load covers. Consecutive threads
-// take consecutive elements along the operand's unit-stride dimension, so loads coalesce
-// for row-major and transposed (column-major) operands alike.
-__device__ __forceinline__ void tile_position(int e, int rows, int cols, bool rows_fast, int& r,
-                                              int& c) {
-  r = rows_fast ? e % rows : e / cols;
-  c = rows_fast ? e / rows : e % cols;
+// Tiles are loaded in runs of 16 bytes (8 fp16/bf16 or 4 fp32 elements) along the operand's
+// unit-stride dim: one 128-bit load per run where the rows are 16-byte aligned, element by
+// element otherwise (odd strides, views, the edges of the problem).
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+struct RunLayout {
+  bool along_j;  // runs go along the operand's j (else along i, its unit-stride dim)
+  bool vector;   // runs are single 16-byte loads
+};
+
+template <typename T>
+__device__ __forceinline__ RunLayout run_layout(const Operand& op) {
+  RunLayout layout;
+  layout.along_j = !(op.stride_i == 1 && op.stride_j != 1);
+  const int64_t unit = layout.along_j ? op.stride_j : op.stride_i;
+  const int64_t other = layout.along_j ? op.stride_i : op.stride_j;
+  // Run starts are multiples of kSize elements along the run (tile origins are multiples of
+  // 32), so aligned data and an `other` stride in whole runs keep every run 16-byte aligned.
+  layout.vector = unit == 1 && other % Pack<T>::kSize == 0 &&
+                  reinterpret_cast<uintptr_t>(op.data) % 16 == 0;
+  return layout;
 }
 
-__device__ __forceinline__ bool rows_fast(const Operand& op) {
-  return op.stride_i == 1 && op.stride_j != 1;
+// The first (row, col) of run e of a rows x cols tile. Consecutive threads take consecutive
+// runs along the unit-stride dim, so the loads coalesce for row- and column-major operands.
+template <typename T>
+__device__ __forceinline__ void run_position(int e, int rows, int cols, bool along_j, int& r,
+                                             int& c) {
+  constexpr int kSize = Pack<T>::kSize;
+  if (along_j) {
+    r = e / (cols / kSize);
+    c = (e % (cols / kSize)) * kSize;
+  } else {
+    r = (e % (rows / kSize)) * kSize;
+    c = e / (rows / kSize);
+  }
+}
+
+// Elements (i, j) ... (kSize along the run) of the operand; 0 outside [rows, cols) and where
+// the mask is false (a select: a NaN in a pruned entry stays out).
+template <typename T>
+__device__ __forceinline__ Pack<T> load_run(const Operand& op, RunLayout layout, int64_t i,
+                                            int64_t j, int64_t rows, int64_t cols) {
+  constexpr int kSize = Pack<T>::kSize;
+  const int di = layout.along_j ? 0 : 1, dj = layout.along_j ? 1 : 0;
+  const bool whole = layout.along_j ? (i < rows && j + kSize <= cols) : (j < cols && i + kSize <= rows);
+  Pack<T> out;
+  if (layout.vector && whole) {
+    const Pack<T> data =
+        *reinterpret_cast<const Pack<T>*>(static_cast<const T*>(op.data) + i * op.stride_i + j * op.stride_j);
+    for (int q = 0; q < kSize; ++q) {
+      const bool keep = op.mask == nullptr ||
+                        op.mask[(i + q * di) * op.mask_stride_i + (j + q * dj) * op.mask_stride_j];
+      out.v[q] = keep ? data.v[q] : from_float<T>(0.0f);
+    }
+  } else {
+    for (int q = 0; q < kSize; ++q) out.v[q] = load_element<T>(op, i + q * di, j + q * dj, rows, cols);
+  }
+  return out;
 }
 
 // fp16 / bf16: tensor cores. Each warp owns a 32 x 32 quarter of the tile as 2 x 2 fragments.
@@ -245,37 +296,48 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
     k_end = s == 0 ? end0 : end1;
   };
 
-  T a_reg[kLoadsA];
-  T b_reg[kLoadsB];
+  constexpr int kSize = Pack<T>::kSize;
+  constexpr int kRunsA = kBlockM * kBlockK / kSize / kThreads;  // per thread
+  constexpr int kRunsB = kBlockK * kBlockN / kSize / kThreads;
+  Pack<T> a_reg[kRunsA];
+  Pack<T> b_reg[kRunsB];
   auto fetch = [&](int64_t t) {  // global -> registers, masks and bounds applied
     int s;
     int64_t k0, k_end;
     locate(t, s, k0, k_end);
     const Segment& seg = p.seg[s];
-    const bool a_rows = rows_fast(seg.a), b_rows = rows_fast(seg.b);
-    for (int l = 0; l < kLoadsA; ++l) {
+    const RunLayout la = run_layout<T>(seg.a), lb = run_layout<T>(seg.b);
+    for (int l = 0; l < kRunsA; ++l) {
       int r, c;
-      tile_position(tid + l * kThreads, kBlockM, kBlockK, a_rows, r, c);
-      a_reg[l] = load_element<T>(seg.a, m0 + r, k0 + c, p.m, k_end);
+      run_position<T>(tid + l * kThreads, kBlockM, kBlockK, la.along_j, r, c);
+      a_reg[l] = load_run<T>(seg.a, la, m0 + r, k0 + c, p.m, k_end);
     }
-    for (int l = 0; l < kLoadsB; ++l) {
+    for (int l = 0; l < kRunsB; ++l) {
       int r, c;
-      tile_position(tid + l * kThreads, kBlockK, kBlockN, b_rows, r, c);
-      b_reg[l] = load_element<T>(seg.b, k0 + r, n0 + c, k_end, p.n);
+      run_position<T>(tid + l * kThreads, kBlockK, kBlockN, lb.along_j, r, c);
+      b_reg[l] = load_run<T>(seg.b, lb, k0 + r, n0 + c, k_end, p.n);
     }
   };
   auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch
-    const int s = t < tiles0 ? 0 : 1;
-    const bool a_rows = rows_fast(p.seg[s].a), b_rows = rows_fast(p.seg[s].b);
-    for (int l = 0; l < kLoadsA; ++l) {
+    const Segment& seg = p.seg[t < tiles0 ? 0 : 1];
+    const bool a_along_j = run_layout<T>(seg.a).along_j, b_along_j = run_layout<T>(seg.b).along_j;
+    for (int l = 0; l < kRunsA; ++l) {
       int r, c;
-      tile_position(tid + l * kThreads, kBlockM, kBlockK, a_rows, r, c);
-      a_tile[r][c] = a_reg[l];
+      run_position<T>(tid + l * kThreads, kBlockM, kBlockK, a_along_j, r, c);
+      if (a_along_j) {  // a 16-byte aligned run of a tile row: one store
+        *reinterpret_cast<Pack<T>*>(&a_tile[r][c]) = a_reg[l];
+      } else {
+        for (int q = 0; q < kSize; ++q) a_tile[r + q][c] = a_reg[l].v[q];
+      }
     }
-    for (int l = 0; l < kLoadsB; ++l) {
+    for (int l = 0; l < kRunsB; ++l) {
       int r, c;
-      tile_position(tid + l * kThreads, kBlockK, kBlockN, b_rows, r, c);
-      b_tile[r][c] = b_reg[l];
+      run_position<T>(tid + l * kThreads, kBlockK, kBlockN, b_along_j, r, c);
+      if (b_along_j) {
+        *reinterpret_cast<Pack<T>*>(&b_tile[r][c]) = b_reg[l];
+      } else {
+        for (int q = 0; q < kSize; ++q) b_tile[r + q][c] = b_reg[l].v[q];
+      }
     }
   };
 

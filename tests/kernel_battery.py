@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
@@ -26,7 +26,12 @@ def _triton_fp32_tolerance():
 
 
 # Relative Frobenius error bounds ||out - ref|| / ||ref|| against float64 math on the same
-# (already rounded) inputs. The kernels accumulate in fp32 and round twice: the rank-r
+# (already rounded) inputs. Where a result is a sum with heavy cancellation (a handful of
+# kept entries, e.g. rank 1 at 95% pruned), ||ref|| understates the scale of the rounding
+# errors, which is that of the same math on |inputs| (|fl(a·b) - a·b| <= c·u·|a|·|b|): such an
+# output also passes if its error is within a quarter of the bound relative to that
+# magnitude. A real bug (a missing term, a wrong scale or mask) is an error of the size of
+# the result itself and fails both. The kernels accumulate in fp32 and round twice: the rank-r
 # intermediate (T or G, stored/used in the input dtype as eager PyTorch does) and the output.
 # Each rounding is at most the unit roundoff u relative, and random signs keep the Frobenius
 # ratio near u, so the bounds are a few u:
@@ -130,8 +135,22 @@ def f64(t):
     return None if t is None else t.detach().to(torch.float64)
 
 
+class Expected(NamedTuple):
+    value: Optional[torch.Tensor]
+    magnitude: Optional[torch.Tensor]  # the same math on |inputs|: the rounding-error scale
+
+
 def reference_lowrank(p, alpha: Optional[float] = None):
-    """Output and (x, u, v, bias) gradients of the float64 reference, by autograd."""
+    """(y, (grad_x, grad_u, grad_v, grad_bias)) of the float64 reference, by autograd, each an
+    ``Expected`` (grad_bias: value None without a bias)."""
+    y, grads = _reference(p, alpha)
+    magnitudes = {k: (t.abs() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+                  for k, t in p.items()}
+    y_mag, grads_mag = _reference(magnitudes, alpha)
+    return Expected(y, y_mag), tuple(Expected(g, m) for g, m in zip(grads, grads_mag))
+
+
+def _reference(p, alpha):
     x, u, v = (f64(p[k]).requires_grad_() for k in ("x", "u", "v"))
     bias = f64(p["bias"])
     if bias is not None:
@@ -148,7 +167,8 @@ def reference_lowrank(p, alpha: Optional[float] = None):
     return y.detach(), grads
 
 
-def assert_close(name, out, ref, dtype, seed, bound):
+def assert_close(name, out, expected: Expected, dtype, seed, bound):
+    ref = expected.value
     assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values (seed {seed})"
@@ -157,8 +177,11 @@ def assert_close(name, out, ref, dtype, seed, bound):
         # All-pruned factors: zero is exact, not approximately zero.
         assert (out == 0).all(), f"{name}: expected exact zeros (seed {seed})"
         return
-    err = (out.double() - ref).norm().item() / ref_norm
-    assert err <= bound, f"{name}: rel error {err:.3g} > {bound} (seed {seed})"
+    abs_err = (out.double() - ref).norm().item()
+    err, err_mag = abs_err / ref_norm, abs_err / expected.magnitude.norm().item()
+    assert err <= bound or err_mag <= bound / 4, (
+        f"{name}: rel error {err:.3g} > {bound}, and {err_mag:.3g} > {bound / 4} relative to "
+        f"the magnitude (seed {seed})")
 
 
 def assert_pruned_grads_zero(grad_u, grad_v, p, seed):

@@ -22,7 +22,7 @@ def load():
         name="tunecomp_cuda_emulator",
         sources=[os.path.join(HERE, "emulator.cpp")],
         extra_include_paths=[HERE, CSRC],
-        extra_cflags=["-O1", "-pthread"],
+        extra_cflags=["-O1", "-fno-strict-aliasing", "-pthread"],  # CUDA-style type punning
         extra_ldflags=["-pthread"],
         verbose=False,
     )
