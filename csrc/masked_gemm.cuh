@@ -307,11 +307,13 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
     locate(t, s, k0, k_end);
     const Segment& seg = p.seg[s];
     const RunLayout la = run_layout<T>(seg.a), lb = run_layout<T>(seg.b);
+#pragma unroll  // a_reg and b_reg stay in registers only if every index is a constant
     for (int l = 0; l < kRunsA; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockM, kBlockK, la.along_j, r, c);
       a_reg[l] = load_run<T>(seg.a, la, m0 + r, k0 + c, p.m, k_end);
     }
+#pragma unroll
     for (int l = 0; l < kRunsB; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockK, kBlockN, lb.along_j, r, c);
@@ -321,6 +323,7 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
   auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch
     const Segment& seg = p.seg[t < tiles0 ? 0 : 1];
     const bool a_along_j = run_layout<T>(seg.a).along_j, b_along_j = run_layout<T>(seg.b).along_j;
+#pragma unroll  // a_reg and b_reg stay in registers only if every index is a constant
     for (int l = 0; l < kRunsA; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockM, kBlockK, a_along_j, r, c);
@@ -330,6 +333,7 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
         for (int q = 0; q < kSize; ++q) a_tile[r + q][c] = a_reg[l].v[q];
       }
     }
+#pragma unroll
     for (int l = 0; l < kRunsB; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockK, kBlockN, b_along_j, r, c);
