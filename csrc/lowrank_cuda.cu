@@ -43,6 +43,58 @@ void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+namespace {
+
+template <typename T>
+void launch_fused(const GemmParams& t, const GemmParams& y, int64_t t_ld, int64_t shared_bytes,
+                  cudaStream_t stream) {
+  using namespace cuda_kernels;
+  // Above 48 KB a kernel must opt in to dynamic shared memory. Set on every launch (a host-
+  // side function attribute, per device; FlashAttention does the same under CUDA graphs).
+  if (shared_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fused_lowrank_forward_kernel<T>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(t.m, kBlockM)));
+  fused_lowrank_forward_kernel<T><<<grid, kThreads, shared_bytes, stream>>>(t, y, static_cast<int>(t_ld));
+}
+
+}  // namespace
+
+void launch_fused_forward(const GemmParams& t, const GemmParams& y, int64_t t_ld,
+                          at::ScalarType dtype, int64_t shared_bytes) {
+  if (t.m == 0 || y.n == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (dtype) {
+    case at::kFloat:
+      launch_fused<float>(t, y, t_ld, shared_bytes, stream);
+      break;
+    case at::kHalf:
+      launch_fused<__half>(t, y, t_ld, shared_bytes, stream);
+      break;
+    case at::kBFloat16:
+      launch_fused<__nv_bfloat16>(t, y, t_ld, shared_bytes, stream);
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16; got ", dtype);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int64_t fused_shared_memory_limit(const at::Tensor& like) {
+  // the smallest limit over the kernel's instantiations (the fp32 one has the largest tiles)
+  static std::array<std::atomic<int>, 64> cache{};
+  const int device = like.device().index();
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int optin = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (optin == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (cached) cache[device].store(optin, std::memory_order_relaxed);
+  }
+  return optin - static_cast<int64_t>(sizeof(cuda_kernels::SharedTiles<float>));
+}
+
 int64_t multiprocessor_count(const at::Tensor& like) {
   static std::array<std::atomic<int>, 64> cache{};  // per device index; 0 = not asked yet
   const int device = like.device().index();

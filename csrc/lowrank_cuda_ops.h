@@ -9,11 +9,14 @@
 // Per call (N tokens, x [N, in], u [out, r], v [in, r], s = sqrt(1 - alpha²)):
 //   forward   T = s·(x·Vm) [N, r]                                         (s = 1 unblended)
 //             y = alpha·(x·W0ᵀ + b0) + T·Umᵀ + s·b                       (one GEMM, two K segments)
+//             From 64·SMs tokens on, one fused launch: each block holds its 64 tokens' T in
+//             shared memory (the tokens alone fill the GPU, so no block recomputes T); below,
+//             two launches, T going through device memory (a few MB: it stays in L2).
 //   backward  G = s·(dy·Um) [N, r]
 //             dx = alpha·(dy·W0) + G·Vmᵀ                                  (one GEMM, two K segments)
 //             T = x·Vm;  dU = s·(dyᵀ·T) ⊙ Mu;  dV = (xᵀ·G) ⊙ Mv           (split over tokens)
 //             db = s·Σ dy
-// T and G ([N, r], in x's dtype, as eager PyTorch rounds them) go through device memory.
+// T and G ([N, r], in x's dtype, as eager PyTorch rounds them) are rounded to x's dtype.
 #pragma once
 
 #include <algorithm>
@@ -33,7 +36,11 @@ using cuda_kernels::Segment;
 
 // Supplied by the includer.
 void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t grid_z);
+void launch_fused_forward(const GemmParams& t, const GemmParams& y, int64_t t_ld,
+                          at::ScalarType dtype, int64_t shared_bytes);
 int64_t multiprocessor_count(const at::Tensor& like);
+// The most dynamic shared memory one block of the fused forward may have on like's device.
+int64_t fused_shared_memory_limit(const at::Tensor& like);
 
 constexpr int64_t kMaxGridY = 65535;
 
@@ -189,13 +196,19 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Te
   pt.seg[0] = Segment{operand(x), operand(v, false, mask_v), in};
   pt.scale_first = blended ? cuda_kernels::kScaleStudent : cuda_kernels::kScaleOne;
   pt.alpha = alpha_ptr;
-  const at::Tensor t = run(pt, x);
+
+  const int64_t t_ld = ceil_div(rank, cuda_kernels::kBlockN) * cuda_kernels::kBlockN + cuda_kernels::kPadAB;
+  const int64_t t_bytes = cuda_kernels::kBlockM * t_ld * x.element_size();
+  const bool fused = n >= cuda_kernels::kBlockM * multiprocessor_count(x) &&
+                     t_bytes <= fused_shared_memory_limit(x);
+  at::Tensor t;  // T in device memory, unless the fused kernel holds it in shared memory
+  if (!fused) t = run(pt, x);
 
   GemmParams py;  // y = [alpha·(x·W0ᵀ)] + T·Umᵀ + biases
   py.m = n;
   py.n = out;
   py.alpha = alpha_ptr;
-  const Segment student{operand(t), operand(u, true, mask_u), rank};
+  const Segment student{fused ? Operand{} : operand(t), operand(u, true, mask_u), rank};
   if (blended) {
     py.seg[0] = Segment{operand(x), operand(*teacher_weight, true), in};
     py.seg[1] = student;
@@ -207,7 +220,11 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Te
     py.seg[0] = student;
     set_bias(py, 0, bias, cuda_kernels::kScaleOne);
   }
-  return run(py, x);
+  if (!fused) return run(py, x);
+  at::Tensor y = at::empty({n, out}, x.options());
+  py.out = y.data_ptr();
+  launch_fused_forward(pt, py, t_ld, x.scalar_type(), t_bytes);
+  return y;
 }
 
 // {grad_x, grad_u, grad_v, grad_b} of forward (grad_b empty unless has_bias).

@@ -80,6 +80,13 @@ struct GemmParams {
   int64_t k_per_split = 0;
 };
 
+#ifndef TUNECOMP_EMULATE_CUDA
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(32) unsigned char tunecomp_dynamic_shared[];
+  return tunecomp_dynamic_shared;
+}
+#endif
+
 template <typename T>
 __device__ __forceinline__ float to_float(T value);
 template <>
@@ -194,14 +201,15 @@ struct MmaEngine {
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
-  __device__ __forceinline__ void step(const T (*a)[kBlockK + kPadAB],
-                                       const T (*b)[kBlockN + kPadAB]) {
+  // a: row 0 of the A tile at this K step's first column, lda its row stride (the staged
+  // tile, or the fused forward's T held in shared memory); b: the staged B tile.
+  __device__ __forceinline__ void step(const T* a, int lda, const T (*b)[kBlockN + kPadAB]) {
     using namespace nvcuda;
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
     for (int kk = 0; kk < kBlockK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &a[wm * 32 + i * 16][kk], kBlockK + kPadAB);
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + (wm * 32 + i * 16) * lda + kk, lda);
       for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &b[kk][wn * 32 + j * 16], kBlockN + kPadAB);
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
@@ -232,12 +240,11 @@ struct FmaEngine {
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
 
-  __device__ __forceinline__ void step(const float (*a)[kBlockK + kPadAB],
-                                       const float (*b)[kBlockN + kPadAB]) {
+  __device__ __forceinline__ void step(const float* a, int lda, const float (*b)[kBlockN + kPadAB]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     for (int k = 0; k < kBlockK; ++k) {
       float a_col[8], b_row[4];
-      for (int i = 0; i < 8; ++i) a_col[i] = a[ty + 8 * i][k];
+      for (int i = 0; i < 8; ++i) a_col[i] = a[(ty + 8 * i) * lda + k];
       for (int j = 0; j < 4; ++j) b_row[j] = b[k][tx + 16 * j];
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a_col[i], b_row[j], acc[i][j]);
@@ -266,22 +273,27 @@ struct EngineFor<float> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams p) {
-  __shared__ __align__(32) T a_tile[kBlockM][kBlockK + kPadAB];
-  __shared__ __align__(32) T b_tile[kBlockK][kBlockN + kPadAB];
-  __shared__ __align__(32) float c_tile[kBlockM][kBlockN + kPadC];
+struct SharedTiles {
+  T a[kBlockM][kBlockK + kPadAB];
+  T b[kBlockK][kBlockN + kPadAB];
+  float c[kBlockM][kBlockN + kPadC];
+};
 
+// Accumulates the output tile (m0, n0) of p over its K segments into engine (zeroed by the
+// caller), the first segment's product scaled by p.scale_first. A segment whose A operand
+// has no data (a.data == nullptr) reads A from a_shared instead: rows m0.. of a matrix held
+// in shared memory with row stride a_shared_ld (the fused forward's T). Ends with a barrier.
+template <typename T, typename Engine>
+__device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_t n0,
+                                         int64_t split, const T* a_shared, int a_shared_ld,
+                                         SharedTiles<T>& tiles, Engine& engine, float alpha) {
   const int tid = threadIdx.x;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBlockN;
-  const float alpha = p.alpha != nullptr ? *p.alpha : 0.0f;
-
   // The K range of each segment (scalars, not arrays indexed by segment: those would live
   // in local memory); split-K narrows the first (and then only) one. The second segment
   // always starts at 0.
   int64_t begin0 = 0, end0 = p.seg[0].k;
   if (p.k_per_split > 0) {
-    begin0 = static_cast<int64_t>(blockIdx.z) * p.k_per_split;
+    begin0 = split * p.k_per_split;
     end0 = begin0 + p.k_per_split < end0 ? begin0 + p.k_per_split : end0;
   }
   const int64_t end1 = p.num_segments > 1 ? p.seg[1].k : 0;
@@ -306,13 +318,16 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
     int64_t k0, k_end;
     locate(t, s, k0, k_end);
     const Segment& seg = p.seg[s];
-    const RunLayout la = run_layout<T>(seg.a), lb = run_layout<T>(seg.b);
+    if (seg.a.data != nullptr) {
+      const RunLayout la = run_layout<T>(seg.a);
 #pragma unroll  // a_reg and b_reg stay in registers only if every index is a constant
-    for (int l = 0; l < kRunsA; ++l) {
-      int r, c;
-      run_position<T>(tid + l * kThreads, kBlockM, kBlockK, la.along_j, r, c);
-      a_reg[l] = load_run<T>(seg.a, la, m0 + r, k0 + c, p.m, k_end);
+      for (int l = 0; l < kRunsA; ++l) {
+        int r, c;
+        run_position<T>(tid + l * kThreads, kBlockM, kBlockK, la.along_j, r, c);
+        a_reg[l] = load_run<T>(seg.a, la, m0 + r, k0 + c, p.m, k_end);
+      }
     }
+    const RunLayout lb = run_layout<T>(seg.b);
 #pragma unroll
     for (int l = 0; l < kRunsB; ++l) {
       int r, c;
@@ -322,50 +337,64 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
   };
   auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch
     const Segment& seg = p.seg[t < tiles0 ? 0 : 1];
-    const bool a_along_j = run_layout<T>(seg.a).along_j, b_along_j = run_layout<T>(seg.b).along_j;
-#pragma unroll  // a_reg and b_reg stay in registers only if every index is a constant
-    for (int l = 0; l < kRunsA; ++l) {
-      int r, c;
-      run_position<T>(tid + l * kThreads, kBlockM, kBlockK, a_along_j, r, c);
-      if (a_along_j) {  // a 16-byte aligned run of a tile row: one store
-        *reinterpret_cast<Pack<T>*>(&a_tile[r][c]) = a_reg[l];
-      } else {
-        for (int q = 0; q < kSize; ++q) a_tile[r + q][c] = a_reg[l].v[q];
+    if (seg.a.data != nullptr) {
+      const bool a_along_j = run_layout<T>(seg.a).along_j;
+#pragma unroll
+      for (int l = 0; l < kRunsA; ++l) {
+        int r, c;
+        run_position<T>(tid + l * kThreads, kBlockM, kBlockK, a_along_j, r, c);
+        if (a_along_j) {  // a 16-byte aligned run of a tile row: one store
+          *reinterpret_cast<Pack<T>*>(&tiles.a[r][c]) = a_reg[l];
+        } else {
+          for (int q = 0; q < kSize; ++q) tiles.a[r + q][c] = a_reg[l].v[q];
+        }
       }
     }
+    const bool b_along_j = run_layout<T>(seg.b).along_j;
 #pragma unroll
     for (int l = 0; l < kRunsB; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockK, kBlockN, b_along_j, r, c);
       if (b_along_j) {
-        *reinterpret_cast<Pack<T>*>(&b_tile[r][c]) = b_reg[l];
+        *reinterpret_cast<Pack<T>*>(&tiles.b[r][c]) = b_reg[l];
       } else {
-        for (int q = 0; q < kSize; ++q) b_tile[r + q][c] = b_reg[l].v[q];
+        for (int q = 0; q < kSize; ++q) tiles.b[r + q][c] = b_reg[l].v[q];
       }
     }
   };
 
-  typename EngineFor<T>::type engine;
-  engine.zero();
   if (total_tiles > 0) fetch(0);
   for (int64_t t = 0; t < total_tiles; ++t) {
     stash(t);
     __syncthreads();
     if (t + 1 < total_tiles) fetch(t + 1);  // in flight while the tensor cores work
-    engine.step(a_tile, b_tile);
+    int s;
+    int64_t k0, k_end;
+    locate(t, s, k0, k_end);
+    if (p.seg[s].a.data != nullptr) {
+      engine.step(&tiles.a[0][0], kBlockK + kPadAB, tiles.b);
+    } else {
+      engine.step(a_shared + k0, a_shared_ld, tiles.b);
+    }
     if (t + 1 == tiles0) engine.scale(scale_value(p.scale_first, alpha));
     __syncthreads();
   }
-  engine.store(c_tile);
-  __syncthreads();
+  __syncthreads();  // also when there was no K tile: the caller reuses the tiles
+}
 
+// The epilogue of output tile (m0, n0), from the accumulator in tiles.c: biases, output
+// mask, then p.out (or the fp32 partial sums of split `split`).
+template <typename T>
+__device__ __forceinline__ void store_output(const GemmParams& p, int64_t m0, int64_t n0,
+                                             int64_t split, const SharedTiles<T>& tiles,
+                                             float alpha) {
   const float bias_scale[2] = {scale_value(p.bias_scale[0], alpha),
                                scale_value(p.bias_scale[1], alpha)};
-  for (int e = tid; e < kBlockM * kBlockN; e += kThreads) {
+  for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
     const int r = e / kBlockN, c = e % kBlockN;
     const int64_t gm = m0 + r, gn = n0 + c;
     if (gm >= p.m || gn >= p.n) continue;
-    float value = c_tile[r][c];
+    float value = tiles.c[r][c];
     for (int s = 0; s < 2; ++s) {
       if (p.bias[s] != nullptr) {
         value += bias_scale[s] * to_float(static_cast<const T*>(p.bias[s])[gn * p.bias_stride[s]]);
@@ -375,10 +404,58 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
       value = 0.0f;
     }
     if (p.k_per_split > 0) {
-      static_cast<float*>(p.out)[(static_cast<int64_t>(blockIdx.z) * p.m + gm) * p.n + gn] = value;
+      static_cast<float*>(p.out)[(split * p.m + gm) * p.n + gn] = value;
     } else {
       static_cast<T*>(p.out)[gm * p.n + gn] = from_float<T>(value);
     }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams p) {
+  __shared__ __align__(32) SharedTiles<T> tiles;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBlockN;
+  const float alpha = p.alpha != nullptr ? *p.alpha : 0.0f;
+  typename EngineFor<T>::type engine;
+  engine.zero();
+  mainloop<T>(p, m0, n0, blockIdx.z, nullptr, 0, tiles, engine, alpha);
+  engine.store(tiles.c);
+  __syncthreads();
+  store_output<T>(p, m0, n0, blockIdx.z, tiles, alpha);
+}
+
+// The fused forward for many tokens: block x takes tokens [64x, 64x + 64), computes their
+// T = x·Vm (t.m = N, t.n = rank, scaled by t.scale_first) into shared memory, 64 columns at
+// a time, then every output tile of y from it (y's segment with a.data == nullptr reads T),
+// so T never goes to device memory and x is read once (twice with the teacher's segment).
+// Dynamic shared memory: 64 rows of t_ld elements, t_ld = rank rounded up to 64, plus 8.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fused_lowrank_forward_kernel(const GemmParams t,
+                                                                         const GemmParams y,
+                                                                         int t_ld) {
+  __shared__ __align__(32) SharedTiles<T> tiles;
+  T* t_tile = reinterpret_cast<T*>(dynamic_shared_memory());
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const float alpha = t.alpha != nullptr ? *t.alpha : 0.0f;
+  typename EngineFor<T>::type engine;
+  for (int64_t n0 = 0; n0 < t_ld - kPadAB; n0 += kBlockN) {
+    engine.zero();
+    mainloop<T>(t, m0, n0, 0, nullptr, 0, tiles, engine, alpha);
+    engine.store(tiles.c);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
+      const int r = e / kBlockN, c = e % kBlockN;  // columns past the rank hold exact zeros
+      t_tile[r * t_ld + n0 + c] = from_float<T>(n0 + c < t.n ? tiles.c[r][c] : 0.0f);
+    }
+  }
+  __syncthreads();
+  for (int64_t n0 = 0; n0 < y.n; n0 += kBlockN) {
+    engine.zero();
+    mainloop<T>(y, m0, n0, 0, t_tile, t_ld, tiles, engine, alpha);
+    engine.store(tiles.c);
+    __syncthreads();
+    store_output<T>(y, m0, n0, 0, tiles, alpha);
   }
 }
 

@@ -260,3 +260,27 @@ def test_cuda_backend_availability():
     else:
         assert cuda.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
     assert "float64" in cuda.unavailable_reason(torch.device("cuda"), torch.float64)
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rank", [130, 384])  # 3 and 6 column blocks of T
+@pytest.mark.parametrize("blend", [False, True])
+def test_cuda_fused_forward_taken_from_64_tokens_per_sm(emulator, blend, rank, dtype, bound):
+    """From 64 x (SM count) tokens the forward is one fused launch holding T in shared memory
+    (the emulator reports 4 SMs: 256 tokens); below, two launches. Both match the reference."""
+    u, v, bias = torch.randn(70, rank) / rank ** 0.5, torch.randn(24, rank) / 5, torch.randn(70)
+    mask_u, mask_v = random_mask(u.shape, 0.5), random_mask(v.shape, 0.5)
+    w0, b0, alpha = torch.randn(70, 24) / 5, torch.randn(70), torch.tensor(0.4)
+    u, v, bias, w0, b0 = (t.to(dtype) for t in (u, v, bias, w0, b0))
+    for tokens, fused in ((255, False), (256, True), (301, True))[: 3 if rank < 384 else 2]:
+        x = torch.randn(tokens, 24).to(dtype)
+        before = emulator.fused_launches()
+        if blend:
+            y = emulator.blended_forward_cuda(x, u, v, bias, mask_u, mask_v, w0, b0, alpha)
+            want = reference.blended_lowrank_linear(*map(double, (x, u, v, bias)), mask_u, mask_v,
+                                                    w0.double(), b0.double(), alpha.double())
+        else:
+            y = emulator.lowrank_forward_cuda(x, u, v, bias, mask_u, mask_v)
+            want = reference.masked_lowrank_linear(*map(double, (x, u, v, bias)), mask_u, mask_v)
+        assert emulator.fused_launches() - before == int(fused)
+        assert y.dtype == dtype and rel_error(y, want) < bound

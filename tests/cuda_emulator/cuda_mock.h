@@ -30,6 +30,9 @@ inline std::barrier<>* emulated_block_barrier = nullptr;
 
 inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
 
+inline unsigned char* emulated_dynamic_shared = nullptr;  // set by the launcher per block
+inline unsigned char* dynamic_shared_memory() { return emulated_dynamic_shared; }
+
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 inline float __half2float(__half h) { return static_cast<float>(h); }

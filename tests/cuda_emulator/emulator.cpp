@@ -3,6 +3,8 @@
 // tunecomp._C. Built by tests/cuda_emulator/__init__.py; slow, for small test shapes only.
 #include "cuda_mock.h"
 
+#include <algorithm>
+#include <cmath>
 #include <thread>
 #include <vector>
 
@@ -15,15 +17,21 @@ namespace tunecomp {
 namespace cuda_ops {
 
 namespace {
-int64_t emulated_sms = 4;  // few, so that small test problems take the split-K path
+int64_t emulated_sms = 4;  // few, so that small test problems take the split-K and fused paths
+int64_t emulated_fused_launches = 0;
 
-template <typename T>
-void emulate(const GemmParams& params, int64_t grid_z) {
+// Runs kernel() as every thread of every block of the grid, one block at a time, with
+// shared_bytes of (NaN-filled: nothing may read it before writing) dynamic shared memory.
+template <typename Kernel>
+void emulate(int64_t grid_x, int64_t grid_y, int64_t grid_z, int64_t shared_bytes, Kernel kernel) {
   using namespace cuda_kernels;
-  const int64_t grid_x = ceil_div(params.m, kBlockM), grid_y = ceil_div(params.n, kBlockN);
+  std::vector<float> dynamic_shared((shared_bytes + 3) / 4 + 8);
   for (int64_t z = 0; z < grid_z; ++z)
     for (int64_t y = 0; y < grid_y; ++y)
       for (int64_t x = 0; x < grid_x; ++x) {
+        std::fill(dynamic_shared.begin(), dynamic_shared.end(), std::nanf(""));
+        emulated_dynamic_shared = reinterpret_cast<unsigned char*>(
+            (reinterpret_cast<uintptr_t>(dynamic_shared.data()) + 31) / 32 * 32);
         std::barrier<> barrier(kThreads);
         emulated_block_barrier = &barrier;
         std::vector<std::thread> threads;
@@ -32,25 +40,55 @@ void emulate(const GemmParams& params, int64_t grid_z) {
             threadIdx = {static_cast<unsigned>(t), 0, 0};
             blockIdx = {static_cast<unsigned>(x), static_cast<unsigned>(y),
                         static_cast<unsigned>(z)};
-            masked_gemm_kernel<T>(params);
+            kernel();
           });
         }
         for (auto& thread : threads) thread.join();
       }
+}
+
+template <typename T>
+void emulate_gemm(const GemmParams& params, int64_t grid_z) {
+  using namespace cuda_kernels;
+  emulate(ceil_div(params.m, kBlockM), ceil_div(params.n, kBlockN), grid_z, 0,
+          [&] { masked_gemm_kernel<T>(params); });
+}
+
+template <typename T>
+void emulate_fused(const GemmParams& t, const GemmParams& y, int64_t t_ld, int64_t shared_bytes) {
+  using namespace cuda_kernels;
+  emulate(ceil_div(t.m, kBlockM), 1, 1, shared_bytes,
+          [&] { fused_lowrank_forward_kernel<T>(t, y, static_cast<int>(t_ld)); });
 }
 }  // namespace
 
 void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t grid_z) {
   if (params.m == 0 || params.n == 0) return;
   switch (dtype) {
-    case at::kFloat: return emulate<float>(params, grid_z);
-    case at::kHalf: return emulate<__half>(params, grid_z);
-    case at::kBFloat16: return emulate<__nv_bfloat16>(params, grid_z);
+    case at::kFloat: return emulate_gemm<float>(params, grid_z);
+    case at::kHalf: return emulate_gemm<__half>(params, grid_z);
+    case at::kBFloat16: return emulate_gemm<__nv_bfloat16>(params, grid_z);
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
+  }
+}
+
+void launch_fused_forward(const GemmParams& t, const GemmParams& y, int64_t t_ld,
+                          at::ScalarType dtype, int64_t shared_bytes) {
+  if (t.m == 0 || y.n == 0) return;
+  ++emulated_fused_launches;
+  switch (dtype) {
+    case at::kFloat: return emulate_fused<float>(t, y, t_ld, shared_bytes);
+    case at::kHalf: return emulate_fused<__half>(t, y, t_ld, shared_bytes);
+    case at::kBFloat16: return emulate_fused<__nv_bfloat16>(t, y, t_ld, shared_bytes);
     default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
   }
 }
 
 int64_t multiprocessor_count(const at::Tensor&) { return emulated_sms; }
+
+int64_t fused_shared_memory_limit(const at::Tensor&) {  // an H100's opt-in limit
+  return 227 * 1024 - static_cast<int64_t>(sizeof(cuda_kernels::SharedTiles<float>));
+}
 
 }  // namespace cuda_ops
 }  // namespace tunecomp
@@ -92,4 +130,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                has_bias);
         });
   m.def("set_multiprocessor_count", [](int64_t count) { ops::emulated_sms = count; });
+  m.def("fused_launches", [] { return ops::emulated_fused_launches; },
+        "how many fused forward launches ran (tests check the path is taken)");
 }
