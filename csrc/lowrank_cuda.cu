@@ -45,17 +45,32 @@ void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t 
 
 namespace {
 
+// A block may have more than 48 KB of shared memory (static + dynamic) only after the kernel
+// opts in. Done once per device and kernel, to the most forward() may ask for (the device's
+// limit minus the kernel's static tiles), and never lowered: a per-launch exact size could
+// shrink it under another thread's (or a captured graph's) larger launch.
+template <typename T>
+void opt_in_to_large_shared_memory(int device) {
+  static std::array<std::atomic<bool>, 64> done{};
+  const bool cached = device >= 0 && device < static_cast<int>(done.size());
+  if (cached && done[device].load(std::memory_order_acquire)) return;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, cuda_kernels::fused_lowrank_forward_kernel<T>));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(cuda_kernels::fused_lowrank_forward_kernel<T>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      optin - static_cast<int>(attributes.sharedSizeBytes)));
+  if (cached) done[device].store(true, std::memory_order_release);
+}
+
 template <typename T>
 void launch_fused(const GemmParams& t, const GemmParams& y, int64_t t_ld, int64_t shared_bytes,
                   cudaStream_t stream) {
   using namespace cuda_kernels;
-  // Above 48 KB a kernel must opt in to dynamic shared memory. Set on every launch (a host-
-  // side function attribute, per device; FlashAttention does the same under CUDA graphs).
-  if (shared_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(fused_lowrank_forward_kernel<T>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_bytes)));
-  }
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));  // x's device: the caller holds a CUDAGuard
+  opt_in_to_large_shared_memory<T>(device);
   const dim3 grid(static_cast<unsigned>(ceil_div(t.m, kBlockM)));
   fused_lowrank_forward_kernel<T><<<grid, kThreads, shared_bytes, stream>>>(t, y, static_cast<int>(t_ld));
 }

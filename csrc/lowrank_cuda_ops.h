@@ -208,7 +208,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Te
   py.m = n;
   py.n = out;
   py.alpha = alpha_ptr;
-  const Segment student{fused ? Operand{} : operand(t), operand(u, true, mask_u), rank};
+  const Segment student{fused ? Operand{} : operand(t), operand(u, true, mask_u), rank, fused};
   if (blended) {
     py.seg[0] = Segment{operand(x), operand(*teacher_weight, true), in};
     py.seg[1] = student;

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #ifndef TUNECOMP_EMULATE_CUDA
 #include <cuda_bf16.h>
@@ -61,6 +62,7 @@ struct Operand {
 struct Segment {  // A [M, k] · B [k, N]
   Operand a, b;
   int64_t k = 0;
+  bool a_in_shared = false;  // A is the fused forward's T, held in shared memory (a unused)
 };
 
 struct GemmParams {
@@ -201,16 +203,39 @@ struct MmaEngine {
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
-  // a: row 0 of the A tile at this K step's first column, lda its row stride (the staged
-  // tile, or the fused forward's T held in shared memory); b: the staged B tile.
-  __device__ __forceinline__ void step(const T* a, int lda, const T (*b)[kBlockN + kPadAB]) {
+  // a: the A tile at this K step's first column, lda its leading dim (the staged tile, or
+  // the fused forward's T held in shared memory); b: the staged B tile. *_col: the tile is
+  // stored transposed (A as [k][m], B as [n][k]), read as wmma col_major fragments.
+  __device__ __forceinline__ void step(const T* a, int lda, bool a_col, const T* b, int ldb,
+                                       bool b_col) {
+    using nvcuda::wmma::col_major;
+    using nvcuda::wmma::row_major;
+    if (a_col) {
+      if (b_col) step_with<col_major, col_major>(a, lda, b, ldb);
+      else step_with<col_major, row_major>(a, lda, b, ldb);
+    } else {
+      if (b_col) step_with<row_major, col_major>(a, lda, b, ldb);
+      else step_with<row_major, row_major>(a, lda, b, ldb);
+    }
+  }
+
+  template <typename ALayout, typename BLayout>
+  __device__ __forceinline__ void step_with(const T* a, int lda, const T* b, int ldb) {
     using namespace nvcuda;
+    constexpr bool a_col = std::is_same<ALayout, wmma::col_major>::value;
+    constexpr bool b_col = std::is_same<BLayout, wmma::col_major>::value;
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
     for (int kk = 0; kk < kBlockK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + (wm * 32 + i * 16) * lda + kk, lda);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &b[kk][wn * 32 + j * 16], kBlockN + kPadAB);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[2];
+      for (int i = 0; i < 2; ++i) {
+        const int m = wm * 32 + i * 16;  // fragment origin (m, kk): A[m][k] or A_t[k][m]
+        wmma::load_matrix_sync(fa[i], a_col ? a + kk * lda + m : a + m * lda + kk, lda);
+      }
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn * 32 + j * 16;  // fragment origin (kk, n): B[k][n] or B_t[n][k]
+        wmma::load_matrix_sync(fb[j], b_col ? b + n * ldb + kk : b + kk * ldb + n, ldb);
+      }
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
@@ -240,12 +265,14 @@ struct FmaEngine {
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
 
-  __device__ __forceinline__ void step(const float* a, int lda, const float (*b)[kBlockN + kPadAB]) {
+  // Row-major tiles only (kTransposedTiles is false for fp32: transposed, the per-k reads
+  // below would conflict on the banks instead of the stores).
+  __device__ __forceinline__ void step(const float* a, int lda, bool, const float* b, int ldb, bool) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     for (int k = 0; k < kBlockK; ++k) {
       float a_col[8], b_row[4];
       for (int i = 0; i < 8; ++i) a_col[i] = a[(ty + 8 * i) * lda + k];
-      for (int j = 0; j < 4; ++j) b_row[j] = b[k][tx + 16 * j];
+      for (int j = 0; j < 4; ++j) b_row[j] = b[k * ldb + tx + 16 * j];
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a_col[i], b_row[j], acc[i][j]);
     }
@@ -272,17 +299,27 @@ struct EngineFor<float> {
   using type = FmaEngine;
 };
 
+// The staged A and B tiles of one K step. An operand whose 16-byte runs go along its tile
+// rows is stored row-major (A [m][k], B [k][n]); one whose runs go down the tile columns
+// (unit stride along m for A, along k for B: dyᵀ, xᵀ, Uᵀ, W0ᵀ, Vᵀ) is stored transposed
+// (A [k][m], B [n][k]) on the tensor-core path, so its runs are contiguous 16-byte stores
+// instead of eight stores down a column hitting the same banks.
 template <typename T>
 struct SharedTiles {
-  T a[kBlockM][kBlockK + kPadAB];
-  T b[kBlockK][kBlockN + kPadAB];
+  static constexpr bool kTransposedTiles = sizeof(T) == 2;
+  static constexpr int kLdA = kBlockK + kPadAB, kLdAT = kBlockM + kPadAB;  // A [m][k], A [k][m]
+  static constexpr int kLdB = kBlockN + kPadAB, kLdBT = kBlockK + kPadAB;  // B [k][n], B [n][k]
+  static constexpr int kElemsA = kBlockM * kLdA > kBlockK * kLdAT ? kBlockM * kLdA : kBlockK * kLdAT;
+  static constexpr int kElemsB = kBlockK * kLdB > kBlockN * kLdBT ? kBlockK * kLdB : kBlockN * kLdBT;
+  T a[kElemsA];
+  T b[kElemsB];
   float c[kBlockM][kBlockN + kPadC];
 };
 
 // Accumulates the output tile (m0, n0) of p over its K segments into engine (zeroed by the
-// caller), the first segment's product scaled by p.scale_first. A segment whose A operand
-// has no data (a.data == nullptr) reads A from a_shared instead: rows m0.. of a matrix held
-// in shared memory with row stride a_shared_ld (the fused forward's T). Ends with a barrier.
+// caller), the first segment's product scaled by p.scale_first. A segment with a_in_shared
+// reads A from a_shared instead: rows m0.. of a matrix held in shared memory with row stride
+// a_shared_ld (the fused forward's T). Ends with a barrier.
 template <typename T, typename Engine>
 __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_t n0,
                                          int64_t split, const T* a_shared, int a_shared_ld,
@@ -318,7 +355,7 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
     int64_t k0, k_end;
     locate(t, s, k0, k_end);
     const Segment& seg = p.seg[s];
-    if (seg.a.data != nullptr) {
+    if (!seg.a_in_shared) {
       const RunLayout la = run_layout<T>(seg.a);
 #pragma unroll  // a_reg and b_reg stay in registers only if every index is a constant
       for (int l = 0; l < kRunsA; ++l) {
@@ -337,16 +374,19 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
   };
   auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch
     const Segment& seg = p.seg[t < tiles0 ? 0 : 1];
-    if (seg.a.data != nullptr) {
+    using Tiles = SharedTiles<T>;
+    if (!seg.a_in_shared) {
       const bool a_along_j = run_layout<T>(seg.a).along_j;
 #pragma unroll
       for (int l = 0; l < kRunsA; ++l) {
         int r, c;
         run_position<T>(tid + l * kThreads, kBlockM, kBlockK, a_along_j, r, c);
-        if (a_along_j) {  // a 16-byte aligned run of a tile row: one store
-          *reinterpret_cast<Pack<T>*>(&tiles.a[r][c]) = a_reg[l];
+        if (a_along_j) {  // a 16-byte aligned run along a row of A [m][k]: one store
+          *reinterpret_cast<Pack<T>*>(&tiles.a[r * Tiles::kLdA + c]) = a_reg[l];
+        } else if (Tiles::kTransposedTiles) {  // along m: a row of A [k][m]
+          *reinterpret_cast<Pack<T>*>(&tiles.a[c * Tiles::kLdAT + r]) = a_reg[l];
         } else {
-          for (int q = 0; q < kSize; ++q) tiles.a[r + q][c] = a_reg[l].v[q];
+          for (int q = 0; q < kSize; ++q) tiles.a[(r + q) * Tiles::kLdA + c] = a_reg[l].v[q];
         }
       }
     }
@@ -355,10 +395,12 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
     for (int l = 0; l < kRunsB; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockK, kBlockN, b_along_j, r, c);
-      if (b_along_j) {
-        *reinterpret_cast<Pack<T>*>(&tiles.b[r][c]) = b_reg[l];
+      if (b_along_j) {  // along n: a row of B [k][n]
+        *reinterpret_cast<Pack<T>*>(&tiles.b[r * Tiles::kLdB + c]) = b_reg[l];
+      } else if (Tiles::kTransposedTiles) {  // along k: a row of B [n][k]
+        *reinterpret_cast<Pack<T>*>(&tiles.b[c * Tiles::kLdBT + r]) = b_reg[l];
       } else {
-        for (int q = 0; q < kSize; ++q) tiles.b[r + q][c] = b_reg[l].v[q];
+        for (int q = 0; q < kSize; ++q) tiles.b[(r + q) * Tiles::kLdB + c] = b_reg[l].v[q];
       }
     }
   };
@@ -371,10 +413,15 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
     int s;
     int64_t k0, k_end;
     locate(t, s, k0, k_end);
-    if (p.seg[s].a.data != nullptr) {
-      engine.step(&tiles.a[0][0], kBlockK + kPadAB, tiles.b);
+    using Tiles = SharedTiles<T>;
+    const Segment& seg = p.seg[s];
+    const bool b_col = Tiles::kTransposedTiles && !run_layout<T>(seg.b).along_j;
+    const int ldb = b_col ? Tiles::kLdBT : Tiles::kLdB;
+    if (!seg.a_in_shared) {
+      const bool a_col = Tiles::kTransposedTiles && !run_layout<T>(seg.a).along_j;
+      engine.step(tiles.a, a_col ? Tiles::kLdAT : Tiles::kLdA, a_col, tiles.b, ldb, b_col);
     } else {
-      engine.step(a_shared + k0, a_shared_ld, tiles.b);
+      engine.step(a_shared + k0, a_shared_ld, false, tiles.b, ldb, b_col);
     }
     if (t + 1 == tiles0) engine.scale(scale_value(p.scale_first, alpha));
     __syncthreads();
@@ -427,8 +474,9 @@ __global__ void __launch_bounds__(kThreads) masked_gemm_kernel(const GemmParams 
 
 // The fused forward for many tokens: block x takes tokens [64x, 64x + 64), computes their
 // T = x·Vm (t.m = N, t.n = rank, scaled by t.scale_first) into shared memory, 64 columns at
-// a time, then every output tile of y from it (y's segment with a.data == nullptr reads T),
-// so T never goes to device memory and x is read once (twice with the teacher's segment).
+// a time, then every output tile of y from it (y's segment with a_in_shared reads T), so T
+// never goes to device memory. (The teacher's segment of the blend reads the block's x
+// again for every output tile, as the unfused GEMM does; from L2.)
 // Dynamic shared memory: 64 rows of t_ld elements, t_ld = rank rounded up to 64, plus 8.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) fused_lowrank_forward_kernel(const GemmParams t,

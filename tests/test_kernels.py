@@ -237,6 +237,27 @@ def test_gpu_vit_shapes(backend, shape, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [64, 130, 384])
+def test_gpu_tokens_filling_every_sm(backend, rank, dtype):
+    """64 x (SM count) tokens and more: the cuda backend's fused forward (T held in shared
+    memory, over 48 KB of it at the larger ranks), plain and blended, outputs poisoned."""
+    if backend.device.type != "cuda":
+        pytest.skip(f"{backend.name} does not run on the GPU")
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    n = 64 * torch.cuda.get_device_properties(0).multi_processor_count + 37
+    p = make_problem(n, 96, 80, rank, dtype, "keep50", backend.device, True, teacher=True)
+    bound = backend.tolerance(dtype)
+    for alpha in (None, 0.3):
+        ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
+        _poison_allocator(p, dtype)
+        y, grads = run_plain(backend, p) if alpha is None else run_blended(backend, p, alpha)
+        assert_close(f"y (alpha={alpha})", y, ref_y, dtype, seed, bound)
+        check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+
+
+@needs_cuda
 def test_gpu_int64_offsets(backend):
     """N * in > 2**31: element offsets overflow int32. Checks the last rows, which are the
     ones an int32 offset would send to the wrong address."""

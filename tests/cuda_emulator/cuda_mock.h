@@ -47,6 +47,7 @@ struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
 struct row_major {};
+struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
@@ -56,18 +57,19 @@ struct fragment {
   float x[256];  // row-major 16 x 16: A [m][k], B [k][n], C [m][n]
 };
 
-template <typename Use, typename T>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major>& f, const T* p,
-                             unsigned ldm) {
+// Element (r, c) of the 16 x 16 tile at p: p[r·ldm + c] (row_major) or p[r + c·ldm] (col_major).
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>);
+  constexpr bool col = std::is_same_v<Layout, col_major>;
   for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = static_cast<float>(p[r * ldm + c]);
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = static_cast<float>(col ? p[r + c * ldm] : p[r * ldm + c]);
 }
 
-template <typename T>
+template <typename T, typename ALayout, typename BLayout>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
+                     const fragment<matrix_a, 16, 16, 16, T, ALayout>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, BLayout>& b,
                      const fragment<accumulator, 16, 16, 16, float>& c) {
   float out[256];
   for (int m = 0; m < 16; ++m)
