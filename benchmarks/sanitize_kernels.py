@@ -3,8 +3,9 @@ at a small, awkward shape.
 
 The workload ``gpu_check.sh`` runs under ``compute-sanitizer --tool memcheck`` (both backends)
 and ``--tool racecheck`` (the CUDA C++ kernels: ``--backends cuda``): no size is a multiple
-of a tile, so every kernel's edge masking is exercised, and 301 tokens send the CUDA
-backend's factor gradients through its split-K path. Run it once without the
+of a tile, so every kernel's edge masking is exercised; 301 tokens send the CUDA backend's
+factor gradients through its split-K path, and 64 x (SM count) + 37 tokens its forward
+through the fused kernel (T in shared memory). Run it once without the
 sanitizer first, with ``TRITON_CACHE_AUTOTUNING=1``: autotuning then happens there, and the
 sanitized run reuses the cached choice instead of benchmarking every config under memcheck
 (which slows each launch by orders of magnitude). Run the sanitized one with
@@ -36,17 +37,17 @@ def rel_error(actual, expected) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def run(op: str, backend_name: str, device="cuda", dtype=DTYPE) -> list:
+def run(op: str, backend_name: str, n: int = N, device="cuda", dtype=DTYPE) -> list:
     """[(name, relative error vs the float64 reference)] for y and every gradient."""
 
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=torch.float64)
 
-    x, u, v, bias = randn(N, IN), randn(OUT, RANK) / RANK ** 0.5, randn(IN, RANK) / IN ** 0.5, randn(OUT)
+    x, u, v, bias = randn(n, IN), randn(OUT, RANK) / RANK ** 0.5, randn(IN, RANK) / IN ** 0.5, randn(OUT)
     mask_u = torch.rand(OUT, RANK, device=device) < 0.5
     mask_v = torch.rand(IN, RANK, device=device) < 0.5
     teacher = (randn(OUT, IN) / IN ** 0.5, randn(OUT), torch.tensor(0.6, device=device))
-    grad_y = randn(N, OUT)
+    grad_y = randn(n, OUT)
 
     def forward(backend, x, u, v, bias):
         if op == "masked":
@@ -84,13 +85,15 @@ def main(argv=None) -> int:
             failed = True
             continue
         torch.manual_seed(0)
-        for op in ("masked", "blended"):
-            for name, error in run(op, backend):
-                ok = error < TOLERANCE  # also False for NaN
-                failed |= not ok
-                print(f"{backend:7s} {op:8s} {name:10s} rel. error {error:.2e} "
-                      f"{'ok' if ok else 'TOO LARGE'}")
-    print(f"sanitize_kernels: {'FAILED' if failed else 'ok'} ({','.join(backends)}; N={N}, "
+        many = 64 * torch.cuda.get_device_properties(0).multi_processor_count + 37
+        for n in (N, many):
+            for op in ("masked", "blended"):
+                for name, error in run(op, backend, n):
+                    ok = error < TOLERANCE  # also False for NaN
+                    failed |= not ok
+                    print(f"{backend:7s} N={n:<6d} {op:8s} {name:10s} rel. error {error:.2e} "
+                          f"{'ok' if ok else 'TOO LARGE'}")
+    print(f"sanitize_kernels: {'FAILED' if failed else 'ok'} ({','.join(backends)}; N={N} and 64*SMs+37, "
           f"{IN}->{OUT}, rank {RANK}, {DTYPE})")
     return 1 if failed else 0
 
