@@ -1,6 +1,7 @@
-// The one GPU kernel behind the "cuda" backend: a tiled GEMM whose operands are read through
+// The GPU kernels behind the "cuda" backend: a tiled GEMM whose operands are read through
 // strides (so transposes are free) with optional masks applied on load, over up to two
-// K segments, with a fused epilogue.
+// K segments, with a fused epilogue; and the fused forward built from the same mainloop
+// (fused_lowrank_forward_kernel, at the end).
 //
 //   C[M, N] = scale_first · (A0 · B0)  +  A1 · B1          (the second segment is optional)
 //           + scale(bias0) · bias0[n]  +  scale(bias1) · bias1[n]
@@ -16,7 +17,8 @@
 // fp32 accumulation); fp32 runs on the FMA units in fp32 (IEEE, like torch's default matmul
 // precision "highest"). Global loads are 16-byte runs along each operand's unit-stride dim
 // where alignment allows. The next K tile is fetched into registers while the current one is
-// multiplied from shared memory. The accumulator goes through shared memory for the
+// multiplied from shared memory (operands whose unit stride runs down the tile's columns are
+// staged transposed, see SharedTiles). The accumulator goes through shared memory for the
 // epilogue, so every output element is written by one thread with plain bounds checks.
 // Split-K (the factor gradients, whose K is the token count) writes fp32 partial tiles
 // [splits, M, N] that the host sums.
