@@ -20,6 +20,8 @@
 // at::parallel_for (OpenMP); the inner loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and baseline x86-64, and picked at load time.
 #include "tunecomp.h"
 
+#include "checks.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -171,40 +173,15 @@ at::Tensor masked(const at::Tensor& factor, const std::optional<at::Tensor>& mas
   return out;
 }
 
-void check_factor(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D; got ", t.dim(), "-D ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ",
-                   x.scalar_type(), "; got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor; got ", t.device());
-}
-
-void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& factor,
-                const char* name) {
-  if (!mask.has_value()) return;
-  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, name, " must be a bool tensor; got ",
-                   mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == factor.sizes(), name, " must have shape ",
-                    factor.sizes(), "; got ", mask->sizes());
-  TORCH_CHECK_VALUE(mask->device().is_cpu(), name, " must be a CPU tensor; got ",
-                    mask->device());
-}
-
+// x on the CPU in float32 and every other argument like it (checks.h).
 void check_inputs(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                  const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& mask_u,
                   const std::optional<at::Tensor>& mask_v) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor; got ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32 for the cpu backend; got ",
                    x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in]; got ", x.sizes());
-  check_factor(u, "u", x);
-  check_factor(v, "v", x);
-  TORCH_CHECK_VALUE(x.size(1) == v.size(0),
-                    "x.shape[1] (in_features) must equal v.shape[0]; got ", x.size(1), " and ",
-                    v.size(0));
-  TORCH_CHECK_VALUE(u.size(1) == v.size(1), "u and v must have the same rank; got ", u.size(1),
-                    " and ", v.size(1));
-  check_mask(mask_u, u, "mask_u");
-  check_mask(mask_v, v, "mask_v");
+  checks::check_lowrank_args(x, u, v, bias, mask_u, mask_v);
 }
 
 // tt [r, N] = (x·Vm)ᵀ from xt [in, N].
@@ -222,14 +199,7 @@ at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const a
                                const std::optional<at::Tensor>& mask_u,
                                const std::optional<at::Tensor>& mask_v, bool sparse,
                                const std::optional<std::vector<at::Tensor>>& packed) {
-  check_inputs(x, u, v, mask_u, mask_v);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == u.size(0),
-                      "bias must have shape (out_features,) = (", u.size(0), ",); got ",
-                      bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ",
-                     x.scalar_type(), "; got ", bias->scalar_type());
-  }
+  check_inputs(x, u, v, bias, mask_u, mask_v);
   if (!sparse) {
     const at::Tensor t = at::mm(x, masked(v, mask_v));
     const at::Tensor u_kept = masked(u, mask_u);
@@ -290,11 +260,8 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
                                              const std::optional<at::Tensor>& mask_v,
                                              bool has_bias, bool sparse,
                                              const std::optional<std::vector<at::Tensor>>& packed) {
-  check_inputs(x, u, v, mask_u, mask_v);
-  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == u.size(0),
-                    "grad_y must have shape (tokens, out_features) = (", x.size(0), ", ",
-                    u.size(0), "); got ", grad_y.sizes());
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "grad_y must have x's dtype");
+  check_inputs(x, u, v, std::nullopt, mask_u, mask_v);
+  checks::check_grad_y(grad_y, x, u);
   const at::Tensor grad_b = has_bias ? grad_y.sum(0) : at::empty({0}, x.options());
   if (!sparse) {
     const at::Tensor u_m = masked(u, mask_u), v_m = masked(v, mask_v);
@@ -341,8 +308,8 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
                                         const std::optional<at::Tensor>& mask_v) {
   TORCH_CHECK_TYPE(u.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
                    "u and v must be float32");
-  check_mask(mask_u, u, "mask_u");
-  check_mask(mask_v, v, "mask_v");
+  checks::check_mask(mask_u, u, "mask_u");
+  checks::check_mask(mask_v, v, "mask_v");
   std::vector<at::Tensor> packed;
   for (const Groups& g : {kept_entries(v, mask_v, false), kept_entries(u, mask_u, true),
                           kept_entries(u, mask_u, false), kept_entries(v, mask_v, true)}) {

@@ -20,30 +20,20 @@ namespace tunecomp {
 
 namespace cuda_ops {
 
-void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t grid_z) {
-  using namespace cuda_kernels;
-  if (params.m == 0 || params.n == 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.m, kBlockM)),
-                  static_cast<unsigned>(ceil_div(params.n, kBlockN)),
-                  static_cast<unsigned>(grid_z));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (dtype) {
-    case at::kFloat:
-      masked_gemm_kernel<float><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case at::kHalf:
-      masked_gemm_kernel<__half><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case at::kBFloat16:
-      masked_gemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16; got ", dtype);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 namespace {
+
+// A device attribute, asked once per device (no host sync: safe inside a graph capture).
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int device) {
+  static std::array<std::atomic<int>, 64> cache{};  // per device index; 0 = not asked yet
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int value = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttribute, device));
+    if (cached) cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
 
 // A block may have more than 48 KB of shared memory (static + dynamic) only after the kernel
 // opts in. Done once per device and kernel, to the most forward() may ask for (the device's
@@ -54,72 +44,56 @@ void opt_in_to_large_shared_memory(int device) {
   static std::array<std::atomic<bool>, 64> done{};
   const bool cached = device >= 0 && device < static_cast<int>(done.size());
   if (cached && done[device].load(std::memory_order_acquire)) return;
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaFuncAttributes attributes;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, cuda_kernels::fused_lowrank_forward_kernel<T>));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(cuda_kernels::fused_lowrank_forward_kernel<T>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      optin - static_cast<int>(attributes.sharedSizeBytes)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      cuda_kernels::fused_lowrank_forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device) -
+          static_cast<int>(attributes.sharedSizeBytes)));
   if (cached) done[device].store(true, std::memory_order_release);
-}
-
-template <typename T>
-void launch_fused(const GemmParams& t, const GemmParams& y, int64_t t_ld, int64_t shared_bytes,
-                  cudaStream_t stream) {
-  using namespace cuda_kernels;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));  // x's device: the caller holds a CUDAGuard
-  opt_in_to_large_shared_memory<T>(device);
-  const dim3 grid(static_cast<unsigned>(ceil_div(t.m, kBlockM)));
-  fused_lowrank_forward_kernel<T><<<grid, kThreads, shared_bytes, stream>>>(t, y, static_cast<int>(t_ld));
 }
 
 }  // namespace
 
+void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t grid_z) {
+  using namespace cuda_kernels;
+  if (params.m == 0 || params.n == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(params.m, kBlockM)),
+                  static_cast<unsigned>(ceil_div(params.n, kBlockN)),
+                  static_cast<unsigned>(grid_z));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    masked_gemm_kernel<T><<<grid, kThreads, 0, stream>>>(params);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void launch_fused_forward(const GemmParams& t, const GemmParams& y, int64_t t_ld,
                           at::ScalarType dtype, int64_t shared_bytes) {
+  using namespace cuda_kernels;
   if (t.m == 0 || y.n == 0) return;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));  // x's device: the caller holds a CUDAGuard
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (dtype) {
-    case at::kFloat:
-      launch_fused<float>(t, y, t_ld, shared_bytes, stream);
-      break;
-    case at::kHalf:
-      launch_fused<__half>(t, y, t_ld, shared_bytes, stream);
-      break;
-    case at::kBFloat16:
-      launch_fused<__nv_bfloat16>(t, y, t_ld, shared_bytes, stream);
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16; got ", dtype);
-  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(t.m, kBlockM)));
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    opt_in_to_large_shared_memory<T>(device);
+    fused_lowrank_forward_kernel<T><<<grid, kThreads, shared_bytes, stream>>>(
+        t, y, static_cast<int>(t_ld));
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 int64_t fused_shared_memory_limit(const at::Tensor& like) {
   // the smallest limit over the kernel's instantiations (the fp32 one has the largest tiles)
-  static std::array<std::atomic<int>, 64> cache{};
-  const int device = like.device().index();
-  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
-  int optin = cached ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (optin == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    if (cached) cache[device].store(optin, std::memory_order_relaxed);
-  }
-  return optin - static_cast<int64_t>(sizeof(cuda_kernels::SharedTiles<float>));
+  return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(like.device().index()) -
+         static_cast<int64_t>(sizeof(cuda_kernels::SharedTiles<float>));
 }
 
 int64_t multiprocessor_count(const at::Tensor& like) {
-  static std::array<std::atomic<int>, 64> cache{};  // per device index; 0 = not asked yet
-  const int device = like.device().index();
-  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
-  int count = cached ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (count == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    if (cached) cache[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
+  return device_attribute<cudaDevAttrMultiProcessorCount>(like.device().index());
 }
 
 }  // namespace cuda_ops

@@ -25,6 +25,7 @@
 
 #include <ATen/ATen.h>
 
+#include "checks.h"
 #include "masked_gemm.cuh"
 
 namespace tunecomp {
@@ -33,6 +34,9 @@ namespace cuda_ops {
 using cuda_kernels::GemmParams;
 using cuda_kernels::Operand;
 using cuda_kernels::Segment;
+using checks::check_grad_y;
+using checks::check_same;
+using checks::check_vector;
 
 // Supplied by the includer.
 void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t grid_z);
@@ -44,35 +48,24 @@ int64_t fused_shared_memory_limit(const at::Tensor& like);
 
 constexpr int64_t kMaxGridY = 65535;
 
+template <typename T>
+struct DtypeTag {
+  using type = T;
+};
+
+// f(DtypeTag<T>{}) with T the kernels' element type for dtype.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(DtypeTag<float>{});
+    case at::kHalf: return f(DtypeTag<__half>{});
+    case at::kBFloat16: return f(DtypeTag<__nv_bfloat16>{});
+    default:
+      TORCH_CHECK_TYPE(false, "the cuda backend takes float32, float16 or bfloat16; got ", dtype);
+  }
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on x's device ", x.device(),
-                    "; got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ",
-                   x.scalar_type(), "; got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D; got ", t.dim(), "-D ",
-                    t.sizes());
-}
-
-inline void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& factor,
-                       const char* name) {
-  if (!mask.has_value()) return;
-  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, name, " must be a bool tensor; got ",
-                   mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == factor.sizes(), name, " must have shape ",
-                    factor.sizes(), "; got ", mask->sizes());
-  TORCH_CHECK_VALUE(mask->device() == factor.device(), name, " must be on x's device ",
-                    factor.device(), "; got ", mask->device());
-}
-
-inline void check_vector(const std::optional<at::Tensor>& t, const char* name,
-                         const at::Tensor& x, int64_t size) {
-  if (!t.has_value()) return;
-  check_same(*t, name, x, 1);
-  TORCH_CHECK_VALUE(t->size(0) == size, name, " must have shape (out_features,) = (", size,
-                    ",); got ", t->sizes());
-}
 
 inline void check_inputs(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
                          const std::optional<at::Tensor>& bias,
@@ -83,23 +76,12 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& u, const at::Ten
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                    "x must be float32, float16 or bfloat16 for the cuda backend; got ", dtype);
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in]; got ", x.sizes());
-  check_same(u, "u", x, 2);
-  check_same(v, "v", x, 2);
-  TORCH_CHECK_VALUE(x.size(1) == v.size(0),
-                    "x.shape[1] (in_features) must equal v.shape[0]; got ", x.size(1), " and ",
-                    v.size(0));
-  TORCH_CHECK_VALUE(u.size(1) == v.size(1), "u and v must have the same rank; got ", u.size(1),
-                    " and ", v.size(1));
-  TORCH_CHECK_VALUE(u.size(1) >= 1, "rank must be at least 1; got u ", u.sizes());
+  checks::check_lowrank_args(x, u, v, bias, mask_u, mask_v);
   for (int64_t n : {u.size(0), v.size(0), u.size(1)}) {
     TORCH_CHECK_VALUE(ceil_div(n, cuda_kernels::kBlockN) <= kMaxGridY,
                       "out_features, in_features and rank must be at most ",
                       kMaxGridY * cuda_kernels::kBlockN, "; got u ", u.sizes(), " v ", v.sizes());
   }
-  check_mask(mask_u, u, "mask_u");
-  check_mask(mask_v, v, "mask_v");
-  check_vector(bias, "bias", x, u.size(0));
 }
 
 inline void check_teacher(const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,
@@ -114,13 +96,6 @@ inline void check_teacher(const at::Tensor& x, const at::Tensor& u, const at::Te
                    alpha.scalar_type());
   TORCH_CHECK_VALUE(alpha.numel() == 1, "alpha must have one element; got shape ",
                     alpha.sizes());
-}
-
-inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u) {
-  check_same(grad_y, "grad_y", x, 2);
-  TORCH_CHECK_VALUE(grad_y.size(0) == x.size(0) && grad_y.size(1) == u.size(0),
-                    "grad_y must have shape (tokens, out_features) = (", x.size(0), ", ",
-                    u.size(0), "); got ", grad_y.sizes());
 }
 
 // Element (i, j) = t[i, j], or t[j, i] when transposed; the mask is read the same way.

@@ -64,24 +64,16 @@ void emulate_fused(const GemmParams& t, const GemmParams& y, int64_t t_ld, int64
 
 void launch_masked_gemm(const GemmParams& params, at::ScalarType dtype, int64_t grid_z) {
   if (params.m == 0 || params.n == 0) return;
-  switch (dtype) {
-    case at::kFloat: return emulate_gemm<float>(params, grid_z);
-    case at::kHalf: return emulate_gemm<__half>(params, grid_z);
-    case at::kBFloat16: return emulate_gemm<__nv_bfloat16>(params, grid_z);
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
-  }
+  dispatch_dtype(dtype, [&](auto tag) { emulate_gemm<typename decltype(tag)::type>(params, grid_z); });
 }
 
 void launch_fused_forward(const GemmParams& t, const GemmParams& y, int64_t t_ld,
                           at::ScalarType dtype, int64_t shared_bytes) {
   if (t.m == 0 || y.n == 0) return;
   ++emulated_fused_launches;
-  switch (dtype) {
-    case at::kFloat: return emulate_fused<float>(t, y, t_ld, shared_bytes);
-    case at::kHalf: return emulate_fused<__half>(t, y, t_ld, shared_bytes);
-    case at::kBFloat16: return emulate_fused<__nv_bfloat16>(t, y, t_ld, shared_bytes);
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", dtype);
-  }
+  dispatch_dtype(dtype, [&](auto tag) {
+    emulate_fused<typename decltype(tag)::type>(t, y, t_ld, shared_bytes);
+  });
 }
 
 int64_t multiprocessor_count(const at::Tensor&) { return emulated_sms; }
