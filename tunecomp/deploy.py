@@ -211,11 +211,20 @@ def _unpack(values: Tensor, positions: Tensor, shape) -> tuple:
 
 
 @torch.no_grad()
+def masked_factors(layer: FusedPrunedLowRankLinear) -> tuple:
+    """``(u, v)`` with the masks folded in, at full rank."""
+    return apply_mask(layer.u, layer.mask_u), apply_mask(layer.v, layer.mask_v)
+
+
+def drop_dead_components(u: Tensor, v: Tensor) -> tuple:
+    """``(u, v)`` without the rank components that are zero on either side."""
+    alive = (u != 0).any(0) & (v != 0).any(0)
+    return u[:, alive].contiguous(), v[:, alive].contiguous()
+
+
 def compact_factors(layer: FusedPrunedLowRankLinear) -> tuple:
     """``(u, v)`` with the masks folded in and the entirely pruned rank components removed."""
-    u, v = apply_mask(layer.u, layer.mask_u), apply_mask(layer.v, layer.mask_v)
-    alive = (u != 0).any(0) & (v != 0).any(0)  # a component is dead if either side is empty
-    return u[:, alive].contiguous(), v[:, alive].contiguous()
+    return drop_dead_components(*masked_factors(layer))
 
 
 def time_forward(module: nn.Module, x: Tensor, repeats: int = 20) -> float:
@@ -324,11 +333,11 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
                          f"finish training (alpha = 0) or call drop_teacher()")
     state, layer_info = {}, {}
     for name, layer in layers.items():
-        u, v = compact_factors(layer)
+        full = masked_factors(layer)
+        u, v = drop_dead_components(*full)
+        full = full if is_2_4(*full) else None  # kept at full rank for the 2:4 form
         bias = None if layer.bias is None else layer.bias.detach()
         kept = kept_fraction(u, v)
-        full = (apply_mask(layer.u, layer.mask_u).detach(), apply_mask(layer.v, layer.mask_v).detach())
-        full = full if is_2_4(*full) else None
         chosen = forms.pop(name, None) or form or choose_form(u, v, bias, measure, device, tokens, kept, full)
         if u.shape[1] == 0:  # everything pruned: the layer is its bias
             chosen = "dense"
