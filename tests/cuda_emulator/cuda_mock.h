@@ -2,11 +2,14 @@
 // the kernel's source runs unchanged on the CPU: each block's threads are OS threads,
 // __shared__ arrays are statics (one block runs at a time), __syncthreads is a barrier.
 // wmma fragments hold the whole 16 x 16 tile in every thread of the warp, and lane 0 stores
-// it; the products are exact in float, as on tensor cores, with fp32 accumulation.
+// it; the products are exact in float, as on tensor cores, with fp32 accumulation. The
+// alignment rules of load/store_matrix_sync, which the CPU would not enforce, are checked.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -29,6 +32,14 @@ inline thread_local EmulatedDim3 blockIdx;
 inline std::barrier<>* emulated_block_barrier = nullptr;
 
 inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
+
+// The first misuse of an API whose contract the CPU would not enforce (wmma's alignment
+// rules); the launcher turns it into an error after the kernel.
+inline std::atomic<const char*> emulated_fault{nullptr};
+inline void emulated_require(bool ok, const char* what) {
+  const char* none = nullptr;
+  if (!ok) emulated_fault.compare_exchange_strong(none, what);
+}
 
 inline unsigned char* emulated_dynamic_shared = nullptr;  // set by the launcher per block
 inline unsigned char* dynamic_shared_memory() { return emulated_dynamic_shared; }
@@ -57,10 +68,20 @@ struct fragment {
   float x[256];  // row-major 16 x 16: A [m][k], B [k][n], C [m][n]
 };
 
+// The CUDA programming guide's rules for load/store_matrix_sync: a 256-bit aligned pointer,
+// and ldm a multiple of 16 bytes.
+inline void check_wmma_pointer(const void* p, unsigned ldm, size_t element_bytes) {
+  emulated_require(reinterpret_cast<uintptr_t>(p) % 32 == 0,
+                   "wmma load/store_matrix_sync: pointer not 256-bit aligned");
+  emulated_require(ldm * element_bytes % 16 == 0,
+                   "wmma load/store_matrix_sync: ldm not a multiple of 16 bytes");
+}
+
 // Element (r, c) of the 16 x 16 tile at p: p[r·ldm + c] (row_major) or p[r + c·ldm] (col_major).
 template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>);
+  check_wmma_pointer(p, ldm, sizeof(T));
   constexpr bool col = std::is_same_v<Layout, col_major>;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = static_cast<float>(col ? p[r + c * ldm] : p[r * ldm + c]);
@@ -87,6 +108,7 @@ inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float val
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t layout) {
+  check_wmma_pointer(p, ldm, sizeof(float));
   if (threadIdx.x % 32 != 0 || layout != mem_row_major) return;  // lane 0 writes the tile
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];

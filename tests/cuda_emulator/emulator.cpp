@@ -44,6 +44,8 @@ void emulate(int64_t grid_x, int64_t grid_y, int64_t grid_z, int64_t shared_byte
           });
         }
         for (auto& thread : threads) thread.join();
+        const char* fault = emulated_fault.exchange(nullptr);
+        TORCH_CHECK(fault == nullptr, "emulated kernel: ", fault);
       }
 }
 
