@@ -9,20 +9,31 @@ those are for the GPU tests and compute-sanitizer.
 
 import functools
 import os
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
 
 
 @functools.lru_cache(maxsize=None)
 def load():
+    import torch
     from torch.utils.cpp_extension import load as load_extension
 
+    # In this checkout's build/, one folder per torch version: torch's shared default folder
+    # would make two checkouts or two venvs rebuild over each other (and wait forever on a
+    # lock file that a killed build left behind).
+    build_dir = os.path.join(ROOT, "build", "cuda_emulator-torch" + re.sub(r"[^\w.]+", "_", torch.__version__))
+    os.makedirs(build_dir, exist_ok=True)
     return load_extension(
         name="tunecomp_cuda_emulator",
         sources=[os.path.join(HERE, "emulator.cpp")],
         extra_include_paths=[HERE, CSRC],
-        extra_cflags=["-O1", "-fno-strict-aliasing", "-pthread"],  # CUDA-style type punning
+        # C++20 for std::barrier (torch 2.11 passes -std=c++17 first; the last -std wins);
+        # no strict aliasing for the CUDA-style type punning.
+        extra_cflags=["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread"],
         extra_ldflags=["-pthread"],
+        build_directory=build_dir,
         verbose=False,
     )
