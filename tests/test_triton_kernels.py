@@ -41,3 +41,33 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
         assert kept
         if rank > 256:
             assert all(c.kwargs["BLOCK_K"] == 16 for c in kept)
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """Every GPU config the autotuner keeps, of every Triton kernel, compiles for an H100
+    (sm_90) with this Triton, and each call has one that fits its shared memory: a GPU-only
+    compile error (which the interpreter cannot show) fails here, in CI. Runs
+    benchmarks/kernel_resources.py --quick (bf16, one layer shape, rank 64) in a fresh process:
+    compiling needs TRITON_INTERPRET unset before the kernels are imported. It also reads the
+    sm_90 kernels of a CUDA build of tunecomp._C, and fails if there are none."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--quick",
+         "--no-write"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "; 0 problems" in proc.stdout, proc.stdout[-3000:]
+    compiled = int(proc.stdout.split("kernel compiles (")[1].split()[0])
+    assert compiled >= 5, proc.stdout  # one binary per kernel at the very least
+    from tunecomp import _C
+
+    if hasattr(_C, "cuda_compiled_archs"):  # the CUDA C++ kernels were built: read for sm_90
+        assert " CUDA C++ kernels;" in proc.stdout, proc.stdout

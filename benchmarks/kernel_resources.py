@@ -1,0 +1,385 @@
+"""What the compilers made of tunecomp's GPU kernels, read without a GPU: registers, spilled
+bytes and shared memory of every Triton autotune config, and of the CUDA C++ kernels in the
+built ``tunecomp._C``.
+
+    python benchmarks/kernel_resources.py [--target cuda:90] [--ranks 32,64,128,256,384]
+        [--dtypes bfloat16,float16,float32] [--out-dir DIR] [--print] [--quick] [--no-write]
+
+Triton: the op wrappers (forward, backward, blended forward and backward) are called on CPU
+tensors of ViT-B/16 layer shapes, with each kernel launch replaced by a compile of every config
+the autotuner would try (its own pruning, then ``JITFunction.warmup``), under a stand-in Triton
+driver that only names the target. So the arguments, their specialisation (dtypes, 16-byte
+alignment, unit strides) and the pruned config list are those of a real call; nothing runs.
+Resource usage is read from each cubin with the cuobjdump that Triton ships, and the PTX says
+which matrix instructions the dots became.
+
+CUDA C++: the same cuobjdump on the sm_<arch> code of the built extension (skipped, and said
+so, when ``tunecomp._C`` was built without CUDA).
+
+What it tells before any GPU time is spent: that every Triton kernel compiles for the target
+with this Triton; which configs spill (``local`` > 0: slow, autotuning will pass them over)
+and which need more shared memory than the device has (they would fail to launch: autotuning
+skips them, a config forced by hand would raise). Not timing.
+
+Writes ``DIR/resources-<target>-triton<version>.{json,md}`` (default DIR: benchmarks/results)
+with the Triton, torch and CUDA versions and the date. Exit code 1 if a kernel fails to
+compile, if a call has no config that fits the shared memory (``--max-shared``, default the
+target's opt-in limit per block), or if a CUDA build of ``tunecomp._C`` lacks the target's
+kernels. ``--quick`` compiles one rank, one shape and bf16 only (the CI test). Must run with
+``TRITON_INTERPRET`` unset: the interpreter compiles nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Opt-in shared memory per block, bytes (CUDA programming guide, compute capabilities table).
+MAX_SHARED = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+LAYERS = ((768, 2304), (768, 768), (768, 3072), (3072, 768))  # ViT-B/16 (in, out): qkv, proj, fc1, fc2
+KERNELS = {  # module attribute -> op it serves
+    "masked_lowrank._forward_kernel": "forward",
+    "masked_lowrank._rank_project_kernel": "backward: T = x Vm, G = s dy Um",
+    "masked_lowrank._grad_x_kernel": "backward: dx",
+    "masked_lowrank._grad_factor_kernel": "backward: dU, dV, db",
+    "blended_lowrank._blended_forward_kernel": "blended forward",
+}
+
+
+class _TargetOnlyDriver:
+    """Enough of a Triton driver for ``warmup``: it names the target; it cannot launch."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise SystemExit(f"cuobjdump not found at {path} (it ships with Triton's NVIDIA backend)")
+    return path
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{"registers", "local" (stack + local bytes per thread)} of the cubin's one kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    fields = {}
+    for line in text.splitlines():
+        if "REG:" in line:
+            fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
+    if "REG" not in fields:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{text}")
+    return {"registers": int(fields["REG"]), "local": int(fields["STACK"]) + int(fields["LOCAL"])}
+
+
+def matrix_instructions(ptx: str) -> str:
+    """Which units the dots run on: "wgmma" (Hopper warpgroup MMA, needs 64-row tiles per
+    warpgroup), "mma" (mma.sync, the pre-Hopper tensor-core path) or "fma" (no tensor cores,
+    e.g. fp32 with input_precision="ieee")."""
+    found = [name for name, op in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if op in ptx]
+    return "+".join(found) or "fma"
+
+
+class _CompileInsteadOfLaunch:
+    """Stands in for an autotuned kernel: ``kernel[grid](*args, **kwargs)`` compiles every
+    config the autotuner keeps for these arguments and records the results."""
+
+    def __init__(self, name, tuner, records, context):
+        self.name, self.tuner, self.records, self.context = name, tuner, records, context
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tuner.nargs = dict(zip(self.tuner.arg_names, args))
+            try:
+                configs = self.tuner.prune_configs(kwargs)
+            finally:
+                self.tuner.nargs = None
+            for config in configs:
+                meta = config.all_kwargs()
+                record = dict(self.context, kernel=self.name.split(".")[-1],
+                              config=_config_text(meta),
+                              r_pad=kwargs.get("R_PAD"))
+                try:
+                    compiled = self.tuner.fn.warmup(*args, grid=grid, **kwargs, **meta)
+                    record.update(resource_usage(compiled.asm["cubin"]),
+                                  shared=int(compiled.metadata.shared),
+                                  mma=matrix_instructions(compiled.asm["ptx"]), error=None)
+                except Exception as exc:  # a compile error is the finding, not a crash
+                    record.update(registers=None, local=None, shared=None, mma=None,
+                                  error=f"{type(exc).__name__}: {str(exc).strip()[:400]}")
+                self.records.append(record)
+            return None
+
+        return launch
+
+
+def _config_text(meta) -> str:
+    blocks = " ".join(f"{k}={v}" for k, v in meta.items() if k.isupper())
+    return f"{blocks} warps={meta.get('num_warps')} stages={meta.get('num_stages')}"
+
+
+def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
+    """Records of every (call, config) compile; see the module docstring."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from tunecomp.kernels import blended_lowrank, masked_lowrank
+
+    backend, arch = target.split(":")
+    driver = _TargetOnlyDriver(GPUTarget(backend, int(arch), 32))
+    modules = {"masked_lowrank": masked_lowrank, "blended_lowrank": blended_lowrank}
+    originals = {name: getattr(modules[name.split(".")[0]], name.split(".")[1]) for name in KERNELS}
+    records: list = []
+    context: dict = {}
+    seen = set()
+    triton.runtime.driver.set_active(driver)
+    try:
+        for name, tuner in originals.items():
+            module, attr = name.split(".")
+            setattr(modules[module], attr, _CompileInsteadOfLaunch(name, tuner, records, context))
+        for dtype in dtypes:
+            for in_f, out_f in layers:
+                for rank in ranks:
+                    key = (dtype, in_f, out_f, masked_lowrank.rank_pad(rank))
+                    if key in seen:  # same specialisation and pruning: same binaries
+                        continue
+                    seen.add(key)
+                    context.clear()
+                    context.update(dtype=str(dtype).replace("torch.", ""), layer=f"{in_f}x{out_f}",
+                                   rank=rank)
+                    done = len(records)
+                    _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank)
+                    errors = sum(r["error"] is not None for r in records[done:])
+                    log(f"{context['dtype']:8s} {in_f:4d}->{out_f:4d} rank {rank:3d}: "
+                        f"{len(records) - done} compiles" + (f", {errors} FAILED" if errors else ""))
+    finally:
+        for name, tuner in originals.items():
+            module, attr = name.split(".")
+            setattr(modules[module], attr, tuner)
+        try:
+            triton.runtime.driver.reset_active()
+        except RuntimeError:  # no GPU here, so no default driver to go back to
+            pass
+    return records
+
+
+def _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank):
+    """Each op once, as ops.py calls it in training: contiguous x, masks on, biases on."""
+    n = 256  # the token count only picks an autotune bucket, never a binary
+    x = torch.empty(n, in_f, dtype=dtype)
+    u, v = torch.empty(out_f, rank, dtype=dtype), torch.empty(in_f, rank, dtype=dtype)
+    mu, mv = torch.ones(out_f, rank, dtype=torch.bool), torch.ones(in_f, rank, dtype=torch.bool)
+    bias = torch.empty(out_f, dtype=dtype)
+    w0, b0 = torch.empty(out_f, in_f, dtype=dtype), torch.empty(out_f, dtype=dtype)
+    alpha = torch.empty((), dtype=torch.float32)
+    dy = torch.empty(n, out_f, dtype=dtype)
+    masked_lowrank.forward(x, u, v, bias, mu, mv)
+    masked_lowrank.backward(dy, x, u, v, mu, mv, True)
+    blended_lowrank.blended_forward(x, u, v, bias, mu, mv, w0, b0, alpha)
+    blended_lowrank.blended_backward(dy, x, u, v, mu, mv, w0, alpha, True)
+
+
+_CUDA_DTYPES = {"13__nv_bfloat16": "bfloat16", "6__half": "float16", "f": "float32"}
+
+
+def cuda_kernels(arch: int):
+    """Rows (kernel, dtype, registers, local, shared) of tunecomp._C's sm_<arch> kernels;
+    None when the extension has no CUDA code (built without CUDA, or not built)."""
+    import re
+
+    try:
+        from tunecomp import _C
+    except ImportError:
+        return None
+    if not hasattr(_C, "cuda_compiled_archs"):  # built without CUDA
+        return None
+    text = subprocess.run([_cuobjdump(), "-res-usage", _C.__file__], capture_output=True,
+                          text=True, check=True).stdout
+    rows, current_arch, name = [], None, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            current_arch = line.split("= ")[1]
+        elif line.startswith("Function "):
+            name = line[len("Function "):].rstrip(":")
+        elif line.startswith("REG:") and name and current_arch == f"sm_{arch}":
+            fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
+            match = re.search(r"\d+([a-z_]+_kernel)I(\w+?)E", name)
+            kernel, dtype = (match.group(1), _CUDA_DTYPES.get(match.group(2), match.group(2))) \
+                if match else (name, "")
+            rows.append(dict(kernel=kernel, dtype=dtype, registers=int(fields["REG"]),
+                             local=int(fields["STACK"]) + int(fields["LOCAL"]),
+                             shared=int(fields["SHARED"])))
+    return rows
+
+
+def unique(records) -> list:
+    """One row per distinct binary (kernel, dtype, R_PAD where it matters, config)."""
+    rows, seen = [], set()
+    for r in records:
+        key = (r["kernel"], r["dtype"], r["r_pad"], r["config"])
+        if key not in seen:
+            seen.add(key)
+            rows.append({k: v for k, v in r.items() if k not in ("layer", "rank")})
+    return rows
+
+
+def calls(records, max_shared: int) -> list:
+    """Per kernel call (kernel, dtype, layer, rank): configs kept, and how many compiled,
+    fit in the shared memory and do not spill."""
+    grouped: dict = {}
+    for r in records:
+        grouped.setdefault((r["kernel"], r["dtype"], r["layer"], r["rank"]), []).append(r)
+    out = []
+    for (kernel, dtype, layer, rank), rs in grouped.items():
+        ok = [r for r in rs if r["error"] is None]
+        fit = [r for r in ok if r["shared"] <= max_shared]
+        out.append(dict(kernel=kernel, dtype=dtype, layer=layer, rank=rank, configs=len(rs),
+                        compiled=len(ok), fit=len(fit), fit_no_spill=sum(not r["local"] for r in fit)))
+    return out
+
+
+def problems(records, max_shared: int) -> list:
+    """Compile errors, and calls whose every kept config exceeds the shared memory."""
+    found = [f"{r['kernel']} {r['dtype']} {r['layer']} rank {r['rank']} [{r['config']}]: {r['error']}"
+             for r in records if r["error"]]
+    for c in calls(records, max_shared):
+        if c["fit"] == 0:
+            found.append(f"{c['kernel']} {c['dtype']} {c['layer']} rank {c['rank']}: no config "
+                         f"compiles and fits in {max_shared} bytes of shared memory")
+    return found
+
+
+def markdown(meta, rows, max_shared, found, cuda_rows) -> str:
+    lines = [f"# tunecomp's GPU kernels compiled for {meta['target']} (no GPU used)", "",
+             f"Triton {meta['triton']}, torch {meta['torch']} (CUDA {meta['cuda']}), "
+             f"{meta['date']}, on {meta['host']}. Command: `{meta['command']}`. "
+             "Written by that command, never edited by hand.", ""]
+    lines += ["## CUDA C++ (tunecomp._C)", ""]
+    if cuda_rows is None:
+        lines += ["tunecomp._C was built without CUDA here: nothing to read.", ""]
+    else:
+        lines += ["Tiles are 64 x 64 x 32 with 128 threads; shared = static bytes per block as "
+                  "cuobjdump counts them (on sm_90 with the 1 KiB the system reserves; the fused "
+                  "forward adds its T rows as dynamic shared memory); local > 0: a stack frame "
+                  "(spills or a local array).", "",
+                  "| kernel | dtype | registers | local | shared |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['kernel']} | {r['dtype']} | {r['registers']} | {r['local']} | {r['shared']} |"
+                  for r in cuda_rows]
+        lines.append("")
+    lines += ["## Triton", "",
+              "One row per distinct binary. local = stack + local memory per thread in bytes "
+             "(> 0: ptxas spilled registers); shared = bytes per block, the limit "
+             f"is {max_shared}; mma = the matrix instructions in the PTX (wgmma: Hopper's "
+             "warpgroup MMA; mma: mma.sync; fma: no tensor cores). Configs are those the "
+             "autotuner keeps after its pruning.", ""]
+    if found:
+        lines += ["**Problems:**", ""] + [f"- {p}" for p in found] + [""]
+    else:
+        lines += ["Every Triton kernel compiled; every call has a config that fits.", ""]
+    spilled = sum(1 for r in rows if r["local"])
+    too_big = sum(1 for r in rows if r["shared"] is not None and r["shared"] > max_shared)
+    lines += [f"{len(rows)} binaries: {spilled} spill, {too_big} exceed shared memory.", "",
+              "| kernel | dtype | R_PAD | config | registers | local | shared | mma | note |",
+              "|---|---|---:|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        note = r["error"] or ("spills" if r["local"] else "")
+        if r["shared"] is not None and r["shared"] > max_shared:
+            note = (note + "; " if note else "") + "exceeds shared memory"
+        r_pad = r["r_pad"] if r["r_pad"] is not None else ""
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r_pad} | {r['config']} | "
+                     f"{r['registers'] if r['registers'] is not None else ''} | "
+                     f"{r['local'] if r['local'] is not None else ''} | "
+                     f"{r['shared'] if r['shared'] is not None else ''} | {r['mma'] or ''} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90 (H100/H200)")
+    parser.add_argument("--ranks", default="32,64,128,256,384")
+    parser.add_argument("--dtypes", default="bfloat16,float16,float32")
+    parser.add_argument("--max-shared", type=int, default=None,
+                        help="bytes of shared memory per block (default: the target's limit)")
+    parser.add_argument("--quick", action="store_true", help="rank 64, bf16, one layer shape")
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--no-write", action="store_true", help="check only, write no files")
+    parser.add_argument("--print", action="store_true", help="print the markdown table")
+    args = parser.parse_args(argv)
+
+    arch = int(args.target.split(":")[1])
+    max_shared = args.max_shared or MAX_SHARED.get(arch)
+    if max_shared is None:
+        parser.error(f"--max-shared is needed for {args.target}: known archs {sorted(MAX_SHARED)}")
+    ranks = [64] if args.quick else [int(r) for r in args.ranks.split(",")]
+    dtypes = [torch.bfloat16] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
+    layers = LAYERS[:1] if args.quick else LAYERS
+    start = time.perf_counter()
+    records = compile_all(args.target, ranks, dtypes, layers)
+    found = problems(records, max_shared)
+    cuda_rows = cuda_kernels(arch)
+    if cuda_rows == []:
+        found.append(f"tunecomp._C was built with CUDA but has no sm_{arch} kernels "
+                     "(TUNECOMP_CUDA_ARCHS)")
+    import triton
+
+    meta = dict(target=args.target, triton=triton.__version__, torch=torch.__version__,
+                cuda=torch.version.cuda,
+                date=datetime.date.today().isoformat(),
+                host=f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
+                command=" ".join(["python benchmarks/kernel_resources.py", *(argv or sys.argv[1:])]),
+                seconds=round(time.perf_counter() - start, 1), max_shared=max_shared)
+    rows = unique(records)
+    text = markdown(meta, rows, max_shared, found, cuda_rows)
+    if not args.no_write:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, f"resources-{args.target.replace(':', '')}-triton{triton.__version__}")
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(meta, problems=found, cuda_kernels=cuda_rows, triton_binaries=rows,
+                           triton_calls=calls(records, max_shared)), f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(text)
+        print(f"wrote {stem}.json and .md")
+    if args.print:
+        print(text)
+    cuda_text = "no CUDA build of tunecomp._C" if cuda_rows is None else f"{len(cuda_rows)} CUDA C++ kernels"
+    print(f"{len(records)} Triton kernel compiles ({len(rows)} distinct binaries) for {args.target} "
+          f"in {meta['seconds']} s; {cuda_text}; {len(found)} problems")
+    for p in found:
+        print("PROBLEM:", p, file=sys.stderr)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
