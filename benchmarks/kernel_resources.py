@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,13 +49,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Opt-in shared memory per block, bytes (CUDA programming guide, compute capabilities table).
 MAX_SHARED = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 LAYERS = ((768, 2304), (768, 768), (768, 3072), (3072, 768))  # ViT-B/16 (in, out): qkv, proj, fc1, fc2
-KERNELS = {  # module attribute -> op it serves
-    "masked_lowrank._forward_kernel": "forward",
-    "masked_lowrank._rank_project_kernel": "backward: T = x Vm, G = s dy Um",
-    "masked_lowrank._grad_x_kernel": "backward: dx",
-    "masked_lowrank._grad_factor_kernel": "backward: dU, dV, db",
-    "blended_lowrank._blended_forward_kernel": "blended forward",
-}
+KERNELS = (  # module.attribute of every autotuned Triton kernel
+    "masked_lowrank._forward_kernel",
+    "masked_lowrank._rank_project_kernel",  # backward: T = x Vm and G = s dy Um
+    "masked_lowrank._grad_x_kernel",
+    "masked_lowrank._grad_factor_kernel",  # dU, dV (and db)
+    "blended_lowrank._blended_forward_kernel",
+)
 
 
 class _TargetOnlyDriver:
@@ -216,8 +217,6 @@ _CUDA_DTYPES = {"13__nv_bfloat16": "bfloat16", "6__half": "float16", "f": "float
 def cuda_kernels(arch: int):
     """Rows (kernel, dtype, registers, local, shared) of tunecomp._C's sm_<arch> kernels;
     None when the extension has no CUDA code (built without CUDA, or not built)."""
-    import re
-
     try:
         from tunecomp import _C
     except ImportError:
