@@ -58,6 +58,29 @@ def test_joint_loop_end_to_end(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no half-written checkpoint left
 
 
+def test_distillation_term_survives_the_sparsity_penalty(tmp_path):
+    """With a distillation teacher and the L1 penalty both on, the logged loss is not the one
+    without the teacher (the penalty once replaced the KD loss instead of adding to it)."""
+    losses = []
+    for with_teacher in (False, True):
+        model, data = tiny_setup(init="svd")
+        distill = None
+        if with_teacher:  # constant logits, far from the student's
+            distill = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(5))
+            distill(data.train[0][0][None])
+            torch.nn.init.zeros_(distill[1].weight)
+            with torch.no_grad():
+                distill[1].bias.copy_(torch.tensor([10.0, 0, 0, 0, 0]))
+        cfg = TrainConfig(steps=2, batch_size=16, lr=1e-3, decay_steps=2, reg="l1", reg_weight=1e-3,
+                          kd_weight=1.0, log_every=1, progress=False)
+        out = tmp_path / str(with_teacher)
+        train(model, data.train, data.test, cfg, str(out), device="cpu", distill_from=distill)
+        first = next(r for r in read_log(out) if "loss" in r)
+        assert first["lambda"] > 0
+        losses.append(first["loss"])
+    assert abs(losses[0] - losses[1]) > 1e-3, losses
+
+
 class CrashingDataset(torch.utils.data.Dataset):
     """Raises after `crash_after` items have been read: a process killed mid-run."""
 

@@ -386,7 +386,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                                           F.log_softmax(target, -1), log_target=True, reduction="batchmean")
                             loss = (1 - cfg.kd_weight) * task + cfg.kd_weight * cfg.kd_temperature ** 2 * kd
                         if lam > 0 and layers:
-                            loss = task + lam * sparsity_penalty(layers, cfg.prune_mode)
+                            loss = loss + lam * sparsity_penalty(layers, cfg.prune_mode)
                     (loss / cfg.grad_accum).backward()
                 # kept as tensors: no device sync until a log line is written
                 running["loss"] = running["loss"] + loss.detach()
