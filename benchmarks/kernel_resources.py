@@ -86,20 +86,34 @@ def _cuobjdump() -> str:
     return path
 
 
+def res_usage(path: str):
+    """(arch, function, {"registers", "local" (stack + local bytes per thread), "shared"}) for
+    every kernel in the cubin or library at path, from ``cuobjdump -res-usage``."""
+    text = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True,
+                          check=True).stdout
+    arch = name = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("= ")[1]
+        elif line.startswith("Function "):
+            name = line[len("Function "):].rstrip(":")
+        elif line.startswith("REG:") and name:
+            fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
+            yield arch, name, {"registers": int(fields["REG"]),
+                               "local": int(fields["STACK"]) + int(fields["LOCAL"]),
+                               "shared": int(fields["SHARED"])}
+
+
 def resource_usage(cubin: bytes) -> dict:
-    """{"registers", "local" (stack + local bytes per thread)} of the cubin's one kernel."""
+    """{"registers", "local"} of the cubin's one kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
-    fields = {}
-    for line in text.splitlines():
-        if "REG:" in line:
-            fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
-    if "REG" not in fields:
-        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{text}")
-    return {"registers": int(fields["REG"]), "local": int(fields["STACK"]) + int(fields["LOCAL"])}
+        found = [usage for _, _, usage in res_usage(f.name)]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one kernel in the cubin, cuobjdump found {len(found)}")
+    return {"registers": found[0]["registers"], "local": found[0]["local"]}
 
 
 def matrix_instructions(ptx: str) -> str:
@@ -221,25 +235,16 @@ def cuda_kernels(arch: int):
         from tunecomp import _C
     except ImportError:
         return None
-    if not hasattr(_C, "cuda_compiled_archs"):  # built without CUDA
+    if not _C.with_cuda:
         return None
-    text = subprocess.run([_cuobjdump(), "-res-usage", _C.__file__], capture_output=True,
-                          text=True, check=True).stdout
-    rows, current_arch, name = [], None, None
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("arch = "):
-            current_arch = line.split("= ")[1]
-        elif line.startswith("Function "):
-            name = line[len("Function "):].rstrip(":")
-        elif line.startswith("REG:") and name and current_arch == f"sm_{arch}":
-            fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
-            match = re.search(r"\d+([a-z_]+_kernel)I(\w+?)E", name)
-            kernel, dtype = (match.group(1), _CUDA_DTYPES.get(match.group(2), match.group(2))) \
-                if match else (name, "")
-            rows.append(dict(kernel=kernel, dtype=dtype, registers=int(fields["REG"]),
-                             local=int(fields["STACK"]) + int(fields["LOCAL"]),
-                             shared=int(fields["SHARED"])))
+    rows = []
+    for code_arch, name, usage in res_usage(_C.__file__):
+        if code_arch != f"sm_{arch}":
+            continue
+        match = re.search(r"\d+([a-z_]+_kernel)I(\w+?)E", name)
+        kernel, dtype = (match.group(1), _CUDA_DTYPES.get(match.group(2), match.group(2))) \
+            if match else (name, "")
+        rows.append(dict(kernel=kernel, dtype=dtype, **usage))
     return rows
 
 
