@@ -11,8 +11,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(), py::arg("sparse") = false,
         py::arg("packed") = py::none());
   m.def("pack_groups_cpu", &tunecomp::pack_groups_cpu,
-        "the factors' kept entries grouped for the sparse path (12 tensors)", py::arg("u"),
-        py::arg("v"), py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none());
+        "the factors' kept entries grouped for the sparse forward (6 tensors) and, with "
+        "backward=True, also for the sparse backward (12 tensors)",
+        py::arg("u"), py::arg("v"), py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(),
+        py::arg("backward") = true);
   m.def("lowrank_backward_cpu", &tunecomp::lowrank_backward_cpu,
         "[grad_x, grad_u, grad_v, grad_b] of lowrank_forward_cpu", py::arg("grad_y"), py::arg("x"),
         py::arg("u"), py::arg("v"), py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(),

@@ -18,11 +18,12 @@ at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const a
                                const std::optional<at::Tensor>& mask_v, bool sparse,
                                const std::optional<std::vector<at::Tensor>>& packed);
 
-// The kept entries of the factors grouped four ways (V by column, U by row, U by column,
-// V by row), three tensors each: group starts (int64), indices (int32), values (float).
+// The kept entries of the factors grouped as the sparse forward needs them (V by column,
+// U by row) and, with backward, also as the sparse backward does (U by column, V by row);
+// three tensors each: group starts (int64), indices (int32), values (float).
 std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v,
                                         const std::optional<at::Tensor>& mask_u,
-                                        const std::optional<at::Tensor>& mask_v);
+                                        const std::optional<at::Tensor>& mask_v, bool backward);
 
 // {grad_x, grad_u, grad_v, grad_b} of the op; grad_b is empty unless has_bias.
 std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,

@@ -118,8 +118,20 @@ def test_packed_groups_match_and_follow_in_place_changes():
     assert len(packed) == 12
     assert torch.equal(_C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True, packed),
                        _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True))
-    with pytest.raises(ValueError, match="packed must hold the 12 tensors"):
+    with pytest.raises(ValueError, match="packed must hold the 6 or 12 tensors"):
         _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True, packed[:3])
+    # the forward's half of the packing: the same result, and the sparse backward refuses it
+    forward_only = _C.pack_groups_cpu(u, v, mask_u, mask_v, backward=False)
+    assert len(forward_only) == 6
+    assert all(torch.equal(a, b) for a, b in zip(forward_only, packed[:6]))
+    assert torch.equal(_C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True, forward_only),
+                       _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True))
+    grad_y = torch.randn(x.shape[0], u.shape[0])
+    with pytest.raises(ValueError, match="forward groupings only"):
+        _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, True, forward_only)
+    for got, want in zip(_C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, True, packed),
+                         _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, True)):
+        assert torch.equal(got, want)
     with pytest.raises(ValueError, match="packed does not match these factors"):
         _C.lowrank_forward_cpu(x, u[:, :5].contiguous(), v[:, :5].contiguous(), bias,
                                mask_u[:, :5].contiguous(), mask_v[:, :5].contiguous(), True, packed)
@@ -132,6 +144,29 @@ def test_packed_groups_match_and_follow_in_place_changes():
     mask_v.zero_()
     y3 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
     assert torch.allclose(y3, bias.expand_as(y3))
+
+
+@pytest.mark.parametrize("keep, packed_tensors", [(0.05, 12), (0.18, 6)])
+def test_backend_packs_the_backward_groupings_only_where_the_backward_is_sparse(keep, packed_tensors):
+    """Between the two thresholds the forward runs sparse and the backward dense: packing the
+    backward's groupings there would be wasted work on every training step."""
+    backend = ops._BACKENDS["cpu"]
+    assert backend.BACKWARD_SPARSE_BELOW < 0.18 < backend.SPARSE_BELOW
+    x, u, v, bias, _, _ = inputs((70, 48, 40, 24), keep, True)
+    # exactly `keep` of the entries: the backend's choice must not depend on the draw
+    mask_u, mask_v = (torch.randperm(t.numel()).reshape(t.shape) < round(keep * t.numel()) for t in (u, v))
+    x, u, v, bias = (t.requires_grad_() for t in (x, u, v, bias))
+    y = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+    kept, packed = backend._pack(u, v, mask_u, mask_v)
+    assert abs(kept - keep) < 0.01 and len(packed) == packed_tensors
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    leaves = [double(t.detach()).requires_grad_() for t in (x, u, v, bias)]
+    expected = reference.masked_lowrank_linear(*leaves, mask_u, mask_v)
+    expected.backward(grad_y.double())
+    assert rel_error(y, expected) < 1e-5
+    for got, want in zip((x, u, v, bias), leaves):
+        assert rel_error(got.grad, want.grad) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------

@@ -145,7 +145,10 @@ class _CpuBackend:
             self._packed.move_to_end(key)
             return entry[1], entry[2]
         kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
-        packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v) if kept < self.SPARSE_BELOW else None
+        packed = None
+        if kept < self.SPARSE_BELOW:  # the backward's groupings only where it runs sparse too
+            packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v,
+                                        backward=kept < self.BACKWARD_SPARSE_BELOW)
         self._packed[key] = ([(weakref.ref(t), t._version) for t in tensors], kept, packed)
         while len(self._packed) > 256:  # one entry per layer in use is enough
             self._packed.popitem(last=False)
