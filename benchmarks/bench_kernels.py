@@ -183,6 +183,11 @@ class Case:
         return f"{self.op}-{self.direction}-{self.impl}-{point}"
 
 
+def grid_baselines(grid: Grid) -> dict:
+    """op -> the baselines this grid times it against."""
+    return {**BASELINES, **dict(grid.baselines)}
+
+
 def grid_cases(grid: Grid, backends) -> list:
     cases, dense_seen = [], set()
     for s in grid.sections:
@@ -192,7 +197,7 @@ def grid_cases(grid: Grid, backends) -> list:
                     point = dict(in_features=n_in, out_features=n_out, tokens=tokens)
                     for impl in backends:
                         cases.append(Case(s.op, s.direction, impl, "backend", rank=rank, rho=rho, **point))
-                    for impl in dict(grid.baselines).get(s.op, BASELINES[s.op]):
+                    for impl in grid_baselines(grid)[s.op]:
                         if impl == "dense":
                             # Dense does not depend on rank or rho: timed once per shape and tokens.
                             key = (s.direction, n_in, n_out, tokens)
@@ -368,7 +373,7 @@ def _record_run(bench_run):
     bench_run.update(
         grid=GRID_NAME, device=str(DEVICE), dtype=DTYPE_NAME,
         backends=list(BACKENDS), unavailable_backends=UNAVAILABLE,
-        baselines={op: list(impls) for op, impls in BASELINES.items()},
+        baselines={op: list(impls) for op, impls in grid_baselines(GRID).items()},
         sections=[asdict(s) for s in GRID.sections],
     )
 

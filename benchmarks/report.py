@@ -241,7 +241,7 @@ def markdown(results: dict) -> str:
     planned = results["planned_baselines"]
     for impl in ("eager", "compile", "dense"):
         if impl not in planned.get("masked", ()):
-            absent.append(f"baseline `{impl}`: not in this run's grid (its columns show —)")
+            absent.append(f"baseline `{impl}`: not in this run's grid")
     if results["skipped"]:
         reasons = {}
         for s in results["skipped"]:

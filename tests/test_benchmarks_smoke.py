@@ -126,3 +126,18 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
     assert {t["backend"] for t in versus_triton} == {"cuda"} and len(versus_triton) == 3
     assert all(t["status"] == "MISS" and "short by 11.1%" in t["detail"] for t in versus_triton)
     assert "×triton" in next((tmp_path / "two").glob("*.md")).read_text()
+
+
+def test_a_grid_records_the_baselines_it_times():
+    """The results list the baselines each op was planned against: a grid's own, not the
+    defaults (the cpu grid leaves torch.compile out)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.pop(0)
+    cpu = bench_kernels.GRIDS["cpu"]
+    assert bench_kernels.grid_baselines(cpu) == {"masked": ("eager", "dense"), "blended": ("eager",)}
+    timed = {c.impl for c in bench_kernels.grid_cases(cpu, ("cpu",)) if c.role == "baseline"}
+    assert timed == {"eager", "dense"}
+    assert bench_kernels.grid_baselines(bench_kernels.GRIDS["gpu"]) == bench_kernels.BASELINES
