@@ -98,12 +98,21 @@ int64_t multiprocessor_count(const at::Tensor& like) {
 
 }  // namespace cuda_ops
 
+namespace {
+
+// x's device made current for the call: the launches go on its current stream.
+c10::cuda::CUDAGuard on_device_of(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
+  return c10::cuda::CUDAGuard(x.device());
+}
+
+}  // namespace
+
 at::Tensor lowrank_forward_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
                                 const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& mask_u,
                                 const std::optional<at::Tensor>& mask_v) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard = on_device_of(x);
   return cuda_ops::forward(x, u, v, bias, mask_u, mask_v, std::nullopt, std::nullopt,
                            std::nullopt);
 }
@@ -113,8 +122,7 @@ std::vector<at::Tensor> lowrank_backward_cuda(const at::Tensor& grad_y, const at
                                               const std::optional<at::Tensor>& mask_u,
                                               const std::optional<at::Tensor>& mask_v,
                                               bool has_bias) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard = on_device_of(x);
   return cuda_ops::backward(grad_y, x, u, v, mask_u, mask_v, std::nullopt, std::nullopt,
                             has_bias);
 }
@@ -126,8 +134,7 @@ at::Tensor blended_forward_cuda(const at::Tensor& x, const at::Tensor& u, const 
                                 const at::Tensor& teacher_weight,
                                 const std::optional<at::Tensor>& teacher_bias,
                                 const at::Tensor& alpha) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard = on_device_of(x);
   return cuda_ops::forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha);
 }
 
@@ -137,8 +144,7 @@ std::vector<at::Tensor> blended_backward_cuda(const at::Tensor& grad_y, const at
                                               const std::optional<at::Tensor>& mask_v,
                                               const at::Tensor& teacher_weight,
                                               const at::Tensor& alpha, bool has_bias) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor; got ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard = on_device_of(x);
   return cuda_ops::backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias);
 }
 
