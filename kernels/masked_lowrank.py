@@ -59,23 +59,16 @@ slow), with 16-wide tiles so that tests with tiny shapes still cross tile bounda
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-_TRUTHY = ("1", "true", "on")
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels with its CPU interpreter (read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
-
+from . import _interpreting
 
 # Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
-BUILT_FOR_INTERPRETER = interpreting()
+BUILT_FOR_INTERPRETER = _interpreting()
 
 
 def fp32_dot_precision() -> str:

@@ -222,11 +222,6 @@ def drop_dead_components(u: Tensor, v: Tensor) -> tuple:
     return u[:, alive].contiguous(), v[:, alive].contiguous()
 
 
-def compact_factors(layer: FusedPrunedLowRankLinear) -> tuple:
-    """``(u, v)`` with the masks folded in and the entirely pruned rank components removed."""
-    return drop_dead_components(*masked_factors(layer))
-
-
 def time_forward(module: nn.Module, x: Tensor, repeats: int = 20) -> float:
     """Seconds per ``module(x)`` under inference mode, after 3 warm-up calls (the device is
     synchronised around the timed calls)."""
