@@ -38,7 +38,7 @@ def test_compress_on_digits(tmp_path):
     assert summary["params_after"] < summary["params_before"] and summary["compression_ratio"] > 1
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["replaced_layers"] == 4
     assert "accuracy" in result.stdout and "layers replaced" in result.stdout
-    for name in ("model.safetensors", "model.json", "log.jsonl", "checkpoint.pt"):
+    for name in ("model.safetensors", "model.json", "log.jsonl", "checkpoint.pt", "training.png"):
         assert (out / name).is_file(), name
     from safetensors.torch import load_file
     state = load_file(out / "model.safetensors")

@@ -5,6 +5,7 @@
     tunecomp demo       a small offline run on real data (scikit-learn's digits), ~2-4 min on 2 cores
     tunecomp export     a `compress` run's model to the compact inference format
     tunecomp bench-model  latency/throughput of an exported model against its dense original
+    tunecomp plot       a `compress` run's training curves (loss, accuracy, schedule) as a PNG
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import __version__, ops
+from .baselines import METHODS
 from .data import DATASETS, calibration_batches, load_dataset
+from .plots import plot_training
 from .prune import MODES
 from .surgery import DEFAULT_TARGETS, prepare
 from .train import TrainConfig, effective_params, train
@@ -173,6 +176,7 @@ def compress(args) -> dict:
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    plot_training(args.out)
     print(f"accuracy {summary['accuracy']:.4f}, parameters {params_before:,} -> {params_after:,} "
           f"({summary['compression_ratio']:.2f}x smaller), {summary['seconds']:.0f}s; written to {args.out}")
     return summary
@@ -302,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
     p.add_argument("--method", default="tunecomp",
-                   choices=("ft-svd", "ft-svd-ft", "ft-kd", "svd-ft", "pc-lora", "tunecomp"),
+                   choices=METHODS,
                    help="TuneComp, or a baseline pipeline at the same budget (tunecomp.baselines)")
     p.add_argument("--model-kwargs", default=None, help='JSON of extra timm kwargs, e.g. \'{"img_size": 32}\'')
     p.add_argument("--pretrained-file", default=None, help="local weights (safetensors or state dict)")
@@ -349,6 +353,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile both models first")
     p.add_argument("--repeats", type=int, default=10)
 
+    p = sub.add_parser("plot", help="a compress run's training curves as a PNG (also during the run)")
+    p.add_argument("run", help="a `tunecomp compress` output directory")
+    p.add_argument("--out", default=None, help="image path (default: RUN/training.png)")
+
     p = sub.add_parser("demo", help="small offline TuneComp run on real data, prints a table")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps per fine-tuning run")
@@ -362,6 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_demo(demo(args.out, args.steps, args.seed))
     elif args.command == "export":
         export_run(args.run, args.out, args.measure, args.device)
+    elif args.command == "plot":
+        print(f"wrote {plot_training(args.run, args.out)}")
     elif args.command == "bench-model":
         dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
         try:

@@ -1,0 +1,64 @@
+"""The training-curve plot of a run (tunecomp.plots), on logs written the way train() writes them."""
+
+import json
+
+import matplotlib.image
+import pytest
+
+from tunecomp.cli import main
+from tunecomp.plots import plot_training, read_log
+
+
+def _step(step, loss, **extra):
+    record = {"step": step, "epoch": 0, "loss": loss, "task_loss": loss * 0.9, "train_accuracy": 0.5,
+              "alpha": max(0.0, 1 - step / 4), "rho": 0.1 * step, "lambda": 0.01 / step,
+              "lr": 1e-3, "sparsity": 0.08 * step, "seconds": float(step)}
+    return record | extra
+
+
+def _write(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_read_log_keeps_the_latest_record_of_a_step_and_skips_a_cut_off_last_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [_step(1, 2.0), _step(2, 1.5), _step(3, 1.2),
+               {"step": 3, "epoch": 0, "eval_accuracy": 0.4},
+               # killed after step 3, resumed from the checkpoint of step 2: steps 3-4 again
+               _step(3, 1.1), {"step": 3, "epoch": 0, "eval_accuracy": 0.45},
+               {"step": 4, "event": "teacher_dropped", "bytes_before": 10, "bytes_after": 5},
+               _step(4, 0.9)]
+    _write(log, records, tail='{"step": 5, "epoch": 0, "lo')
+    steps, evals, events = read_log(str(log))
+    assert [(r["step"], r["loss"]) for r in steps] == [(1, 2.0), (2, 1.5), (3, 1.1), (4, 0.9)]
+    assert [(r["step"], r["eval_accuracy"]) for r in evals] == [(3, 0.45)]
+    assert [e["event"] for e in events] == ["teacher_dropped"]
+
+
+def test_read_log_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no training log at .*log.jsonl"):
+        read_log(str(tmp_path / "log.jsonl"))
+    log = tmp_path / "log.jsonl"
+    _write(log, [_step(1, 2.0)], tail="garbage\n" + json.dumps(_step(2, 1.0)) + "\n")
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record"):
+        read_log(str(log))
+    _write(log, [])
+    with pytest.raises(ValueError, match="has no training records yet"):
+        plot_training(str(tmp_path))
+
+
+def test_plot_training_writes_an_image_of_the_run(tmp_path):
+    records = [_step(s, 3.0 / s) for s in range(1, 9)]
+    records.insert(4, {"step": 4, "event": "teacher_dropped", "bytes_before": 10, "bytes_after": 5})
+    records += [{"step": 4, "epoch": 0, "eval_accuracy": 0.6}, {"step": 8, "epoch": 1, "eval_accuracy": 0.7}]
+    records.append(_step(9, float("nan")))  # a diverged step must not break the drawing
+    _write(tmp_path / "log.jsonl", records)
+    path = plot_training(str(tmp_path))
+    assert path == str(tmp_path / "training.png")
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 400 and image.shape[1] > 600 and image.std() > 0  # drawn, not blank
+    assert not list(tmp_path.glob("*.tmp.png"))
+
+    # the command line, with an explicit output path
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 0
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape == image.shape
