@@ -185,10 +185,17 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     for key, value in single.state_dict().items():
         assert torch.equal(replicas[0][key], replicas[1][key]), key  # replicas stay identical
         if value.is_floating_point():
-            # The same math summed in another order (gradient all-reduce): rounding only. atol:
-            # the attention key bias has an exactly-zero true gradient (softmax ignores it),
-            # so Adam turns its rounding noise into steps of up to lr; 8 steps at lr 2e-3 move
-            # a parameter by up to 1.6e-2, and a wrong data split differs by ~1e-3.
-            assert torch.allclose(replicas[0][key], value, rtol=1e-4, atol=1e-4), key
+            # The same math summed in another order (gradient all-reduce): rounding only
+            # (measured: at most 4e-7 apart; a wrong data split moves them by ~1e-3).
+            got = replicas[0][key]
+            if key.endswith("attn.qkv.bias"):
+                # Except the attention key bias: its true gradient is exactly zero (softmax
+                # ignores it), so Adam turns rounding noise into steps of up to lr (measured
+                # 1e-5 apart). Checked loosely on its own, the query and value biases tightly.
+                k = slice(value.numel() // 3, 2 * value.numel() // 3)
+                assert torch.allclose(got[k], value[k], rtol=0, atol=1e-4), key
+                got, value = got.clone(), value.clone()
+                got[k] = value[k] = 0
+            assert torch.allclose(got, value, rtol=1e-5, atol=2e-6), key
     log = read_log(tmp_path / "ddp")
     assert sum(1 for r in log if r.get("step") == 8 and "loss" in r) == 1  # rank 0 alone logs
