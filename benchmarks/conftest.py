@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 import pytest
 import torch
+
+from tunecomp.provenance import device_name, versions
 
 _RUN = pytest.StashKey[dict]()
 
@@ -72,46 +73,20 @@ def pytest_runtest_makereport(item, call):
         run["failed"].append({"case": case.as_dict(), "error": error})
 
 
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU {line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"CPU {platform.machine()}"
-
-
 def _versions() -> dict:
-    import tunecomp
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "tunecomp": tunecomp.__version__,
-    }
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except Exception as error:  # noqa: BLE001 - triton absent or broken: record, don't fail
-        versions["triton"] = f"not importable ({type(error).__name__})"
+    found = versions()
     try:
         import pytest_benchmark
 
-        versions["pytest_benchmark"] = pytest_benchmark.__version__
+        found["pytest_benchmark"] = pytest_benchmark.__version__
     except Exception:  # noqa: BLE001
         pass
-    return versions
+    return found
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     run = dict(config.stash[_RUN])
     run["elapsed_s"] = round(time.monotonic() - run.pop("started"), 1)
-    run["device_name"] = _device_name()
+    run["device_name"] = device_name("cuda" if torch.cuda.is_available() else "cpu")
     run["versions"] = _versions()
     output_json["tunecomp"] = run

@@ -20,8 +20,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
-import re
 import tempfile
 
 import pytest
@@ -29,9 +27,11 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-import tunecomp
+from report import slug  # benchmarks/ is on sys.path under pytest (its conftest.py)
 from tunecomp import replace_linear_layers
+from tunecomp.cli import model_input
 from tunecomp.deploy import export, load
+from tunecomp.provenance import device_name, versions
 from tunecomp.prune import prune_
 from tunecomp.train import compressible_layers, effective_params
 
@@ -57,15 +57,6 @@ GRID_NAME = os.environ.get("TUNECOMP_MODEL_GRID", "gpu" if torch.cuda.is_availab
 GRID = GRIDS[GRID_NAME]
 ROWS = []
 _MODELS = {}
-
-
-def _device_name():
-    if GRID["device"] == "cuda":
-        return torch.cuda.get_device_name(0)
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                     platform.machine())
-    return f"CPU {model}, {torch.get_num_threads()} threads"
 
 
 def build(variant):
@@ -116,10 +107,7 @@ CASES = [(v[0], b, m) for m in GRID["modes"] for b in GRID["batches"] for v in G
 def test_inference(benchmark, variant, batch, mode):
     model, params, size, needed = build(variant)
     run = torch.compile(model) if mode == "compile" else model
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    image = cfg.get("input_size", (3, 224, 224))[-1]
-    arch_kwargs = GRID["model"][1]
-    image = arch_kwargs.get("img_size", image)
+    image = model_input(model)["image_size"]
     x = torch.randn(batch, 3, image, image, device=GRID["device"], dtype=GRID["dtype"])
     cuda = GRID["device"] == "cuda"
 
@@ -149,15 +137,14 @@ def write_results():
         r["images_per_s"] = r["batch"] / r["median_s"]
         base = dense.get((r["batch"], r["mode"]))
         r["speedup_vs_dense"] = base / r["median_s"] if base else None
-    device = _device_name()
+    device = device_name(GRID["device"])
     date = datetime.date.today().isoformat()
     meta = {"device": device, "date": date, "grid": GRID_NAME, "model": GRID["model"][0],
-            "dtype": str(GRID["dtype"]).replace("torch.", ""), "torch": torch.__version__,
-            "tunecomp": tunecomp.__version__,
+            "dtype": str(GRID["dtype"]).replace("torch.", ""), **versions(),
             "command": f"TUNECOMP_MODEL_GRID={GRID_NAME} python -m pytest benchmarks/model_bench.py"}
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"model-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{date}")
+    stem = os.path.join(out, f"model-{slug(device)}-{date}")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": ROWS}, f, indent=1)
     lines = [f"# End-to-end inference: {meta['model']}, {device}, {date}", "",

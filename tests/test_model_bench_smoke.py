@@ -26,5 +26,8 @@ def test_model_bench_smoke(tmp_path):
         assert r["median_s"] > 0 and r["speedup_vs_dense"] > 0
         if r["variant"] != "dense":  # compressed: fewer parameters and a smaller file
             assert r["params"] < dense["params"] and r["file_bytes"] < dense["file_bytes"]
-    assert data["meta"]["device"] and data["meta"]["date"]
+    meta = data["meta"]
+    assert meta["device"].startswith("CPU ") and meta["device"].endswith(" threads") and meta["date"]
+    assert {"python", "torch", "cuda", "triton", "tunecomp"} <= set(meta)  # where it was measured
+    assert json_file.stem.startswith("model-cpu-") and json_file.stem.endswith(meta["date"])
     assert "| variant |" in json_file.with_suffix(".md").read_text()

@@ -14,14 +14,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 
 import torch
 from safetensors.torch import save_file
 
-import tunecomp
 from tunecomp.cli import load_timm_model
 from tunecomp.data import load_dataset
+from tunecomp.provenance import device_name, versions
 from tunecomp.train import TrainConfig, train
 
 MODEL = "vit_tiny_patch16_224"
@@ -48,8 +47,7 @@ def main():
         "model": MODEL, "kwargs": KWARGS, "num_classes": 10, "source_task": "Fashion-MNIST (60k train, 10k test), 28x28 resized to 16x16",
         "steps": args.steps, "batch_size": 128, "lr": 2e-3, "seed": args.seed,
         "test_accuracy": result["final_accuracy"], "seconds": result["seconds"],
-        "device": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "tunecomp": tunecomp.__version__, "date": datetime.date.today().isoformat(),
+        "device": device_name("cpu"), **versions(), "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/accuracy/pretrain_teacher.py " + f"--steps {args.steps} --seed {args.seed}",
     }
     with open(os.path.join(args.out, "teacher_fmnist_vit.json"), "w") as f:

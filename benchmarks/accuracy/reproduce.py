@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -25,10 +24,10 @@ import time
 
 import torch
 
-import tunecomp
 from tunecomp.baselines import METHODS, Budget, run_method
 from tunecomp.cli import load_timm_model
 from tunecomp.data import load_dataset
+from tunecomp.provenance import device_name, versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(HERE, "teacher_fmnist_vit.safetensors")
@@ -201,8 +200,7 @@ def main(argv=None):
     sweep = summarise(sweep_runs, lambda r: r["rho"])
     meta = {
         "command": "python benchmarks/accuracy/reproduce.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "date": datetime.date.today().isoformat(), "torch": torch.__version__, "tunecomp": tunecomp.__version__,
+        "device": device_name(args.device), "date": datetime.date.today().isoformat(), **versions(),
         "model": args.model, "model_kwargs": kwargs, "dataset": args.dataset, "teacher_file": os.path.basename(args.teacher_file),
         "steps": args.steps, "seeds": seeds, "rho": args.rho, "levels": args.levels,
         "sweep_rank_ratio": args.sweep_rank_ratio, "seconds": time.perf_counter() - start,
