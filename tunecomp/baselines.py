@@ -81,8 +81,8 @@ class Budget:
     targets: tuple = DEFAULT_TARGETS
 
     @property
-    def rank_ratio(self) -> float:
-        """param_ratio of the pruning methods: ρ of the factor entries go, ``level`` stays."""
+    def factor_ratio(self) -> float:
+        """param_ratio of the factors before pruning: then ρ of their entries go and ``level`` stays."""
         return min(1.0, self.level / (1.0 - self.rho))
 
 
@@ -92,7 +92,7 @@ def _calib(data, budget: Budget) -> list:
 
 def _compress_now(model: nn.Module, data, budget: Budget) -> None:
     """Whitened SVD at the pruning methods' rank, then one-shot magnitude pruning to ρ."""
-    prepare(model, param_ratio=budget.rank_ratio, targets=budget.targets, init="whiten",
+    prepare(model, param_ratio=budget.factor_ratio, targets=budget.targets, init="whiten",
             calib_batches=_calib(data, budget), keep_teacher=False)
     if budget.rho > 0:
         prune_(compressible_layers(model), budget.rho)
@@ -130,7 +130,7 @@ def run_method(method: str, make_model: Callable[[], nn.Module], data, budget: B
     elif method == "ft-kd":
         fit(model, half, "finetune")
         teacher = copy.deepcopy(model).eval()
-        prepare(model, param_ratio=budget.rank_ratio, targets=budget.targets, init="whiten",
+        prepare(model, param_ratio=budget.factor_ratio, targets=budget.targets, init="whiten",
                 calib_batches=_calib(data, budget), keep_teacher=False)
         rest = budget.steps - half
         fit(model, rest, "distil", distill_from=teacher,
@@ -154,7 +154,7 @@ def run_method(method: str, make_model: Callable[[], nn.Module], data, budget: B
         fit(model, budget.steps, "pc-lora", step_hook=fade)
         fade(budget.steps)
     else:  # tunecomp
-        prepare(model, param_ratio=budget.rank_ratio, targets=budget.targets, init="whiten",
+        prepare(model, param_ratio=budget.factor_ratio, targets=budget.targets, init="whiten",
                 calib_batches=_calib(data, budget), keep_teacher=True)
         fit(model, budget.steps, "tunecomp",
             cfg={"decay_steps": half, "prune": budget.rho, "prune_end": half, "prune_every": 5,

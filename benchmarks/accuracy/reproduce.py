@@ -191,7 +191,7 @@ def main(argv=None):
                       f"accuracy {run['accuracy']:.4f}, params {run['effective_params']:,}", flush=True)
     for rho in args.sweep:
         for seed in seeds:
-            level = args.sweep_rank_ratio * (1 - rho)  # so that Budget's rank ratio is the sweep's
+            level = args.sweep_rank_ratio * (1 - rho)  # so that Budget.factor_ratio is the sweep's
             budget = Budget(steps=args.steps, level=level, rho=rho, lr=args.lr, batch_size=args.batch_size, seed=seed)
             run = run_method("tunecomp", make_model, data, budget, os.path.join(work, f"sweep-{rho}-{seed}"), args.device)
             sweep_runs.append(run)
