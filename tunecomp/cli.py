@@ -176,7 +176,10 @@ def compress(args) -> dict:
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_training(args.out)
+    try:
+        plot_training(args.out)
+    except Exception as error:  # noqa: BLE001 - the run's results are saved; a picture must not fail it
+        print(f"warning: training.png not drawn ({type(error).__name__}: {error})", file=sys.stderr)
     print(f"accuracy {summary['accuracy']:.4f}, parameters {params_before:,} -> {params_after:,} "
           f"({summary['compression_ratio']:.2f}x smaller), {summary['seconds']:.0f}s; written to {args.out}")
     return summary
