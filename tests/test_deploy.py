@@ -85,9 +85,19 @@ def test_form_rule_and_all_pruned_layer(tmp_path):
         assert rel_error(load(str(tmp_path / "sparse"))(x), sparse_model(x)) < 1e-5
 
 
-def test_measured_forms_and_dtype(tmp_path):
+@pytest.mark.parametrize("timing_dtype", [None, torch.bfloat16])
+def test_measured_forms_and_dtype(tmp_path, timing_dtype, monkeypatch):
+    from tunecomp import deploy
+
+    timed = []  # (input dtype, weight dtype) of every timing
+    time_forward = deploy.time_forward
+    monkeypatch.setattr(deploy, "time_forward", lambda module, x, *a: timed.append(
+        (x.dtype, next(module.parameters()).dtype)) or time_forward(module, x, *a))
     model = trained_like_model()
-    manifest = export(model, str(tmp_path), arch_kwargs=KW, measure=True, tokens=64)
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, measure=True, tokens=64, dtype=timing_dtype)
+    expected = timing_dtype or torch.float32
+    assert timed and set(timed) == {(expected, expected)}  # timed in the deployment's dtype
+    assert {t.dtype for t in model.parameters()} == {torch.float32}  # the model itself untouched
     assert {i["form"] for i in manifest["layers"].values()} <= {"lowrank", "sparse", "dense"}
     loaded = load(str(tmp_path), dtype=torch.bfloat16)
     assert next(loaded.parameters()).dtype == torch.bfloat16
@@ -218,6 +228,33 @@ def test_2_4_form_refused_for_unstructured_masks(tmp_path):
         export(model, str(tmp_path), arch_kwargs=KW, form="semi24")
     with pytest.raises(ValueError, match="form must be one of"):
         export(model, str(tmp_path), arch_kwargs=KW, form="csr")
+
+
+def test_2_4_backend_choice_and_shape_limits(monkeypatch):
+    """Which of torch's 2:4 classes runs where, and layer shapes it cannot take: checked here
+    with the device queries stubbed, since a wrong choice only shows on a GPU (as an error
+    at the first forward, not at conversion)."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as CUSPARSELT
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS as CUTLASS
+
+    from tunecomp import deploy
+
+    for has_cusparselt, capability, expected in ((True, (9, 0), CUSPARSELT), (True, (8, 0), CUSPARSELT),
+                                                 (False, (8, 6), CUTLASS), (False, (9, 0), None)):
+        monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: has_cusparselt)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert deploy._semi_structured_class("cuda") is expected, (has_cusparselt, capability)
+
+    # cuSPARSELt takes 16-multiples in bf16: out_features 40 cannot be a sparse operand's rows
+    monkeypatch.setattr(deploy, "semi_structured_unavailable", lambda device, dtype: None)
+    monkeypatch.setattr(deploy, "_semi_structured_class", lambda device: CUSPARSELT)
+    layer = deploy.SemiStructuredLowRankLinear(32, 40, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.u.zero_()
+        layer.v.zero_()
+    assert layer.sparsify_() == ("SparseSemiStructuredTensorCUSPARSELT needs out_features a multiple of 16 "
+                                 "and in_features of 16; got 40 and 32")
+    assert not layer.semi_structured
 
 
 @pytest.mark.gpu

@@ -23,13 +23,16 @@ is chosen:
   and not sparse enough for ``"sparse"``. The file stores, per group of 4 entries, the 2 kept values and one byte of positions
   (1.25 bytes per entry in bf16, against 2 dense); on a CUDA GPU of sm_80 or newer in
   fp16/bf16 the factors run on the sparse tensor cores (``torch.sparse``'s semi-structured
-  tensors; the rank is padded with zero components to a multiple of 64 in memory), elsewhere
+  tensors; in memory the rank is padded with zero components to the backend's minimum, 16
+  for cuSPARSELt and 64 for CUTLASS, and a layer whose feature sizes that backend cannot
+  take stays low-rank, with a warning), elsewhere
   as the plain low-rank form. Dead rank components are kept (removing them would break U's
   groups of 4 along the rank);
 - ``"dense"``: the merged ``nn.Linear`` otherwise (and for a layer whose rank fell to 0).
 
 With ``measure=True`` the choice is made by timing the forms on the layer's own shape
-(``tokens`` rows) on ``device`` instead of by that rule (2:4 factors: "semi24" is timed where
+(``tokens`` rows) on ``device`` in ``dtype`` (the deployment's: default the model's) instead
+of by that rule (2:4 factors: "semi24" is timed where
 it runs sparse, and otherwise chosen only by the rule).
 
 ``load(path, device=..., dtype=...)`` rebuilds the architecture, swaps in the exported forms,
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -108,6 +112,21 @@ def semi_structured_unavailable(device, dtype: torch.dtype) -> Optional[str]:
         return f"2:4 sparse factors run in float16/bfloat16 here, not {dtype}"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "2:4 sparse tensor cores need sm_80 or newer"
+    if _semi_structured_class(device) is None:
+        return "2:4 needs cuSPARSELt on this GPU (torch's CUTLASS 2:4 kernels run on sm_8x only)"
+    return None
+
+
+def _semi_structured_class(device):
+    """torch's 2:4 tensor class that runs on ``device``: cuSPARSELt where torch has it, else
+    CUTLASS, whose kernels are built for sm_8x only; None if neither."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    if cusparselt is not None and cusparselt.is_available():
+        return SparseSemiStructuredTensorCUSPARSELT
+    if torch.cuda.get_device_capability(device)[0] == 8:
+        return SparseSemiStructuredTensorCUTLASS
     return None
 
 
@@ -116,8 +135,6 @@ class SemiStructuredLowRankLinear(LowRankLinear):
     ``in``, U along the rank). ``sparsify_()`` converts them for the GPU's sparse tensor
     cores where that is possible; until then, and after any ``.to()``, it runs as the plain
     low-rank form (same results)."""
-
-    RANK_MULTIPLE = 64  # semi-structured shape constraints (32 rows, 64 columns) for both factors
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -137,14 +154,18 @@ class SemiStructuredLowRankLinear(LowRankLinear):
             return reason
         if not is_2_4(self.u, self.v):
             return "the factors are not 2:4 sparse along their reduction dims"
-        from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
-        pad = -self.rank % self.RANK_MULTIPLE  # zero components: 2:4 and contribute nothing
+        cls = _semi_structured_class(self.u.device)
+        # Sparse operands: u [out, r] and v_t [r, in]; rows and columns must be multiples of
+        # the backend's minimum. The rank is padded with zero components (2:4, and they add
+        # nothing); the feature sizes are the model's.
+        rows, cols = cls._DTYPE_SHAPE_CONSTRAINTS[self.u.dtype][:2]
+        if self.out_features % rows or self.in_features % cols:
+            return (f"{cls.__name__} needs out_features a multiple of {rows} and in_features of {cols}; "
+                    f"got {self.out_features} and {self.in_features}")
+        multiple = math.lcm(rows, cols)
+        pad = -self.rank % multiple
         u = F.pad(self.u, (0, pad)).contiguous()
         v_t = F.pad(self.v, (0, pad)).T.contiguous()  # [r, in]: reduces over in, like x @ v
-        cusparselt = getattr(torch.backends, "cusparselt", None)
-        cls = (SparseSemiStructuredTensorCUSPARSELT if cusparselt is not None and cusparselt.is_available()
-               else SparseSemiStructuredTensorCUTLASS)
         self._sparse = (cls.from_dense(v_t), cls.from_dense(u))
         return None
 
@@ -264,7 +285,7 @@ def kept_fraction(u: Tensor, v: Tensor) -> float:
 
 def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = False,
                 device=None, tokens: int = 1576, kept: Optional[float] = None,
-                full: Optional[tuple] = None) -> str:
+                full: Optional[tuple] = None, dtype: Optional[torch.dtype] = None) -> str:
     """The form for one layer: by the rule in the module doc, or by timing them. ``u``, ``v``:
     the compacted factors; ``full``: the masked factors at full rank when they are 2:4."""
     in_features, out_features, rank = v.shape[0], u.shape[0], u.shape[1]
@@ -278,16 +299,17 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
             return "semi24"
         return "lowrank" if rank * (in_features + out_features) < in_features * out_features else "dense"
     device = torch.device(device or u.device)
-    x = torch.randn(tokens, in_features, device=device, dtype=u.dtype)
-    u, v = u.to(device), v.to(device)
-    bias = None if bias is None else bias.to(device)
+    dtype = dtype or u.dtype
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    u, v = u.to(device, dtype), v.to(device, dtype)
+    bias = None if bias is None else bias.to(device, dtype)
     sparse = _lowrank(u, v, bias, SparseLowRankLinear)
     sparse.mask_u.copy_(u != 0)
     sparse.mask_v.copy_(v != 0)
     timings = {"lowrank": time_forward(_lowrank(u, v, bias), x), "sparse": time_forward(sparse, x),
                "dense": time_forward(_dense(u, v, bias, in_features, out_features), x)}
     if full is not None:
-        semi = _lowrank(full[0].to(device), full[1].to(device), bias, SemiStructuredLowRankLinear)
+        semi = _lowrank(full[0].to(device, dtype), full[1].to(device, dtype), bias, SemiStructuredLowRankLinear)
         if semi.sparsify_() is None:
             timings["semi24"] = time_forward(semi, x)
     return min(timings, key=timings.get)
@@ -304,13 +326,14 @@ def _sha256(path: str) -> str:
 @torch.no_grad()
 def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs: Optional[dict] = None,
            forms: Optional[dict] = None, measure: bool = False, device=None, tokens: int = 1576,
-           form: Optional[str] = None) -> dict:
+           form: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
     """Write ``model`` (with trained ``FusedPrunedLowRankLinear`` layers) to the directory
     ``path``; returns the manifest. ``arch``/``arch_kwargs``: the timm name and kwargs to
     rebuild it (default: the model's own ``pretrained_cfg['architecture']``, no kwargs);
     without them, ``load`` needs the caller's skeleton model. ``forms``: ``{layer name:
     form}`` to force a form (``form``: the same for every layer that ``forms`` does not name).
-    ``measure``/``device``/``tokens``: choose forms by timing."""
+    ``measure``/``device``/``tokens``/``dtype``: choose forms by timing (``dtype``: the one
+    the model will be loaded in; the file keeps the model's own)."""
     from safetensors.torch import save_file
 
     forms = dict(forms or {})
@@ -333,7 +356,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         full = full if is_2_4(*full) else None  # kept at full rank for the 2:4 form
         bias = None if layer.bias is None else layer.bias.detach()
         kept = kept_fraction(u, v)
-        chosen = forms.pop(name, None) or form or choose_form(u, v, bias, measure, device, tokens, kept, full)
+        chosen = forms.pop(name, None) or form or choose_form(u, v, bias, measure, device, tokens, kept, full, dtype)
         if u.shape[1] == 0:  # everything pruned: the layer is its bias
             chosen = "dense"
         if chosen == "semi24" and full is None:
