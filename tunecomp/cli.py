@@ -207,11 +207,13 @@ def rebuild_run(run_dir: str) -> tuple:
     return model.eval(), meta
 
 
-def export_run(run_dir: str, out: str, measure: bool, device: Optional[str]) -> dict:
+def export_run(run_dir: str, out: str, measure: bool, device: Optional[str],
+               dtype: Optional[torch.dtype] = None) -> dict:
     from .deploy import export
 
     model, meta = rebuild_run(run_dir)
-    manifest = export(model, out, arch=meta["model"], arch_kwargs=meta["kwargs"], measure=measure, device=device)
+    manifest = export(model, out, arch=meta["model"], arch_kwargs=meta["kwargs"], measure=measure, device=device,
+                      dtype=dtype)
     forms = {}
     for info in manifest["layers"].values():
         forms[info["form"]] = forms.get(info["form"], 0) + 1
@@ -227,20 +229,32 @@ def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torc
     from .deploy import load, read_manifest, time_forward
 
     manifest = read_manifest(model_dir)
-    compressed = load(model_dir, device=device, dtype=dtype)
-    dense = load_timm_model(manifest["arch"], None, **manifest["arch_kwargs"]).to(device=device, dtype=dtype).eval()
-    size = model_input(dense)["image_size"]
+    builders = {
+        "dense": lambda: load_timm_model(manifest["arch"], None, **manifest["arch_kwargs"]).to(device=device, dtype=dtype).eval(),
+        "compressed": lambda: load(model_dir, device=device, dtype=dtype),
+    }
+    cuda = device.startswith("cuda")
     rows = []
-    for label, model in (("dense", dense), ("compressed", compressed)):
-        runner = torch.compile(model) if compile_model else model
+    for label, build in builders.items():
+        model = build()  # one model on the device at a time: the peak is this one's
+        size = model_input(model)["image_size"]
+        if compile_model:
+            torch._dynamo.reset()  # a fresh cache per model: no recompile limit shared with the other
+            runner = torch.compile(model, dynamic=False)
+        else:
+            runner = model
         for batch in batches:
             x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.reset_peak_memory_stats()
             seconds = time_forward(runner, x, repeats)
-            peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+            peak = torch.cuda.max_memory_allocated() if cuda else None
             rows.append({"model": label, "batch": batch, "latency_ms": seconds * 1e3,
                          "images_per_s": batch / seconds, "peak_memory_bytes": peak})
+            del x
+        del model, runner
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -345,7 +359,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run", required=True, help="a `tunecomp compress` output directory")
     p.add_argument("--out", required=True, help="directory to write model.safetensors + manifest.json to")
     p.add_argument("--measure", action="store_true", help="choose each layer's form by timing it")
-    p.add_argument("--device", default=None, help="device to time on with --measure")
+    p.add_argument("--device", default=None, help="device to time on with --measure (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="dtype to time in with --measure (the one you will load the model in; "
+                        "default: bfloat16 on CUDA, float32 on CPU)")
 
     p = sub.add_parser("bench-model", help="exported model vs its dense original: latency, throughput")
     p.add_argument("model_dir")
@@ -372,7 +389,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "demo":
         _print_demo(demo(args.out, args.steps, args.seed))
     elif args.command == "export":
-        export_run(args.run, args.out, args.measure, args.device)
+        measure_device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, args.dtype or ("bfloat16" if measure_device.startswith("cuda") else "float32"))
+        export_run(args.run, args.out, args.measure, measure_device, dtype)
     elif args.command == "plot":
         print(f"wrote {plot_training(args.run, args.out)}")
     elif args.command == "bench-model":
