@@ -1,44 +1,53 @@
 #!/usr/bin/env bash
-# One-call GPU validation of tunecomp: build, info, tests, compute-sanitizer, kernel benchmarks.
+# GPU validation of tunecomp in three calls of at most 600 s each (the device tool's limit):
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#   OUT=/some/dir bash benchmarks/gpu_check.sh                              # 1: build, tests, sanitizer
+#   OUT=/some/dir GPU_CHECK_STAGES="build bench" bash benchmarks/gpu_check.sh   # 2: kernel benchmarks
+#   OUT=/some/dir GPU_CHECK_STAGES="build model" bash benchmarks/gpu_check.sh   # 3: model benchmark
 #
 # Stages, in order; a failing stage does not stop the later ones (the exit code says it):
 #   build     pip install -e . --no-build-isolation --no-deps      -> setup.log (tail on failure)
+#             (a second call on a warm machine rebuilds nothing: ninja finds the objects)
 #   info      python -m tunecomp info                               -> setup.log, printed
-#   tests     python -m pytest tests -q --maxfail 20 (GPU tests run) -> tests.log
+#   tests-gpu the GPU tests first: pytest -k "gpu or (cuda and not emulator)" -> tests.log
+#             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4)
+#   tests     the rest of the suite, the Triton battery with one config per kernel (conftest.py
+#             sets TUNECOMP_TRITON_ONE_CONFIG: autotuning each test shape would take ~20 min)
+#                                                                   -> tests.log
 #   sanitize  benchmarks/sanitize_kernels.py once plain (autotunes, results cached on disk),
 #             then under compute-sanitizer --tool memcheck (triton and cuda backends) and
-#             --tool racecheck (cuda backend: its shared-memory pipeline) -> sanitize.log
+#             --tool racecheck (the cuda backend's kernels only: their shared-memory
+#             pipeline; PyTorch's own kernels are left out)      -> sanitize.log
 #   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu")
 #                                                                     -> bench.log, bench.json
 #   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
-# so $OUT gets 7 files. Copy the two results files to benchmarks/results/ to commit them.
+# Call 1 leaves setup.log, tests.log and sanitize.log in $OUT; call 2 bench.log, bench.json and
+# the two results files, which go to benchmarks/results/ to be committed. Should call 1 run out
+# of time before the sanitizer, call 2 can take it first: GPU_CHECK_STAGES="build sanitize bench".
 #
-# Time: the whole script is capped at GPU_CHECK_TOTAL_S (default 520 s, for a 600 s call).
-# Each stage has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its
-# log and benchmark JSON); the benchmarks get what is left minus a reserve for the report, and
-# skip their remaining cases once TUNECOMP_BENCH_BUDGET_S is spent. Expected on an H100:
-# build ~1-1.5 min, tests ~1-2.5 min, sanitize ~1 min, benchmarks the rest (the "gpu" grid
-# needs ~5.5 min; its last section, extra ranks, is what a short budget drops).
+# Time: each call is capped at GPU_CHECK_TOTAL_S (default 520 s, for a 600 s call). Each stage
+# has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its log and
+# benchmark JSON); the benchmarks get what is left minus a reserve for the report, and skip
+# their remaining cases once TUNECOMP_BENCH_BUDGET_S is spent. Estimated on an H100 (not yet
+# measured): build ~1-1.5 min, tests-gpu ~2-3 min, tests ~2 min, sanitize ~2 min; the "gpu"
+# benchmark grid ~5.5 min (its last section, extra ranks, is what a short budget drops).
 #
-# Optional stage "model": benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end, ~5 min),
-# results model-<device>-<date>.{json,md} in $OUT. Run it in its own call,
-# GPU_CHECK_STAGES="build model", since the device tool returns at most 8 files.
+# Stage "model": benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end; estimated
+# 5-8 min, mostly the 10 torch.compile cases), results model-<device>-<date>.{json,md} in $OUT.
 #
-# Knobs: PYTHON (default python), GPU_CHECK_STAGES (default "build info tests sanitize bench"),
-# GPU_CHECK_TOTAL_S, GPU_CHECK_TESTS_S (tests cap, default 180), TUNECOMP_BENCH_GRID,
-# TUNECOMP_BENCH_BACKENDS, TUNECOMP_CUDA_ARCHS (default here: 90, i.e. H100/H200 only).
+# Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
+# tests-gpu tests sanitize"), GPU_CHECK_TOTAL_S, TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS,
+# TUNECOMP_CUDA_ARCHS (default here: 90, i.e. H100/H200 only).
 set -o pipefail  # not -e: keep going to the benchmarks when a stage fails
 
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the image's python3 holds torch
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
 TOTAL=${GPU_CHECK_TOTAL_S:-520}
-STAGES=" ${GPU_CHECK_STAGES:-build info tests sanitize bench} "
+STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu tests sanitize} "
 START=$SECONDS
 SUMMARY=()
 FAILED=0
@@ -79,6 +88,8 @@ echo "gpu_check: $(date -u +%FT%TZ), out=$OUT, python=$(command -v "$PY")"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 4
 
 if wants build; then
+  # A missing Python.h (no python3-dev on the image) is the likeliest build failure: say so first.
+  "$PY" -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); print('Python.h:', h if os.path.exists(h) else 'MISSING (' + h + ')')"
   stage build 240 "$OUT/setup.log" \
     "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index --disable-pip-version-check
 fi
@@ -87,8 +98,12 @@ if wants info; then
   echo "=== info"
   sed -n '/^=== info/,$p' "$OUT/setup.log" | tail -n +2 | head -n 40
 fi
+GPU_TESTS="gpu or (cuda and not emulator)"
+if wants tests-gpu; then
+  stage tests-gpu 220 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "$GPU_TESTS"
+fi
 if wants tests; then
-  stage tests "${GPU_CHECK_TESTS_S:-180}" "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider
+  stage tests 180 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "not ($GPU_TESTS)"
 fi
 if wants sanitize; then
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
@@ -104,13 +119,19 @@ if wants sanitize; then
     stage sanitize 120 "$OUT/sanitize.log" env TRITON_CACHE_AUTOTUNING=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 50 \
       "$PY" benchmarks/sanitize_kernels.py
+    # racecheck: tunecomp's CUDA kernels only (namespace tunecomp::cuda_kernels), hazards of
+    # error level, where this compute-sanitizer has the options (checked in its --help).
+    RACE_OPTS=()
+    HELP=$("$SANITIZER" --help 2>&1)
+    [[ "$HELP" == *"--kernel-name "* ]] && RACE_OPTS+=(--kernel-name kns=cuda_kernels)
+    [[ "$HELP" == *"--racecheck-detect-level"* ]] && RACE_OPTS+=(--racecheck-detect-level error)
     stage racecheck 90 "$OUT/sanitize.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 50 \
+      "$SANITIZER" --tool racecheck "${RACE_OPTS[@]}" --error-exitcode 3 --print-limit 50 \
       "$PY" benchmarks/sanitize_kernels.py --backends cuda
   fi
 fi
 if wants model; then  # not in the default stages: run it as GPU_CHECK_STAGES="build model"
-  stage model 400 "$OUT/model.log" env TUNECOMP_MODEL_GRID=${TUNECOMP_MODEL_GRID:-gpu} TUNECOMP_RESULTS_DIR="$OUT" \
+  stage model 480 "$OUT/model.log" env TUNECOMP_MODEL_GRID=${TUNECOMP_MODEL_GRID:-gpu} TUNECOMP_RESULTS_DIR="$OUT" \
     "$PY" -m pytest benchmarks/model_bench.py -q -p no:cacheprovider
   for md in "$OUT"/model-*.md; do [[ -f "$md" ]] && cat "$md"; done
 fi
