@@ -166,6 +166,8 @@ def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
     """Records of every (call, config) compile; see the module docstring."""
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    if os.environ.get("TUNECOMP_TRITON_ONE_CONFIG", "0").strip().lower() in ("1", "true", "on"):
+        raise SystemExit("unset TUNECOMP_TRITON_ONE_CONFIG: every config is to be compiled")
     import triton
     from triton.backends.compiler import GPUTarget
 

@@ -96,6 +96,16 @@ def blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has
     )
 
 
+def autotuned() -> list:
+    """``(name, autotuned kernel, its GPU configs)`` of every Triton kernel (imports them)."""
+    masked, blended = _module("masked_lowrank"), _module("blended_lowrank")
+    return [("forward", masked._forward_kernel, masked.FORWARD_GPU_CONFIGS),
+            ("rank projection", masked._rank_project_kernel, masked.PROJECT_GPU_CONFIGS),
+            ("grad x", masked._grad_x_kernel, masked.GRAD_X_GPU_CONFIGS),
+            ("grad factor", masked._grad_factor_kernel, masked.GRAD_FACTOR_GPU_CONFIGS),
+            ("blended forward", blended._blended_forward_kernel, blended.BLENDED_FORWARD_GPU_CONFIGS)]
+
+
 class TritonBackend:
     """The backend object ``tunecomp.ops`` registers under the name "triton"."""
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from .masked_lowrank import (
     _cfg,
     configs,
-    fp32_dot_precision,
+    dot_precision,
     load_masked_tile,
     load_tile,
     lowrank_backward,
@@ -60,11 +60,11 @@ BLENDED_FORWARD_GPU_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
 ]
 _BLENDED_FORWARD_CONFIGS = configs(BLENDED_FORWARD_GPU_CONFIGS,
-                                   _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
+                                   _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), one_config=-1)
 
 
 @triton.autotune(configs=_BLENDED_FORWARD_CONFIGS,
-                 key=["n_bucket", "in_features", "out_features", "rank"],
+                 key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
 @triton.jit
 def _blended_forward_kernel(
@@ -132,7 +132,7 @@ def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias,
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None,
         HAS_MASK_U=mask_u is not None, HAS_MASK_V=mask_v is not None,
-        R_PAD=rank_pad(rank), DOT_PRECISION=fp32_dot_precision(),
+        R_PAD=rank_pad(rank), DOT_PRECISION=dot_precision(x.dtype),
     )
     return y
 

@@ -36,10 +36,12 @@ with ``db = s * sum(dY)`` fused in (``_grad_factor_kernel``), ``dV = where(Mv, X
 T and G are stored in the input dtype, as the eager reference rounds them.
 
 Precision: every ``tl.dot`` accumulates in fp32. For fp32 inputs ``input_precision`` is
-``fp32_dot_precision()``: "ieee" under the interpreter, and on GPU it follows
-``torch.get_float32_matmul_precision()`` ("highest", torch's default, gives "ieee";
+``dot_precision()``: "ieee" under the interpreter, and on GPU it follows torch's fp32 matmul
+setting (``torch.backends.cuda.matmul.fp32_precision`` where set, else
+``torch.get_float32_matmul_precision()``: "highest", torch's default, gives "ieee";
 "high"/"medium" give "tf32"), so the kernels round exactly as much as cuBLAS would for the
-same process setting. fp16/bf16 ignore it.
+same process setting. It is part of every autotune key: tf32 tiles need more shared memory,
+so a config tuned under "ieee" may not fit under "tf32". fp16/bf16 ignore it.
 
 Strides: every tensor is read through its strides (no ``.contiguous()`` copies), masks are
 reinterpreted as uint8 (a free view). Offsets are int64 so ``N * in`` beyond 2**31 is safe.
@@ -55,10 +57,15 @@ first step of each new layer shape pays this. Warm up before CUDA-graph capture:
 cannot run inside a capture.
 Under ``TRITON_INTERPRET=1`` a single small config is used (tuning there is meaningless and
 slow), with 16-wide tiles so that tests with tiny shapes still cross tile boundaries.
+``TUNECOMP_TRITON_ONE_CONFIG=1`` (read at import; the GPU test runs set it) gives each kernel
+one GPU config that fits every shape, with no autotuning: the test battery's hundreds of
+shapes would otherwise each compile and time every config (estimated 15-25 min on an H100).
+Every config is then checked on its own by ``test_every_gpu_config_on_the_gpu``.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -69,12 +76,20 @@ from . import _interpreting
 
 # Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
 BUILT_FOR_INTERPRETER = _interpreting()
+ONE_CONFIG = os.environ.get("TUNECOMP_TRITON_ONE_CONFIG", "0").strip().lower() in ("1", "true", "on")
 
 
-def fp32_dot_precision() -> str:
-    """``tl.dot`` input_precision for fp32 operands (see the module docstring)."""
-    if BUILT_FOR_INTERPRETER:
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input_precision for operands of ``dtype`` (see the module docstring); fp16
+    and bf16 ignore it."""
+    if dtype != torch.float32 or BUILT_FOR_INTERPRETER:
         return "ieee"
+    # torch >= 2.9 has a per-backend setting; once it is set, the legacy getter raises
+    # ("mix of the legacy and new APIs"). Read the new one first.
+    matmul = getattr(torch.backends.cuda, "matmul", None)
+    new_api = getattr(matmul, "fp32_precision", None)
+    if new_api in ("ieee", "tf32"):
+        return new_api
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
@@ -87,8 +102,12 @@ def rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def configs(gpu_configs, interpreter_config):
-    return [interpreter_config] if BUILT_FOR_INTERPRETER else gpu_configs
+def configs(gpu_configs, interpreter_config, one_config: int):
+    """The autotune list: ``gpu_configs``, or the interpreter's single config, or under
+    ONE_CONFIG ``gpu_configs[one_config]``, a config that fits every shape."""
+    if BUILT_FOR_INTERPRETER:
+        return [interpreter_config]
+    return [gpu_configs[one_config]] if ONE_CONFIG else gpu_configs
 
 
 def _cfg(num_warps=4, num_stages=2, **meta):
@@ -192,10 +211,11 @@ FORWARD_GPU_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, OUT_TILES=1, num_warps=4, num_stages=1),
 ]
 _FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,
-                           _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, OUT_TILES=2))
+                           _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, OUT_TILES=2), one_config=-1)
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=["n_bucket", "in_features", "out_features", "rank"],
+@triton.autotune(configs=_FORWARD_CONFIGS,
+                 key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
 @triton.jit
 def _forward_kernel(
@@ -255,7 +275,7 @@ def forward(x, u, v, bias, mask_u, mask_v):
         *mu_strides, *mv_strides, bias.stride(0) if bias is not None else 0,
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK_U=mask_u is not None, HAS_MASK_V=mask_v is not None,
-        R_PAD=rank_pad(rank), DOT_PRECISION=fp32_dot_precision(),
+        R_PAD=rank_pad(rank), DOT_PRECISION=dot_precision(x.dtype),
     )
     return y
 
@@ -264,19 +284,17 @@ def forward(x, u, v, bias, mask_u, mask_v):
 # Backward
 # --------------------------------------------------------------------------------------------
 
-_PROJECT_CONFIGS = configs(
-    [
-        _cfg(BLOCK_M=32, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_R=64, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_R=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=16, BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=2),
-    ],
-    _cfg(BLOCK_M=16, BLOCK_R=16, BLOCK_K=16),
-)
+PROJECT_GPU_CONFIGS = [
+    _cfg(BLOCK_M=32, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_R=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_R=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=16, BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=2),
+]
+_PROJECT_CONFIGS = configs(PROJECT_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_R=16, BLOCK_K=16), one_config=-1)
 
 
-@triton.autotune(configs=_PROJECT_CONFIGS, key=["n_bucket", "k_dim", "rank"])
+@triton.autotune(configs=_PROJECT_CONFIGS, key=["n_bucket", "k_dim", "rank", "DOT_PRECISION"])
 @triton.jit
 def _rank_project_kernel(
     a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr,
@@ -301,20 +319,18 @@ def _rank_project_kernel(
     store_tile(c_ptr, offs_m, offs_r, n_tokens, rank, stride_cm, stride_cr, acc)
 
 
-_GRAD_X_CONFIGS = configs(
-    [
-        _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
-    ],
-    _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16),
-)
+GRAD_X_GPU_CONFIGS = [
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+]
+_GRAD_X_CONFIGS = configs(GRAD_X_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), one_config=-1)
 
 
 @triton.autotune(configs=_GRAD_X_CONFIGS,
-                 key=["n_bucket", "in_features", "out_features", "rank"])
+                 key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"])
 @triton.jit
 def _grad_x_kernel(
     g_ptr, v_ptr, mask_v_ptr, dy_ptr, w_ptr, alpha_ptr, dx_ptr,
@@ -350,19 +366,17 @@ def _grad_x_kernel(
     store_tile(dx_ptr, offs_m, offs_i, n_tokens, in_features, stride_dxm, stride_dxk, acc)
 
 
-_GRAD_FACTOR_CONFIGS = configs(
-    [
-        _cfg(BLOCK_D=32, BLOCK_R=32, BLOCK_T=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_D=64, BLOCK_R=64, BLOCK_T=64, num_warps=4, num_stages=3),
-        _cfg(BLOCK_D=128, BLOCK_R=64, BLOCK_T=64, num_warps=8, num_stages=3),
-        _cfg(BLOCK_D=128, BLOCK_R=128, BLOCK_T=32, num_warps=8, num_stages=3),
-        _cfg(BLOCK_D=64, BLOCK_R=32, BLOCK_T=128, num_warps=4, num_stages=2),
-    ],
-    _cfg(BLOCK_D=16, BLOCK_R=16, BLOCK_T=16),
-)
+GRAD_FACTOR_GPU_CONFIGS = [
+    _cfg(BLOCK_D=32, BLOCK_R=32, BLOCK_T=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_D=64, BLOCK_R=64, BLOCK_T=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_D=128, BLOCK_R=64, BLOCK_T=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_D=128, BLOCK_R=128, BLOCK_T=32, num_warps=8, num_stages=3),
+    _cfg(BLOCK_D=64, BLOCK_R=32, BLOCK_T=128, num_warps=4, num_stages=2),
+]
+_GRAD_FACTOR_CONFIGS = configs(GRAD_FACTOR_GPU_CONFIGS, _cfg(BLOCK_D=16, BLOCK_R=16, BLOCK_T=16), one_config=0)
 
 
-@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["n_bucket", "d_dim", "rank"])
+@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["n_bucket", "d_dim", "rank", "DOT_PRECISION"])
 @triton.jit
 def _grad_factor_kernel(
     a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr, db_ptr,
@@ -421,7 +435,7 @@ def _rank_project(a, b, mask, alpha):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), *m_strides,
         c.stride(0), c.stride(1),
         HAS_MASK=mask is not None, SCALE_BY_STUDENT=alpha is not None,
-        DOT_PRECISION=fp32_dot_precision(),
+        DOT_PRECISION=dot_precision(a.dtype),
     )
     return c
 
@@ -443,7 +457,7 @@ def _grad_factor(a, b, mask, alpha, grad_bias: Optional[torch.Tensor]):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), *m_strides,
         c.stride(0), c.stride(1), db.stride(0),
         HAS_MASK=mask is not None, SCALE_BY_STUDENT=alpha is not None,
-        SUM_A=grad_bias is not None, DOT_PRECISION=fp32_dot_precision(),
+        SUM_A=grad_bias is not None, DOT_PRECISION=dot_precision(a.dtype),
     )
     return c
 
@@ -468,7 +482,7 @@ def _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha):
         grad_y.stride(0), grad_y.stride(1), w.stride(0), w.stride(1),
         dx.stride(0), dx.stride(1),
         HAS_MASK_V=mask_v is not None, HAS_TEACHER=has_teacher,
-        DOT_PRECISION=fp32_dot_precision(),
+        DOT_PRECISION=dot_precision(g.dtype),
     )
     return dx
 

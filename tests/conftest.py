@@ -4,9 +4,12 @@ import pytest
 import torch
 
 # Triton kernels run on the CPU through Triton's interpreter, which must be chosen before
-# any kernel module is imported.
+# any kernel module is imported. On a GPU, one config per kernel instead of autotuning every
+# test shape (see kernels/masked_lowrank.py; TUNECOMP_TRITON_ONE_CONFIG=0 tunes as in use).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ.setdefault("TUNECOMP_TRITON_ONE_CONFIG", "1")
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

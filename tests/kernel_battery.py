@@ -20,9 +20,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def _triton_fp32_tolerance():
-    from tunecomp.kernels.masked_lowrank import fp32_dot_precision
+    from tunecomp.kernels.masked_lowrank import dot_precision
 
-    return 1e-5 if fp32_dot_precision() == "ieee" else 5e-3
+    return 1e-5 if dot_precision(torch.float32) == "ieee" else 5e-3
 
 
 # Relative Frobenius error bounds ||out - ref|| / ||ref|| against float64 math on the same

@@ -43,6 +43,33 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
             assert all(c.kwargs["BLOCK_K"] == 16 for c in kept)
 
 
+def test_dot_precision_follows_torch_fp32_setting(monkeypatch):
+    """fp32 dots round as torch's matmuls would in this process: its legacy setting, or the
+    per-backend one of torch >= 2.9, after which the legacy getter raises (so it must not be
+    asked). fp16/bf16 ignore the setting."""
+    from tunecomp.kernels import masked_lowrank
+
+    monkeypatch.setattr(masked_lowrank, "BUILT_FOR_INTERPRETER", False)  # the GPU's rule
+    matmul = torch.backends.cuda.matmul
+    before_legacy = torch.get_float32_matmul_precision()
+    before_new = getattr(matmul, "fp32_precision", None)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert masked_lowrank.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert masked_lowrank.dot_precision(torch.float32) == "tf32"
+        assert masked_lowrank.dot_precision(torch.bfloat16) == "ieee"
+        if before_new is not None:
+            matmul.fp32_precision = "tf32"
+            assert masked_lowrank.dot_precision(torch.float32) == "tf32"
+            matmul.fp32_precision = "ieee"
+            assert masked_lowrank.dot_precision(torch.float32) == "ieee"
+    finally:
+        if before_new is not None:
+            matmul.fp32_precision = before_new
+        torch.set_float32_matmul_precision(before_legacy)
+
+
 @pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """Every GPU config the autotuner keeps, of every Triton kernel, compiles for an H100
@@ -56,7 +83,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TUNECOMP_TRITON_ONE_CONFIG")}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     proc = subprocess.run(
         [sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--quick",
@@ -71,3 +98,81 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 
     if _C.with_cuda:  # the CUDA C++ kernels were built: read for sm_90
         assert " CUDA C++ kernels;" in proc.stdout, proc.stdout
+
+
+def test_one_config_mode_gives_each_kernel_one_gpu_config():
+    """TUNECOMP_TRITON_ONE_CONFIG=1 (the GPU test runs): every kernel's autotuner holds one of
+    its GPU configs, so no test shape autotunes. Checked in a fresh process, as the switch
+    is read at import (no GPU is needed to import the compiled kernels)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("from tunecomp.kernels import autotuned\n"
+            "for name, kernel, gpu_configs in autotuned():\n"
+            "    assert len(kernel.configs) == 1 and kernel.configs[0] in gpu_configs, name\n"
+            "    print(name, kernel.configs[0])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TUNECOMP_TRITON_ONE_CONFIG"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("\n") == 5, proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_every_gpu_config_on_the_gpu(dtype):
+    """Each GPU config of each kernel that autotuning would consider at this rank, forced on
+    its own (no timing), computes the op: masked and blended, forward and backward, against
+    float64, on a shape no block size divides (77 tokens, 200 -> 300, rank 70) with half the
+    entries pruned. The rest of the GPU battery runs one config per kernel
+    (TUNECOMP_TRITON_ONE_CONFIG, set by conftest.py), and autotuning in normal use only ever
+    runs the configs it picks. A config too big for the shared memory is skipped, as the
+    autotuner skips it; every kernel must have configs that run."""
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    from triton.runtime.errors import OutOfResources
+
+    from kernel_battery import assert_close, check_backward, fresh_seed, make_problem, reference_lowrank
+    from tunecomp.kernels import blended_lowrank, masked_lowrank
+
+    seed = fresh_seed()
+    p = make_problem(77, 200, 300, 70, dtype, "keep50", DEVICE, teacher=True)
+    alpha = 0.6
+    ref_y, ref_grads = reference_lowrank(p)
+    ref_blend_y, ref_blend_grads = reference_lowrank(p, alpha)
+    a = torch.tensor(alpha, device=DEVICE)
+    bound = 1e-2 if dtype == torch.bfloat16 else (1e-5 if masked_lowrank.dot_precision(dtype) == "ieee" else 5e-3)
+    args = (p["x"], p["u"], p["v"])
+    masks = (p["mask_u"], p["mask_v"])
+    too_big, ran = [], {}
+    for name, kernel, gpu_configs in kernels.autotuned():
+        if kernel.early_config_prune is not None:  # as the autotuner would at this rank
+            gpu_configs = kernel.early_config_prune(gpu_configs, {"rank": 70})
+        saved = kernel.configs
+        try:
+            for config in gpu_configs:
+                kernel.configs = [config]  # a one-config autotuner runs it without timing
+                kernel.cache.clear()
+                where = f"{name} {config} (seed {seed})"
+                try:
+                    y = masked_lowrank.forward(*args, p["bias"], *masks)
+                    grads = masked_lowrank.backward(p["grad_y"], *args, *masks, True)
+                    blend_y = blended_lowrank.blended_forward(*args, p["bias"], *masks, p["teacher_weight"],
+                                                              p["teacher_bias"], a)
+                    blend_grads = blended_lowrank.blended_backward(p["grad_y"], *args, *masks,
+                                                                   p["teacher_weight"], a, True)
+                except OutOfResources as error:  # the autotuner skips such a config too
+                    too_big.append(f"{where}: {error}")
+                    continue
+                assert_close(f"y, {where}", y, ref_y, dtype, seed, bound)
+                check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+                assert_close(f"blended y, {where}", blend_y, ref_blend_y, dtype, seed, bound)
+                check_backward(blend_grads, p, ref_blend_grads, dtype, seed, True, bound)
+                ran[name] = ran.get(name, 0) + 1
+        finally:
+            kernel.configs = saved
+            kernel.cache.clear()
+    print(f"{sum(ran.values())} configs checked; too big for shared memory: {too_big or 'none'}")
+    assert set(ran) == {k[0] for k in kernels.autotuned()}, (ran, too_big)
