@@ -5,7 +5,9 @@ The workload ``gpu_check.sh`` runs under ``compute-sanitizer --tool memcheck`` (
 and ``--tool racecheck`` (the CUDA C++ kernels: ``--backends cuda``): no size is a multiple
 of a tile, so every kernel's edge masking is exercised; 301 tokens send the CUDA backend's
 factor gradients through its split-K path, and 64 x (SM count) + 37 tokens its forward
-through the fused kernel (T in shared memory). Run it once without the
+through the fused kernel (T in shared memory), at rank 20 and at rank 192, whose T tile
+needs more than the default 48 KB of shared memory per block (the opt-in path); one fp32
+case takes the kernels' FMA paths. Run it once without the
 sanitizer first, with ``TRITON_CACHE_AUTOTUNING=1``: autotuning then happens there, and the
 sanitized run reuses the cached choice instead of benchmarking every config under memcheck
 (which slows each launch by orders of magnitude). Run the sanitized one with
@@ -19,17 +21,21 @@ and matched; no CUDA = nothing to check (exit 0, says so).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
 
 from tunecomp import ops, reference
 
-import argparse
-
 N, IN, OUT, RANK = 301, 72, 100, 20
 DTYPE = torch.bfloat16
 TOLERANCE = 3e-2  # relative error in bf16 with fp32 accumulation is ~1e-2 at most here
+
+
+def cases(many):
+    """(tokens, rank, dtype) of every run; ``many`` = 64 x SMs + 37 tokens."""
+    return ((N, RANK, DTYPE), (many, RANK, DTYPE), (many, 192, DTYPE), (N, RANK, torch.float32))
 
 
 def rel_error(actual, expected) -> float:
@@ -37,15 +43,15 @@ def rel_error(actual, expected) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def run(op: str, backend_name: str, n: int = N, device="cuda", dtype=DTYPE) -> list:
+def run(op: str, backend_name: str, n: int = N, device="cuda", dtype=DTYPE, rank: int = RANK) -> list:
     """[(name, relative error vs the float64 reference)] for y and every gradient."""
 
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=torch.float64)
 
-    x, u, v, bias = randn(n, IN), randn(OUT, RANK) / RANK ** 0.5, randn(IN, RANK) / IN ** 0.5, randn(OUT)
-    mask_u = torch.rand(OUT, RANK, device=device) < 0.5
-    mask_v = torch.rand(IN, RANK, device=device) < 0.5
+    x, u, v, bias = randn(n, IN), randn(OUT, rank) / rank ** 0.5, randn(IN, rank) / IN ** 0.5, randn(OUT)
+    mask_u = torch.rand(OUT, rank, device=device) < 0.5
+    mask_v = torch.rand(IN, rank, device=device) < 0.5
     teacher = (randn(OUT, IN) / IN ** 0.5, randn(OUT), torch.tensor(0.6, device=device))
     grad_y = randn(n, OUT)
 
@@ -86,15 +92,15 @@ def main(argv=None) -> int:
             continue
         torch.manual_seed(0)
         many = 64 * torch.cuda.get_device_properties(0).multi_processor_count + 37
-        for n in (N, many):
+        for n, rank, dtype in cases(many):
             for op in ("masked", "blended"):
-                for name, error in run(op, backend, n):
+                for name, error in run(op, backend, n, dtype=dtype, rank=rank):
                     ok = error < TOLERANCE  # also False for NaN
                     failed |= not ok
-                    print(f"{backend:7s} N={n:<6d} {op:8s} {name:10s} rel. error {error:.2e} "
-                          f"{'ok' if ok else 'TOO LARGE'}")
-    print(f"sanitize_kernels: {'FAILED' if failed else 'ok'} ({','.join(backends)}; N={N} and 64*SMs+37, "
-          f"{IN}->{OUT}, rank {RANK}, {DTYPE})")
+                    print(f"{backend:7s} N={n:<6d} r={rank:<4d} {str(dtype)[6:]:9s} {op:8s} {name:10s} "
+                          f"rel. error {error:.2e} {'ok' if ok else 'TOO LARGE'}")
+    print(f"sanitize_kernels: {'FAILED' if failed else 'ok'} ({','.join(backends)}; "
+          f"(N, rank, dtype) in {cases('64*SMs+37')}, {IN}->{OUT})")
     return 1 if failed else 0
 
 

@@ -623,7 +623,8 @@ def blended_lowrank_linear(
     if isinstance(alpha, Tensor):
         alpha = alpha.detach().reshape(()).to(device=x.device, dtype=torch.float32)
     else:
-        alpha = torch.tensor(float(alpha), dtype=torch.float32, device=x.device)
+        # a fill, not torch.tensor(): no host-to-device copy, so no sync and capturable
+        alpha = torch.full((), float(alpha), dtype=torch.float32, device=x.device)
     name = resolve_backend(backend, x.device, x.dtype)
     lead = x.shape[:-1]
     y = _blended_lowrank_linear_op(
