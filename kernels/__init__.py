@@ -16,6 +16,7 @@ Inputs may be non-contiguous: kernels read every tensor through its strides, not
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -72,28 +73,37 @@ def _module(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def _on_device_of(x):
+    """Triton launches on the current CUDA device: make it x's (a no-op context on the CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def forward(x, u, v, bias, mask_u, mask_v):
     """``(x @ Vm) @ Um.T + bias`` with T = x @ Vm kept on chip."""
-    return _module("masked_lowrank").forward(x, u, v, bias, mask_u, mask_v)
+    with _on_device_of(x):
+        return _module("masked_lowrank").forward(x, u, v, bias, mask_u, mask_v)
 
 
 def backward(grad_y, x, u, v, mask_u, mask_v, has_bias):
     """``(grad_x, grad_u, grad_v, grad_b)``; grad_b is empty when ``has_bias`` is False."""
-    return _module("masked_lowrank").backward(grad_y, x, u, v, mask_u, mask_v, has_bias)
+    with _on_device_of(x):
+        return _module("masked_lowrank").backward(grad_y, x, u, v, mask_u, mask_v, has_bias)
 
 
 def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
     """``a*(x @ W0.T + b0) + sqrt(1-a^2)*((x @ Vm) @ Um.T + bias)``, alpha a device tensor."""
-    return _module("blended_lowrank").blended_forward(
-        x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
-    )
+    with _on_device_of(x):
+        return _module("blended_lowrank").blended_forward(
+            x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
+        )
 
 
 def blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
     """Gradients for x, u, v, bias of the blend; teacher and alpha get none."""
-    return _module("blended_lowrank").blended_backward(
-        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias
-    )
+    with _on_device_of(x):
+        return _module("blended_lowrank").blended_backward(
+            grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias
+        )
 
 
 def autotuned() -> list:
