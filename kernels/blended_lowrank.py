@@ -66,7 +66,7 @@ _BLENDED_FORWARD_CONFIGS = configs(BLENDED_FORWARD_GPU_CONFIGS,
 @triton.autotune(configs=_BLENDED_FORWARD_CONFIGS,
                  key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _blended_forward_kernel(
     x_ptr, u_ptr, v_ptr, bias_ptr, mask_u_ptr, mask_v_ptr, w_ptr, b0_ptr, alpha_ptr, y_ptr,
     n_tokens, in_features, out_features, rank, n_bucket,

@@ -217,7 +217,7 @@ _FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,
 @triton.autotune(configs=_FORWARD_CONFIGS,
                  key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _forward_kernel(
     x_ptr, u_ptr, v_ptr, bias_ptr, mask_u_ptr, mask_v_ptr, y_ptr,
     n_tokens, in_features, out_features, rank, n_bucket,
@@ -295,7 +295,7 @@ _PROJECT_CONFIGS = configs(PROJECT_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_R=16, BLO
 
 
 @triton.autotune(configs=_PROJECT_CONFIGS, key=["n_bucket", "k_dim", "rank", "DOT_PRECISION"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _rank_project_kernel(
     a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr,
     n_tokens, k_dim, rank, n_bucket,
@@ -331,7 +331,7 @@ _GRAD_X_CONFIGS = configs(GRAD_X_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK
 
 @triton.autotune(configs=_GRAD_X_CONFIGS,
                  key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _grad_x_kernel(
     g_ptr, v_ptr, mask_v_ptr, dy_ptr, w_ptr, alpha_ptr, dx_ptr,
     n_tokens, in_features, out_features, rank, n_bucket,
@@ -377,7 +377,7 @@ _GRAD_FACTOR_CONFIGS = configs(GRAD_FACTOR_GPU_CONFIGS, _cfg(BLOCK_D=16, BLOCK_R
 
 
 @triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["n_bucket", "d_dim", "rank", "DOT_PRECISION"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _grad_factor_kernel(
     a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr, db_ptr,
     n_tokens, d_dim, rank, n_bucket,
