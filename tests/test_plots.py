@@ -35,13 +35,16 @@ def test_read_log_keeps_the_latest_record_of_a_step_and_skips_a_cut_off_last_lin
     assert [e["event"] for e in events] == ["teacher_dropped"]
 
 
-def test_read_log_errors_name_the_file_and_line(tmp_path):
+def test_read_log_skips_cut_off_records_with_a_warning(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training log at .*log.jsonl"):
         read_log(str(tmp_path / "log.jsonl"))
     log = tmp_path / "log.jsonl"
-    _write(log, [_step(1, 2.0)], tail="garbage\n" + json.dumps(_step(2, 1.0)) + "\n")
-    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record"):
-        read_log(str(log))
+    # line 2: a record cut off by a kill; line 3: one cut off, then the resumed run's record
+    # glued to it (a log written before resumes ended a cut-off line)
+    _write(log, [_step(1, 2.0)], tail='{"step": 2, "lo\n{"step": 2, "lo' + json.dumps(_step(2, 1.0)) + "\n")
+    with pytest.warns(UserWarning, match=r"log.jsonl: skipped what is not a JSON record on line\(s\) \[2, 3\]"):
+        steps, _, _ = read_log(str(log))
+    assert [(r["step"], r["loss"]) for r in steps] == [(1, 2.0), (2, 1.0)]
     _write(log, [])
     with pytest.raises(ValueError, match="has no training records yet"):
         plot_training(str(tmp_path))
@@ -57,8 +60,23 @@ def test_plot_training_writes_an_image_of_the_run(tmp_path):
     assert path == str(tmp_path / "training.png")
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 400 and image.shape[1] > 600 and image.std() > 0  # drawn, not blank
-    assert not list(tmp_path.glob("*.tmp.png"))
 
-    # the command line, with an explicit output path
+    # the command line, with an explicit output path, in the format its name says
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 0
     assert matplotlib.image.imread(tmp_path / "curves.png").shape == image.shape
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.pdf")]) == 0
+    assert (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_plotting_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    _write(tmp_path / "log.jsonl", [_step(s, 1.0 / s) for s in range(1, 4)])
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # a backend the caller chose, other than the Agg a library might force
+    try:
+        plot_training(str(tmp_path))
+        assert matplotlib.get_backend().lower() == "pdf"
+    finally:
+        matplotlib.use(before)

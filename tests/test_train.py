@@ -109,6 +109,9 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
         train(model, crashing, data.test, cfg, str(tmp_path / "resumed"), device="cpu")
     payload = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert payload["state"]["step"] == 10  # the last checkpoint before the crash
+    log = tmp_path / "resumed" / "log.jsonl"
+    with open(log, "a") as f:  # as if killed while writing a record
+        f.write('{"step": 13, "epoch": 0, "lo')
 
     fresh, data = tiny_setup("svd")  # a new process: teachers attached again, RNG elsewhere
     torch.manual_seed(1234)
@@ -117,6 +120,13 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    # the cut-off record stays on a line of its own; every step's record can be read
+    from tunecomp.plots import read_log as read_records
+
+    with pytest.warns(UserWarning, match="skipped what is not a JSON record"):
+        steps, evals, _ = read_records(str(log))
+    assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24]
+    assert [r["step"] for r in evals] == [7, 14, 21, 24]
 
 
 def test_dense_model_is_plain_fine_tuning(tmp_path):

@@ -4,7 +4,7 @@
 
 Four panels over optimiser steps: the losses, train and evaluation accuracy, the TuneComp
 schedule (the teacher's share α, the pruning target ρ, the factor sparsity reached and the
-regulariser's weight λ relative to its start) and the learning rate. A dotted line marks the
+regulariser's weight λ over its largest value) and the learning rate. A dotted line marks the
 step at which the teacher weights were freed.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 from .train import LOG
 
@@ -24,30 +25,52 @@ def read_log(path: str) -> tuple:
     (``teacher_dropped``) of a run's log, each sorted by step.
 
     A resumed run logs again the steps after its last checkpoint: the latest record of a step
-    wins. An incomplete last line (a run killed while writing it) is ignored.
+    wins. A run killed while writing leaves a cut-off record: on the last line it is ignored
+    (the line may still be being written); elsewhere it is skipped with a warning, and a
+    record that follows it on the same line (a log written before resumes ended the cut-off
+    line) is read.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no training log at {path} (a `tunecomp compress` run writes {LOG})")
     with open(path) as f:
         lines = f.read().split("\n")
-    steps, evals, events = {}, {}, []
+    steps, evals, events, skipped = {}, {}, [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):  # the last line, without its newline: cut off mid-write
-                break
-            raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from None
+        record, complete = _parse(line)
+        if not complete and number < len(lines):  # the last line may still be being written
+            skipped.append(number)
+        if record is None:
+            continue
         if "event" in record:
             events.append(record)
         elif "eval_accuracy" in record:
             evals[record["step"]] = record
         elif "loss" in record:
             steps[record["step"]] = record
+    if skipped:
+        warnings.warn(f"{path}: skipped what is not a JSON record on line(s) {skipped} "
+                      "(a run killed while writing?)", stacklevel=2)
     by_step = lambda records: sorted(records, key=lambda r: r["step"])  # noqa: E731
     return by_step(steps.values()), by_step(evals.values()), by_step(events)
+
+
+def _parse(line: str) -> tuple:
+    """``(record or None, whether the whole line was one record)``. Records are flat JSON
+    objects, so one glued after a cut-off one starts at the line's last ``{``."""
+    try:
+        record = json.loads(line)
+        if isinstance(record, dict):
+            return record, True
+    except json.JSONDecodeError:
+        pass
+    start = line.rfind("{")
+    try:
+        record = json.loads(line[start:]) if start > 0 else None
+    except json.JSONDecodeError:
+        record = None
+    return (record if isinstance(record, dict) else None), False
 
 
 def plot_training(run_dir: str, out: str | None = None) -> str:
@@ -56,16 +79,15 @@ def plot_training(run_dir: str, out: str | None = None) -> str:
     steps, evals, events = read_log(os.path.join(run_dir, LOG))
     if not steps and not evals:
         raise ValueError(f"{os.path.join(run_dir, LOG)} has no training records yet")
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: no global state, and the caller's backend is untouched.
+    from matplotlib.figure import Figure
 
     def series(records, key):
         pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         return [s for s, _ in pairs], [v for _, v in pairs]
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
+    fig = Figure(figsize=(10, 6.4))
+    axes = fig.subplots(2, 2, sharex=True)
     (loss_ax, acc_ax), (sched_ax, lr_ax) = axes
 
     x, y = series(steps, "loss")
@@ -114,8 +136,12 @@ def plot_training(run_dir: str, out: str | None = None) -> str:
     fig.suptitle(title)
     fig.tight_layout()
     out = out or os.path.join(run_dir, PLOT)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)  # a reader (or a plot of a run in progress) never sees half a file
+    fmt = os.path.splitext(out)[1][1:].lower() or "png"
+    tmp = f"{out}.tmp"
+    try:
+        fig.savefig(tmp, dpi=110, format=fmt)
+        os.replace(tmp, out)  # a reader (or a plot of a run in progress) never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out

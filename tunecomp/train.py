@@ -286,6 +286,8 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         lr_schedule.load_state_dict(payload["lr_schedule"])
         state = _State(**payload["state"])
         _set_rng_state(payload["rng"][rank] if rank < len(payload["rng"]) else payload["rng"][0], dev)
+        if main_process:
+            _end_cut_off_line(os.path.join(out_dir, LOG))
 
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
     # broadcast_buffers=False: masks follow from identical weights on every rank, and the
@@ -443,6 +445,17 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _end_cut_off_line(path: str) -> None:
+    """A run killed while writing its log leaves a last line without its newline: end it, so
+    the resumed run's records start on lines of their own."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
 
 
 def _factor_sparsity(layers: list) -> float:
