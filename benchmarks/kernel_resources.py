@@ -164,9 +164,11 @@ def _config_text(meta) -> str:
 
 def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
     """Records of every (call, config) compile; see the module docstring."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
+    from tunecomp.kernels import _env_flag  # imports no Triton: the flags are read first
+
+    if _env_flag("TRITON_INTERPRET"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    if os.environ.get("TUNECOMP_TRITON_ONE_CONFIG", "0").strip().lower() in ("1", "true", "on"):
+    if _env_flag("TUNECOMP_TRITON_ONE_CONFIG"):
         raise SystemExit("unset TUNECOMP_TRITON_ONE_CONFIG: every config is to be compiled")
     import triton
     from triton.backends.compiler import GPUTarget

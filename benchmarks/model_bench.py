@@ -58,8 +58,13 @@ GRIDS = {
 }
 GRID_NAME = os.environ.get("TUNECOMP_MODEL_GRID", "gpu" if torch.cuda.is_available() else "cpu")
 GRID = GRIDS[GRID_NAME]
-if os.environ.get("TUNECOMP_MODEL_COMPILE_BATCHES"):
-    GRID = {**GRID, "compile_batches": tuple(int(b) for b in os.environ["TUNECOMP_MODEL_COMPILE_BATCHES"].split(","))}
+_COMPILE_BATCHES = os.environ.get("TUNECOMP_MODEL_COMPILE_BATCHES", "")
+if _COMPILE_BATCHES:
+    try:
+        GRID = {**GRID, "compile_batches": tuple(int(b) for b in _COMPILE_BATCHES.split(","))}
+    except ValueError:
+        raise ValueError("TUNECOMP_MODEL_COMPILE_BATCHES must be comma-separated integers, e.g. "
+                         f"1,8,64,256; got {_COMPILE_BATCHES!r}") from None
 ROWS = []
 _MODELS = {}
 
@@ -156,7 +161,10 @@ def write_results():
     date = datetime.date.today().isoformat()
     meta = {"device": device, "date": date, "grid": GRID_NAME, "model": GRID["model"][0],
             "dtype": str(GRID["dtype"]).replace("torch.", ""), **versions(),
-            "command": f"TUNECOMP_MODEL_GRID={GRID_NAME} python -m pytest benchmarks/model_bench.py"}
+            "command": f"TUNECOMP_MODEL_GRID={GRID_NAME} "
+                       + (f"TUNECOMP_MODEL_COMPILE_BATCHES={_COMPILE_BATCHES} " if _COMPILE_BATCHES else "")
+                       + "python -m pytest benchmarks/model_bench.py",
+            "compile_batches": list(GRID.get("compile_batches", GRID["batches"])) if "compile" in GRID["modes"] else []}
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"model-{slug(device)}-{date}")

@@ -36,9 +36,14 @@ __all__ = [
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to a true value (the spellings
+    Triton's own env parsing accepts)."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "on")
+
+
 def _interpreting() -> bool:
-    # Same truthy spellings as Triton's own env parsing.
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+    return _env_flag("TRITON_INTERPRET")
 
 
 def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:

@@ -65,18 +65,17 @@ Every config is then checked on its own by ``test_every_gpu_config_on_the_gpu``.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _interpreting
+from . import _env_flag, _interpreting
 
 # Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
 BUILT_FOR_INTERPRETER = _interpreting()
-ONE_CONFIG = os.environ.get("TUNECOMP_TRITON_ONE_CONFIG", "0").strip().lower() in ("1", "true", "on")
+ONE_CONFIG = _env_flag("TUNECOMP_TRITON_ONE_CONFIG")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

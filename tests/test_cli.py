@@ -56,6 +56,11 @@ def test_compress_on_digits(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(load(str(exported))(x), trained(x), rtol=1e-4, atol=1e-5)
+    result = run_cli("export", "--run", str(out), "--out", str(tmp_path / "measured"), "--measure",
+                     "--device", "cpu", "--dtype", "bfloat16")  # forms chosen by timing, in bf16
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exported 4 low-rank layers" in result.stdout
+    assert torch.allclose(load(str(tmp_path / "measured"))(x), trained(x), rtol=1e-4, atol=1e-5)
     result = run_cli("bench-model", str(exported), "--batch", "1,2", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compressed") == 2 and "speed-up" in result.stdout

@@ -44,30 +44,27 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
 
 
 def test_dot_precision_follows_torch_fp32_setting(monkeypatch):
-    """fp32 dots round as torch's matmuls would in this process: its legacy setting, or the
-    per-backend one of torch >= 2.9, after which the legacy getter raises (so it must not be
-    asked). fp16/bf16 ignore the setting."""
+    """fp32 dots round as torch's matmuls would in this process: the per-backend setting of
+    torch >= 2.9 where it is set (after which the legacy getter raises, so it must not be
+    asked), else the legacy one. fp16/bf16 ignore the setting."""
     from tunecomp.kernels import masked_lowrank
 
     monkeypatch.setattr(masked_lowrank, "BUILT_FOR_INTERPRETER", False)  # the GPU's rule
     matmul = torch.backends.cuda.matmul
-    before_legacy = torch.get_float32_matmul_precision()
-    before_new = getattr(matmul, "fp32_precision", None)
+    before = matmul.fp32_precision  # restored by hand: monkeypatch cannot undo this attribute
     try:
-        torch.set_float32_matmul_precision("highest")
-        assert masked_lowrank.dot_precision(torch.float32) == "ieee"
-        torch.set_float32_matmul_precision("high")
-        assert masked_lowrank.dot_precision(torch.float32) == "tf32"
-        assert masked_lowrank.dot_precision(torch.bfloat16) == "ieee"
-        if before_new is not None:
-            matmul.fp32_precision = "tf32"
-            assert masked_lowrank.dot_precision(torch.float32) == "tf32"
-            matmul.fp32_precision = "ieee"
-            assert masked_lowrank.dot_precision(torch.float32) == "ieee"
+        for new_api, expected in (("tf32", "tf32"), ("ieee", "ieee")):
+            matmul.fp32_precision = new_api
+            monkeypatch.setattr(torch, "get_float32_matmul_precision",
+                                lambda: pytest.fail("asked the legacy getter"))
+            assert masked_lowrank.dot_precision(torch.float32) == expected
+            assert masked_lowrank.dot_precision(torch.bfloat16) == "ieee"
+        matmul.fp32_precision = "none"  # unset: the legacy setting decides
+        for legacy, expected in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda legacy=legacy: legacy)
+            assert masked_lowrank.dot_precision(torch.float32) == expected
     finally:
-        if before_new is not None:
-            matmul.fp32_precision = before_new
-        torch.set_float32_matmul_precision(before_legacy)
+        matmul.fp32_precision = before
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
@@ -121,15 +118,17 @@ def test_one_config_mode_gives_each_kernel_one_gpu_config():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_every_gpu_config_on_the_gpu(dtype):
+@pytest.mark.parametrize("dtype, rank", [(torch.bfloat16, 70), (torch.float32, 70), (torch.bfloat16, 300)],
+                         ids=["bf16-r70", "fp32-r70", "bf16-r300"])
+def test_every_gpu_config_on_the_gpu(dtype, rank):
     """Each GPU config of each kernel that autotuning would consider at this rank, forced on
     its own (no timing), computes the op: masked and blended, forward and backward, against
-    float64, on a shape no block size divides (77 tokens, 200 -> 300, rank 70) with half the
-    entries pruned. The rest of the GPU battery runs one config per kernel
-    (TUNECOMP_TRITON_ONE_CONFIG, set by conftest.py), and autotuning in normal use only ever
-    runs the configs it picks. A config too big for the shared memory is skipped, as the
-    autotuner skips it; every kernel must have configs that run."""
+    float64, on a shape no block size divides (77 tokens, 200 -> 300; rank 70 or 300, padded
+    to 128 or 512, where only the thin tiles are kept) with half the entries pruned. The rest
+    of the GPU battery runs one config per kernel (TUNECOMP_TRITON_ONE_CONFIG, set by
+    conftest.py), and autotuning in normal use only ever runs the configs it picks. A config
+    too big for the shared memory is skipped, as the autotuner skips it; every kernel must
+    have configs that run."""
     if not CUDA:
         pytest.skip("needs a CUDA GPU")
     from triton.runtime.errors import OutOfResources
@@ -138,7 +137,7 @@ def test_every_gpu_config_on_the_gpu(dtype):
     from tunecomp.kernels import blended_lowrank, masked_lowrank
 
     seed = fresh_seed()
-    p = make_problem(77, 200, 300, 70, dtype, "keep50", DEVICE, teacher=True)
+    p = make_problem(77, 200, 300, rank, dtype, "keep50", DEVICE, teacher=True)
     alpha = 0.6
     ref_y, ref_grads = reference_lowrank(p)
     ref_blend_y, ref_blend_grads = reference_lowrank(p, alpha)
@@ -149,7 +148,7 @@ def test_every_gpu_config_on_the_gpu(dtype):
     too_big, ran = [], {}
     for name, kernel, gpu_configs in kernels.autotuned():
         if kernel.early_config_prune is not None:  # as the autotuner would at this rank
-            gpu_configs = kernel.early_config_prune(gpu_configs, {"rank": 70})
+            gpu_configs = kernel.early_config_prune(gpu_configs, {"rank": rank})
         saved = kernel.configs
         try:
             for config in gpu_configs:
@@ -166,10 +165,13 @@ def test_every_gpu_config_on_the_gpu(dtype):
                 except OutOfResources as error:  # the autotuner skips such a config too
                     too_big.append(f"{where}: {error}")
                     continue
-                assert_close(f"y, {where}", y, ref_y, dtype, seed, bound)
-                check_backward(grads, p, ref_grads, dtype, seed, True, bound)
-                assert_close(f"blended y, {where}", blend_y, ref_blend_y, dtype, seed, bound)
-                check_backward(blend_grads, p, ref_blend_grads, dtype, seed, True, bound)
+                try:
+                    assert_close("y", y, ref_y, dtype, seed, bound)
+                    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+                    assert_close("blended y", blend_y, ref_blend_y, dtype, seed, bound)
+                    check_backward(blend_grads, p, ref_blend_grads, dtype, seed, True, bound)
+                except AssertionError as error:
+                    raise AssertionError(f"{where}, rank {rank}: {error}") from None
                 ran[name] = ran.get(name, 0) + 1
         finally:
             kernel.configs = saved

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -253,6 +254,9 @@ def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torc
                          "images_per_s": batch / seconds, "peak_memory_bytes": peak})
             del x
         del model, runner
+        if compile_model:
+            torch._dynamo.reset()  # its compiled graphs hold the model's tensors
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return rows

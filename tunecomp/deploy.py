@@ -20,14 +20,15 @@ is chosen:
   touches kept entries only;
 - ``"semi24"``: ``SemiStructuredLowRankLinear``, when the factors are 2:4 sparse along their
   reduction dims (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank)
-  and not sparse enough for ``"sparse"``. The file stores, per group of 4 entries, the 2 kept values and one byte of positions
-  (1.25 bytes per entry in bf16, against 2 dense); on a CUDA GPU of sm_80 or newer in
-  fp16/bf16 the factors run on the sparse tensor cores (``torch.sparse``'s semi-structured
-  tensors; in memory the rank is padded with zero components to the backend's minimum, 16
-  for cuSPARSELt and 64 for CUTLASS, and a layer whose feature sizes that backend cannot
-  take stays low-rank, with a warning), elsewhere
-  as the plain low-rank form. Dead rank components are kept (removing them would break U's
-  groups of 4 along the rank);
+  and not sparse enough for ``"sparse"``. The file stores, per group of 4 entries, the 2
+  kept values and one byte of positions (1.25 bytes per entry in bf16, against 2 dense). In
+  fp16/bf16 on a CUDA GPU the factors run on the sparse tensor cores through
+  ``torch.sparse``'s semi-structured tensors: cuSPARSELt where torch has it (sm_80 and
+  newer), else CUTLASS on sm_8x only. In memory the rank is padded with zero components to
+  that backend's minimum (16 for cuSPARSELt, 64 for CUTLASS); a layer whose feature sizes
+  the backend cannot take, and every layer elsewhere, runs as the plain low-rank form
+  (``load`` warns saying why). Dead rank components are kept (removing them would break
+  U's groups of 4 along the rank);
 - ``"dense"``: the merged ``nn.Linear`` otherwise (and for a layer whose rank fell to 0).
 
 With ``measure=True`` the choice is made by timing the forms on the layer's own shape
