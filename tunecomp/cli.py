@@ -317,6 +317,11 @@ def _print_demo(rows: list) -> None:
         print(f"{name:<38} {accuracy:>8.3f} {after:>10,} {before / after:>5.2f}x")
 
 
+def _dtype(name: Optional[str], device: str) -> torch.dtype:
+    """``--dtype``, by default bfloat16 on CUDA and float32 on the CPU."""
+    return getattr(torch, name or ("bfloat16" if device.startswith("cuda") else "float32"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tunecomp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,12 +399,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_demo(demo(args.out, args.steps, args.seed))
     elif args.command == "export":
         measure_device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, args.dtype or ("bfloat16" if measure_device.startswith("cuda") else "float32"))
-        export_run(args.run, args.out, args.measure, measure_device, dtype)
+        export_run(args.run, args.out, args.measure, measure_device, _dtype(args.dtype, measure_device))
     elif args.command == "plot":
         print(f"wrote {plot_training(args.run, args.out)}")
     elif args.command == "bench-model":
-        dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+        dtype = _dtype(args.dtype, args.device)
         try:
             batches = [int(b) for b in args.batch.split(",")]
         except ValueError:

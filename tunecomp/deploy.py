@@ -33,8 +33,7 @@ is chosen:
 
 With ``measure=True`` the choice is made by timing the forms on the layer's own shape
 (``tokens`` rows) on ``device`` in ``dtype`` (the deployment's: default the model's) instead
-of by that rule (2:4 factors: "semi24" is timed where
-it runs sparse, and otherwise chosen only by the rule).
+of by that rule; "semi24" is among the timed forms where it runs sparse.
 
 ``load(path, device=..., dtype=...)`` rebuilds the architecture, swaps in the exported forms,
 loads the tensors and returns the model in eval mode. A tampered or truncated file, a

@@ -193,12 +193,8 @@ class _CudaBackend:
     _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
     def __init__(self, native=None, device_type: str = "cuda"):
-        self._native = native
+        self.native = _C if native is None else native
         self._device_type = device_type
-
-    @property
-    def native(self):
-        return self._native if self._native is not None else _C
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         native = self.native
@@ -238,7 +234,7 @@ class _CudaBackend:
 
 
 class _PendingBackend:
-    """A backend name that the contract reserves but this build does not implement yet."""
+    """A backend name that the contract reserves but that cannot be loaded here (the reason)."""
 
     def __init__(self, name: str, reason: str):
         self.name = name
