@@ -32,7 +32,9 @@ Backward design (five launches, N x r intermediates in HBM, which is allowed)
 ``T = X @ Vm`` and ``G = s * (dY @ Um)`` (``_rank_project_kernel``), then
 ``dX = G @ Vm.T [+ a * dY @ W0]`` (``_grad_x_kernel``), ``dU = where(Mu, s * dY.T @ T, 0)``
 with ``db = s * sum(dY)`` fused in (``_grad_factor_kernel``), ``dV = where(Mv, X.T @ G, 0)``
-(same kernel). ``s``/``a`` come from the blend (``blended_lowrank.py``); here s = 1, a = 0.
+(same kernel; split over tokens into fp32 partial sums when the [d, r] output has fewer tiles
+than the GPU has SMs, see ``tokens_per_split``). ``s``/``a`` come from the blend
+(``blended_lowrank.py``); here s = 1, a = 0.
 T and G are stored in the input dtype, as the eager reference rounds them.
 
 Precision: every ``tl.dot`` accumulates in fp32. For fp32 inputs ``input_precision`` is
@@ -65,6 +67,7 @@ Every config is then checked on its own by ``test_every_gpu_config_on_the_gpu``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -95,6 +98,37 @@ def dot_precision(dtype: torch.dtype) -> str:
 def token_bucket(n_tokens: int) -> int:
     """Autotune key for the token count: a new N only re-tunes when it changes power of two."""
     return triton.next_power_of_2(n_tokens)
+
+
+# Token split of the factor gradients (dU, dV: outputs [d, r], reduced over the N tokens). A
+# [768, 192] output is 36 tiles of 64 x 64, a quarter of an H100's 132 SMs, each looping over
+# every token. Below one tile per SM the tokens are cut into splits that each write fp32
+# partial sums, added up by torch afterwards: about two programs per SM, each split a multiple
+# of SPLIT_ALIGN tokens (every BLOCK_T divides it), and no more splits than there are chunks of
+# 4 * SPLIT_ALIGN tokens. The same rule as the CUDA backend's split-K (csrc/lowrank_cuda_ops.h). The tile count is that of a 64 x 64
+# reference tile, whatever config the autotuner picks, so the split (and the partial buffer)
+# is known before the launch. Under the interpreter the tiles are 16 wide and the "GPU" has
+# INTERPRETER_SMS SMs, so that the tests' small shapes split too.
+SPLIT_TILE, SPLIT_ALIGN = (16, 16) if BUILT_FOR_INTERPRETER else (64, 128)
+INTERPRETER_SMS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tokens_per_split(n_tokens: int, d_dim: int, rank: int, device: torch.device) -> int:
+    """How many tokens each program of ``_grad_factor_kernel`` reduces over (``n_tokens``:
+    no split). See SPLIT_TILE above."""
+    sms = _multiprocessor_count(device)
+    tiles = triton.cdiv(d_dim, SPLIT_TILE) * triton.cdiv(rank, SPLIT_TILE)
+    splits = min(triton.cdiv(2 * sms, tiles), triton.cdiv(n_tokens, 4 * SPLIT_ALIGN))
+    if tiles >= sms or splits <= 1:
+        return n_tokens
+    return triton.cdiv(triton.cdiv(n_tokens, splits), SPLIT_ALIGN) * SPLIT_ALIGN
 
 
 def rank_pad(rank: int) -> int:
@@ -379,27 +413,33 @@ _GRAD_FACTOR_CONFIGS = configs(GRAD_FACTOR_GPU_CONFIGS, _cfg(BLOCK_D=16, BLOCK_R
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _grad_factor_kernel(
     a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr, db_ptr,
-    n_tokens, d_dim, rank, n_bucket,
-    stride_am, stride_ad, stride_bm, stride_br, stride_md, stride_mr, stride_cd, stride_cr,
-    stride_db,
+    n_tokens, d_dim, rank, n_bucket, tokens_per_split,
+    stride_am, stride_ad, stride_bm, stride_br, stride_md, stride_mr,
+    stride_cs, stride_cd, stride_cr, stride_dbs, stride_db,
     HAS_MASK: tl.constexpr, SCALE_BY_STUDENT: tl.constexpr, SUM_A: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """C[d, r] = where(M, s * A[N, d].T @ B[N, r], 0): dU = dY.T @ T, dV = X.T @ G.
 
-    With SUM_A the programs of the first rank column also write db = s * A.sum(0): they load
-    every A tile anyway, so the bias gradient costs no extra pass over dY."""
+    Program (i, j, k) reduces tokens [k * tokens_per_split, (k + 1) * tokens_per_split) into
+    slice k of C (stride_cs; one slice, stride 0, when there is no split). The mask is applied
+    to every slice, so a pruned entry is an exact zero in each and in their sum.
+    With SUM_A the programs of the first rank column also write db = s * A.sum(0) (slice k
+    of it): they load every A tile anyway, so the bias gradient costs no extra pass over dY."""
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_d = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t_begin = pid_s * tokens_per_split
+    t_end = tl.minimum(t_begin + tokens_per_split, n_tokens)
     acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for t0 in range(0, n_tokens, BLOCK_T):
+    for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         # A.T tile [BLOCK_D, BLOCK_T]: A read with swapped strides.
-        at_tile = load_tile(a_ptr, offs_d, offs_t, d_dim, n_tokens, stride_ad, stride_am)
-        b_tile = load_tile(b_ptr, offs_t, offs_r, n_tokens, rank, stride_bm, stride_br)
+        at_tile = load_tile(a_ptr, offs_d, offs_t, d_dim, t_end, stride_ad, stride_am)
+        b_tile = load_tile(b_ptr, offs_t, offs_r, t_end, rank, stride_bm, stride_br)
         acc = tl.dot(at_tile, b_tile, acc, input_precision=DOT_PRECISION)
         if SUM_A:
             col_sum += tl.sum(at_tile.to(tl.float32), axis=1)
@@ -412,10 +452,11 @@ def _grad_factor_kernel(
         keep = tl.load(mask_ptr + offs_d[:, None] * stride_md + offs_r[None, :] * stride_mr,
                        mask=in_bounds, other=0)
         acc = tl.where(keep != 0, acc, 0.0)
-    store_tile(c_ptr, offs_d, offs_r, d_dim, rank, stride_cd, stride_cr, acc)
+    slice_ptr = c_ptr + pid_s.to(tl.int64) * stride_cs
+    store_tile(slice_ptr, offs_d, offs_r, d_dim, rank, stride_cd, stride_cr, acc)
     if SUM_A:
-        tl.store(db_ptr + offs_d * stride_db, col_sum.to(db_ptr.dtype.element_ty),
-                 mask=(offs_d < d_dim) & (pid_r == 0))
+        tl.store(db_ptr + pid_s.to(tl.int64) * stride_dbs + offs_d * stride_db,
+                 col_sum.to(db_ptr.dtype.element_ty), mask=(offs_d < d_dim) & (pid_r == 0))
 
 
 def _rank_project(a, b, mask, alpha):
@@ -443,22 +484,33 @@ def _grad_factor(a, b, mask, alpha, grad_bias: Optional[torch.Tensor]):
     """``where(mask, s * a.T @ b, 0)``; also fills ``grad_bias = s * a.sum(0)`` if given."""
     n_tokens, d_dim = a.shape
     rank = b.shape[1]
-    c = torch.empty((d_dim, rank), dtype=a.dtype, device=a.device)
-    m, m_strides = mask_arg(mask, c)
-    db = grad_bias if grad_bias is not None else c
+    per_split = tokens_per_split(n_tokens, d_dim, rank, a.device)
+    splits = triton.cdiv(n_tokens, per_split)
+    if splits == 1:  # straight into the result, in a's dtype
+        out = torch.empty((1, d_dim, rank), dtype=a.dtype, device=a.device)
+        db = grad_bias.view(1, -1) if grad_bias is not None else out[0]
+    else:  # fp32 partial sums, one slice per split, added up below
+        out = torch.empty((splits, d_dim, rank), dtype=torch.float32, device=a.device)
+        db = (torch.empty((splits, d_dim), dtype=torch.float32, device=a.device)
+              if grad_bias is not None else out[0])
+    m, m_strides = mask_arg(mask, out)
 
     def grid(meta):
-        return (triton.cdiv(d_dim, meta["BLOCK_D"]), triton.cdiv(rank, meta["BLOCK_R"]))
+        return (triton.cdiv(d_dim, meta["BLOCK_D"]), triton.cdiv(rank, meta["BLOCK_R"]), splits)
 
     _grad_factor_kernel[grid](
-        a, b, m, alpha if alpha is not None else c, c, db,
-        n_tokens, d_dim, rank, token_bucket(n_tokens),
+        a, b, m, alpha if alpha is not None else out, out, db,
+        n_tokens, d_dim, rank, token_bucket(n_tokens), per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), *m_strides,
-        c.stride(0), c.stride(1), db.stride(0),
+        out.stride(0), out.stride(1), out.stride(2), db.stride(0), db.stride(1),
         HAS_MASK=mask is not None, SCALE_BY_STUDENT=alpha is not None,
         SUM_A=grad_bias is not None, DOT_PRECISION=dot_precision(a.dtype),
     )
-    return c
+    if splits == 1:
+        return out[0]
+    if grad_bias is not None:
+        grad_bias.copy_(db.sum(0))
+    return out.sum(0).to(a.dtype)
 
 
 def _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha):

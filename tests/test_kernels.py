@@ -58,8 +58,9 @@ def run_blended(backend, p, alpha, has_bias=True):
 
 
 # (tokens, in, out, rank, bias): one token, odd token counts not a multiple of any block,
-# in/out not multiples of 16, ranks 1, 7, 64; 301 tokens: the CUDA backend's factor
-# gradients split over tokens (the emulator reports few SMs).
+# in/out not multiples of 16, ranks 1, 7, 64; 301 tokens: the factor gradients split over
+# tokens in the CUDA backend (the emulator reports few SMs) and the Triton one (the
+# interpreter's stand-in SM count, see tests/test_triton_kernels.py).
 SHAPES = [
     (1, 24, 40, 7, True),
     (37, 33, 17, 1, False),

@@ -43,6 +43,44 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
             assert all(c.kwargs["BLOCK_K"] == 16 for c in kept)
 
 
+def test_factor_gradient_token_split_rule(monkeypatch):
+    """tokens_per_split with the GPU constants and an H100's 132 SMs: the ViT-B shapes whose
+    [d, r] gradient has fewer 64 x 64 tiles than SMs split into about two programs per SM,
+    each a multiple of SPLIT_ALIGN tokens, never more splits than 4 * SPLIT_ALIGN-token
+    chunks; the others and small token counts do not split."""
+    from tunecomp.kernels import masked_lowrank as ml
+
+    monkeypatch.setattr(ml, "SPLIT_TILE", 64)
+    monkeypatch.setattr(ml, "SPLIT_ALIGN", 128)
+    monkeypatch.setattr(ml, "_multiprocessor_count", lambda device: 132)
+    gpu = torch.device("cuda")
+    # dV of a 768-wide input at rank 192: 12 x 3 = 36 tiles -> cdiv(264, 36) = 8 splits
+    assert ml.tokens_per_split(256 * 197, 768, 192, gpu) == 6400  # cdiv(6304, 128) * 128
+    assert ml.tokens_per_split(8 * 197, 768, 192, gpu) == 512  # only cdiv(1576, 512) = 4 splits
+    assert ml.tokens_per_split(197, 768, 192, gpu) == 197  # too few tokens: no split
+    assert ml.tokens_per_split(256 * 197, 3072, 192, gpu) == 256 * 197  # 144 tiles >= 132 SMs
+    for n, d, r in [(50432, 768, 32), (12608, 2304, 96), (1000, 768, 384), (513, 64, 16)]:
+        per_split = ml.tokens_per_split(n, d, r, gpu)
+        splits = -(-n // per_split)
+        tiles = -(-d // 64) * -(-r // 64)
+        assert per_split % 128 == 0, (n, d, r, per_split)
+        assert 1 < splits <= min(-(-264 // tiles), -(-n // 512)), (n, d, r, splits)
+
+
+def test_battery_shapes_take_the_split_path():
+    """The shared battery's 301-token shape (tests/test_kernels.py) runs the split factor
+    gradients under the interpreter, for dV (24 wide) and dU (70 wide), and the small shapes
+    the unsplit ones: both paths are checked against float64 in CI."""
+    from tunecomp.kernels import masked_lowrank as ml
+
+    if not ml.BUILT_FOR_INTERPRETER:
+        pytest.skip("the GPU's split follows its SM count (test_factor_gradient_token_split_rule)")
+    cpu = torch.device("cpu")
+    assert ml.tokens_per_split(301, 24, 9, cpu) < 301
+    assert ml.tokens_per_split(301, 70, 9, cpu) < 301
+    assert ml.tokens_per_split(37, 24, 64, cpu) == 37
+
+
 def test_dot_precision_follows_torch_fp32_setting(monkeypatch):
     """fp32 dots round as torch's matmuls would in this process: the per-backend setting of
     torch >= 2.9 where it is set (after which the legacy getter raises, so it must not be
@@ -123,8 +161,9 @@ def test_one_config_mode_gives_each_kernel_one_gpu_config():
 def test_every_gpu_config_on_the_gpu(dtype, rank):
     """Each GPU config of each kernel that autotuning would consider at this rank, forced on
     its own (no timing), computes the op: masked and blended, forward and backward, against
-    float64, on a shape no block size divides (77 tokens, 200 -> 300; rank 70 or 300, padded
-    to 128 or 512, where only the thin tiles are kept) with half the entries pruned. The rest
+    float64, on a shape no block size divides (1077 tokens, 200 -> 300; rank 70 or 300,
+    padded to 128 or 512, where only the thin tiles are kept; the factor gradients split over
+    tokens) with half the entries pruned. The rest
     of the GPU battery runs one config per kernel (TUNECOMP_TRITON_ONE_CONFIG, set by
     conftest.py), and autotuning in normal use only ever runs the configs it picks. A config
     too big for the shared memory is skipped, as the autotuner skips it; every kernel must
@@ -137,7 +176,7 @@ def test_every_gpu_config_on_the_gpu(dtype, rank):
     from tunecomp.kernels import blended_lowrank, masked_lowrank
 
     seed = fresh_seed()
-    p = make_problem(77, 200, 300, rank, dtype, "keep50", DEVICE, teacher=True)
+    p = make_problem(1077, 200, 300, rank, dtype, "keep50", DEVICE, teacher=True)
     alpha = 0.6
     ref_y, ref_grads = reference_lowrank(p)
     ref_blend_y, ref_blend_grads = reference_lowrank(p, alpha)
