@@ -248,6 +248,48 @@ def test_blend_in_cuda_graph_reads_new_alpha(gpu, backend):
         assert rel_error(y, reference.blended_lowrank_linear(**dbl, alpha=value)) < 2e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_training_step_in_cuda_graph(gpu, backend):
+    """Forward and backward of the blend captured together, as a whole-step CUDA graph does,
+    then replayed with new inputs and a new alpha: the gradients match float64 each time. 1100
+    tokens into a [64, 8] factor: the factor gradients split over tokens, so their partial-sum
+    buffers are allocated in the capture."""
+    _gpu_backend(backend, torch.float32)
+    a = {k: t.to(gpu) for k, t in make_inputs(n=1100, k=64, m=48, r=8, dtype=torch.float32).items()}
+    t = {k: v.to(gpu) for k, v in make_teacher(a, torch.float32).items()}
+    names = ("x", "u", "v", "bias")
+    for k in names:
+        a[k].requires_grad_()
+    alpha = torch.tensor(0.7, device=gpu)
+    grad_y = torch.randn(1100, 48, device=gpu)
+
+    def step():
+        y = ops.blended_lowrank_linear(**a, **t, alpha=alpha, backend=backend)
+        return (y, *torch.autograd.grad(y, [a[k] for k in names], grad_y))
+
+    side = torch.cuda.Stream()  # warm up (autotuning included) outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for value in (0.7, 0.2):
+        with torch.no_grad():
+            for tensor in [a[k] for k in names] + [t["teacher_weight"], grad_y]:
+                tensor.copy_(torch.randn_like(tensor))
+        alpha.fill_(value)
+        graph.replay()
+        dbl = {k: v.detach().double().requires_grad_(k in names) if v.is_floating_point() else v
+               for k, v in {**a, **t}.items()}
+        y = reference.blended_lowrank_linear(**dbl, alpha=value)
+        want = (y, *torch.autograd.grad(y, [dbl[k] for k in names], grad_y.double()))
+        for name, got, ref in zip(("y",) + names, outs, want):
+            assert rel_error(got, ref) < 2e-3, (name, value)
+
+
 def _triton_ready():
     return ops.available_backends("cpu", torch.float32)["triton"] is None
 
