@@ -104,11 +104,12 @@ def token_bucket(n_tokens: int) -> int:
 # [768, 192] output is 36 tiles of 64 x 64, a quarter of an H100's 132 SMs, each looping over
 # every token. Below one tile per SM the tokens are cut into splits that each write fp32
 # partial sums, added up by torch afterwards: about two programs per SM, each split a multiple
-# of SPLIT_ALIGN tokens (every BLOCK_T divides it), and no more splits than there are chunks of
-# 4 * SPLIT_ALIGN tokens. The same rule as the CUDA backend's split-K (csrc/lowrank_cuda_ops.h). The tile count is that of a 64 x 64
-# reference tile, whatever config the autotuner picks, so the split (and the partial buffer)
-# is known before the launch. Under the interpreter the tiles are 16 wide and the "GPU" has
-# INTERPRETER_SMS SMs, so that the tests' small shapes split too.
+# of SPLIT_ALIGN tokens (every BLOCK_T divides it), and no more splits than there are chunks
+# of 4 * SPLIT_ALIGN tokens. The CUDA backend's split-K follows the same rule
+# (csrc/lowrank_cuda_ops.h). The tiles counted are 64 x 64 whatever config the autotuner
+# picks, so the split (and the partial buffer) is known before the launch. Under the
+# interpreter the tiles are 16 wide and the "GPU" has INTERPRETER_SMS SMs, so that the tests'
+# small shapes split too.
 SPLIT_TILE, SPLIT_ALIGN = (16, 16) if BUILT_FOR_INTERPRETER else (64, 128)
 INTERPRETER_SMS = 8
 
@@ -423,7 +424,7 @@ def _grad_factor_kernel(
     """C[d, r] = where(M, s * A[N, d].T @ B[N, r], 0): dU = dY.T @ T, dV = X.T @ G.
 
     Program (i, j, k) reduces tokens [k * tokens_per_split, (k + 1) * tokens_per_split) into
-    slice k of C (stride_cs; one slice, stride 0, when there is no split). The mask is applied
+    slice k of C (slices stride_cs apart; k is 0 when there is no split). The mask is applied
     to every slice, so a pruned entry is an exact zero in each and in their sum.
     With SUM_A the programs of the first rank column also write db = s * A.sum(0) (slice k
     of it): they load every A tile anyway, so the bias gradient costs no extra pass over dY."""
