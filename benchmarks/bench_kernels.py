@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import pytest
@@ -72,6 +73,11 @@ class Grid:
     round_s: float  # target duration of one timed round
     max_k: int
     baselines: tuple = ()  # (op, names) pairs replacing BASELINES for this grid
+    # Also time each baseline inside every backend case, one round of it before each of the
+    # backend's rounds, so that the backend's ratios compare rounds taken side by side (a
+    # shared machine's load drifts between separately timed cases: on the 2-core CI machine
+    # single ratios moved by up to 20% between runs).
+    paired: bool = False
 
 
 def _full_sections():
@@ -109,7 +115,7 @@ GRIDS = {
             Section("blended", "fwd+bwd", ((64, 96),), (40,), ((8, 0.5),)),
         ),
         backends=("torch",), copy_bytes=32 << 20, matmul_size=256,
-        rounds=5, round_s=2e-3, max_k=20,
+        rounds=5, round_s=2e-3, max_k=20, paired=True,
     ),
     "gpu": Grid(
         sections=(
@@ -131,6 +137,7 @@ GRIDS = {
                           tuple((192, rho) for rho in (0.0, 0.5, 0.9, 0.95))),),
         backends=("cpu",), copy_bytes=256 << 20, matmul_size=1024,
         rounds=7, round_s=0.05, max_k=20, baselines=(("masked", ("eager", "dense")),),
+        paired=True,
     ),
     # Every rank 32-384 and rho of DESIGN.md section 5: ~40 min on an H100 (not for gpu_check).
     "full": Grid(
@@ -351,16 +358,38 @@ def calls_per_round(step, n_buffers, grad) -> int:
     return max(1, min(GRID.max_k, math.ceil(GRID.round_s / min(seconds))))
 
 
-def measure(benchmark, step, n_buffers: int, grad: bool, extra: dict) -> None:
+def measure(benchmark, step, n_buffers: int, grad: bool, extra: dict, paired=None) -> None:
+    """Times ``step``; with ``paired`` ({baseline: step}) also one round of each baseline
+    before each of step's rounds (pytest-benchmark's untimed ``setup``), their median
+    per-call times recorded as ``extra_info["paired_median_s"]``."""
+    paired = paired or {}
     # Warm-up outside the timed rounds: autotuning, compilation, allocator growth.
     with torch.set_grad_enabled(grad):
-        for i in range(n_buffers):
-            step(i)
+        for fn in (step, *paired.values()):
+            for i in range(n_buffers):
+                fn(i)
     sync()
     k = calls_per_round(step, n_buffers, grad)
+    rounds = {}
+    for impl, fn in paired.items():
+        k_impl = calls_per_round(fn, n_buffers, grad)
+        rounds[impl] = (timed_round(fn, n_buffers, k_impl, grad), k_impl, [])
+
+    def time_paired_rounds():
+        for run, k_impl, seconds in rounds.values():
+            start = time.perf_counter()
+            run()
+            seconds.append((time.perf_counter() - start) / k_impl)
+
     benchmark.extra_info.update(extra, k=k, n_buffers=n_buffers)
     benchmark.pedantic(timed_round(step, n_buffers, k, grad), rounds=GRID.rounds,
-                       iterations=1, warmup_rounds=1)
+                       iterations=1, warmup_rounds=1,
+                       setup=time_paired_rounds if paired else None)
+    if paired:
+        # The first paired round precedes the warm-up round; with --benchmark-disable it is
+        # the only one.
+        benchmark.extra_info["paired_median_s"] = {
+            impl: statistics.median(seconds[1:] or seconds) for impl, (_, _, seconds) in rounds.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,21 +431,22 @@ def test_ceiling(benchmark, case):
 def test_kernel(benchmark, case, within_budget):
     grad = case.direction == "fwd+bwd"
     elem_bytes = torch.finfo(DTYPE).bits // 8
-    fn, params = make_op(case, grad)
     per_buffer = case.tokens * (case.in_features + (case.out_features if grad else 0)) * elem_bytes
     n_buffers = max(2, min(8, ROTATE_BYTES // per_buffer))
     xs = [_randn(case.tokens, case.in_features, grad=grad) for _ in range(n_buffers)]
-    if grad:
-        grad_ys = [_randn(case.tokens, case.out_features) for _ in range(n_buffers)]
+    grad_ys = [_randn(case.tokens, case.out_features) for _ in range(n_buffers)] if grad else None
 
-        def step(i):
-            y = fn(xs[i])
-            return torch.autograd.grad(y, (xs[i], *params), grad_ys[i])
-    else:
-        def step(i):
-            return fn(xs[i])
+    def make_step(impl_case):
+        fn, params = make_op(impl_case, grad)
+        if not grad:
+            return lambda i: fn(xs[i])
+        return lambda i: torch.autograd.grad(fn(xs[i]), (xs[i], *params), grad_ys[i])
 
+    paired = None
+    if GRID.paired and case.role == "backend":
+        paired = {impl: make_step(replace(case, impl=impl, role="baseline"))
+                  for impl in grid_baselines(GRID)[case.op]}
     n_bytes, flops = work(case, elem_bytes)
     benchmark.group = f"{case.op} {case.direction} {case.in_features}x{case.out_features} n={case.tokens}"
-    measure(benchmark, step, n_buffers, grad,
-            dict(case.as_dict(), dtype=DTYPE_NAME, bytes=n_bytes, flops=flops))
+    measure(benchmark, make_step(case), n_buffers, grad,
+            dict(case.as_dict(), dtype=DTYPE_NAME, bytes=n_bytes, flops=flops), paired)

@@ -45,7 +45,33 @@ TARGETS = (
     dict(op="blended", direction="fwd+bwd", stat="geomean", baseline="triton", at_least=0.9,
          backends=("cuda",), name="blended fwd+bwd: geometric-mean speedup over triton"),
 )
+# Issue #4's targets for the CPU kernels, checked instead of the above on the "cpu" grid
+# (float32, a 2-core CI-class machine), at every point of one rho. "Not more than 10% slower
+# than the reference" is a speedup of at least 1/1.1.
+CPU_TARGETS = (
+    dict(op="masked", direction="fwd", stat="min", baseline="dense", rho=0.9, at_least=2.0,
+         name="masked fwd, rho 0.9: speedup over dense nn.Linear at every point"),
+    dict(op="masked", direction="fwd", stat="min", baseline="eager", rho=0.9, at_least=1.5,
+         name="masked fwd, rho 0.9: speedup over eager at every point"),
+    dict(op="masked", direction="fwd", stat="min", baseline="eager", rho=0.0, at_least=1 / 1.1,
+         name="masked fwd, rho 0: at most 10% slower than eager at every point"),
+)
 POINT_KEYS = ("op", "direction", "in_features", "out_features", "tokens", "rank", "rho")
+
+
+def target_set(grid) -> tuple:
+    """(targets, what they are for) of a run of this grid."""
+    if grid == "cpu":
+        return CPU_TARGETS, "CPU kernels, float32, 2-core CI-class machine"
+    return TARGETS, "H100/H200, bf16"
+
+
+def point_targets(grid, p: dict) -> list:
+    """The per-point targets ("min" over points, and the byte floor) that apply to point p."""
+    targets, _ = target_set(grid)
+    return [t for t in targets if t["stat"] in ("min", "floor")
+            and (t["op"], t["direction"]) == (p["op"], p["direction"])
+            and p["tokens"] >= t.get("min_tokens", 0) and p["rho"] == t.get("rho", p["rho"])]
 
 
 def slug(text: str) -> str:
@@ -104,8 +130,11 @@ def build(bench: dict) -> dict:
         if p["impl"] not in backends:
             backends.append(p["impl"])
         p["speedup"] = {}
+        # Baselines timed in the backend case's own rounds (paired grids) are compared with
+        # those; otherwise the baseline's own case at the same point.
+        paired = p.get("paired_median_s", {})
         for impl in run.get("baselines", {}).get(p["op"], ("eager", "compile", "dense")):
-            t = baselines.get((impl, _point_key(p, dense=impl == "dense")))
+            t = paired.get(impl, baselines.get((impl, _point_key(p, dense=impl == "dense"))))
             if t is not None:
                 p["speedup"][impl] = t / p["median_s"]
         if p["impl"] != "triton" and _point_key(p) in triton_times:
@@ -121,8 +150,12 @@ def build(bench: dict) -> dict:
             geomeans.append(row)
 
     device_name = run.get("device_name", "unknown device")
-    applies = bool(re.search(r"H100|H200", device_name)) and run.get("dtype") == "bfloat16"
-    targets = [check_target(t, backend, points, run) for backend in backends for t in TARGETS
+    target_defs, targets_for = target_set(run.get("grid"))
+    if run.get("grid") == "cpu":
+        applies = run.get("dtype") == "float32"
+    else:
+        applies = bool(re.search(r"H100|H200", device_name)) and run.get("dtype") == "bfloat16"
+    targets = [check_target(t, backend, points, run) for backend in backends for t in target_defs
                if backend in t.get("backends", (backend,))]
     return {
         "device": device_name,
@@ -139,6 +172,7 @@ def build(bench: dict) -> dict:
         "skipped": run.get("skipped", []),
         "failed": run.get("failed", []),
         "elapsed_s": run.get("elapsed_s"),
+        "targets_for": targets_for,
         "targets_apply": applies,
         "targets": targets,
         "geomeans": geomeans,
@@ -158,7 +192,8 @@ def _where(p) -> str:
 def check_target(target: dict, backend: str, points: list, run: dict) -> dict:
     mine = [p for p in points if p["impl"] == backend and p["op"] == target["op"]
             and p["direction"] == target["direction"]
-            and p["tokens"] >= target.get("min_tokens", 0)]
+            and p["tokens"] >= target.get("min_tokens", 0)
+            and p["rho"] == target.get("rho", p["rho"])]
     result = dict(name=target["name"], backend=backend, at_least=target["at_least"],
                   stat=target["stat"], value=None, status="NOT MEASURED", detail="")
     if target["stat"] == "floor":
@@ -217,7 +252,7 @@ def _target_value(t: dict) -> str:
         return "—"
     unit = "%" if t["stat"] == "floor" else "x"
     spec = ".1f" if t["stat"] == "floor" else ".2f"
-    return f"{format(t['value'], spec)}{unit} (target >= {t['at_least']:g}{unit})"
+    return f"{format(t['value'], spec)}{unit} (target >= {t['at_least']:.3g}{unit})"
 
 
 def markdown(results: dict) -> str:
@@ -260,6 +295,10 @@ def markdown(results: dict) -> str:
         "Definitions: benchmarks/README.md.",
         "",
     ]
+    if any("paired_median_s" in p for p in results["points"]):
+        lines += ["Paired timing: each backend case also timed its baselines, one round of each "
+                  "before each of its own rounds, and its ratios compare those medians (a shared "
+                  "machine's load drifts between separately timed cases).", ""]
     for backend in results["backends"]:
         for op, direction in _tables(results["points"], backend):
             rows = sorted((p for p in results["points"]
@@ -273,17 +312,18 @@ def markdown(results: dict) -> str:
             lines.append("| in→out | tokens | r | ρ | µs | GB/s | TFLOP/s | %floor | %roof | "
                          + " | ".join(f"×{i}" for i in cols) + " |")
             lines.append("|" + "---|" * (9 + len(cols)))
-            fwd_masked = (op, direction) == ("masked", "fwd")
             for p in rows:
                 s = p["speedup"]
-                floor_low = (fwd_masked and p["tokens"] >= 8192 and p["pct_byte_floor"] is not None
-                             and p["pct_byte_floor"] < 80)
+                below = {("floor" if t["stat"] == "floor" else t["baseline"]): t["at_least"]
+                         for t in point_targets(results["grid"], p)}
+                floor = p["pct_byte_floor"]
+                floor_low = "floor" in below and floor is not None and floor < below["floor"]
                 cells = [f"{p['in_features']}→{p['out_features']}", str(p["tokens"]),
                          str(p["rank"]), f"{p['rho']:g}", _g(p["median_s"] * 1e6),
                          _g(p["gb_s"]), _g(p["tflop_s"]),
-                         _g(p["pct_byte_floor"], floor_low), _g(p["pct_roofline"])]
+                         _g(floor, floor_low), _g(p["pct_roofline"])]
                 for i in cols:
-                    low = fwd_masked and i == "eager" and s.get(i) is not None and s[i] < 0.95
+                    low = i in below and s.get(i) is not None and s[i] < below[i]
                     cells.append(_f(s.get(i), ".2f", low))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
@@ -295,7 +335,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {g['backend']} | {g['op']} | {g['direction']} | {g['points']} | "
                      f"{_f(s.get('eager'), '.2f')} | {_f(s.get('compile'), '.2f')} | "
                      f"{_f(s.get('dense'), '.2f')} | {_f(s.get('triton'), '.2f')} |")
-    lines += ["", "## Targets (H100/H200, bf16, ratios from this one run)", ""]
+    lines += ["", f"## Targets ({results['targets_for']}, ratios from this one run)", ""]
     if not results["targets_apply"]:
         lines += [f"Informational only: this run is {results['device']}, {results['dtype']}.", ""]
     lines += ["| backend | target | result | measured | detail |", "|---|---|---|---|---|"]

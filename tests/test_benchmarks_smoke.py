@@ -70,6 +70,10 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
             expected = {"eager", "compile", "dense"} if p["op"] == "masked" else {"eager"}
             assert set(p["speedup"]) == expected, p
             assert all(_positive(r) for r in p["speedup"].values()), p
+            # The smoke grid is paired: its ratios come from the backend case's own rounds.
+            assert set(p["paired_median_s"]) == expected, p
+            for impl, t in p["paired_median_s"].items():
+                assert p["speedup"][impl] == pytest.approx(t / p["median_s"]), (impl, p)
 
     # The byte floor and FLOPs as benchmarks/README.md defines them, at one point.
     (p,) = [p for p in points if (p["impl"], p["op"], p["direction"], p["tokens"], p["rho"])
@@ -90,7 +94,7 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
 
     md = md_path.read_text()
     for text in ("## torch: masked fwd", "## torch: blended fwd+bwd", "×compile", "GB/s",
-                 "Geometric means", "Informational only", "never edited by hand"):
+                 "Geometric means", "Informational only", "never edited by hand", "Paired timing"):
         assert text in md
     assert md.count("| torch | ") >= 4 + 5  # geometric-mean rows + target rows
 
@@ -141,3 +145,63 @@ def test_a_grid_records_the_baselines_it_times():
     timed = {c.impl for c in bench_kernels.grid_cases(cpu, ("cpu",)) if c.role == "baseline"}
     assert timed == {"eager", "dense"}
     assert bench_kernels.grid_baselines(bench_kernels.GRIDS["gpu"]) == bench_kernels.BASELINES
+
+
+def _report_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    return report
+
+
+def test_cpu_grid_report_checks_the_cpu_targets_on_paired_ratios():
+    """A "cpu" grid run (synthetic timings): the ratios come from the backend case's paired
+    baseline rounds, not the baselines' separate cases; the CPU kernels' targets are checked
+    at their own rho only, and the per-point cells below them are bold."""
+    report = _report_module()
+
+    def entry(impl, role, rho, median, paired=None):
+        info = dict(op="masked", direction="fwd", impl=impl, role=role, in_features=768,
+                    out_features=768, tokens=197, rank=0 if impl == "dense" else 192, rho=rho,
+                    dtype="float32", bytes=10 ** 6, flops=10 ** 9, k=1)
+        if paired:
+            info["paired_median_s"] = paired
+        return {"extra_info": info, "stats": {"median": median, "min": median, "rounds": 7}}
+
+    ms = 1e-3
+    benchmarks = [
+        # rho 0.9: 3x eager, 5x dense (paired) -> both targets pass
+        entry("cpu", "backend", 0.9, 1 * ms, {"eager": 3 * ms, "dense": 5 * ms}),
+        # rho 0: 1/1.2 = 0.83x eager -> "at most 10% slower" missed by 8.3%
+        entry("cpu", "backend", 0.0, 1.2 * ms, {"eager": 1 * ms, "dense": 2 * ms}),
+        # rho 0.5 is in no CPU target: its 0.5x must not count for the rho-0 one
+        entry("cpu", "backend", 0.5, 2 * ms, {"eager": 1 * ms, "dense": 2 * ms}),
+        # the separately timed baselines, at other load: never used for the ratios above
+        entry("eager", "baseline", 0.9, 10 * ms), entry("eager", "baseline", 0.0, 10 * ms),
+        entry("eager", "baseline", 0.5, 10 * ms), entry("dense", "baseline", 0.0, 10 * ms),
+    ]
+    bench = {"datetime": "2026-01-01T00:00:00", "benchmarks": benchmarks,
+             "tunecomp": {"grid": "cpu", "dtype": "float32", "device_name": "CPU test, 2 threads",
+                          "baselines": {"masked": ["eager", "dense"]}, "versions": {}}}
+    results = report.build(bench)
+    speedups = {p["rho"]: p["speedup"] for p in results["points"] if p["role"] == "backend"}
+    assert speedups[0.9] == pytest.approx({"eager": 3.0, "dense": 5.0})
+    assert speedups[0.0] == pytest.approx({"eager": 1 / 1.2, "dense": 2 / 1.2})
+    assert results["targets_apply"] and "CPU" in results["targets_for"]
+    targets = {t["name"]: t for t in results["targets"]}
+    assert [t["stat"] for t in targets.values()] == ["min"] * 3
+    assert targets["masked fwd, rho 0.9: speedup over dense nn.Linear at every point"]["status"] == "PASS"
+    assert targets["masked fwd, rho 0.9: speedup over eager at every point"]["status"] == "PASS"
+    rho0 = targets["masked fwd, rho 0: at most 10% slower than eager at every point"]
+    assert rho0["status"] == "MISS" and rho0["value"] == pytest.approx(1 / 1.2), rho0
+    assert "short by 8.3%" in rho0["detail"] and rho0["points"] == 1
+
+    md = report.markdown(results)
+    rows = {line.split(" | ")[3]: line for line in md.splitlines() if line.startswith("| 768→768 | 197 |")}
+    assert rows["0"].endswith("| **0.83** | 1.67 |"), rows["0"]  # below the 0.909x target
+    assert rows["0.5"].endswith("| 0.50 | 1.00 |"), rows["0.5"]  # no target at rho 0.5
+    assert rows["0.9"].endswith("| 3.00 | 5.00 |"), rows["0.9"]
+    assert "## Targets (CPU kernels" in md and "Informational only" not in md
+    assert "Paired timing" in md and "(target >= 0.909x)" in md
