@@ -5,7 +5,8 @@ The workload ``gpu_check.sh`` runs under ``compute-sanitizer --tool memcheck`` (
 and ``--tool racecheck`` (the CUDA C++ kernels: ``--backends cuda``): no size is a multiple
 of a tile, so every kernel's edge masking is exercised; 301 tokens send the CUDA backend's
 factor gradients through its split-K path, and 64 x (SM count) + 37 tokens its forward
-through the fused kernel (T in shared memory), at rank 20 and at rank 192, whose T tile
+through the fused kernel (T in shared memory) and both backends' factor gradients through
+their token split (fp32 partial sums), at rank 20 and at rank 192, whose T tile
 needs more than the default 48 KB of shared memory per block (the opt-in path); one fp32
 case takes the kernels' FMA paths. Run it once without the
 sanitizer first, with ``TRITON_CACHE_AUTOTUNING=1``: autotuning then happens there, and the
