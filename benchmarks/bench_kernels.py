@@ -358,10 +358,15 @@ def calls_per_round(step, n_buffers, grad) -> int:
     return max(1, min(GRID.max_k, math.ceil(GRID.round_s / min(seconds))))
 
 
+WARMUP_ROUNDS = 1
+
+
 def measure(benchmark, step, n_buffers: int, grad: bool, extra: dict, paired=None) -> None:
-    """Times ``step``; with ``paired`` ({baseline: step}) also one round of each baseline
-    before each of step's rounds (pytest-benchmark's untimed ``setup``), their median
-    per-call times recorded as ``extra_info["paired_median_s"]``."""
+    """Times ``step``. With ``paired`` ({baseline: step}) each of step's rounds is preceded by
+    one round of each baseline (pytest-benchmark's untimed ``setup``), and
+    ``extra_info["paired"][baseline]`` holds the baseline's median per-call time and the
+    median over rounds of (baseline round / the backend round right after it): a ratio of
+    rounds taken seconds apart, whatever the machine's load did over the whole case."""
     paired = paired or {}
     # Warm-up outside the timed rounds: autotuning, compilation, allocator growth.
     with torch.set_grad_enabled(grad):
@@ -370,26 +375,40 @@ def measure(benchmark, step, n_buffers: int, grad: bool, extra: dict, paired=Non
                 fn(i)
     sync()
     k = calls_per_round(step, n_buffers, grad)
-    rounds = {}
-    for impl, fn in paired.items():
-        k_impl = calls_per_round(fn, n_buffers, grad)
-        rounds[impl] = (timed_round(fn, n_buffers, k_impl, grad), k_impl, [])
+    target = timed_round(step, n_buffers, k, grad)
+    setup = None
+    if paired:
+        rounds = {}
+        for impl, fn in paired.items():
+            k_impl = calls_per_round(fn, n_buffers, grad)
+            rounds[impl] = (timed_round(fn, n_buffers, k_impl, grad), k_impl, [])
+        own: list = []
+        backend_round = target
 
-    def time_paired_rounds():
-        for run, k_impl, seconds in rounds.values():
+        def setup():
+            for run, k_impl, seconds in rounds.values():
+                start = time.perf_counter()
+                run()
+                seconds.append((time.perf_counter() - start) / k_impl)
+
+        def target():
             start = time.perf_counter()
-            run()
-            seconds.append((time.perf_counter() - start) / k_impl)
+            backend_round()
+            own.append((time.perf_counter() - start) / k)
 
     benchmark.extra_info.update(extra, k=k, n_buffers=n_buffers)
-    benchmark.pedantic(timed_round(step, n_buffers, k, grad), rounds=GRID.rounds,
-                       iterations=1, warmup_rounds=1,
-                       setup=time_paired_rounds if paired else None)
+    benchmark.pedantic(target, rounds=GRID.rounds, iterations=1, warmup_rounds=WARMUP_ROUNDS,
+                       setup=setup)
     if paired:
-        # The first paired round precedes the warm-up round; with --benchmark-disable it is
-        # the only one.
-        benchmark.extra_info["paired_median_s"] = {
-            impl: statistics.median(seconds[1:] or seconds) for impl, (_, _, seconds) in rounds.items()}
+        info = {}
+        for impl, (_, _, seconds) in rounds.items():
+            # setup() runs before every round, the warm-up ones included (with
+            # --benchmark-disable there is only one round, kept).
+            pairs = list(zip(seconds, own))
+            pairs = pairs[WARMUP_ROUNDS:] or pairs
+            info[impl] = dict(median_s=statistics.median(b for b, _ in pairs),
+                              speedup=statistics.median(b / t for b, t in pairs))
+        benchmark.extra_info["paired"] = info
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ tensors of ViT-B/16 layer shapes, with each kernel launch replaced by a compile 
 the autotuner would try (its own pruning, then ``JITFunction.warmup``), under a stand-in Triton
 driver that only names the target. So the arguments, their specialisation (dtypes, 16-byte
 alignment, unit strides) and the pruned config list are those of a real call; nothing runs.
+The factor gradients are compiled both whole and split over tokens (fp32 partial sums, rows
+"(token split)"), with the SM count of the target's data-centre GPU.
 Resource usage is read from each cubin with the cuobjdump that Triton ships, and the PTX says
 which matrix instructions the dots became.
 
@@ -48,6 +50,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Opt-in shared memory per block, bytes (CUDA programming guide, compute capabilities table).
 MAX_SHARED = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+# SMs of the target's data-centre GPU (A100; H100/H200 SXM), for the factor gradients' token
+# split (masked_lowrank.tokens_per_split); 132 for any other arch.
+SM_COUNT = {80: 108, 90: 132}
 LAYERS = ((768, 2304), (768, 768), (768, 3072), (3072, 768))  # ViT-B/16 (in, out): qkv, proj, fc1, fc2
 KERNELS = (  # module.attribute of every autotuned Triton kernel
     "masked_lowrank._forward_kernel",
@@ -138,9 +143,13 @@ class _CompileInsteadOfLaunch:
                 configs = self.tuner.prune_configs(kwargs)
             finally:
                 self.tuner.nargs = None
+            named = dict(zip(self.tuner.arg_names, args))
+            kernel = self.name.split(".")[-1]
+            if named.get("tokens_per_split", named.get("n_tokens")) != named.get("n_tokens"):
+                kernel += " (token split)"  # fp32 partial sums: a binary of its own
             for config in configs:
                 meta = config.all_kwargs()
-                record = dict(self.context, kernel=self.name.split(".")[-1],
+                record = dict(self.context, kernel=kernel,
                               config=_config_text(meta),
                               r_pad=kwargs.get("R_PAD"))
                 try:
@@ -177,6 +186,10 @@ def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
 
     backend, arch = target.split(":")
     driver = _TargetOnlyDriver(GPUTarget(backend, int(arch), 32))
+    # The factor gradients' token split follows the SM count; CPU tensors would report the
+    # interpreter's stand-in.
+    sm_count = masked_lowrank._multiprocessor_count
+    masked_lowrank._multiprocessor_count = lambda device: SM_COUNT.get(int(arch), 132)
     modules = {"masked_lowrank": masked_lowrank, "blended_lowrank": blended_lowrank}
     originals = {name: getattr(modules[name.split(".")[0]], name.split(".")[1]) for name in KERNELS}
     records: list = []
@@ -203,6 +216,7 @@ def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
                     log(f"{context['dtype']:8s} {in_f:4d}->{out_f:4d} rank {rank:3d}: "
                         f"{len(records) - done} compiles" + (f", {errors} FAILED" if errors else ""))
     finally:
+        masked_lowrank._multiprocessor_count = sm_count
         for name, tuner in originals.items():
             module, attr = name.split(".")
             setattr(modules[module], attr, tuner)
@@ -214,19 +228,23 @@ def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
 
 
 def _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank):
-    """Each op once, as ops.py calls it in training: contiguous x, masks on, biases on."""
-    n = 256  # the token count only picks an autotune bucket, never a binary
-    x = torch.empty(n, in_f, dtype=dtype)
+    """Each op once, as ops.py calls it in training: contiguous x, masks on, biases on. The
+    token count picks an autotune bucket and, for the factor gradients, whether they split
+    over tokens (a binary of its own): the backward runs at 256 tokens (no split) and at
+    12608 (64 images; a split wherever [d, r] has fewer 64 x 64 tiles than SMs)."""
     u, v = torch.empty(out_f, rank, dtype=dtype), torch.empty(in_f, rank, dtype=dtype)
     mu, mv = torch.ones(out_f, rank, dtype=torch.bool), torch.ones(in_f, rank, dtype=torch.bool)
     bias = torch.empty(out_f, dtype=dtype)
     w0, b0 = torch.empty(out_f, in_f, dtype=dtype), torch.empty(out_f, dtype=dtype)
     alpha = torch.empty((), dtype=torch.float32)
-    dy = torch.empty(n, out_f, dtype=dtype)
-    masked_lowrank.forward(x, u, v, bias, mu, mv)
-    masked_lowrank.backward(dy, x, u, v, mu, mv, True)
-    blended_lowrank.blended_forward(x, u, v, bias, mu, mv, w0, b0, alpha)
-    blended_lowrank.blended_backward(dy, x, u, v, mu, mv, w0, alpha, True)
+    for n in (256, 12608):
+        x = torch.empty(n, in_f, dtype=dtype)
+        dy = torch.empty(n, out_f, dtype=dtype)
+        if n == 256:
+            masked_lowrank.forward(x, u, v, bias, mu, mv)
+            blended_lowrank.blended_forward(x, u, v, bias, mu, mv, w0, b0, alpha)
+        masked_lowrank.backward(dy, x, u, v, mu, mv, True)
+        blended_lowrank.blended_backward(dy, x, u, v, mu, mv, w0, alpha, True)
 
 
 _CUDA_DTYPES = {"13__nv_bfloat16": "bfloat16", "6__half": "float16", "f": "float32"}

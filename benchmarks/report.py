@@ -70,6 +70,7 @@ def point_targets(grid, p: dict) -> list:
     """The per-point targets ("min" over points, and the byte floor) that apply to point p."""
     targets, _ = target_set(grid)
     return [t for t in targets if t["stat"] in ("min", "floor")
+            and p["impl"] in t.get("backends", (p["impl"],))
             and (t["op"], t["direction"]) == (p["op"], p["direction"])
             and p["tokens"] >= t.get("min_tokens", 0) and p["rho"] == t.get("rho", p["rho"])]
 
@@ -130,11 +131,14 @@ def build(bench: dict) -> dict:
         if p["impl"] not in backends:
             backends.append(p["impl"])
         p["speedup"] = {}
-        # Baselines timed in the backend case's own rounds (paired grids) are compared with
-        # those; otherwise the baseline's own case at the same point.
-        paired = p.get("paired_median_s", {})
+        # Paired grids: the median ratio of the backend's rounds to the baseline rounds taken
+        # alternately with them. Otherwise: the baseline's own case at the same point.
+        paired = p.get("paired", {})
         for impl in run.get("baselines", {}).get(p["op"], ("eager", "compile", "dense")):
-            t = paired.get(impl, baselines.get((impl, _point_key(p, dense=impl == "dense"))))
+            if impl in paired:
+                p["speedup"][impl] = paired[impl]["speedup"]
+                continue
+            t = baselines.get((impl, _point_key(p, dense=impl == "dense")))
             if t is not None:
                 p["speedup"][impl] = t / p["median_s"]
         if p["impl"] != "triton" and _point_key(p) in triton_times:
@@ -295,10 +299,11 @@ def markdown(results: dict) -> str:
         "Definitions: benchmarks/README.md.",
         "",
     ]
-    if any("paired_median_s" in p for p in results["points"]):
+    if any("paired" in p for p in results["points"]):
         lines += ["Paired timing: each backend case also timed its baselines, one round of each "
-                  "before each of its own rounds, and its ratios compare those medians (a shared "
-                  "machine's load drifts between separately timed cases).", ""]
+                  "before each of its own rounds; its ratios are the median over rounds of "
+                  "(baseline round / backend round), so that load drifting between separately "
+                  "timed cases on a shared machine cancels.", ""]
     for backend in results["backends"]:
         for op, direction in _tables(results["points"], backend):
             rows = sorted((p for p in results["points"]

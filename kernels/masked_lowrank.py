@@ -105,8 +105,9 @@ def token_bucket(n_tokens: int) -> int:
 # every token. Below one tile per SM the tokens are cut into splits that each write fp32
 # partial sums, added up by torch afterwards: about two programs per SM, each split a multiple
 # of SPLIT_ALIGN tokens (every BLOCK_T divides it), and no more splits than there are chunks
-# of 4 * SPLIT_ALIGN tokens. The CUDA backend's split-K follows the same rule
-# (csrc/lowrank_cuda_ops.h). The tiles counted are 64 x 64 whatever config the autotuner
+# of 4 * SPLIT_ALIGN tokens. The CUDA backend's split-K has the same form with its own tile
+# and alignment (32-token steps, csrc/lowrank_cuda_ops.h), so it starts splitting at fewer
+# tokens. The tiles counted are 64 x 64 whatever config the autotuner
 # picks, so the split (and the partial buffer) is known before the launch. Under the
 # interpreter the tiles are 16 wide and the "GPU" has INTERPRETER_SMS SMs, so that the tests'
 # small shapes split too.
@@ -432,7 +433,7 @@ def _grad_factor_kernel(
     pid_s = tl.program_id(2)
     offs_d = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    t_begin = pid_s * tokens_per_split
+    t_begin = pid_s.to(tl.int64) * tokens_per_split
     t_end = tl.minimum(t_begin + tokens_per_split, n_tokens)
     acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)

@@ -71,9 +71,9 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
             assert set(p["speedup"]) == expected, p
             assert all(_positive(r) for r in p["speedup"].values()), p
             # The smoke grid is paired: its ratios come from the backend case's own rounds.
-            assert set(p["paired_median_s"]) == expected, p
-            for impl, t in p["paired_median_s"].items():
-                assert p["speedup"][impl] == pytest.approx(t / p["median_s"]), (impl, p)
+            assert set(p["paired"]) == expected, p
+            for impl, pair in p["paired"].items():
+                assert _positive(pair["median_s"]) and p["speedup"][impl] == pair["speedup"], (impl, p)
 
     # The byte floor and FLOPs as benchmarks/README.md defines them, at one point.
     (p,) = [p for p in points if (p["impl"], p["op"], p["direction"], p["tokens"], p["rho"])
@@ -166,8 +166,8 @@ def test_cpu_grid_report_checks_the_cpu_targets_on_paired_ratios():
         info = dict(op="masked", direction="fwd", impl=impl, role=role, in_features=768,
                     out_features=768, tokens=197, rank=0 if impl == "dense" else 192, rho=rho,
                     dtype="float32", bytes=10 ** 6, flops=10 ** 9, k=1)
-        if paired:
-            info["paired_median_s"] = paired
+        if paired:  # here the per-round ratios' median is that of the medians
+            info["paired"] = {i: dict(median_s=t, speedup=t / median) for i, t in paired.items()}
         return {"extra_info": info, "stats": {"median": median, "min": median, "rounds": 7}}
 
     ms = 1e-3
@@ -205,3 +205,48 @@ def test_cpu_grid_report_checks_the_cpu_targets_on_paired_ratios():
     assert rows["0.9"].endswith("| 3.00 | 5.00 |"), rows["0.9"]
     assert "## Targets (CPU kernels" in md and "Informational only" not in md
     assert "Paired timing" in md and "(target >= 0.909x)" in md
+
+
+def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):
+    """bench_kernels.measure with baselines paired: each backend round is compared with the
+    baseline round just before it, the warm-up round's pair is dropped, and the ratio is the
+    median of the per-round ratios (here 2), not the ratio of the medians (3). Timings come
+    from a fake clock that the steps advance by a per-round cost."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.pop(0)
+    clock, phase = [0.0], [0]
+    # per-call cost (backend, baseline) in each phase: 0 = before the rounds (warm-up and
+    # probes), 1 = the warm-up round, then the three timed rounds
+    costs = {0: (1.0, 1.0), 1: (1.0, 100.0), 2: (1.0, 2.0), 3: (2.0, 6.0), 4: (20.0, 30.0)}
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock[0]
+
+    class FakeBenchmark:
+        extra_info: dict = {}
+
+        def pedantic(self, target, rounds, iterations, warmup_rounds, setup):
+            assert iterations == 1
+            for _ in range(warmup_rounds + rounds):  # as pytest-benchmark: setup before each round
+                phase[0] += 1
+                setup()
+                target()
+
+    def step(which):
+        def run(i):
+            clock[0] += costs[phase[0]][which]
+        return run
+
+    monkeypatch.setattr(bench_kernels, "time", FakeTime)
+    monkeypatch.setattr(bench_kernels, "GRID", bench_kernels.replace(bench_kernels.GRIDS["smoke"], rounds=3))
+    benchmark = FakeBenchmark()
+    bench_kernels.measure(benchmark, step(0), 2, False, {}, {"eager": step(1)})
+    assert phase[0] == 4
+    pair = benchmark.extra_info["paired"]["eager"]
+    assert pair["speedup"] == pytest.approx(2.0)  # median of 2/1, 6/2, 30/20
+    assert pair["median_s"] == pytest.approx(6.0)  # median of 2, 6, 30 per call

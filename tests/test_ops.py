@@ -256,6 +256,10 @@ def test_training_step_in_cuda_graph(gpu, backend):
     tokens into a [64, 8] factor: the factor gradients split over tokens, so their partial-sum
     buffers are allocated in the capture."""
     _gpu_backend(backend, torch.float32)
+    if backend == "triton":
+        from tunecomp.kernels import masked_lowrank
+
+        assert masked_lowrank.tokens_per_split(1100, 64, 8, gpu) < 1100  # the split path
     a = {k: t.to(gpu) for k, t in make_inputs(n=1100, k=64, m=48, r=8, dtype=torch.float32).items()}
     t = {k: v.to(gpu) for k, v in make_teacher(a, torch.float32).items()}
     names = ("x", "u", "v", "bias")

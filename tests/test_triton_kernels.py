@@ -122,13 +122,14 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     proc = subprocess.run(
         [sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--quick",
-         "--no-write"],
+         "--no-write", "--print"],
         capture_output=True, text=True, env=env, cwd=root, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "; 0 problems" in proc.stdout, proc.stdout[-3000:]
     compiled = int(proc.stdout.split("kernel compiles (")[1].split()[0])
-    assert compiled >= 5, proc.stdout  # one binary per kernel at the very least
+    assert compiled >= 6, proc.stdout  # one binary per kernel and the split factor gradients
+    assert "| _grad_factor_kernel (token split) | bfloat16 |" in proc.stdout, proc.stdout[-3000:]
     from tunecomp import _C
 
     if _C.with_cuda:  # the CUDA C++ kernels were built: read for sm_90
@@ -161,9 +162,9 @@ def test_one_config_mode_gives_each_kernel_one_gpu_config():
 def test_every_gpu_config_on_the_gpu(dtype, rank):
     """Each GPU config of each kernel that autotuning would consider at this rank, forced on
     its own (no timing), computes the op: masked and blended, forward and backward, against
-    float64, on a shape no block size divides (1077 tokens, 200 -> 300; rank 70 or 300,
-    padded to 128 or 512, where only the thin tiles are kept; the factor gradients split over
-    tokens) with half the entries pruned. The rest
+    float64, on shapes no block size divides (77 and 1077 tokens, 200 -> 300; rank 70 or 300,
+    padded to 128 or 512, where only the thin tiles are kept; at 1077 tokens the factor
+    gradients split over tokens, at 77 they do not) with half the entries pruned. The rest
     of the GPU battery runs one config per kernel (TUNECOMP_TRITON_ONE_CONFIG, set by
     conftest.py), and autotuning in normal use only ever runs the configs it picks. A config
     too big for the shared memory is skipped, as the autotuner skips it; every kernel must
@@ -176,14 +177,16 @@ def test_every_gpu_config_on_the_gpu(dtype, rank):
     from tunecomp.kernels import blended_lowrank, masked_lowrank
 
     seed = fresh_seed()
-    p = make_problem(1077, 200, 300, rank, dtype, "keep50", DEVICE, teacher=True)
+    for d in (200, 300):  # dV, dU: split at 1077 tokens, whole at 77
+        assert masked_lowrank.tokens_per_split(1077, d, rank, DEVICE) < 1077
+        assert masked_lowrank.tokens_per_split(77, d, rank, DEVICE) == 77
     alpha = 0.6
-    ref_y, ref_grads = reference_lowrank(p)
-    ref_blend_y, ref_blend_grads = reference_lowrank(p, alpha)
+    problems = []
+    for n in (77, 1077):
+        p = make_problem(n, 200, 300, rank, dtype, "keep50", DEVICE, teacher=True)
+        problems.append((n, p, reference_lowrank(p), reference_lowrank(p, alpha)))
     a = torch.tensor(alpha, device=DEVICE)
     bound = 1e-2 if dtype == torch.bfloat16 else (1e-5 if masked_lowrank.dot_precision(dtype) == "ieee" else 5e-3)
-    args = (p["x"], p["u"], p["v"])
-    masks = (p["mask_u"], p["mask_v"])
     too_big, ran = [], {}
     for name, kernel, gpu_configs in kernels.autotuned():
         if kernel.early_config_prune is not None:  # as the autotuner would at this rank
@@ -193,25 +196,29 @@ def test_every_gpu_config_on_the_gpu(dtype, rank):
             for config in gpu_configs:
                 kernel.configs = [config]  # a one-config autotuner runs it without timing
                 kernel.cache.clear()
-                where = f"{name} {config} (seed {seed})"
-                try:
-                    y = masked_lowrank.forward(*args, p["bias"], *masks)
-                    grads = masked_lowrank.backward(p["grad_y"], *args, *masks, True)
-                    blend_y = blended_lowrank.blended_forward(*args, p["bias"], *masks, p["teacher_weight"],
-                                                              p["teacher_bias"], a)
-                    blend_grads = blended_lowrank.blended_backward(p["grad_y"], *args, *masks,
-                                                                   p["teacher_weight"], a, True)
-                except OutOfResources as error:  # the autotuner skips such a config too
-                    too_big.append(f"{where}: {error}")
-                    continue
-                try:
-                    assert_close("y", y, ref_y, dtype, seed, bound)
-                    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
-                    assert_close("blended y", blend_y, ref_blend_y, dtype, seed, bound)
-                    check_backward(blend_grads, p, ref_blend_grads, dtype, seed, True, bound)
-                except AssertionError as error:
-                    raise AssertionError(f"{where}, rank {rank}: {error}") from None
-                ran[name] = ran.get(name, 0) + 1
+                for n, p, (ref_y, ref_grads), (ref_blend_y, ref_blend_grads) in problems:
+                    where = f"{name} {config} at {n} tokens (seed {seed})"
+                    args = (p["x"], p["u"], p["v"])
+                    masks = (p["mask_u"], p["mask_v"])
+                    try:
+                        y = masked_lowrank.forward(*args, p["bias"], *masks)
+                        grads = masked_lowrank.backward(p["grad_y"], *args, *masks, True)
+                        blend_y = blended_lowrank.blended_forward(*args, p["bias"], *masks, p["teacher_weight"],
+                                                                  p["teacher_bias"], a)
+                        blend_grads = blended_lowrank.blended_backward(p["grad_y"], *args, *masks,
+                                                                       p["teacher_weight"], a, True)
+                    except OutOfResources as error:  # the autotuner skips such a config too
+                        too_big.append(f"{where}: {error}")
+                        break
+                    try:
+                        assert_close("y", y, ref_y, dtype, seed, bound)
+                        check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+                        assert_close("blended y", blend_y, ref_blend_y, dtype, seed, bound)
+                        check_backward(blend_grads, p, ref_blend_grads, dtype, seed, True, bound)
+                    except AssertionError as error:
+                        raise AssertionError(f"{where}, rank {rank}: {error}") from None
+                else:
+                    ran[name] = ran.get(name, 0) + 1
         finally:
             kernel.configs = saved
             kernel.cache.clear()
