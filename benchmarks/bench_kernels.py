@@ -5,7 +5,9 @@
 
 Every case times one implementation at one point of the grid (DESIGN.md section 5) and
 records in ``extra_info`` what ``report.py`` needs: the case, dtype, the byte floor and useful
-FLOPs of the point (see ``work``), and ``k``, the number of calls per timed round.
+FLOPs of the point (see ``work``), and ``k``, the number of calls per timed round. On paired
+grids (``Grid.paired``) a backend case also times its baselines in rounds alternating with its
+own (``measure``).
 
 How a case is timed: CUDA work is asynchronous, so one timed round runs the op ``k`` times
 back to back over rotating input buffers and then synchronizes; the per-call time is the
@@ -375,15 +377,14 @@ def measure(benchmark, step, n_buffers: int, grad: bool, extra: dict, paired=Non
                 fn(i)
     sync()
     k = calls_per_round(step, n_buffers, grad)
-    target = timed_round(step, n_buffers, k, grad)
-    setup = None
+    backend_round = timed_round(step, n_buffers, k, grad)
+    target, setup = backend_round, None
     if paired:
         rounds = {}
         for impl, fn in paired.items():
             k_impl = calls_per_round(fn, n_buffers, grad)
             rounds[impl] = (timed_round(fn, n_buffers, k_impl, grad), k_impl, [])
         own: list = []
-        backend_round = target
 
         def setup():
             for run, k_impl, seconds in rounds.values():
