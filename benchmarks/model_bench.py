@@ -11,8 +11,9 @@ batch 1-256 eager, batch 1 and 256 under torch.compile; the 50% variant pruned 2
 in the 2:4 form and forced into the plain low-rank form, to measure what the sparse tensor
 cores add), "smoke" (a tiny ViT, for the test suite).
 
-"file / needed": the file's size over the bytes its kept entries need — every tensor, but the
-low-rank layers' value tensors counted by their nonzero entries only (index tensors in full).
+"file / needed": the file's size over the bytes its kept entries need
+(``tunecomp.deploy.needed_bytes``: every tensor in full, but the low-rank factors by their
+kept entries plus the cheaper of a bitmask and 4-byte positions where entries are pruned).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import tempfile
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from report import slug  # benchmarks/ is on sys.path under pytest (its conftest.py)
 from tunecomp import replace_linear_layers
 from tunecomp.cli import model_input
-from tunecomp.deploy import export, load
+from tunecomp.deploy import export, load, needed_bytes
 from tunecomp.provenance import device_name, versions
 from tunecomp.prune import prune_
 from tunecomp.train import compressible_layers, effective_params
@@ -82,7 +83,7 @@ def build(variant):
             path = os.path.join(tmp, "model.safetensors")
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
             size, params = os.path.getsize(path), sum(p.numel() for p in model.parameters())
-            needed = needed_bytes(path, set())
+            needed = needed_bytes(model)
             ready = model.to(GRID["device"], GRID["dtype"])
         else:
             # ranks in multiples of 4: 2:4 pruning groups U's entries along the rank
@@ -93,21 +94,10 @@ def build(variant):
             params = effective_params(model)
             manifest = export(model, tmp, arch=arch, arch_kwargs=kwargs, form=form[0] if form else None)
             size = manifest["bytes"]
-            needed = needed_bytes(os.path.join(tmp, "model.safetensors"), set(manifest["layers"]))
+            needed = needed_bytes(model)
             ready = load(tmp, device=GRID["device"], dtype=GRID["dtype"])
     _MODELS[variant] = (ready, params, size, needed)
     return _MODELS[variant]
-
-
-def needed_bytes(path, lowrank_layers):
-    """Bytes the kept entries need: every tensor of the file, the value tensors of the
-    low-rank layers counted by their nonzero entries."""
-    total = 0
-    for key, t in load_file(path).items():
-        name, _, leaf = key.rpartition(".")
-        value = leaf in ("values", "values24") or (leaf in ("u", "v", "weight") and name in lowrank_layers)
-        total += (int(torch.count_nonzero(t)) if value else t.numel()) * t.element_size()
-    return total
 
 
 CASES = [(v[0], b, m) for m in GRID["modes"]

@@ -4,32 +4,36 @@
 
     model.safetensors   every tensor (never pickle)
     manifest.json       format version, tunecomp/torch versions, the architecture to rebuild
-                        (timm name + kwargs), each low-rank layer's form, shapes and dtype,
-                        and the SHA-256 of model.safetensors
+                        (timm name + kwargs), each low-rank layer's form, shapes, storage,
+                        every tensor's shape and dtype, and the SHA-256 of model.safetensors
 
-For each ``FusedPrunedLowRankLinear`` (the teacher must be gone: alpha = 0) the masks are
-folded into the factors, rank components that are entirely pruned are removed, and one form
-is chosen:
+For each ``FusedPrunedLowRankLinear`` (a teacher still attached is dropped; it must no longer
+count: alpha = 0) the masks are folded into the factors, rank components that are entirely
+pruned are removed, and one form is chosen:
 
 - ``"lowrank"``: ``LowRankLinear``, ``y = (x·V)·Uᵀ + b`` through ``tunecomp.ops`` (the fused
   kernels where available), when it moves fewer bytes and FLOPs than the dense weight, i.e.
   ``r·(in + out) < in·out``;
 - ``"sparse"``: ``SparseLowRankLinear``, when fewer than ``ops``' CPU threshold (25%) of the
-  factor entries are kept: the file stores the kept values and their int32 positions
-  (8 bytes per kept entry instead of 4 per entry), and on the CPU backend the forward
-  touches kept entries only;
+  factor entries are kept: it keeps the masks, and on the CPU backend the forward touches
+  kept entries only;
 - ``"semi24"``: ``SemiStructuredLowRankLinear``, when the factors are 2:4 sparse along their
   reduction dims (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank)
-  and not sparse enough for ``"sparse"``. The file stores, per group of 4 entries, the 2
-  kept values and one byte of positions (1.25 bytes per entry in bf16, against 2 dense). In
-  fp16/bf16 on a CUDA GPU the factors run on the sparse tensor cores through
-  ``torch.sparse``'s semi-structured tensors: cuSPARSELt where torch has it (sm_80 and
-  newer), else CUTLASS on sm_8x only. In memory the rank is padded with zero components to
-  that backend's minimum (16 for cuSPARSELt, 64 for CUTLASS); a layer whose feature sizes
-  the backend cannot take, and every layer elsewhere, runs as the plain low-rank form
-  (``load`` warns saying why). Dead rank components are kept (removing them would break
-  U's groups of 4 along the rank);
+  and not sparse enough for ``"sparse"``. In fp16/bf16 on a CUDA GPU the factors run on the
+  sparse tensor cores through ``torch.sparse``'s semi-structured tensors: cuSPARSELt where
+  torch has it (sm_80 and newer), else CUTLASS on sm_8x only. In memory the rank is padded
+  with zero components to that backend's minimum (16 for cuSPARSELt, 64 for CUTLASS); a
+  layer whose feature sizes the backend cannot take, and every layer elsewhere, runs as the
+  plain low-rank form (``load`` warns saying why). Dead rank components are kept (removing
+  them would break U's groups of 4 along the rank);
 - ``"dense"``: the merged ``nn.Linear`` otherwise (and for a layer whose rank fell to 0).
+
+How a layer is stored is separate from its form, so that the file stays near the bytes its
+kept entries need (``needed_bytes``) whatever the form: each factor as the smallest of the
+plain tensor, its kept values with a bitmask, or its kept values with int32 positions (see
+``ENCODINGS``); 2:4 factors as 2 values and 4 bits of positions per group of 4; a dense
+layer as its weight, or as its factors (merged by ``load``) where those are smaller; a
+layer of rank 0 as its bias alone.
 
 With ``measure=True`` the choice is made by timing the forms on the layer's own shape
 (``tokens`` rows) on ``device`` in ``dtype`` (the deployment's: default the model's) instead
@@ -37,7 +41,10 @@ of by that rule; "semi24" is among the timed forms where it runs sparse.
 
 ``load(path, device=..., dtype=...)`` rebuilds the architecture, swaps in the exported forms,
 loads the tensors and returns the model in eval mode. A tampered or truncated file, a
-manifest of another format version, or a missing tensor raises ``DeployError`` naming it.
+manifest of another format version, a missing tensor, or a manifest field that does not
+fit the file or the architecture raises ``DeployError`` naming it. The manifest's
+architecture may not name weights or files to read (``check_arch``): loading reads the two
+files of the export and nothing else.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from . import __version__, ops
 from .nn import FusedPrunedLowRankLinear
 from .reference import apply_mask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMS = ("lowrank", "sparse", "dense", "semi24")
 TENSORS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -217,18 +224,112 @@ def _unpack_2_4(values: Tensor, positions: Tensor, shape, dim: int) -> Tensor:
     return groups.reshape(moved_shape).movedim(-1, dim).contiguous()
 
 
-def _pack(factor: Tensor) -> tuple:
-    """(values, int32 flat positions) of the nonzero entries."""
-    positions = factor.reshape(-1).nonzero().reshape(-1)
-    return factor.reshape(-1)[positions].contiguous(), positions.to(torch.int32)
+# How a factor (or a merged weight) is stored; export picks, per tensor, the smallest:
+#   "plain"      the tensor itself                                   n·e bytes
+#   "bitmask"    KEY.values: its nonzero entries in row-major order,  k·e + n/8 bytes
+#                KEY.bitmask: uint8, bit i%8 of byte i//8 set where flat entry i is kept
+#   "positions"  KEY.values and KEY.positions: their flat int32 positions   k·(e + 4) bytes
+#   "2:4"        the semi24 form's factors: KEY.values24 [rows, groups, 2], the two kept
+#                values of each group of 4 along the reduction dim, and KEY.positions24,
+#                their positions p0 + 4·p1 as 4 bits, two groups per byte    n·e/2 + n/8 bytes
+# (n entries, k of them nonzero, e bytes each.) A bitmask is the cheaper index down to 1/32
+# kept, so "positions" only wins below that.
+ENCODINGS = ("plain", "bitmask", "positions", "2:4")
+_LEAVES = {"plain": ("",), "bitmask": (".values", ".bitmask"), "positions": (".values", ".positions"),
+           "2:4": (".values24", ".positions24")}
+REDUCTION_DIM = {"u": 1, "v": 0}  # what 2:4 groups run along: U along the rank, V along in
 
 
-def _unpack(values: Tensor, positions: Tensor, shape) -> tuple:
-    factor = values.new_zeros(shape)
-    mask = torch.zeros(shape, dtype=torch.bool, device=values.device)
-    factor.view(-1)[positions.long()] = values
-    mask.view(-1)[positions.long()] = True
-    return factor, mask
+def encoded_bytes(numel: int, kept: int, element_size: int) -> dict:
+    """Bytes each encoding but "2:4" stores for a tensor of ``numel`` entries, ``kept`` nonzero."""
+    return {"plain": numel * element_size, "bitmask": kept * element_size + -(-numel // 8),
+            "positions": kept * (element_size + 4)}
+
+
+def smallest_encoding(t: Tensor) -> str:
+    sizes = encoded_bytes(t.numel(), int(torch.count_nonzero(t)), t.element_size())
+    return min(sizes, key=sizes.get)  # ties: the first, "plain"
+
+
+def _bits(support: Tensor) -> Tensor:
+    flags = F.pad(support.reshape(-1).to(torch.uint8), (0, -support.numel() % 8)).reshape(-1, 8)
+    return (flags.long() << torch.arange(8, device=flags.device)).sum(-1).to(torch.uint8)
+
+
+def _unbits(bits: Tensor, numel: int) -> Tensor:
+    return ((bits.long().unsqueeze(-1) >> torch.arange(8, device=bits.device)) & 1).bool().reshape(-1)[:numel]
+
+
+def _nibbles(codes: Tensor) -> Tensor:
+    """4-bit codes (uint8, 0..15), two to a byte: the even-indexed one in the low half."""
+    flat = F.pad(codes.reshape(-1), (0, codes.numel() % 2))
+    return (flat[0::2] | (flat[1::2] << 4)).contiguous()
+
+
+def _unnibbles(packed: Tensor, numel: int) -> Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:numel]
+
+
+def encode(key: str, t: Tensor, encoding: str, dim: int = 0) -> dict:
+    """The tensors that store ``t`` under ``encoding`` (``dim``: the 2:4 groups' dim)."""
+    if encoding == "plain":
+        return {key: t.contiguous()}
+    if encoding == "2:4":
+        values, codes = _pack_2_4(t, dim)
+        return {f"{key}.values24": values, f"{key}.positions24": _nibbles(codes)}
+    flat = t.reshape(-1)
+    support = flat != 0
+    index = _bits(support) if encoding == "bitmask" else support.nonzero().reshape(-1).to(torch.int32)
+    return {f"{key}.values": flat[support].contiguous(), f"{key}{_LEAVES[encoding][1]}": index}
+
+
+def decode(stored: dict, key: str, encoding: str, shape: tuple, dim: int = 0) -> tuple:
+    """``(tensor, support)`` from what ``encode`` stored (``support``: where entries were
+    kept; None for "plain"). ``DeployError`` where the stored tensors do not fit ``shape``."""
+    numel = math.prod(shape)
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise DeployError(f"{key} ({encoding}, shape {tuple(shape)}): {what}")
+
+    missing = [key + leaf for leaf in _LEAVES[encoding] if key + leaf not in stored]
+    need(not missing, f"the file lacks {missing}")
+    if encoding == "plain":
+        t = stored[key]
+        need(tuple(t.shape) == tuple(shape), f"stored with shape {tuple(t.shape)}")
+        return t, None
+    values, index = (stored[key + leaf] for leaf in _LEAVES[encoding])
+    if encoding == "2:4":
+        moved = list(shape)
+        moved.append(moved.pop(dim))
+        need(moved[-1] % 4 == 0, "the groups of 4 do not divide the reduction dim")
+        groups = math.prod(moved) // 4
+        need(tuple(values.shape) == (moved[0], moved[-1] // 4, 2), f"values24 has shape {tuple(values.shape)}")
+        need(index.dtype == torch.uint8 and index.shape == ((groups + 1) // 2,),
+             f"positions24 has shape {tuple(index.shape)} and dtype {index.dtype}")
+        codes = _unnibbles(index, groups)
+        need(bool((codes % 4 != codes // 4).all()), "positions24 repeats a position within a group")
+        t = _unpack_2_4(values, codes.reshape(values.shape[:-1]), shape, dim)
+        return t, t != 0
+    need(values.dim() == 1, f"values has shape {tuple(values.shape)}")
+    if encoding == "bitmask":
+        need(index.dtype == torch.uint8 and index.shape == (-(-numel // 8),),
+             f"bitmask has shape {tuple(index.shape)} and dtype {index.dtype}")
+        support = _unbits(index, numel)
+        need(int(support.sum()) == values.numel(), f"the bitmask marks {int(support.sum())} entries "
+                                                   f"for {values.numel()} values")
+    else:
+        need(index.dtype == torch.int32 and index.shape == values.shape,
+             f"positions has shape {tuple(index.shape)} and dtype {index.dtype}")
+        positions = index.long()
+        need(values.numel() == 0 or (int(positions[0]) >= 0 and int(positions[-1]) < numel
+                                     and bool((positions.diff() > 0).all())),
+             f"positions are not increasing within [0, {numel})")
+        support = torch.zeros(numel, dtype=torch.bool)
+        support[positions] = True
+    t = values.new_zeros(numel)
+    t[support] = values
+    return t.reshape(shape), support.reshape(shape)
 
 
 @torch.no_grad()
@@ -323,6 +424,24 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+# timm kwargs that read files or the network: a manifest naming them is refused, so that
+# loading an export never reads more than its own two files.
+_UNSAFE_KWARG_WORDS = ("pretrained", "checkpoint", "cache", "url", "hub")
+_UNSAFE_KWARG_ENDS = ("path", "dir", "file", "files")  # checkpoint_path, not drop_path_rate
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_arch(arch: Optional[str], arch_kwargs: dict) -> None:
+    """``DeployError`` unless ``arch``/``arch_kwargs`` build a timm model from nothing but
+    themselves (no hub or local-dir names, no checkpoint paths or pretrained weights)."""
+    if arch is not None and (not isinstance(arch, str) or ":" in arch or "/" in arch):
+        raise DeployError(f"arch must be a plain timm model name (no hub or path prefix); got {arch!r}")
+    unsafe = sorted(k for k in arch_kwargs if any(word in k.lower() for word in _UNSAFE_KWARG_WORDS)
+                    or k.lower().endswith(_UNSAFE_KWARG_ENDS))
+    if unsafe:
+        raise DeployError(f"arch_kwargs must not load weights or files; got {unsafe}")
+
+
 @torch.no_grad()
 def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs: Optional[dict] = None,
            forms: Optional[dict] = None, measure: bool = False, device=None, tokens: int = 1576,
@@ -337,6 +456,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     from safetensors.torch import save_file
 
     forms = dict(forms or {})
+    arch_kwargs = dict(arch_kwargs or {})
     if form is not None and form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}; got {form!r}")
     unknown = {n: f for n, f in forms.items() if f not in FORMS}
@@ -344,11 +464,13 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         raise ValueError(f"forms must be one of {FORMS}; got {unknown}")
     if arch is None:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    check_arch(arch, arch_kwargs)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)}
-    attached = [f"{name} (alpha={m.alpha:g})" for name, m in layers.items() if m.has_teacher]
-    if attached:
-        raise ValueError(f"export needs the student alone; teacher still attached to {attached[:3]}: "
+    blending = [f"{name} (alpha={m.alpha:g})" for name, m in layers.items() if m.has_teacher and m.alpha > 0]
+    if blending:
+        raise ValueError(f"export needs the student alone; the teacher still counts in {blending[:3]}: "
                          f"finish training (alpha = 0) or call drop_teacher()")
+    floating = [t.dtype for t in model.state_dict().values() if t.is_floating_point()]
     state, layer_info = {}, {}
     for name, layer in layers.items():
         full = masked_factors(layer)
@@ -362,23 +484,25 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         if chosen == "semi24" and full is None:
             raise ValueError(f"layer {name} cannot take form 'semi24': its factors are not 2:4 sparse "
                              f"along their reduction dims (prune with mode='n:m', n=2, m=4)")
-        rank = int(full[0].shape[1]) if chosen == "semi24" else int(u.shape[1])
-        if chosen == "dense":
-            state[f"{name}.weight"] = (u @ v.T).contiguous()
-        elif chosen == "semi24":
-            for side, factor, dim in (("u", full[0], 1), ("v", full[1], 0)):
-                state[f"{name}.{side}.values24"], state[f"{name}.{side}.positions24"] = _pack_2_4(factor, dim)
-        elif chosen == "sparse":
-            for side, factor in (("u", u), ("v", v)):
-                state[f"{name}.{side}.values"], state[f"{name}.{side}.positions"] = _pack(factor)
+        if chosen == "semi24":
+            stored, storage = {"u": full[0], "v": full[1]}, {"u": "2:4", "v": "2:4"}
+        elif u.shape[1] == 0:
+            stored, storage = {}, {}  # a zero weight: nothing to store
         else:
-            state[f"{name}.u"], state[f"{name}.v"] = u, v
+            stored = {"u": u, "v": v}
+            storage = {side: smallest_encoding(t) for side, t in stored.items()}
+            factor_bytes = sum(encoded_bytes(t.numel(), int(torch.count_nonzero(t)), t.element_size())[storage[side]]
+                               for side, t in stored.items())
+            if chosen == "dense" and layer.in_features * layer.out_features * u.element_size() <= factor_bytes:
+                stored, storage = {"weight": u @ v.T}, {"weight": "plain"}  # else merged by load
+        for side, encoding in storage.items():
+            state.update(encode(f"{name}.{side}", stored[side], encoding, REDUCTION_DIM.get(side, 0)))
         if bias is not None:
             state[f"{name}.bias"] = bias.contiguous()
         layer_info[name] = {"form": chosen, "in_features": layer.in_features, "out_features": layer.out_features,
-                            "rank": rank, "rank_before": layer.rank, "bias": bias is not None,
-                            "kept": kept,
-                            "dtype": str(layer.u.dtype).replace("torch.", "")}
+                            "rank": int(stored["u"].shape[1]) if "u" in stored else int(u.shape[1]),
+                            "rank_before": layer.rank, "bias": bias is not None, "kept": kept,
+                            "storage": storage, "dtype": str(layer.u.dtype).replace("torch.", "")}
     if forms:
         raise ValueError(f"forms names layers that are not low-rank layers of the model: {sorted(forms)}")
     prefixes = tuple(f"{name}." for name in layers)
@@ -390,8 +514,9 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     save_file({k: t.cpu() for k, t in state.items()}, tensors_path)
     manifest = {
         "format_version": FORMAT_VERSION, "tunecomp": __version__, "torch": torch.__version__,
-        "arch": arch, "arch_kwargs": arch_kwargs or {}, "layers": layer_info,
-        "tensors": {k: list(t.shape) for k, t in state.items()},
+        "arch": arch, "arch_kwargs": arch_kwargs,
+        "dtype": str(floating[0] if floating else torch.float32).replace("torch.", ""), "layers": layer_info,
+        "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for k, t in state.items()},
         "sha256": _sha256(tensors_path), "bytes": os.path.getsize(tensors_path),
     }
     tmp = os.path.join(path, MANIFEST + ".tmp")
@@ -401,7 +526,26 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     return manifest
 
 
+def needed_bytes(model: nn.Module) -> int:
+    """The bytes a model's kept entries need, the yardstick of an export's size: every
+    tensor of its state in full, except the factors of ``FusedPrunedLowRankLinear`` layers
+    (teacher and masks not counted): their kept entries, plus, for a factor with pruned
+    entries, the cheaper of a bitmask (1 bit per entry) and 4-byte positions per kept entry."""
+    total = 0
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)}
+    for name, layer in layers.items():
+        for factor in drop_dead_components(*masked_factors(layer)):
+            kept = int(torch.count_nonzero(factor))
+            total += kept * factor.element_size() + (0 if kept == factor.numel() else min(-(-factor.numel() // 8), 4 * kept))
+        if layer.bias is not None:
+            total += layer.bias.numel() * layer.bias.element_size()
+    prefixes = tuple(f"{name}." for name in layers)
+    return total + sum(t.numel() * t.element_size() for key, t in model.state_dict().items() if not key.startswith(prefixes))
+
+
 def read_manifest(path: str) -> dict:
+    """The manifest of the export in ``path``, its fields checked (``DeployError`` naming the
+    first that is missing or wrong)."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise DeployError(f"{path} holds no {MANIFEST}: not a tunecomp export")
@@ -410,19 +554,58 @@ def read_manifest(path: str) -> dict:
             manifest = json.load(f)
     except json.JSONDecodeError as error:
         raise DeployError(f"{manifest_path} is not valid JSON ({error}): truncated or edited?") from None
+    if not isinstance(manifest, dict):
+        raise DeployError(f"{manifest_path} holds a {type(manifest).__name__}, not a manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DeployError(f"{manifest_path} has format_version {version!r}; this tunecomp "
                           f"({__version__}) reads version {FORMAT_VERSION}")
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise DeployError(f"{manifest_path}: {what}")
+
+    def is_int(x, low: int = 0) -> bool:
+        return type(x) is int and x >= low
+
+    for key, kind in (("arch", (str, type(None))), ("arch_kwargs", dict), ("dtype", str), ("layers", dict),
+                      ("tensors", dict), ("sha256", str), ("bytes", int)):
+        need(key in manifest, f"no {key!r}")
+        need(isinstance(manifest[key], kind), f"{key!r} is a {type(manifest[key]).__name__}")
+    need(manifest["dtype"] in DTYPES, f"'dtype' is {manifest['dtype']!r}, not one of {DTYPES}")
+    check_arch(manifest["arch"], manifest["arch_kwargs"])
+    for key, info in manifest["tensors"].items():
+        need(isinstance(info, dict) and isinstance(info.get("shape"), list) and all(is_int(n) for n in info["shape"])
+             and isinstance(info.get("dtype"), str), f"tensor {key!r} has no valid shape and dtype: {info!r}")
+    for name, info in manifest["layers"].items():
+        need(isinstance(info, dict), f"layer {name!r} is a {type(info).__name__}")
+        for key, ok in (("form", info.get("form") in FORMS), ("in_features", is_int(info.get("in_features"), 1)),
+                        ("out_features", is_int(info.get("out_features"), 1)), ("rank", is_int(info.get("rank"))),
+                        ("bias", isinstance(info.get("bias"), bool)), ("storage", isinstance(info.get("storage"), dict))):
+            need(ok, f"layer {name!r} has {key} {info.get(key)!r}" + (f" (forms: {FORMS})" if key == "form" else ""))
+        storage, form = info["storage"], info["form"]
+        if form == "semi24":
+            ok = storage == {"u": "2:4", "v": "2:4"}
+        elif form == "dense" and "weight" in storage:
+            ok = storage == {"weight": "plain"}
+        else:
+            ok = (set(storage) == {"u", "v"} and set(storage.values()) <= {"plain", "bitmask", "positions"}) or (
+                storage == {} and form == "dense" and info["rank"] == 0)
+        need(ok, f"layer {name!r} (form {form!r}, rank {info['rank']}) has storage {storage!r}")
     return manifest
 
 
 def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Optional[nn.Module] = None,
          backend: str = "auto") -> nn.Module:
-    """The exported model, ready for inference (eval mode, no gradients)."""
+    """The exported model, ready for inference (eval mode, no gradients), on ``device`` in
+    ``dtype`` (default: the dtype it was exported in)."""
     from safetensors.torch import load_file
 
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {device}, but no CUDA device is available here")
     manifest = read_manifest(path)
+    dtype = dtype or getattr(torch, manifest["dtype"])
     tensors_path = os.path.join(path, TENSORS)
     if not os.path.isfile(tensors_path):
         raise DeployError(f"{path} has no {TENSORS}")
@@ -435,35 +618,60 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
     missing = [k for k in manifest["tensors"] if k not in state]
     if missing:
         raise DeployError(f"{tensors_path} lacks tensors the manifest lists: {missing[:4]}")
+    unlisted = [k for k in state if k not in manifest["tensors"]]
+    if unlisted:
+        raise DeployError(f"{tensors_path} holds tensors the manifest does not list: {unlisted[:4]}")
+    for key, info in manifest["tensors"].items():
+        found = (list(state[key].shape), str(state[key].dtype).replace("torch.", ""))
+        if found != (info["shape"], info["dtype"]):
+            raise DeployError(f"tensor {key} has shape {found[0]} and dtype {found[1]} in {TENSORS}; "
+                              f"the manifest says {info['shape']} and {info['dtype']}")
     if model is None:
-        if not manifest.get("arch"):
+        if not manifest["arch"]:
             raise DeployError("the manifest names no architecture: pass model= (the skeleton to load into)")
         import timm
 
-        model = timm.create_model(manifest["arch"], pretrained=False, **manifest["arch_kwargs"])
+        try:
+            model = timm.create_model(manifest["arch"], pretrained=False, **manifest["arch_kwargs"])
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise DeployError(f"timm cannot build the manifest's arch {manifest['arch']!r} with arch_kwargs "
+                              f"{manifest['arch_kwargs']}: {error}") from None
     for name, info in manifest["layers"].items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         shape = (info["in_features"], info["out_features"])
-        if info["form"] == "dense" or info["rank"] == 0:
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            target = None
+        if not isinstance(target, nn.Linear) or (target.in_features, target.out_features) != shape:
+            raise DeployError(f"manifest layer {name!r} (Linear {shape[0]} -> {shape[1]}) is not a layer "
+                              f"of that shape in the model; found {type(target).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        rows = {"u": info["out_features"], "v": info["in_features"], "weight": info["out_features"]}
+        decoded = {side: decode(state, f"{name}.{side}", encoding,
+                                (rows[side], info["in_features"] if side == "weight" else info["rank"]),
+                                REDUCTION_DIM.get(side, 0))
+                   for side, encoding in info["storage"].items()}
+        for side, encoding in info["storage"].items():
+            for leaf in _LEAVES[encoding]:
+                del state[f"{name}.{side}{leaf}"]
+        if info["form"] == "dense":
             module = nn.Linear(*shape, bias=info["bias"])
-        elif info["form"] == "lowrank":
-            module = LowRankLinear(*shape, info["rank"], bias=info["bias"], backend=backend)
-        elif info["form"] == "sparse":
-            module = SparseLowRankLinear(*shape, info["rank"], bias=info["bias"], backend=backend)
-            for side, rows in (("u", info["out_features"]), ("v", info["in_features"])):
-                values = state.pop(f"{name}.{side}.values")
-                positions = state.pop(f"{name}.{side}.positions")
-                state[f"{name}.{side}"], state[f"{name}.mask_{side}"] = _unpack(values, positions, (rows, info["rank"]))
-        elif info["form"] == "semi24":
-            module = SemiStructuredLowRankLinear(*shape, info["rank"], bias=info["bias"], backend=backend)
-            for side, rows, dim in (("u", info["out_features"], 1), ("v", info["in_features"], 0)):
-                values = state.pop(f"{name}.{side}.values24")
-                positions = state.pop(f"{name}.{side}.positions24")
-                state[f"{name}.{side}"] = _unpack_2_4(values, positions, (rows, info["rank"]), dim)
+            if "weight" in decoded:
+                weight = decoded["weight"][0]
+            elif decoded:  # the factors were the smaller file: merged here
+                u, v = decoded["u"][0], decoded["v"][0]
+                weight = (u.float() @ v.float().T).to(u.dtype)
+            else:  # rank 0: the layer is its bias
+                weight = torch.zeros(info["out_features"], info["in_features"], dtype=getattr(torch, manifest["dtype"]))
+            state[f"{name}.weight"] = weight
         else:
-            raise DeployError(f"layer {name} has form {info['form']!r}; this tunecomp knows {FORMS}")
-        setattr(parent, child, module)
+            cls = {"lowrank": LowRankLinear, "sparse": SparseLowRankLinear, "semi24": SemiStructuredLowRankLinear}
+            module = cls[info["form"]](*shape, info["rank"], bias=info["bias"], backend=backend)
+            for side, (factor, support) in decoded.items():
+                state[f"{name}.{side}"] = factor
+                if info["form"] == "sparse":
+                    state[f"{name}.mask_{side}"] = factor != 0 if support is None else support
+        setattr(model.get_submodule(parent_name), child, module)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
