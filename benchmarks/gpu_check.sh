@@ -14,6 +14,10 @@
 #   tests     the rest of the suite, the Triton battery with one config per kernel (conftest.py
 #             sets TUNECOMP_TRITON_ONE_CONFIG: autotuning each test shape would take ~20 min)
 #                                                                   -> tests.log
+#             Both run in GPU_CHECK_SHARDS pytest processes at once (default 6; tests/conftest.py's
+#             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
+#             of their time (~170 binaries for the every-config test, ~360 for the battery:
+#             about 4 and 2.5 min on one core of a 2-core CI machine).
 #   sanitize  benchmarks/sanitize_kernels.py once plain (autotunes, results cached on disk),
 #             then under compute-sanitizer --tool memcheck (triton and cuda backends) and
 #             --tool racecheck (the cuda backend's run: its shared-memory pipeline)
@@ -29,14 +33,14 @@
 # has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its log and
 # benchmark JSON); the benchmarks get what is left minus a reserve for the report, and skip
 # their remaining cases once TUNECOMP_BENCH_BUDGET_S is spent. Estimated on an H100 (not yet
-# measured): build ~1-1.5 min, tests-gpu ~2-3 min, tests ~2 min, sanitize ~2 min; the "gpu"
+# measured): build ~1-1.5 min, tests-gpu ~1-2 min, tests ~1 min (sharded), sanitize ~2 min; the "gpu"
 # benchmark grid ~5.5 min (its last section, extra ranks, is what a short budget drops).
 #
 # Stage "model": benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end; estimated
 # 5-8 min, mostly the 10 torch.compile cases), results model-<device>-<date>.{json,md} in $OUT.
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
-# tests-gpu tests sanitize"), GPU_CHECK_TOTAL_S, TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS,
+# tests-gpu tests sanitize"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS,
 # TUNECOMP_CUDA_ARCHS (default here: 90, i.e. H100/H200 only).
 set -o pipefail  # not -e: keep going to the benchmarks when a stage fails
 
@@ -48,6 +52,7 @@ export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
 TOTAL=${GPU_CHECK_TOTAL_S:-520}
 STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu tests sanitize} "
+SHARDS=${GPU_CHECK_SHARDS:-6}
 START=$SECONDS
 SUMMARY=()
 FAILED=0
@@ -87,6 +92,48 @@ stage() {
 echo "gpu_check: $(date -u +%FT%TZ), out=$OUT, python=$(command -v "$PY")"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 4
 
+# pstage NAME CAP_S LOG CMD...: CMD (a pytest run) in $SHARDS processes at once, the i-th with
+# TUNECOMP_TEST_SHARD=i/$SHARDS (tests/conftest.py keeps every SHARDS-th test from the i-th),
+# each capped at CAP_S; their outputs go to LOG one after the other. Ok when every shard is
+# (pytest's 5, "no tests collected", counts as ok for a shard).
+pstage() {
+  local name=$1 cap=$2 log=$3 rc=0 t0 i pids=() codes=()
+  shift 3
+  (( cap > $(left) )) && cap=$(left)
+  if (( cap < 15 )); then
+    SUMMARY+=("$(printf '%-13s NOT RUN (time budget spent)' "$name")")
+    FAILED=1
+    return 1
+  fi
+  echo "=== $name (cap ${cap} s, $SHARDS processes): $*"
+  t0=$SECONDS
+  for ((i = 0; i < SHARDS; i++)); do
+    TUNECOMP_TEST_SHARD="$i/$SHARDS" timeout -s INT -k 20 "$cap" "$@" >"$log.shard$i" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid"
+    codes+=($?)
+  done
+  for ((i = 0; i < SHARDS; i++)); do
+    echo "=== $name shard $i/$SHARDS (rc ${codes[$i]}): $*" >>"$log"
+    cat "$log.shard$i" >>"$log"
+    echo "$name shard $i/$SHARDS: $(tail -n 1 "$log.shard$i")"
+    rm -f "$log.shard$i"
+    (( codes[i] != 0 && codes[i] != 5 && rc == 0 )) && rc=${codes[$i]}
+  done
+  if (( rc == 0 )); then
+    SUMMARY+=("$(printf '%-13s ok         %4d s' "$name" $((SECONDS - t0)))")
+  else
+    local why="rc $rc"
+    (( rc == 124 )) && why="timed out after ${cap} s"
+    SUMMARY+=("$(printf '%-13s FAILED     %4d s  (%s; see %s)' "$name" $((SECONDS - t0)) "$why" "$(basename "$log")")")
+    FAILED=1
+    grep -E "^(FAILED|ERROR) |Error|error:" "$log" | head -n 40
+  fi
+  return "$rc"
+}
+
 if wants build; then
   # A missing Python.h (no python3-dev on the image) is the likeliest build failure: say so first.
   "$PY" -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); print('Python.h:', h if os.path.exists(h) else 'MISSING (' + h + ')')"
@@ -100,10 +147,10 @@ if wants info; then
 fi
 GPU_TESTS="gpu or (cuda and not emulator)"
 if wants tests-gpu; then
-  stage tests-gpu 220 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "$GPU_TESTS"
+  pstage tests-gpu 220 "$OUT/tests.log" "$PY" -m pytest tests -q -rs --maxfail 20 -p no:cacheprovider -k "$GPU_TESTS"
 fi
 if wants tests; then
-  stage tests 180 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "not ($GPU_TESTS)"
+  pstage tests 180 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "not ($GPU_TESTS)"
 fi
 if wants sanitize; then
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)

@@ -4,6 +4,7 @@ built ``tunecomp._C``.
 
     python benchmarks/kernel_resources.py [--target cuda:90] [--ranks 32,64,128,256,384]
         [--dtypes bfloat16,float16,float32] [--out-dir DIR] [--print] [--quick] [--no-write]
+        [--forward-only]
 
 Triton: the op wrappers (forward, backward, blended forward and backward) are called on CPU
 tensors of ViT-B/16 layer shapes, with each kernel launch replaced by a compile of every config
@@ -27,7 +28,9 @@ Writes ``DIR/resources-<target>-triton<version>.{json,md}`` (default DIR: benchm
 with the Triton, torch and CUDA versions and the date. Exit code 1 if a kernel fails to
 compile, if a call has no config that fits the shared memory (``--max-shared``, default the
 target's opt-in limit per block), or if a CUDA build of ``tunecomp._C`` lacks the target's
-kernels. ``--quick`` compiles one rank, one shape and bf16 only (the CI test). Must run with
+kernels. ``--quick`` compiles one rank, one shape and bf16 only (the CI test);
+``--forward-only`` the two forward kernels only, on one shape (the CI test of the largest
+rank they take). Must run with
 ``TRITON_INTERPRET`` unset: the interpreter compiles nothing.
 """
 
@@ -171,7 +174,7 @@ def _config_text(meta) -> str:
     return f"{blocks} warps={meta.get('num_warps')} stages={meta.get('num_stages')}"
 
 
-def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
+def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print, forward_only: bool = False) -> list:
     """Records of every (call, config) compile; see the module docstring."""
     from tunecomp.kernels import _env_flag  # imports no Triton: the flags are read first
 
@@ -211,7 +214,7 @@ def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
                     context.update(dtype=str(dtype).replace("torch.", ""), layer=f"{in_f}x{out_f}",
                                    rank=rank)
                     done = len(records)
-                    _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank)
+                    _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank, forward_only)
                     errors = sum(r["error"] is not None for r in records[done:])
                     log(f"{context['dtype']:8s} {in_f:4d}->{out_f:4d} rank {rank:3d}: "
                         f"{len(records) - done} compiles" + (f", {errors} FAILED" if errors else ""))
@@ -227,7 +230,7 @@ def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print) -> list:
     return records
 
 
-def _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank):
+def _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank, forward_only=False):
     """Each op once, as ops.py calls it in training: contiguous x, masks on, biases on. The
     token count picks an autotune bucket and, for the factor gradients, whether they split
     over tokens (a binary of its own): the backward runs at 256 tokens (no split) and at
@@ -243,6 +246,8 @@ def _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank):
         if n == 256:
             masked_lowrank.forward(x, u, v, bias, mu, mv)
             blended_lowrank.blended_forward(x, u, v, bias, mu, mv, w0, b0, alpha)
+        if forward_only:
+            return
         masked_lowrank.backward(dy, x, u, v, mu, mv, True)
         blended_lowrank.blended_backward(dy, x, u, v, mu, mv, w0, alpha, True)
 
@@ -359,6 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shared", type=int, default=None,
                         help="bytes of shared memory per block (default: the target's limit)")
     parser.add_argument("--quick", action="store_true", help="rank 64, bf16, one layer shape")
+    parser.add_argument("--forward-only", action="store_true", help="the forward kernels only, one layer shape")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--no-write", action="store_true", help="check only, write no files")
     parser.add_argument("--print", action="store_true", help="print the markdown table")
@@ -370,9 +376,9 @@ def main(argv=None) -> int:
         parser.error(f"--max-shared is needed for {args.target}: known archs {sorted(MAX_SHARED)}")
     ranks = [64] if args.quick else [int(r) for r in args.ranks.split(",")]
     dtypes = [torch.bfloat16] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
-    layers = LAYERS[:1] if args.quick else LAYERS
+    layers = LAYERS[:1] if args.quick or args.forward_only else LAYERS
     start = time.perf_counter()
-    records = compile_all(args.target, ranks, dtypes, layers)
+    records = compile_all(args.target, ranks, dtypes, layers, forward_only=args.forward_only)
     found = problems(records, max_shared)
     cuda_rows = cuda_kernels(arch)
     if cuda_rows == []:

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .masked_lowrank import (
     _cfg,
+    check_rank,
     configs,
     dot_precision,
     load_masked_tile,
@@ -64,7 +65,7 @@ _BLENDED_FORWARD_CONFIGS = configs(BLENDED_FORWARD_GPU_CONFIGS,
 
 
 @triton.autotune(configs=_BLENDED_FORWARD_CONFIGS,
-                 key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"],
+                 key=["n_bucket", "in_features", "out_features", "R_PAD", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _blended_forward_kernel(
@@ -113,6 +114,7 @@ def _blended_forward_kernel(
 def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
     n_tokens, in_features = x.shape
     out_features, rank = u.shape
+    check_rank(rank, x.dtype)
     y = torch.empty((n_tokens, out_features), dtype=x.dtype, device=x.device)
     mu, mu_strides = mask_arg(mask_u, u)
     mv, mv_strides = mask_arg(mask_v, v)

@@ -49,8 +49,12 @@ Strides: every tensor is read through its strides (no ``.contiguous()`` copies),
 reinterpreted as uint8 (a free view). Offsets are int64 so ``N * in`` beyond 2**31 is safe.
 
 Autotune: small config sets (5-10 per kernel) keyed on (token bucket = next_pow2(N), in, out,
-rank, and the dtypes, which Triton adds to every key). The forward configs are first pruned by
-an estimate of live registers per thread, so large ranks never time configs that would spill.
+rank, and the dtypes, which Triton adds to every key); the two forward kernels key on the
+padded rank R_PAD instead, which is what their binaries depend on, so layers whose ranks
+differ after export drops dead components share a tuning. The forward configs are first
+pruned by an estimate of live registers per thread, so large ranks never time configs that
+would spill; the smallest single-stage config always stays a candidate, as the one that fits
+shared memory up to the largest rank these kernels take (``check_rank``).
 The first call per new key compiles and times every surviving config: compiling one config
 for sm_90 took 0.3-2 s on a 2-core CPU (up to ~7 s for rank 384), timing ~0.1 s each, so
 roughly 5-20 s per kernel and key; then the choice is cached in-process (compiled binaries on
@@ -137,6 +141,19 @@ def rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+# The forward kernels keep T = x·V, [BLOCK_M, R_PAD], on chip: their smallest config needs
+# about 48·R_PAD elements of shared memory, which fits an H100's 227 KiB up to R_PAD·(bytes
+# per element) = 4096, i.e. rank 1024 in fp32 and 2048 in fp16/bf16.
+MAX_RANK_BYTES = 4096
+
+
+def check_rank(rank: int, dtype: torch.dtype) -> None:
+    limit = MAX_RANK_BYTES // torch.empty((), dtype=dtype).element_size()
+    if rank > limit:
+        raise ValueError(f"the Triton forward keeps x·V on chip, which fits rank <= {limit} in {dtype}; "
+                         f"got rank {rank}: use backend='cuda' or 'torch'")
+
+
 def configs(gpu_configs, interpreter_config, one_config: int):
     """The autotune list: ``gpu_configs``, or the interpreter's single config, or under
     ONE_CONFIG ``gpu_configs[one_config]``, a config that fits every shape."""
@@ -156,8 +173,8 @@ def _cfg(num_warps=4, num_stages=2, **meta):
 # an H100 has, so they are not even compiled. The budget is a proxy, not a guarantee: what the
 # kept configs compile to, per dtype and R_PAD, is in benchmarks/results/resources-cuda90-*.md
 # (benchmarks/kernel_resources.py, no GPU needed). A few kept ones spill a little or exceed the
-# shared memory; autotuning times the former and skips the latter (OutOfResources), and every
-# call keeps configs that fit. Strided or unaligned inputs compile to a separate,
+# shared memory; autotuning times the former and skips the latter (OutOfResources), and the
+# last config of each forward list, always kept, fits. Strided or unaligned inputs compile to a separate,
 # unpipelined binary that spills earlier; the autotune key does not see alignment, so such
 # calls reuse the config tuned for the first (usually aligned) call.
 _REGISTER_BUDGET = 400
@@ -169,12 +186,16 @@ def _live_elements_per_thread(cfg, r_pad):
 
 
 def prune_by_registers(configs_list, named_args, **kwargs):
+    """The configs within the register budget, and always the list's last one: both forward
+    lists end with their smallest single-stage config (ONE_CONFIG's pick), the one that fits
+    shared memory up to MAX_RANK_BYTES; at fp32 with R_PAD 1024 every config within the budget
+    needs more shared memory than an H100 has (benchmarks/kernel_resources.py --ranks 768)."""
+    if len(configs_list) == 1:
+        return configs_list
     # rank is a positional argument, which every Triton 3.x passes in named_args.
     r_pad = rank_pad(named_args["rank"])
-    kept = [c for c in configs_list if _live_elements_per_thread(c, r_pad) <= _REGISTER_BUDGET]
-    if kept:
-        return kept
-    return [min(configs_list, key=lambda c: _live_elements_per_thread(c, r_pad))]
+    kept = [c for c in configs_list[:-1] if _live_elements_per_thread(c, r_pad) <= _REGISTER_BUDGET]
+    return kept + configs_list[-1:]
 
 
 def mask_arg(mask: Optional[torch.Tensor], fallback: torch.Tensor):
@@ -250,7 +271,7 @@ _FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,
 
 
 @triton.autotune(configs=_FORWARD_CONFIGS,
-                 key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"],
+                 key=["n_bucket", "in_features", "out_features", "R_PAD", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _forward_kernel(
@@ -294,6 +315,7 @@ def _forward_kernel(
 def forward(x, u, v, bias, mask_u, mask_v):
     n_tokens, in_features = x.shape
     out_features, rank = u.shape
+    check_rank(rank, x.dtype)
     y = torch.empty((n_tokens, out_features), dtype=x.dtype, device=x.device)
     mu, mu_strides = mask_arg(mask_u, u)
     mv, mv_strides = mask_arg(mask_v, v)

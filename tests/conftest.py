@@ -28,3 +28,21 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    """TUNECOMP_TEST_SHARD=i/n keeps every n-th collected test from the i-th on (i in 0..n-1),
+    so that n processes run the suite between them: benchmarks/gpu_check.sh does this on a
+    GPU, where compiling Triton kernels (one CPU core per process) is most of the time."""
+    shard = os.environ.get("TUNECOMP_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"TUNECOMP_TEST_SHARD must be i/n with 0 <= i < n; got {shard!r}") from None
+    kept = items[index::count]
+    config.hook.pytest_deselected(items=[item for position, item in enumerate(items) if position % count != index])
+    items[:] = kept

@@ -136,6 +136,39 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
         assert " CUDA C++ kernels;" in proc.stdout, proc.stdout
 
 
+@pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
+def test_largest_fp32_rank_fits_shared_memory_on_sm90(tmp_path):
+    """At the largest rank the Triton forward takes in fp32 (R_PAD 1024), every config within
+    the register budget needs more shared memory than an H100 has; the single-stage config
+    the pruning always keeps must fit, or the first call fails with OutOfResources."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    from tunecomp.kernels.masked_lowrank import MAX_RANK_BYTES
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TUNECOMP_TRITON_ONE_CONFIG")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--ranks", str(MAX_RANK_BYTES // 4),
+         "--dtypes", "float32", "--forward-only", "--no-write", "--print"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "; 0 problems" in proc.stdout, proc.stdout[-3000:]
+    assert "exceeds shared memory" in proc.stdout  # the case this guards: budget-kept configs do not fit
+
+
+def test_rank_beyond_the_forward_limit_is_refused():
+    from tunecomp.kernels.masked_lowrank import MAX_RANK_BYTES, check_rank
+
+    check_rank(MAX_RANK_BYTES // 4, torch.float32)
+    check_rank(MAX_RANK_BYTES // 2, torch.bfloat16)
+    with pytest.raises(ValueError, match="fits rank <= 1024 in torch.float32; got rank 1025: use backend='cuda'"):
+        check_rank(1025, torch.float32)
+
+
 def test_one_config_mode_gives_each_kernel_one_gpu_config():
     """TUNECOMP_TRITON_ONE_CONFIG=1 (the GPU test runs): every kernel's autotuner holds one of
     its GPU configs, so no test shape autotunes. Checked in a fresh process, as the switch

@@ -226,39 +226,85 @@ def export_run(run_dir: str, out: str, measure: bool, device: Optional[str],
 def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torch.dtype,
                 compile_model: bool, repeats: int = 10) -> list:
     """Latency, throughput and peak memory of the exported model and of its dense original
-    (same architecture, random weights: speed does not depend on the values)."""
+    (same architecture, random weights: speed does not depend on the values), one model on
+    the device at a time. Peak memory: on CUDA the allocator's peak during each batch's
+    runs (the model's tensors included); on the CPU (Linux) the peak resident memory during
+    each batch's runs, in a fresh process per model, above its level before the model was
+    built."""
+    rows = []
+    for label in ("dense", "compressed"):
+        args = (model_dir, label, batches, device, dtype, compile_model, repeats)
+        if device.startswith("cuda"):
+            rows += _bench_one(*args)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                rows += pool.submit(_bench_one, *args).result()
+    return rows
+
+
+def _resident_bytes(field: str) -> Optional[int]:
+    """This process's resident memory, "VmRSS" (now) or "VmHWM" (peak), from Linux's /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024  # kB
+
+
+def _reset_resident_peak() -> bool:
+    """Set VmHWM to the current resident memory (Linux >= 4.0); False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _resident_bytes("VmHWM") is not None
+
+
+def _bench_one(model_dir: str, label: str, batches: Sequence[int], device: str, dtype: torch.dtype,
+               compile_model: bool, repeats: int) -> list:
     from .deploy import load, read_manifest, time_forward
 
-    manifest = read_manifest(model_dir)
-    builders = {
-        "dense": lambda: load_timm_model(manifest["arch"], None, **manifest["arch_kwargs"]).to(device=device, dtype=dtype).eval(),
-        "compressed": lambda: load(model_dir, device=device, dtype=dtype),
-    }
+    import timm  # noqa: F401  (imported before the baseline: not part of either model's memory)
+
     cuda = device.startswith("cuda")
+    before = None if cuda or not _reset_resident_peak() else _resident_bytes("VmRSS")
+    manifest = read_manifest(model_dir)
+    if label == "dense":
+        model = load_timm_model(manifest["arch"], None, **manifest["arch_kwargs"]).to(device=device, dtype=dtype).eval()
+    else:
+        model = load(model_dir, device=device, dtype=dtype)
+    size = model_input(model)["image_size"]
+    if compile_model:
+        torch._dynamo.reset()  # a fresh cache per model: no recompile limit shared with the other
+        runner = torch.compile(model, dynamic=False)
+    else:
+        runner = model
     rows = []
-    for label, build in builders.items():
-        model = build()  # one model on the device at a time: the peak is this one's
-        size = model_input(model)["image_size"]
-        if compile_model:
-            torch._dynamo.reset()  # a fresh cache per model: no recompile limit shared with the other
-            runner = torch.compile(model, dynamic=False)
-        else:
-            runner = model
-        for batch in batches:
-            x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            seconds = time_forward(runner, x, repeats)
-            peak = torch.cuda.max_memory_allocated() if cuda else None
-            rows.append({"model": label, "batch": batch, "latency_ms": seconds * 1e3,
-                         "images_per_s": batch / seconds, "peak_memory_bytes": peak})
-            del x
-        del model, runner
-        if compile_model:
-            torch._dynamo.reset()  # its compiled graphs hold the model's tensors
-        gc.collect()
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
         if cuda:
-            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        elif before is not None:
+            _reset_resident_peak()  # building the model (a dense one, then swapped) is not counted
+        seconds = time_forward(runner, x, repeats)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = None if before is None else _resident_bytes("VmHWM") - before
+        rows.append({"model": label, "batch": batch, "latency_ms": seconds * 1e3,
+                     "images_per_s": batch / seconds, "peak_memory_bytes": peak})
+        del x
+    del model, runner
+    if compile_model:
+        torch._dynamo.reset()  # its compiled graphs hold the model's tensors
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -49,6 +49,7 @@ files of the export and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -631,11 +632,21 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             raise DeployError("the manifest names no architecture: pass model= (the skeleton to load into)")
         import timm
 
-        try:
-            model = timm.create_model(manifest["arch"], pretrained=False, **manifest["arch_kwargs"])
-        except (RuntimeError, TypeError, ValueError) as error:
-            raise DeployError(f"timm cannot build the manifest's arch {manifest['arch']!r} with arch_kwargs "
-                              f"{manifest['arch_kwargs']}: {error}") from None
+        def build():
+            try:
+                return timm.create_model(manifest["arch"], pretrained=False, **manifest["arch_kwargs"])
+            except (RuntimeError, TypeError, ValueError) as error:
+                raise DeployError(f"timm cannot build the manifest's arch {manifest['arch']!r} with arch_kwargs "
+                                  f"{manifest['arch_kwargs']}: {error}") from None
+
+        # Built on the meta device and filled with the file's tensors (load_state_dict's
+        # assign): the dense model is never allocated. Not where the model has buffers its
+        # state does not hold (computed at construction).
+        with torch.device("meta"):
+            model = build()
+        if {name for name, _ in model.named_buffers()} - set(model.state_dict()):
+            model = build()
+    on_meta = any(t.is_meta for t in model.state_dict().values())
     for name, info in manifest["layers"].items():
         shape = (info["in_features"], info["out_features"])
         try:
@@ -655,7 +666,8 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             for leaf in _LEAVES[encoding]:
                 del state[f"{name}.{side}{leaf}"]
         if info["form"] == "dense":
-            module = nn.Linear(*shape, bias=info["bias"])
+            with torch.device("meta") if on_meta else contextlib.nullcontext():
+                module = nn.Linear(*shape, bias=info["bias"])
             if "weight" in decoded:
                 weight = decoded["weight"][0]
             elif decoded:  # the factors were the smaller file: merged here
@@ -666,14 +678,15 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             state[f"{name}.weight"] = weight
         else:
             cls = {"lowrank": LowRankLinear, "sparse": SparseLowRankLinear, "semi24": SemiStructuredLowRankLinear}
-            module = cls[info["form"]](*shape, info["rank"], bias=info["bias"], backend=backend)
+            with torch.device("meta") if on_meta else contextlib.nullcontext():
+                module = cls[info["form"]](*shape, info["rank"], bias=info["bias"], backend=backend)
             for side, (factor, support) in decoded.items():
                 state[f"{name}.{side}"] = factor
                 if info["form"] == "sparse":
                     state[f"{name}.mask_{side}"] = factor != 0 if support is None else support
         setattr(model.get_submodule(parent_name), child, module)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=on_meta)
     except RuntimeError as error:
         raise DeployError(f"the tensors do not fit the architecture: {error}") from None
     model.requires_grad_(False)
