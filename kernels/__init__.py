@@ -2,7 +2,7 @@
 
 The contract is the one ``tunecomp.ops`` dispatches to: ``forward``, ``backward``,
 ``blended_forward``, ``blended_backward`` on a 2-D ``x [N, in]`` with ``N >= 1``, returning
-fresh tensors in x's dtype, plus ``unavailable_reason(device, dtype)``. ``TritonBackend``
+fresh tensors in x's dtype, plus ``unavailable_reason(device, dtype)`` and ``max_rank(dtype)``. ``TritonBackend``
 bundles them as a backend object.
 
 The kernel modules are imported lazily, on first use: Triton decides between compiling and
@@ -74,6 +74,17 @@ def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:
     return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
+# The forward kernels keep T = x·V, [BLOCK_M, R_PAD], on chip: their smallest config needs
+# about 48·R_PAD elements of shared memory, which fits an H100's 227 KiB up to R_PAD·(bytes
+# per element) = 4096 (benchmarks/kernel_resources.py --ranks 1024 --dtypes float32).
+MAX_RANK_BYTES = 4096
+
+
+def max_rank(dtype: torch.dtype) -> int:
+    """The largest rank the forward kernels take in ``dtype``: 1024 in fp32, 2048 in fp16/bf16."""
+    return MAX_RANK_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
 def _module(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
@@ -126,6 +137,7 @@ class TritonBackend:
 
     name = "triton"
     unavailable_reason = staticmethod(unavailable_reason)
+    max_rank = staticmethod(max_rank)
     forward = staticmethod(forward)
     backward = staticmethod(backward)
     blended_forward = staticmethod(blended_forward)

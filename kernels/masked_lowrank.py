@@ -78,7 +78,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _env_flag, _interpreting
+from . import _env_flag, _interpreting, max_rank
 
 # Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
 BUILT_FOR_INTERPRETER = _interpreting()
@@ -141,14 +141,8 @@ def rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-# The forward kernels keep T = x·V, [BLOCK_M, R_PAD], on chip: their smallest config needs
-# about 48·R_PAD elements of shared memory, which fits an H100's 227 KiB up to R_PAD·(bytes
-# per element) = 4096, i.e. rank 1024 in fp32 and 2048 in fp16/bf16.
-MAX_RANK_BYTES = 4096
-
-
 def check_rank(rank: int, dtype: torch.dtype) -> None:
-    limit = MAX_RANK_BYTES // torch.empty((), dtype=dtype).element_size()
+    limit = max_rank(dtype)  # see kernels/__init__.py
     if rank > limit:
         raise ValueError(f"the Triton forward keeps x·V on chip, which fits rank <= {limit} in {dtype}; "
                          f"got rank {rank}: use backend='cuda' or 'torch'")
@@ -188,7 +182,7 @@ def _live_elements_per_thread(cfg, r_pad):
 def prune_by_registers(configs_list, named_args, **kwargs):
     """The configs within the register budget, and always the list's last one: both forward
     lists end with their smallest single-stage config (ONE_CONFIG's pick), the one that fits
-    shared memory up to MAX_RANK_BYTES; at fp32 with R_PAD 1024 every config within the budget
+    shared memory up to ``max_rank``; at fp32 with R_PAD 1024 every config within the budget
     needs more shared memory than an H100 has (benchmarks/kernel_resources.py --ranks 768)."""
     if len(configs_list) == 1:
         return configs_list

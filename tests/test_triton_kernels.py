@@ -145,13 +145,13 @@ def test_largest_fp32_rank_fits_shared_memory_on_sm90(tmp_path):
     import sys
 
     pytest.importorskip("triton")
-    from tunecomp.kernels.masked_lowrank import MAX_RANK_BYTES
+    from tunecomp.kernels import max_rank
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TUNECOMP_TRITON_ONE_CONFIG")}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run(
-        [sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--ranks", str(MAX_RANK_BYTES // 4),
+        [sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--ranks", str(max_rank(torch.float32)),
          "--dtypes", "float32", "--forward-only", "--no-write", "--print"],
         capture_output=True, text=True, env=env, cwd=root, timeout=600,
     )
@@ -161,12 +161,32 @@ def test_largest_fp32_rank_fits_shared_memory_on_sm90(tmp_path):
 
 
 def test_rank_beyond_the_forward_limit_is_refused():
-    from tunecomp.kernels.masked_lowrank import MAX_RANK_BYTES, check_rank
+    from tunecomp.kernels import max_rank
+    from tunecomp.kernels.masked_lowrank import check_rank
 
-    check_rank(MAX_RANK_BYTES // 4, torch.float32)
-    check_rank(MAX_RANK_BYTES // 2, torch.bfloat16)
+    assert (max_rank(torch.float32), max_rank(torch.bfloat16), max_rank(torch.float16)) == (1024, 2048, 2048)
+    check_rank(1024, torch.float32)
+    check_rank(2048, torch.bfloat16)
     with pytest.raises(ValueError, match="fits rank <= 1024 in torch.float32; got rank 1025: use backend='cuda'"):
         check_rank(1025, torch.float32)
+
+
+def test_auto_passes_over_triton_beyond_its_rank(monkeypatch):
+    """ops: "auto" skips Triton for a rank its forward cannot take; naming it is refused."""
+    from tunecomp import ops
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    if ops.available_backends(device, torch.float32)["triton"] is not None:
+        pytest.skip("Triton does not run here")
+    monkeypatch.setitem(ops._AUTO_ORDER, device.type, ("triton", "torch"))
+    assert ops.resolve_backend("auto", device, torch.float32, rank=1024) == "triton"
+    assert ops.resolve_backend("auto", device, torch.float32, rank=1025) == "torch"
+    x, u, v = (torch.randn(*s, device=device) for s in ((3, 8), (4, 1025), (8, 1025)))
+    with pytest.raises(ValueError, match="backend='triton' is not available .* it takes rank <= 1024 in "
+                                         "torch.float32, got rank 1025. Use backend='auto' or one of"):
+        ops.masked_lowrank_linear(x, u, v, backend="triton")
+    y = ops.masked_lowrank_linear(x, u, v, backend="auto")  # runs on "torch"
+    assert torch.allclose(y, (x @ v) @ u.T, rtol=1e-4, atol=1e-4)
 
 
 def test_one_config_mode_gives_each_kernel_one_gpu_config():

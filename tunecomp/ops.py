@@ -271,8 +271,17 @@ def available_backends(
     return {name: b.unavailable_reason(device, dtype) for name, b in _BACKENDS.items()}
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend that runs for ``backend`` on tensors of ``device`` and ``dtype``.
+def _rank_refusal(name: str, dtype: torch.dtype, rank: Optional[int]) -> Optional[str]:
+    """Why backend ``name`` cannot take ``rank`` (backends with a ``max_rank``), else None."""
+    limit = getattr(_BACKENDS[name], "max_rank", None)
+    if rank is None or limit is None or rank <= limit(dtype):
+        return None
+    return f"it takes rank <= {limit(dtype)} in {dtype}, got rank {rank}"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank: Optional[int] = None) -> str:
+    """The concrete backend that runs for ``backend`` on tensors of ``device`` and ``dtype``
+    (and factors of ``rank``, where given: the Triton forward has a largest rank).
 
     A backend named explicitly is used or refused with a ``ValueError``, never swapped.
     """
@@ -282,15 +291,15 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if _BACKENDS[name].unavailable_reason(device, dtype) is None:
+            if _BACKENDS[name].unavailable_reason(device, dtype) is None and _rank_refusal(name, dtype, rank) is None:
                 return name
         return "torch"
-    reason = _BACKENDS[backend].unavailable_reason(device, dtype)
+    reason = _BACKENDS[backend].unavailable_reason(device, dtype) or _rank_refusal(backend, dtype, rank)
     if reason is not None:
         raise ValueError(
             f"backend={backend!r} is not available for {dtype} tensors on {device}: {reason}. "
             f"Use backend='auto' or one of "
-            f"{[n for n, r in available_backends(device, dtype).items() if r is None]}"
+            f"{[n for n, r in available_backends(device, dtype).items() if r is None and _rank_refusal(n, dtype, rank) is None]}"
         )
     return backend
 
@@ -586,7 +595,7 @@ def masked_lowrank_linear(
     """
     x, (u, v, bias) = _autocast(x, (u, v, bias))
     _check_lowrank_args(x, u, v, bias, mask_u, mask_v)
-    name = resolve_backend(backend, x.device, x.dtype)
+    name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
     y = _masked_lowrank_linear_op(x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v, name)
     return y.reshape(*lead, u.shape[0])
@@ -621,7 +630,7 @@ def blended_lowrank_linear(
     else:
         # a fill, not torch.tensor(): no host-to-device copy, so no sync and capturable
         alpha = torch.full((), float(alpha), dtype=torch.float32, device=x.device)
-    name = resolve_backend(backend, x.device, x.dtype)
+    name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
     y = _blended_lowrank_linear_op(
         x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v,
