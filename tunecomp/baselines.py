@@ -16,8 +16,9 @@ optimiser steps on the same data, and ends with the same number of parameters, c
                  pruned gradually to ρ over the same half, L1 pull, then the student alone
 
 ``level`` is the fraction of the replaced layers' weight parameters kept. Methods that prune
-by ρ get rank ratio ``level / (1 − ρ)`` (so ρ of their factor entries go and ``level``
-remains); PC-LoRA, which does not prune, gets rank ratio ``level`` directly.
+by ρ get factors holding ``level / (1 − ρ)`` of the dense parameters (``param_ratio``; so ρ
+of their factor entries go and ``level`` remains); PC-LoRA, which does not prune, gets
+``param_ratio = level`` directly.
 """
 
 from __future__ import annotations

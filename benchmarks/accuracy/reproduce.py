@@ -8,7 +8,7 @@
 Default setting: the ViT of pretrain_teacher.py (Fashion-MNIST) transferred to scikit-learn's
 digits. Every method of tunecomp.baselines runs at each compression level (fraction of the
 replaced layers' parameters kept) with each seed; then TuneComp alone over pruning ratios ρ at
-a fixed rank. Writes into --out: results.json (every run, device, versions, date, command),
+factors of a fixed size. Writes into --out: results.json (every run, device, versions, date, command),
 results.md (tables, mean ± std over seeds), accuracy_vs_compression.png, accuracy_vs_rho.png.
 Never edited by hand.
 """
@@ -53,8 +53,9 @@ def parse(argv=None):
                    help="fractions of the replaced layers' parameters kept")
     p.add_argument("--rho", type=float, default=0.5, help="pruning ratio of the methods that prune")
     p.add_argument("--sweep", type=_floats, default=[0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95],
-                   help="TuneComp pruning ratios at rank ratio --sweep-rank-ratio")
-    p.add_argument("--sweep-rank-ratio", type=float, default=0.5)
+                   help="TuneComp pruning ratios, factors at --sweep-param-ratio before pruning")
+    p.add_argument("--sweep-param-ratio", type=float, default=0.5,
+                   help="the sweep's factors hold this fraction of the dense parameters before pruning")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +138,10 @@ def markdown(meta, comparison, sweep, levels):
             best = max(others, key=lambda r: r["mean"])
             lines.append(f"- kept {lvl:g}: {100 * (ours['mean'] - best['mean']):+.1f} points vs {best['key'][0]}")
     if sweep:
-        lines += ["", f"## TuneComp pruning sweep (rank ratio {meta['sweep_rank_ratio']:g})", "",
+        # results.json files written before the key's rename call it sweep_rank_ratio; it was
+        # always passed as the factors' parameter ratio
+        ratio = meta.get("sweep_param_ratio", meta.get("sweep_rank_ratio"))
+        lines += ["", f"## TuneComp pruning sweep (factors at {ratio:g} of the dense parameters before pruning)", "",
                   "| ρ | accuracy (%) | params |", "|---|---|---|"]
         for r in sorted(sweep, key=lambda r: r["key"]):
             lines.append(f"| {r['key']:g} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} | {r['params']:,.0f} |")
@@ -191,7 +195,7 @@ def main(argv=None):
                       f"accuracy {run['accuracy']:.4f}, params {run['effective_params']:,}", flush=True)
     for rho in args.sweep:
         for seed in seeds:
-            level = args.sweep_rank_ratio * (1 - rho)  # so that Budget.factor_ratio is the sweep's
+            level = args.sweep_param_ratio * (1 - rho)  # so that Budget.factor_ratio is the sweep's
             budget = Budget(steps=args.steps, level=level, rho=rho, lr=args.lr, batch_size=args.batch_size, seed=seed)
             run = run_method("tunecomp", make_model, data, budget, os.path.join(work, f"sweep-{rho}-{seed}"), args.device)
             sweep_runs.append(run)
@@ -203,7 +207,7 @@ def main(argv=None):
         "device": device_name(args.device), "date": datetime.date.today().isoformat(), **versions(),
         "model": args.model, "model_kwargs": kwargs, "dataset": args.dataset, "teacher_file": os.path.basename(args.teacher_file),
         "steps": args.steps, "seeds": seeds, "rho": args.rho, "levels": args.levels,
-        "sweep_rank_ratio": args.sweep_rank_ratio, "seconds": time.perf_counter() - start,
+        "sweep_param_ratio": args.sweep_param_ratio, "seconds": time.perf_counter() - start,
     }
     results = {"meta": meta, "runs": runs, "sweep_runs": sweep_runs, "comparison": comparison, "sweep": sweep}
     with open(os.path.join(args.out, "results.json"), "w") as f:
