@@ -53,6 +53,7 @@ export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc
 TOTAL=${GPU_CHECK_TOTAL_S:-520}
 STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu tests sanitize} "
 SHARDS=${GPU_CHECK_SHARDS:-6}
+[[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_SHARDS must be a positive integer; got '$SHARDS'" >&2; exit 2; }
 START=$SECONDS
 SUMMARY=()
 FAILED=0
@@ -95,9 +96,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # pstage NAME CAP_S LOG CMD...: CMD (a pytest run) in $SHARDS processes at once, the i-th with
 # TUNECOMP_TEST_SHARD=i/$SHARDS (tests/conftest.py keeps every SHARDS-th test from the i-th),
 # each capped at CAP_S; their outputs go to LOG one after the other. Ok when every shard is
-# (pytest's 5, "no tests collected", counts as ok for a shard).
+# (pytest's 5, "no tests collected", counts as ok for a shard, but not for all of them).
 pstage() {
-  local name=$1 cap=$2 log=$3 rc=0 t0 i pids=() codes=()
+  local name=$1 cap=$2 log=$3 rc=0 ran=0 t0 i failures="" pids=() codes=()
   shift 3
   (( cap > $(left) )) && cap=$(left)
   if (( cap < 15 )); then
@@ -119,17 +120,21 @@ pstage() {
     echo "=== $name shard $i/$SHARDS (rc ${codes[$i]}): $*" >>"$log"
     cat "$log.shard$i" >>"$log"
     echo "$name shard $i/$SHARDS: $(tail -n 1 "$log.shard$i")"
+    (( codes[i] != 0 )) && failures+=$(grep -E "^(FAILED|ERROR) |Error|error:" "$log.shard$i" | head -n 20)$'\n'
     rm -f "$log.shard$i"
+    (( codes[i] == 0 )) && ran=1
     (( codes[i] != 0 && codes[i] != 5 && rc == 0 )) && rc=${codes[$i]}
   done
+  (( rc == 0 && ran == 0 )) && rc=5  # no shard ran a test
   if (( rc == 0 )); then
     SUMMARY+=("$(printf '%-13s ok         %4d s' "$name" $((SECONDS - t0)))")
   else
     local why="rc $rc"
     (( rc == 124 )) && why="timed out after ${cap} s"
+    (( rc == 5 )) && why="no tests ran"
     SUMMARY+=("$(printf '%-13s FAILED     %4d s  (%s; see %s)' "$name" $((SECONDS - t0)) "$why" "$(basename "$log")")")
     FAILED=1
-    grep -E "^(FAILED|ERROR) |Error|error:" "$log" | head -n 40
+    printf '%s' "$failures" | head -n 40
   fi
   return "$rc"
 }

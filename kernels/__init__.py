@@ -74,15 +74,21 @@ def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:
     return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
-# The forward kernels keep T = x·V, [BLOCK_M, R_PAD], on chip: their smallest config needs
-# about 48·R_PAD elements of shared memory, which fits an H100's 227 KiB up to R_PAD·(bytes
-# per element) = 4096 (benchmarks/kernel_resources.py --ranks 1024 --dtypes float32).
-MAX_RANK_BYTES = 4096
+# The forward kernels keep T = x·V, [BLOCK_M, R_PAD], on chip. Their smallest config (single
+# stage, always an autotune candidate) needs 48·R_PAD elements of shared memory: 196,608 bytes
+# at R_PAD 1024 in fp32 or 2048 in bf16, compiled for sm_90 (benchmarks/kernel_resources.py).
+# With R_PAD·(bytes per element) <= 2048 that is 98,304 bytes, which fits the opt-in shared
+# memory of every GPU from sm_80 on (sm_86/sm_89: 99 KiB; A100: 163 KiB; H100: 227 KiB). One
+# limit for all devices keeps the choice a pure function of the dtype, also under
+# torch.compile's tracing; larger ranks go to the CUDA C++ backend, which has no such limit.
+MAX_RANK_BYTES = 2048
+_ELEMENT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+SMALLEST_OPT_IN_SHARED = 101376  # bytes per block on sm_86 and sm_89
 
 
 def max_rank(dtype: torch.dtype) -> int:
-    """The largest rank the forward kernels take in ``dtype``: 1024 in fp32, 2048 in fp16/bf16."""
-    return MAX_RANK_BYTES // torch.empty((), dtype=dtype).element_size()
+    """The largest rank the forward kernels take in ``dtype``: 512 in fp32, 1024 in fp16/bf16."""
+    return MAX_RANK_BYTES // _ELEMENT_BYTES.get(dtype, 4)
 
 
 def _module(name: str):

@@ -182,8 +182,9 @@ def _live_elements_per_thread(cfg, r_pad):
 def prune_by_registers(configs_list, named_args, **kwargs):
     """The configs within the register budget, and always the list's last one: both forward
     lists end with their smallest single-stage config (ONE_CONFIG's pick), the one that fits
-    shared memory up to ``max_rank``; at fp32 with R_PAD 1024 every config within the budget
-    needs more shared memory than an H100 has (benchmarks/kernel_resources.py --ranks 768)."""
+    shared memory up to ``max_rank`` on every GPU from sm_80 on; at large R_PAD every config
+    within the budget may need more (fp32, R_PAD 1024: more than an H100 has;
+    benchmarks/kernel_resources.py --ranks 768 --dtypes float32)."""
     if len(configs_list) == 1:
         return configs_list
     # rank is a positional argument, which every Triton 3.x passes in named_args.

@@ -158,6 +158,38 @@ def test_storage_encodings_round_trip_and_refuse_bad_tensors():
         decode(stored, "w", "positions", (7, 5))
     with pytest.raises(DeployError, match="stored with shape"):
         decode(encode("w", t, "plain"), "w", "plain", (5, 7))
+    with pytest.raises(DeployError, match="stored as torch.int64, not a floating dtype"):
+        decode({"w": torch.zeros(7, 5, dtype=torch.long)}, "w", "plain", (7, 5))
+
+
+def test_load_builds_on_the_cpu_where_timm_cannot_build_on_meta(tmp_path, monkeypatch):
+    """Some timm versions call .item() in a model's constructor, which the meta device refuses."""
+    model = trained_like_model()
+    export(model, str(tmp_path), arch_kwargs=KW)
+    create = timm.create_model
+    built_on = []
+
+    def create_model(*args, **kwargs):
+        on_meta = torch.empty(()).is_meta
+        built_on.append("meta" if on_meta else "cpu")
+        if on_meta:
+            torch.zeros(()).item()  # what such a constructor does: raises on meta
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(load(str(tmp_path))(x), model(x)) < 1e-5
+    assert built_on == ["meta", "cpu"]
+
+
+def test_float64_export_round_trips_exactly(tmp_path):
+    model = trained_like_model().double()
+    for form in ("dense", "lowrank", "sparse"):
+        export(model, str(tmp_path / form), arch_kwargs=KW, form=form)
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        with torch.no_grad():
+            assert rel_error(load(str(tmp_path / form))(x), model(x)) < 1e-12, form
 
 
 @pytest.mark.parametrize("timing_dtype", [None, torch.bfloat16])
@@ -273,6 +305,7 @@ def test_edited_manifest_is_refused(tmp_path):
     cases = [
         (f"{qkv}/rank", manifest["layers"]["blocks.0.attn.qkv"]["rank"] + 1, r"blocks.0.attn.qkv.u \(bitmask"),
         (f"{qkv}/rank", "10", "layer 'blocks.0.attn.qkv' has rank '10'"),
+        (f"{qkv}/rank", 10 ** 9, "has rank 1000000000, above min\\(in_features, out_features\\)"),
         (f"{qkv}/form", "csr", "has form 'csr' \\(forms:"),
         (f"{qkv}/storage", {"u": "zip", "v": "plain"}, "has storage"),
         (f"{qkv}/storage", {"u": "positions", "v": "bitmask"}, r"u \(positions.*the file lacks \['blocks.0.attn.qkv.u.positions'\]"),
@@ -287,12 +320,16 @@ def test_edited_manifest_is_refused(tmp_path):
         ("arch", "hf-hub:timm/vit_tiny_patch16_224", "arch must be a plain timm model name"),
         ("arch_kwargs/checkpoint_path", "/etc/hostname", r"must not load weights or files; got \['checkpoint_path'\]"),
         ("arch", "no_such_vit", "timm cannot build the manifest's arch 'no_such_vit'"),
+        ("arch_kwargs/num_heads", 0, "timm cannot build"),  # a ZeroDivisionError inside timm
     ]
     manifest_path = tmp_path / "manifest.json"
     for path, value, message in cases:
         manifest_path.write_text(json.dumps(edited(manifest, path, value)))
         with pytest.raises(DeployError, match=message):
             load(str(tmp_path))
+    manifest_path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(DeployError, match="not valid JSON"):
+        load(str(tmp_path))
     manifest_path.write_text(json.dumps(manifest))
     load(str(tmp_path))  # the original still loads
     with pytest.raises(DeployError, match="must not load weights"):

@@ -295,11 +295,12 @@ def decode(stored: dict, key: str, encoding: str, shape: tuple, dim: int = 0) ->
 
     missing = [key + leaf for leaf in _LEAVES[encoding] if key + leaf not in stored]
     need(not missing, f"the file lacks {missing}")
+    values = stored[key + _LEAVES[encoding][0]]
+    need(values.is_floating_point(), f"stored as {values.dtype}, not a floating dtype")
     if encoding == "plain":
-        t = stored[key]
-        need(tuple(t.shape) == tuple(shape), f"stored with shape {tuple(t.shape)}")
-        return t, None
-    values, index = (stored[key + leaf] for leaf in _LEAVES[encoding])
+        need(tuple(values.shape) == tuple(shape), f"stored with shape {tuple(values.shape)}")
+        return values, None
+    index = stored[key + _LEAVES[encoding][1]]
     if encoding == "2:4":
         moved = list(shape)
         moved.append(moved.pop(dim))
@@ -553,8 +554,9 @@ def read_manifest(path: str) -> dict:
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
-    except json.JSONDecodeError as error:
-        raise DeployError(f"{manifest_path} is not valid JSON ({error}): truncated or edited?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise DeployError(f"{manifest_path} is not valid JSON ({type(error).__name__}: {error}): "
+                          f"truncated or edited?") from None
     if not isinstance(manifest, dict):
         raise DeployError(f"{manifest_path} holds a {type(manifest).__name__}, not a manifest")
     version = manifest.get("format_version")
@@ -584,6 +586,8 @@ def read_manifest(path: str) -> dict:
                         ("out_features", is_int(info.get("out_features"), 1)), ("rank", is_int(info.get("rank"))),
                         ("bias", isinstance(info.get("bias"), bool)), ("storage", isinstance(info.get("storage"), dict))):
             need(ok, f"layer {name!r} has {key} {info.get(key)!r}" + (f" (forms: {FORMS})" if key == "form" else ""))
+        need(info["rank"] <= min(info["in_features"], info["out_features"]),
+             f"layer {name!r} has rank {info['rank']}, above min(in_features, out_features)")
         storage, form = info["storage"], info["form"]
         if form == "semi24":
             ok = storage == {"u": "2:4", "v": "2:4"}
@@ -635,16 +639,19 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
         def build():
             try:
                 return timm.create_model(manifest["arch"], pretrained=False, **manifest["arch_kwargs"])
-            except (RuntimeError, TypeError, ValueError) as error:
+            except Exception as error:  # timm raises all kinds for kwargs it cannot take
                 raise DeployError(f"timm cannot build the manifest's arch {manifest['arch']!r} with arch_kwargs "
                                   f"{manifest['arch_kwargs']}: {error}") from None
 
         # Built on the meta device and filled with the file's tensors (load_state_dict's
         # assign): the dense model is never allocated. Not where the model has buffers its
         # state does not hold (computed at construction).
-        with torch.device("meta"):
-            model = build()
-        if {name for name, _ in model.named_buffers()} - set(model.state_dict()):
+        try:
+            with torch.device("meta"):
+                model = build()
+        except Exception:  # some timm versions compute on tensors in constructors (.item())
+            model = None
+        if model is None or {name for name, _ in model.named_buffers()} - set(model.state_dict()):
             model = build()
     on_meta = any(t.is_meta for t in model.state_dict().values())
     for name, info in manifest["layers"].items():
@@ -672,7 +679,8 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
                 weight = decoded["weight"][0]
             elif decoded:  # the factors were the smaller file: merged here
                 u, v = decoded["u"][0], decoded["v"][0]
-                weight = (u.float() @ v.float().T).to(u.dtype)
+                compute = torch.promote_types(u.dtype, torch.float32)
+                weight = (u.to(compute) @ v.to(compute).T).to(u.dtype)
             else:  # rank 0: the layer is its bias
                 weight = torch.zeros(info["out_features"], info["in_features"], dtype=getattr(torch, manifest["dtype"]))
             state[f"{name}.weight"] = weight
