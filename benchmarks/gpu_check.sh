@@ -61,32 +61,43 @@ FAILED=0
 wants() { [[ "$STAGES" == *" $1 "* ]]; }
 left() { echo $((TOTAL - (SECONDS - START))); }
 
-# stage NAME CAP_S LOG CMD...: runs CMD capped at CAP_S (and at the time left), output
-# appended to LOG; records the outcome and prints the log's tail (longer on failure).
-stage() {
-  local name=$1 cap=$2 log=$3 rc t0
-  shift 3
-  (( cap > $(left) )) && cap=$(left)
-  if (( cap < 15 )); then
-    SUMMARY+=("$(printf '%-13s NOT RUN (time budget spent)' "$name")")
+# begin NAME CAP_S: CAP = CAP_S cut to the time left; false, with NAME recorded as not run,
+# when that is under 15 s.
+begin() {
+  CAP=$2
+  (( CAP > $(left) )) && CAP=$(left)
+  if (( CAP < 15 )); then
+    SUMMARY+=("$(printf '%-13s NOT RUN (time budget spent)' "$1")")
     FAILED=1
     return 1
   fi
-  echo "=== $name (cap ${cap} s): $*"
-  echo "=== $name: $*" >>"$log"
-  t0=$SECONDS
-  timeout -s INT -k 20 "$cap" "$@" >>"$log" 2>&1
-  rc=$?
+}
+
+# finish NAME RC T0 LOG [WHY]: records the outcome of a stage begun at T0; true when RC is 0.
+finish() {
+  local name=$1 rc=$2 t0=$3 log=$4 why=${5:-"rc $2"}
   if (( rc == 0 )); then
     SUMMARY+=("$(printf '%-13s ok         %4d s' "$name" $((SECONDS - t0)))")
-    tail -n 5 "$log"
-  else
-    local why="rc $rc"
-    (( rc == 124 )) && why="timed out after ${cap} s"
-    SUMMARY+=("$(printf '%-13s FAILED     %4d s  (%s; see %s)' "$name" $((SECONDS - t0)) "$why" "$(basename "$log")")")
-    FAILED=1
-    tail -n 40 "$log"
+    return 0
   fi
+  (( rc == 124 )) && why="timed out after ${CAP} s"
+  SUMMARY+=("$(printf '%-13s FAILED     %4d s  (%s; see %s)' "$name" $((SECONDS - t0)) "$why" "$(basename "$log")")")
+  FAILED=1
+  return 1
+}
+
+# stage NAME CAP_S LOG CMD...: runs CMD capped at CAP_S (and at the time left), output
+# appended to LOG; records the outcome and prints the log's tail (longer on failure).
+stage() {
+  local name=$1 log=$3 rc t0
+  begin "$name" "$2" || return 1
+  shift 3
+  echo "=== $name (cap ${CAP} s): $*"
+  echo "=== $name: $*" >>"$log"
+  t0=$SECONDS
+  timeout -s INT -k 20 "$CAP" "$@" >>"$log" 2>&1
+  rc=$?
+  if finish "$name" "$rc" "$t0" "$log"; then tail -n 5 "$log"; else tail -n 40 "$log"; fi
   return "$rc"
 }
 
@@ -98,18 +109,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # each capped at CAP_S; their outputs go to LOG one after the other. Ok when every shard is
 # (pytest's 5, "no tests collected", counts as ok for a shard, but not for all of them).
 pstage() {
-  local name=$1 cap=$2 log=$3 rc=0 ran=0 t0 i failures="" pids=() codes=()
+  local name=$1 log=$3 rc=0 ran=0 t0 i failures="" pids=() codes=()
+  begin "$name" "$2" || return 1
   shift 3
-  (( cap > $(left) )) && cap=$(left)
-  if (( cap < 15 )); then
-    SUMMARY+=("$(printf '%-13s NOT RUN (time budget spent)' "$name")")
-    FAILED=1
-    return 1
-  fi
-  echo "=== $name (cap ${cap} s, $SHARDS processes): $*"
+  echo "=== $name (cap ${CAP} s, $SHARDS processes): $*"
   t0=$SECONDS
   for ((i = 0; i < SHARDS; i++)); do
-    TUNECOMP_TEST_SHARD="$i/$SHARDS" timeout -s INT -k 20 "$cap" "$@" >"$log.shard$i" 2>&1 &
+    TUNECOMP_TEST_SHARD="$i/$SHARDS" timeout -s INT -k 20 "$CAP" "$@" >"$log.shard$i" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do
@@ -126,16 +132,8 @@ pstage() {
     (( codes[i] != 0 && codes[i] != 5 && rc == 0 )) && rc=${codes[$i]}
   done
   (( rc == 0 && ran == 0 )) && rc=5  # no shard ran a test
-  if (( rc == 0 )); then
-    SUMMARY+=("$(printf '%-13s ok         %4d s' "$name" $((SECONDS - t0)))")
-  else
-    local why="rc $rc"
-    (( rc == 124 )) && why="timed out after ${cap} s"
-    (( rc == 5 )) && why="no tests ran"
-    SUMMARY+=("$(printf '%-13s FAILED     %4d s  (%s; see %s)' "$name" $((SECONDS - t0)) "$why" "$(basename "$log")")")
-    FAILED=1
+  finish "$name" "$rc" "$t0" "$log" "$( (( rc == 5 )) && echo "no tests ran" || echo "rc $rc")" ||
     printf '%s' "$failures" | head -n 40
-  fi
   return "$rc"
 }
 
