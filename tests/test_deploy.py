@@ -494,3 +494,20 @@ def test_inference_layers_in_cuda_graph_and_compile(tmp_path, gpu, dtype):
     bound = 1e-5 if dtype == torch.float32 else 3e-2
     assert rel_error(compiled, eager) < bound
     assert rel_error(replayed, fresh) < bound
+
+
+def test_time_forward_takes_the_median_round(monkeypatch):
+    """A burst of load during one round (here: a fake clock that runs 100x slower for the
+    calls of the third round) does not move the result."""
+    from tunecomp import deploy
+
+    now, calls = [0.0], []
+
+    def module(x):
+        calls.append(1)
+        timed = len(calls) - 3  # after the 3 warm-up calls
+        now[0] += 100.0 if 9 <= timed <= 12 else 1.0  # 20 calls in 5 rounds of 4: the third
+
+    monkeypatch.setattr(deploy.time, "perf_counter", lambda: now[0])
+    assert deploy.time_forward(module, torch.zeros(1), repeats=20) == 1.0
+    assert len(calls) == 23

@@ -54,6 +54,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 import warnings
 from typing import Optional
@@ -347,19 +348,25 @@ def drop_dead_components(u: Tensor, v: Tensor) -> tuple:
 
 
 def time_forward(module: nn.Module, x: Tensor, repeats: int = 20) -> float:
-    """Seconds per ``module(x)`` under inference mode, after 3 warm-up calls (the device is
-    synchronised around the timed calls)."""
+    """Seconds per ``module(x)`` under inference mode, after 3 warm-up calls: ``repeats``
+    calls timed in up to 5 rounds (the device synchronised around each), the median round's
+    time per call, so that a burst of load on a shared machine moves one round, not the result."""
+    rounds = max(1, min(5, repeats))
+    per_round = [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
+    times = []
     with torch.inference_mode():
         for _ in range(3):
             module(x)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            module(x)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-    return (time.perf_counter() - start) / repeats
+        for calls in per_round:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                module(x)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
 
 
 def _dense(u: Tensor, v: Tensor, bias: Optional[Tensor], in_features: int, out_features: int) -> nn.Linear:
