@@ -253,13 +253,15 @@ def smallest_encoding(t: Tensor) -> str:
     return min(sizes, key=sizes.get)  # ties: the first, "plain"
 
 
+# (in uint8 throughout: a factor's temporaries stay at one byte per entry)
 def _bits(support: Tensor) -> Tensor:
     flags = F.pad(support.reshape(-1).to(torch.uint8), (0, -support.numel() % 8)).reshape(-1, 8)
-    return (flags.long() << torch.arange(8, device=flags.device)).sum(-1).to(torch.uint8)
+    return (flags << torch.arange(8, dtype=torch.uint8, device=flags.device)).sum(-1, dtype=torch.uint8)
 
 
 def _unbits(bits: Tensor, numel: int) -> Tensor:
-    return ((bits.long().unsqueeze(-1) >> torch.arange(8, device=bits.device)) & 1).bool().reshape(-1)[:numel]
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(-1)[:numel]
 
 
 def _nibbles(codes: Tensor) -> Tensor:
