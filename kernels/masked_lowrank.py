@@ -54,7 +54,8 @@ padded rank R_PAD instead, which is what their binaries depend on, so layers who
 differ after export drops dead components share a tuning. The forward configs are first
 pruned by an estimate of live registers per thread, so large ranks never time configs that
 would spill; the smallest single-stage config always stays a candidate, as the one that fits
-shared memory up to the largest rank these kernels take (``check_rank``).
+shared memory up to the largest rank these kernels take (``max_rank``, which ``tunecomp.ops``
+enforces when it picks the backend).
 The first call per new key compiles and times every surviving config: compiling one config
 for sm_90 took 0.3-2 s on a 2-core CPU (up to ~7 s for rank 384), timing ~0.1 s each, so
 roughly 5-20 s per kernel and key; then the choice is cached in-process (compiled binaries on
@@ -78,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _env_flag, _interpreting, max_rank
+from . import _env_flag, _interpreting
 
 # Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
 BUILT_FOR_INTERPRETER = _interpreting()
@@ -139,13 +140,6 @@ def tokens_per_split(n_tokens: int, d_dim: int, rank: int, device: torch.device)
 
 def rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
-
-
-def check_rank(rank: int, dtype: torch.dtype) -> None:
-    limit = max_rank(dtype)  # see kernels/__init__.py
-    if rank > limit:
-        raise ValueError(f"the Triton forward keeps x·V on chip, which fits rank <= {limit} in {dtype}; "
-                         f"got rank {rank}: use backend='cuda' or 'torch'")
 
 
 def configs(gpu_configs, interpreter_config, one_config: int):
@@ -310,7 +304,6 @@ def _forward_kernel(
 def forward(x, u, v, bias, mask_u, mask_v):
     n_tokens, in_features = x.shape
     out_features, rank = u.shape
-    check_rank(rank, x.dtype)
     y = torch.empty((n_tokens, out_features), dtype=x.dtype, device=x.device)
     mu, mu_strides = mask_arg(mask_u, u)
     mv, mv_strides = mask_arg(mask_v, v)

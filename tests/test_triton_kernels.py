@@ -162,14 +162,17 @@ def test_largest_fp32_rank_fits_shared_memory_on_sm90(tmp_path):
 
 
 def test_rank_beyond_the_forward_limit_is_refused():
+    from tunecomp import ops
     from tunecomp.kernels import max_rank
-    from tunecomp.kernels.masked_lowrank import check_rank
 
     assert (max_rank(torch.float32), max_rank(torch.bfloat16), max_rank(torch.float16)) == (512, 1024, 1024)
-    check_rank(512, torch.float32)
-    check_rank(1024, torch.bfloat16)
-    with pytest.raises(ValueError, match="fits rank <= 512 in torch.float32; got rank 513: use backend='cuda'"):
-        check_rank(513, torch.float32)
+    device = torch.device("cuda" if CUDA else "cpu")
+    if ops.available_backends(device, torch.float32)["triton"] is not None:
+        pytest.skip("Triton does not run here")
+    assert ops.resolve_backend("triton", device, torch.float32, rank=512) == "triton"
+    assert ops.resolve_backend("triton", device, torch.float16, rank=1024) == "triton"
+    with pytest.raises(ValueError, match="it takes rank <= 512 in torch.float32, got rank 513"):
+        ops.resolve_backend("triton", device, torch.float32, rank=513)
 
 
 def test_auto_passes_over_triton_beyond_its_rank(monkeypatch):

@@ -290,7 +290,7 @@ def _bench_one(model_dir: str, label: str, batches: Sequence[int], device: str, 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         elif before is not None:
-            _reset_resident_peak()  # building the model (a dense one, then swapped) is not counted
+            _reset_resident_peak()  # building and loading the model is not counted
         seconds = time_forward(runner, x, repeats)
         if cuda:
             peak = torch.cuda.max_memory_allocated()

@@ -248,9 +248,11 @@ def encoded_bytes(numel: int, kept: int, element_size: int) -> dict:
             "positions": kept * (element_size + 4)}
 
 
-def smallest_encoding(t: Tensor) -> str:
+def smallest_encoding(t: Tensor) -> tuple:
+    """``(encoding, bytes)`` of the smallest encoding but "2:4" for ``t``."""
     sizes = encoded_bytes(t.numel(), int(torch.count_nonzero(t)), t.element_size())
-    return min(sizes, key=sizes.get)  # ties: the first, "plain"
+    best = min(sizes, key=sizes.get)  # ties: the first, "plain"
+    return best, sizes[best]
 
 
 # (in uint8 throughout: a factor's temporaries stay at one byte per entry)
@@ -481,7 +483,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     if blending:
         raise ValueError(f"export needs the student alone; the teacher still counts in {blending[:3]}: "
                          f"finish training (alpha = 0) or call drop_teacher()")
-    floating = [t.dtype for t in model.state_dict().values() if t.is_floating_point()]
+    model_dtype = next((t.dtype for t in model.state_dict().values() if t.is_floating_point()), torch.float32)
     state, layer_info = {}, {}
     for name, layer in layers.items():
         full = masked_factors(layer)
@@ -501,9 +503,9 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
             stored, storage = {}, {}  # a zero weight: nothing to store
         else:
             stored = {"u": u, "v": v}
-            storage = {side: smallest_encoding(t) for side, t in stored.items()}
-            factor_bytes = sum(encoded_bytes(t.numel(), int(torch.count_nonzero(t)), t.element_size())[storage[side]]
-                               for side, t in stored.items())
+            smallest = {side: smallest_encoding(t) for side, t in stored.items()}
+            storage = {side: encoding for side, (encoding, _) in smallest.items()}
+            factor_bytes = sum(size for _, size in smallest.values())
             if chosen == "dense" and layer.in_features * layer.out_features * u.element_size() <= factor_bytes:
                 stored, storage = {"weight": u @ v.T}, {"weight": "plain"}  # else merged by load
         for side, encoding in storage.items():
@@ -526,7 +528,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     manifest = {
         "format_version": FORMAT_VERSION, "tunecomp": __version__, "torch": torch.__version__,
         "arch": arch, "arch_kwargs": arch_kwargs,
-        "dtype": str(floating[0] if floating else torch.float32).replace("torch.", ""), "layers": layer_info,
+        "dtype": str(model_dtype).replace("torch.", ""), "layers": layer_info,
         "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for k, t in state.items()},
         "sha256": _sha256(tensors_path), "bytes": os.path.getsize(tensors_path),
     }
