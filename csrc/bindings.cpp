@@ -15,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "backward=True, also for the sparse backward (12 tensors)",
         py::arg("u"), py::arg("v"), py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(),
         py::arg("backward") = true);
+  m.def("lowrank_forward_packed_cpu", &tunecomp::lowrank_forward_packed_cpu,
+        "lowrank_forward_cpu's sparse path from the kept entries alone: packed is "
+        "pack_groups_cpu(..., backward=False)", py::arg("x"), py::arg("packed"),
+        py::arg("bias") = py::none());
   m.def("lowrank_backward_cpu", &tunecomp::lowrank_backward_cpu,
         "[grad_x, grad_u, grad_v, grad_b] of lowrank_forward_cpu", py::arg("grad_y"), py::arg("x"),
         py::arg("u"), py::arg("v"), py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(),

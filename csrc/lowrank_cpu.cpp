@@ -110,19 +110,70 @@ struct Groups {
 };
 
 Groups kept_entries(const at::Tensor& w, const std::optional<at::Tensor>& mask, bool by_row) {
-  // nonzero() lists a bool matrix's entries in row-major order: grouped by row, as needed.
-  const at::Tensor wg = (by_row ? w : w.t()).contiguous();
-  const at::Tensor keep = mask.has_value() ? (by_row ? *mask : mask->t()).contiguous()
-                                           : at::ones_like(wg, wg.options().dtype(at::kBool));
-  at::Tensor start = at::zeros({wg.size(0) + 1}, wg.options().dtype(at::kLong));
-  start.narrow(0, 1, wg.size(0)).copy_(keep.sum(1).cumsum(0));
-  return Groups(start, keep.nonzero().select(1, 1).to(at::kInt).contiguous(),
-                wg.masked_select(keep).contiguous());
+  // Two passes over the factor, no temporaries beyond a cursor per group: count the kept
+  // entries of each group, then place each at its group's cursor (in index order within a
+  // group). Temporaries would be freed at once, but the heap keeps them: packing a ViT-B
+  // through nonzero()/masked_select() left ~3x the packed bytes resident.
+  const at::Tensor wc = w.contiguous();
+  const at::Tensor mc = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const int64_t rows = wc.size(0), cols = wc.size(1), groups = by_row ? rows : cols;
+  const float* wp = wc.data_ptr<float>();
+  const bool* mp = mask.has_value() ? mc.data_ptr<bool>() : nullptr;
+  at::Tensor start = at::zeros({groups + 1}, wc.options().dtype(at::kLong));
+  int64_t* sp = start.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      if (!mp || mp[r * cols + c]) ++sp[1 + (by_row ? r : c)];
+  for (int64_t g = 0; g < groups; ++g) sp[g + 1] += sp[g];
+  at::Tensor index = at::empty({sp[groups]}, wc.options().dtype(at::kInt));
+  at::Tensor value = at::empty({sp[groups]}, wc.options());
+  int32_t* ip = index.data_ptr<int32_t>();
+  float* vp = value.data_ptr<float>();
+  std::vector<int64_t> cursor(sp, sp + groups);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      if (mp && !mp[r * cols + c]) continue;
+      const int64_t e = cursor[by_row ? r : c]++;
+      ip[e] = static_cast<int32_t>(by_row ? c : r);
+      vp[e] = wp[r * cols + c];
+    }
+  return Groups(start, index, value);
 }
 
 // The four groupings the sparse path uses, in the order of pack_groups_cpu's result: the
 // forward needs the first two, the backward the first, third and fourth.
 enum Slot { kVByCol = 0, kUByRow = 1, kUByCol = 2, kVByRow = 3 };
+
+// A grouping handed in by the caller, checked before any index is used: `groups` groups of
+// entries whose indices lie in [0, limit). O(groups + entries), against the
+// O(entries · tokens) of the products that use it.
+Groups checked_groups(const at::Tensor& start, const at::Tensor& index, const at::Tensor& value,
+                      int64_t groups, int64_t limit, const char* name) {
+  TORCH_CHECK_VALUE(start.device().is_cpu() && index.device().is_cpu() && value.device().is_cpu(),
+                    name, " must be CPU tensors");
+  TORCH_CHECK_TYPE(start.scalar_type() == at::kLong && index.scalar_type() == at::kInt &&
+                       value.scalar_type() == at::kFloat,
+                   name, " must be (int64 starts, int32 indices, float32 values); got (",
+                   start.scalar_type(), ", ", index.scalar_type(), ", ", value.scalar_type(), ")");
+  TORCH_CHECK_VALUE(start.dim() == 1 && index.dim() == 1 && value.dim() == 1 &&
+                        start.is_contiguous() && index.is_contiguous() && value.is_contiguous(),
+                    name, " must be contiguous 1-D tensors");
+  TORCH_CHECK_VALUE(start.numel() == groups + 1, name, " must have ", groups + 1,
+                    " starts (one per group, plus the end); got ", start.numel());
+  TORCH_CHECK_VALUE(index.numel() == value.numel(), name, " must have as many indices as values; got ",
+                    index.numel(), " and ", value.numel());
+  const int64_t* s = start.data_ptr<int64_t>();
+  bool ordered = s[0] == 0 && s[groups] == index.numel();
+  for (int64_t g = 0; g < groups && ordered; ++g) ordered = s[g] <= s[g + 1];
+  TORCH_CHECK_VALUE(ordered, name, " starts must rise from 0 to the number of entries (",
+                    index.numel(), ")");
+  const int32_t* i = index.data_ptr<int32_t>();
+  const auto [low, high] = std::minmax_element(i, i + index.numel());
+  TORCH_CHECK_VALUE(index.numel() == 0 || (*low >= 0 && *high < limit), name,
+                    " indices must lie in [0, ", limit, "); got [", index.numel() ? *low : 0, ", ",
+                    index.numel() ? *high : 0, "]");
+  return Groups(start, index, value);
+}
 
 // Grouping `slot` from `packed` (three tensors per slot, from pack_groups_cpu) when given,
 // else built now from the factor and its mask.
@@ -135,16 +186,9 @@ Groups grouping(const std::optional<std::vector<at::Tensor>>& packed, Slot slot,
   TORCH_CHECK_VALUE(3 * slot + 3 <= static_cast<int>(packed->size()),
                     "packed holds the forward groupings only: pack with backward=True for the "
                     "sparse backward");
-  const at::Tensor& start = (*packed)[3 * slot];
-  const at::Tensor& index = (*packed)[3 * slot + 1];
-  const at::Tensor& value = (*packed)[3 * slot + 2];
-  const int64_t groups = by_row ? w.size(0) : w.size(1);
-  TORCH_CHECK_VALUE(start.scalar_type() == at::kLong && start.numel() == groups + 1 &&
-                        index.scalar_type() == at::kInt && value.scalar_type() == at::kFloat &&
-                        index.numel() == value.numel() && start.is_contiguous() &&
-                        index.is_contiguous() && value.is_contiguous(),
-                    "packed does not match these factors: pack them again");
-  return Groups(start, index, value);
+  return checked_groups((*packed)[3 * slot], (*packed)[3 * slot + 1], (*packed)[3 * slot + 2],
+                        by_row ? w.size(0) : w.size(1), by_row ? w.size(1) : w.size(0),
+                        "packed does not match these factors (pack them again):");
 }
 
 // out[q] += Σ value·src[index] over group q, for every group; rows of length n.
@@ -205,27 +249,16 @@ at::Tensor project(const at::Tensor& xt, const Groups& v_by_col, int64_t rank) {
   return tt;
 }
 
-}  // namespace
-
-at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
-                               const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& mask_u,
-                               const std::optional<at::Tensor>& mask_v, bool sparse,
-                               const std::optional<std::vector<at::Tensor>>& packed) {
-  check_inputs(x, u, v, bias, mask_u, mask_v);
-  if (!sparse) {
-    const at::Tensor t = at::mm(x, masked(v, mask_v));
-    const at::Tensor u_kept = masked(u, mask_u);
-    return bias.has_value() ? at::addmm(*bias, t, u_kept.t()) : at::mm(t, u_kept.t());
-  }
+// The sparse forward from the groupings of V's kept entries by rank component (gv) and of
+// U's by output (gu).
+at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& gu,
+                          const std::optional<at::Tensor>& bias) {
   // Each thread takes chunks of kChunk tokens and does the whole chain for them in buffers
   // that stay in its L2: x's chunk transposed, t's chunk, and y written in place (the
   // 64 tokens' rows of y are 64 cache lines, filled one column o at a time).
-  const int64_t n = x.size(0), in = x.size(1), out = u.size(0), rank = u.size(1);
+  const int64_t n = x.size(0), in = x.size(1), out = gu.groups, rank = gv.groups;
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const Groups gv = grouping(packed, kVByCol, v, mask_v, false);  // per rank j: kept k
-  const Groups gu = grouping(packed, kUByRow, u, mask_u, true);   // per output o: kept j
   at::Tensor y = at::empty({n, out}, x.options());
   const float* xp = xc.data_ptr<float>();
   const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
@@ -265,6 +298,43 @@ at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const a
     }
   });
   return y;
+}
+
+}  // namespace
+
+at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& mask_u,
+                               const std::optional<at::Tensor>& mask_v, bool sparse,
+                               const std::optional<std::vector<at::Tensor>>& packed) {
+  check_inputs(x, u, v, bias, mask_u, mask_v);
+  if (!sparse) {
+    const at::Tensor t = at::mm(x, masked(v, mask_v));
+    const at::Tensor u_kept = masked(u, mask_u);
+    return bias.has_value() ? at::addmm(*bias, t, u_kept.t()) : at::mm(t, u_kept.t());
+  }
+  return sparse_forward(x, grouping(packed, kVByCol, v, mask_v, false),  // per rank j: kept k
+                        grouping(packed, kUByRow, u, mask_u, true), bias);  // per output o: kept j
+}
+
+at::Tensor lowrank_forward_packed_cpu(const at::Tensor& x, const std::vector<at::Tensor>& packed,
+                                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor; got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x must be float32; got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [tokens, in]; got ", x.sizes());
+  TORCH_CHECK_VALUE(packed.size() == 6,
+                    "packed must hold the 6 tensors of pack_groups_cpu(backward=False); got ",
+                    packed.size());
+  // V's groups: one per rank component j, indices along in; U's: one per output, along r.
+  const int64_t rank = packed[0].numel() - 1, out = packed[3].numel() - 1;
+  TORCH_CHECK_VALUE(rank >= 0 && out >= 1, "packed starts must hold rank + 1 and out_features + 1 "
+                    "entries; got ", packed[0].numel(), " and ", packed[3].numel());
+  const Groups gv = checked_groups(packed[0], packed[1], packed[2], rank, x.size(1),
+                                   "packed V (starts, indices, values):");
+  const Groups gu = checked_groups(packed[3], packed[4], packed[5], out, rank,
+                                   "packed U (starts, indices, values):");
+  checks::check_vector(bias, "bias", x, out);
+  return sparse_forward(x, gv, gu, bias);
 }
 
 std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,

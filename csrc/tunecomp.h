@@ -25,6 +25,13 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
                                         const std::optional<at::Tensor>& mask_u,
                                         const std::optional<at::Tensor>& mask_v, bool backward);
 
+// The sparse forward from the kept entries alone: packed is pack_groups_cpu's forward half
+// (V's and U's starts, indices, values), checked here (sizes, order, index ranges);
+// out_features and the rank come from it, in_features from x. For models whose pruned
+// entries are gone (tunecomp.deploy's sparse form): no dense factors, no masks.
+at::Tensor lowrank_forward_packed_cpu(const at::Tensor& x, const std::vector<at::Tensor>& packed,
+                                      const std::optional<at::Tensor>& bias);
+
 // {grad_x, grad_u, grad_v, grad_b} of the op; grad_b is empty unless has_bias.
 std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& u, const at::Tensor& v,

@@ -169,6 +169,79 @@ def test_backend_packs_the_backward_groupings_only_where_the_backward_is_sparse(
         assert rel_error(got.grad, want.grad) < 1e-5
 
 
+def test_backend_forgets_the_packing_of_deleted_factors():
+    backend = ops._BACKENDS["cpu"]
+    x, u, v, bias, mask_u, mask_v = inputs((70, 48, 40, 24), 0.05, True)
+    ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+    key = tuple(id(t) for t in (u, v, mask_u, mask_v))
+    assert key in backend._packed
+    del u
+    assert key not in backend._packed
+
+
+# ------------------------------------------------------------------------------------------
+# Inference from the kept entries alone: ops.pack_kept + ops.packed_lowrank_linear
+# ------------------------------------------------------------------------------------------
+
+
+def kept_factors(shape, keep):
+    """u, v whose pruned entries are zeros (as exported), from the shape (N, in, out, r)."""
+    _, k, m, r = shape
+    u, v = torch.randn(m, r), torch.randn(k, r)
+    return u * random_mask(u.shape, keep), v * random_mask(v.shape, keep)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("keep", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_forward_matches_reference(shape, keep, with_bias):
+    u, v = kept_factors(shape, keep)
+    bias = torch.randn(u.shape[0]) if with_bias else None
+    packed = ops.pack_kept(u, v)
+    assert packed[1].numel() == int((v != 0).sum()) and packed[4].numel() == int((u != 0).sum())
+    for x in (torch.randn(shape[0], shape[1]), torch.randn(shape[1], 2, shape[0]).permute(2, 1, 0)):
+        with torch.no_grad():  # a contiguous [N, in] and a non-contiguous [N, 2, in]
+            y = ops.packed_lowrank_linear(x, packed, bias)
+        expected = reference.masked_lowrank_linear(*map(double, (x, u, v, bias)))
+        assert y.shape == (*x.shape[:-1], u.shape[0]) and y.dtype == torch.float32
+        assert rel_error(y, expected) < 1e-5
+    with torch.no_grad():  # no tokens
+        assert ops.packed_lowrank_linear(torch.randn(0, shape[1]), packed, bias).shape == (0, u.shape[0])
+
+
+def test_packed_forward_checks_its_inputs():
+    u, v = kept_factors((9, 12, 10, 4), 0.5)
+    packed = ops.pack_kept(u, v)
+    x, bias = torch.randn(9, 12), torch.randn(10)
+    f = ops.packed_lowrank_linear
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        f(x.double(), packed, bias)
+    with pytest.raises(TypeError, match="packed must be the 6 tensors"):
+        f(x, packed[:3], bias)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        f(x.requires_grad_(), packed, bias)
+    x = x.detach()
+    with pytest.raises(ValueError, match="pack_kept needs u and v as float32"):
+        ops.pack_kept(u.double(), v.double())
+    with pytest.raises(ValueError, match="same rank"):
+        ops.pack_kept(u, v[:, :3])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="bias must have shape"):
+            f(x, packed, bias[:4])
+        with pytest.raises(ValueError, match=r"packed V .* indices must lie in \[0, 11\)"):
+            f(x[:, :11], packed, bias)  # x narrower than V: caught before any read
+        for slot, change, message in ((1, lambda t: t.fill_(-1), "indices must lie in"),
+                                      (4, lambda t: t.fill_(4), r"indices must lie in \[0, 4\)"),
+                                      (0, lambda t: t.flip(0), "starts must rise"),
+                                      (3, lambda t: t[:-1], "starts must rise"),  # one output fewer
+                                      (2, lambda t: t[:-1], "as many indices as values"),
+                                      (5, lambda t: t.double(), "must be \\(int64 starts")):
+            bad = [t.clone() for t in packed]
+            bad[slot] = change(bad[slot])
+            with pytest.raises((ValueError, TypeError), match=message):
+                f(x, bad, bias)
+
+
 # ------------------------------------------------------------------------------------------
 # The CUDA C++ backend. Its numbers are checked by tests/test_kernels.py (on the GPU, and on
 # the CPU through tests/cuda_emulator); here: its checks and its wiring into the ops.

@@ -6,6 +6,9 @@ Two public ops (DESIGN.md section 3)::
     y = blended_lowrank_linear(x, u, v, bias, mask_u, mask_v,
                                teacher_weight, teacher_bias, alpha, backend="auto")
 
+and, for inference on the CPU from the kept entries alone (``tunecomp.deploy``'s sparse
+form), ``packed_lowrank_linear(x, pack_kept(u, v), bias)``.
+
 Each is a ``torch.library`` custom op (``tunecomp::...``) with a fake implementation and an
 autograd formula whose backward is itself a custom op, so ``torch.compile(fullgraph=True)``
 traces through them and every backend only has to supply plain forward/backward functions.
@@ -23,6 +26,7 @@ alpha are constants: they never receive a gradient. Double backward is not suppo
 from __future__ import annotations
 
 import collections
+import functools
 import numbers
 import weakref
 from typing import Optional, Sequence, Union
@@ -103,6 +107,13 @@ class _TorchBackend:
         return grad_x, grad_u, grad_v, grad_b
 
 
+def _forget(cache_ref, key, _dead_ref) -> None:
+    """Weakref callback: drop ``key`` from the cache (if both still exist)."""
+    cache = cache_ref()
+    if cache is not None:
+        cache.pop(key, None)
+
+
 class _CpuBackend:
     """The C++ kernels of ``tunecomp._C`` on CPU tensors, float32.
 
@@ -149,7 +160,9 @@ class _CpuBackend:
         if kept < self.SPARSE_BELOW:  # the backward's groupings only where it runs sparse too
             packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v,
                                         backward=kept < self.BACKWARD_SPARSE_BELOW)
-        self._packed[key] = ([(weakref.ref(t), t._version) for t in tensors], kept, packed)
+        # an entry goes when any of its tensors does: a deleted model's packing is not kept
+        drop = functools.partial(_forget, weakref.ref(self._packed), key)
+        self._packed[key] = ([(weakref.ref(t, drop), t._version) for t in tensors], kept, packed)
         while len(self._packed) > 256:  # one entry per layer in use is enough
             self._packed.popitem(last=False)
         return kept, packed
@@ -566,6 +579,16 @@ def _autocast(x: Tensor, tensors: Sequence[Optional[Tensor]]):
     return cast(x), [cast(t) for t in tensors]
 
 
+@torch.library.custom_op("tunecomp::packed_lowrank_linear", mutates_args=())
+def _packed_lowrank_linear_op(x: Tensor, packed: list[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return _C.lowrank_forward_packed_cpu(x, packed, bias)
+
+
+@_packed_lowrank_linear_op.register_fake
+def _(x, packed, bias):
+    return x.new_empty((x.shape[0], packed[3].shape[0] - 1))
+
+
 # --------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------
@@ -637,3 +660,44 @@ def blended_lowrank_linear(
         teacher_weight, teacher_bias, alpha, name,
     )
     return y.reshape(*lead, u.shape[0])
+
+
+def pack_kept(u: Tensor, v: Tensor) -> list:
+    """The nonzero entries of ``u [out, r]`` and ``v [in, r]`` (float32, on the CPU) grouped
+    as ``packed_lowrank_linear`` reads them: V's by rank component (indices along in), then
+    U's by output (indices along r); three tensors each: int64 group starts, int32 indices,
+    float32 values. Entries that are zero are left out: they add nothing."""
+    for name, t in (("u", u), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D; got {_describe(t)}")
+    reason = _CpuBackend.unavailable_reason(u.device, u.dtype) or _CpuBackend.unavailable_reason(v.device, v.dtype)
+    if reason is not None:
+        raise ValueError(f"pack_kept needs u and v as float32 CPU tensors and tunecomp._C: {reason}")
+    if u.shape[1] != v.shape[1]:
+        raise ValueError(f"u and v must have the same rank (dim 1); got u {tuple(u.shape)} and v {tuple(v.shape)}")
+    u, v = u.detach(), v.detach()
+    return list(_C.pack_groups_cpu(u, v, u != 0, v != 0, backward=False))
+
+
+def packed_lowrank_linear(x: Tensor, packed: Sequence[Tensor], bias: Optional[Tensor] = None) -> Tensor:
+    """``y = (x @ v) @ u.T + bias`` from ``packed = pack_kept(u, v)`` alone: the CPU kernel's
+    sparse forward (csrc/lowrank_cpu.cpp), whose work is (kept entries) x tokens. Inference
+    only (no gradient), float32 on the CPU; ``x [..., in]``, ``bias [out]`` or None. The
+    C++ checks ``packed`` (sizes, order, index ranges) before reading through it."""
+    _check_tensor("x", x)
+    _check_tensor("bias", bias, optional=True)
+    reason = _CpuBackend.unavailable_reason(x.device, x.dtype)
+    if reason is not None:
+        raise ValueError(f"packed_lowrank_linear runs on float32 CPU tensors only: {reason}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim [..., in_features]; got {_describe(x)}")
+    if not isinstance(packed, (list, tuple)) or len(packed) != 6 or not all(isinstance(t, Tensor) for t in packed):
+        raise TypeError(f"packed must be the 6 tensors of pack_kept(u, v); got {type(packed).__name__}"
+                        + (f" of {len(packed)}" if isinstance(packed, (list, tuple)) else ""))
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError("packed_lowrank_linear has no gradient: call it under torch.no_grad() or "
+                           "torch.inference_mode(), or use masked_lowrank_linear to train")
+    lead = x.shape[:-1]
+    y = _packed_lowrank_linear_op(x.reshape(-1, x.shape[-1]), list(packed), bias)
+    return y.reshape(*lead, y.shape[-1])
