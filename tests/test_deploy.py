@@ -44,9 +44,13 @@ def test_round_trip_reproduces_outputs(tmp_path, form):
         info = manifest["layers"][name]
         assert info["rank"] <= info["rank_before"] - 2  # dead components removed
         module = loaded.get_submodule(name)
-        if info["form"] == "sparse":
-            assert isinstance(module, SparseLowRankLinear) and module.mask_u.shape[1] == info["rank"]
-            assert int(module.mask_u.sum() + module.mask_v.sum()) == round(info["kept"] * (module.u.numel() + module.v.numel()))
+        if info["form"] == "sparse":  # the kept entries alone: no dense factors, no masks
+            assert isinstance(module, SparseLowRankLinear) and module.rank == info["rank"]
+            kept = round(info["kept"] * info["rank"] * (info["in_features"] + info["out_features"]))
+            assert module.u_value.numel() + module.v_value.numel() == kept
+            # a value and an index per kept entry, a start per group (and one), the bias
+            stored = sum(t.numel() for t in module.state_dict().values())
+            assert stored == 2 * kept + (info["rank"] + 1) + (info["out_features"] + 1) + info["out_features"]
         elif info["form"] == "lowrank":
             assert isinstance(module, LowRankLinear) and module.u.shape[1] == info["rank"]
         else:
@@ -337,17 +341,50 @@ def test_edited_manifest_is_refused(tmp_path):
     export(model, str(tmp_path / "other"), arch_kwargs={**KW, "drop_path_rate": 0.1})  # a plain kwarg
 
 
-def test_inference_layer_compiles(tmp_path):
-    model = trained_like_model()
-    export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.mlp.fc1": "lowrank"})
+@pytest.mark.parametrize("form, cls", [("lowrank", LowRankLinear), ("sparse", SparseLowRankLinear)])
+def test_inference_layer_compiles(tmp_path, form, cls):
+    model = trained_like_model(keep=0.2)
+    export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.mlp.fc1": form})
     loaded = load(str(tmp_path))
     layer = loaded.blocks[0].mlp.fc1
-    assert isinstance(layer, LowRankLinear)
+    assert isinstance(layer, cls)
     x = torch.randn(5, layer.in_features)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
         assert rel_error(compiled(x), layer(x)) < 1e-5
+
+
+def test_sparse_form_off_the_cpu_kernel(tmp_path):
+    """The sparse form where the CPU kernel cannot run it (here float64): loaded as the
+    low-rank form of the same factors; a packed layer moved there scatters its entries back.
+    Its state round-trips through state_dict."""
+    from tunecomp.deploy import sparse_runs_packed
+
+    model = trained_like_model(keep=0.1)
+    export(model, str(tmp_path), arch_kwargs=KW)
+    x = torch.randn(2, 3, 16, 16)
+    assert sparse_runs_packed("cpu", torch.float32) and not sparse_runs_packed("cpu", torch.float64)
+    double = load(str(tmp_path), dtype=torch.float64)
+    assert type(double.blocks[0].mlp.fc1) is LowRankLinear
+    packed = load(str(tmp_path))
+    layer = packed.blocks[0].mlp.fc1
+    assert isinstance(layer, SparseLowRankLinear)
+    with torch.no_grad():
+        want = model.double()(x.double())
+        assert rel_error(double(x.double()), want) < 1e-12
+        assert rel_error(packed(x), want) < 1e-5
+        assert rel_error(packed.double()(x.double()), want) < 1e-12  # scattered back, in float64
+        u, v = layer.factors()
+        source = model.blocks[0].mlp.fc1
+        alive = ((source.u * source.mask_u) != 0).any(0) & ((source.v * source.mask_v) != 0).any(0)
+        assert torch.equal(u, (source.u * source.mask_u)[:, alive]) and torch.equal(v, (source.v * source.mask_v)[:, alive])
+    twin = SparseLowRankLinear(layer.in_features, layer.out_features, layer.rank, layer.v_value.numel(),
+                               layer.u_value.numel(), dtype=torch.float32)
+    twin.load_state_dict(layer.float().state_dict())
+    y = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        assert torch.equal(twin(y), layer(y))
 
 
 def two_four_model(embed_dim=32):
@@ -470,7 +507,7 @@ def test_inference_layers_in_cuda_graph_and_compile(tmp_path, gpu, dtype):
     """The exported forms run under torch.compile and replay in a captured CUDA graph."""
     model, kw, _ = two_four_model(embed_dim=64)
     names = [n for n, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)]
-    forms = {n: ("semi24", "lowrank", "dense")[i % 3] for i, n in enumerate(names)}
+    forms = {n: ("semi24", "lowrank", "dense", "sparse")[i % 4] for i, n in enumerate(names)}
     export(model, str(tmp_path), arch_kwargs=kw, forms=forms)
     with warnings.catch_warnings():  # fp32: the 2:4 layers warn that they run dense
         warnings.simplefilter("ignore")

@@ -14,9 +14,10 @@ pruned are removed, and one form is chosen:
 - ``"lowrank"``: ``LowRankLinear``, ``y = (x·V)·Uᵀ + b`` through ``tunecomp.ops`` (the fused
   kernels where available), when it moves fewer bytes and FLOPs than the dense weight, i.e.
   ``r·(in + out) < in·out``;
-- ``"sparse"``: ``SparseLowRankLinear``, when fewer than ``ops``' CPU threshold (25%) of the
-  factor entries are kept: it keeps the masks, and on the CPU backend the forward touches
-  kept entries only;
+- ``"sparse"``: when fewer than ``ops``' CPU threshold (25%) of the factor entries are kept.
+  Loaded on the CPU in float32 it is a ``SparseLowRankLinear``: the kept entries alone
+  (values and int32 indices, grouped for the C++ kernel), whose forward touches nothing
+  else; loaded anywhere else, the ``LowRankLinear`` of the factors, zeros included;
 - ``"semi24"``: ``SemiStructuredLowRankLinear``, when the factors are 2:4 sparse along their
   reduction dims (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank)
   and not sparse enough for ``"sparse"``. In fp16/bf16 on a CUDA GPU the factors run on the
@@ -97,19 +98,71 @@ class LowRankLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class SparseLowRankLinear(LowRankLinear):
-    """``LowRankLinear`` whose factors keep their masks: most entries are zero, and the
-    "cpu" backend's sparse path skips them."""
+def sparse_runs_packed(device, dtype: torch.dtype) -> bool:
+    """Whether the "sparse" form runs from its kept entries alone (``SparseLowRankLinear`` on
+    the CPU kernel) on ``device`` in ``dtype``."""
+    return ops._CpuBackend.unavailable_reason(torch.device(device), dtype) is None
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None, backend: str = "auto"):
-        super().__init__(in_features, out_features, rank, bias, device, dtype, backend)
-        self.register_buffer("mask_u", torch.zeros(out_features, rank, dtype=torch.bool, device=device))
-        self.register_buffer("mask_v", torch.zeros(in_features, rank, dtype=torch.bool, device=device))
+
+class SparseLowRankLinear(nn.Module):
+    """Inference-only ``y = (x·V)·Uᵀ + b`` that holds its factors' kept entries alone,
+    grouped as the CPU kernel's sparse forward reads them (``ops.pack_kept``): V's by rank
+    component, U's by output row; no dense factors, no masks. On the CPU in float32 the
+    forward touches kept entries only (``ops.packed_lowrank_linear``). Anywhere else (after
+    ``.to()``) it scatters them back into dense factors on every call: right, not fast;
+    ``load`` on that device builds a ``LowRankLinear`` instead."""
+
+    PACKED = ("v_start", "v_index", "v_value", "u_start", "u_index", "u_value")
+
+    def __init__(self, in_features: int, out_features: int, rank: int, kept_v: int, kept_u: int,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1; got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        for name, size, kind in (("v_start", rank + 1, torch.int64), ("v_index", kept_v, torch.int32),
+                                 ("v_value", kept_v, dtype), ("u_start", out_features + 1, torch.int64),
+                                 ("u_index", kept_u, torch.int32), ("u_value", kept_u, dtype)):
+            self.register_buffer(name, torch.zeros(size, device=device, dtype=kind))
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_factors(cls, u: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> "SparseLowRankLinear":
+        """The layer of the nonzero entries of ``u [out, r]`` and ``v [in, r]`` (float32, CPU)."""
+        packed = ops.pack_kept(u, v)
+        layer = cls(v.shape[0], u.shape[0], u.shape[1], packed[1].numel(), packed[4].numel(),
+                    bias is not None, dtype=u.dtype)
+        for name, t in zip(cls.PACKED, packed):
+            setattr(layer, name, t)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    def packed(self) -> list:
+        return [getattr(self, name) for name in self.PACKED]
+
+    def factors(self) -> tuple:
+        """``(u, v)``: the dense factors, zeros where entries were pruned."""
+        def scatter(start, index, value, shape, by_row):
+            group = torch.repeat_interleave(torch.arange(start.numel() - 1, device=start.device), start.diff())
+            where = (group, index.long()) if by_row else (index.long(), group)
+            return value.new_zeros(shape).index_put_(where, value)
+
+        return (scatter(self.u_start, self.u_index, self.u_value, (self.out_features, self.rank), True),
+                scatter(self.v_start, self.v_index, self.v_value, (self.in_features, self.rank), False))
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.masked_lowrank_linear(x, self.u, self.v, self.bias, self.mask_u, self.mask_v,
-                                         backend=self.backend)
+        if sparse_runs_packed(self.u_value.device, self.u_value.dtype):
+            return ops.packed_lowrank_linear(x, self.packed(), self.bias)
+        u, v = self.factors()
+        return ops.masked_lowrank_linear(x, u, v, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"kept={self.u_index.numel() + self.v_index.numel()}/{self.rank * (self.in_features + self.out_features)}, "
+                f"bias={self.bias is not None}")
 
 
 def semi_structured_unavailable(device, dtype: torch.dtype) -> Optional[str]:
@@ -417,11 +470,10 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
     u, v = u.to(device, dtype), v.to(device, dtype)
     bias = None if bias is None else bias.to(device, dtype)
-    sparse = _lowrank(u, v, bias, SparseLowRankLinear)
-    sparse.mask_u.copy_(u != 0)
-    sparse.mask_v.copy_(v != 0)
-    timings = {"lowrank": time_forward(_lowrank(u, v, bias), x), "sparse": time_forward(sparse, x),
+    timings = {"lowrank": time_forward(_lowrank(u, v, bias), x),
                "dense": time_forward(_dense(u, v, bias, in_features, out_features), x)}
+    if sparse_runs_packed(device, dtype):  # elsewhere "sparse" loads as "lowrank"
+        timings["sparse"] = time_forward(SparseLowRankLinear.from_factors(u, v, bias), x)
     if full is not None:
         semi = _lowrank(full[0].to(device, dtype), full[1].to(device, dtype), bias, SemiStructuredLowRankLinear)
         if semi.sparsify_() is None:
@@ -665,6 +717,7 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
         if model is None or {name for name, _ in model.named_buffers()} - set(model.state_dict()):
             model = build()
     on_meta = any(t.is_meta for t in model.state_dict().values())
+    packed_here = backend in ("auto", "cpu") and sparse_runs_packed(device or "cpu", dtype)
     for name, info in manifest["layers"].items():
         shape = (info["in_features"], info["out_features"])
         try:
@@ -695,14 +748,17 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             else:  # rank 0: the layer is its bias
                 weight = torch.zeros(info["out_features"], info["in_features"], dtype=getattr(torch, manifest["dtype"]))
             state[f"{name}.weight"] = weight
-        else:
-            cls = {"lowrank": LowRankLinear, "sparse": SparseLowRankLinear, "semi24": SemiStructuredLowRankLinear}
+        elif info["form"] == "sparse" and packed_here:
+            # packed from this layer's factors alone: the dense ones are gone after this line
+            module = SparseLowRankLinear.from_factors(decoded["u"][0].float(), decoded["v"][0].float(),
+                                                      state.get(f"{name}.bias"))
+            state.update({f"{name}.{key}": t for key, t in module.named_buffers()})
+        else:  # "sparse" where it cannot run packed is the low-rank form of the same factors
+            cls = {"lowrank": LowRankLinear, "sparse": LowRankLinear, "semi24": SemiStructuredLowRankLinear}
             with torch.device("meta") if on_meta else contextlib.nullcontext():
                 module = cls[info["form"]](*shape, info["rank"], bias=info["bias"], backend=backend)
-            for side, (factor, support) in decoded.items():
+            for side, (factor, _) in decoded.items():
                 state[f"{name}.{side}"] = factor
-                if info["form"] == "sparse":
-                    state[f"{name}.mask_{side}"] = factor != 0 if support is None else support
         setattr(model.get_submodule(parent_name), child, module)
     try:
         model.load_state_dict(state, strict=True, assign=on_meta)
