@@ -1,47 +1,51 @@
 #!/usr/bin/env bash
-# GPU validation of tunecomp in three calls of at most 600 s each (the device tool's limit):
+# GPU validation of tunecomp, sized for a session's 15 minutes of device time (the machine's
+# start counted in): one call of at most 600 s that does what resolving the kernel and deploy
+# issues needs, and an optional second one, run at once while the machine is warm, if at
+# least 4 minutes are left:
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh                              # 1: build, tests, sanitizer
-#   OUT=/some/dir GPU_CHECK_STAGES="build bench" bash benchmarks/gpu_check.sh   # 2: kernel benchmarks
-#   OUT=/some/dir GPU_CHECK_STAGES="build model" bash benchmarks/gpu_check.sh   # 3: model benchmark
+#   OUT=/some/dir bash benchmarks/gpu_check.sh                                  # 1: build, GPU tests, benchmarks
+#   OUT=/some/dir GPU_CHECK_STAGES="build tests sanitize" GPU_CHECK_TOTAL_S=200 \
+#     bash benchmarks/gpu_check.sh                                              # 2: the rest
 #
 # Stages, in order; a failing stage does not stop the later ones (the exit code says it):
 #   build     pip install -e . --no-build-isolation --no-deps      -> setup.log (tail on failure)
 #             (a second call on a warm machine rebuilds nothing: ninja finds the objects)
 #   info      python -m tunecomp info                               -> setup.log, printed
-#   tests-gpu the GPU tests first: pytest -k "gpu or (cuda and not emulator)" -> tests.log
-#             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4)
-#   tests     the rest of the suite, the Triton battery with one config per kernel (conftest.py
-#             sets TUNECOMP_TRITON_ONE_CONFIG: autotuning each test shape would take ~20 min)
-#                                                                   -> tests.log
-#             Both run in GPU_CHECK_SHARDS pytest processes at once (default 6; tests/conftest.py's
+#   tests-gpu the GPU tests: pytest -k "gpu or (cuda and not emulator)" -> tests.log
+#             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4,
+#             the deploy forms on the GPU)
+#   tests     the rest of the suite (CI runs it on the CPU too), the Triton battery with one
+#             config per kernel (conftest.py sets TUNECOMP_TRITON_ONE_CONFIG: autotuning each
+#             test shape would take ~20 min)                       -> tests.log
+#             Both run in GPU_CHECK_SHARDS pytest processes at once (default 8; tests/conftest.py's
 #             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
-#             of their time (~170 binaries for the every-config test, ~360 for the battery:
-#             about 4 and 2.5 min on one core of a 2-core CI machine).
+#             of their time (~170 binaries for the every-config test, ~360 for the battery).
 #   sanitize  benchmarks/sanitize_kernels.py once plain (autotunes, results cached on disk),
 #             then under compute-sanitizer --tool memcheck (triton and cuda backends) and
 #             --tool racecheck (the cuda backend's run: its shared-memory pipeline)
 #                                                                   -> sanitize.log
-#   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu")
+#   model     benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end, bf16): eager cases
+#             first, then torch.compile at batch 256, then 1; stops starting cases when its
+#             budget (GPU_CHECK_MODEL_S, default 150 s, less 40 s for a compile in flight) is
+#             spent, and lists what it left out  -> model.log, model-<device>-<date>.{json,md}
+#   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu"), with the
+#             time left less 30 s; its sections put every op at one rank first
 #                                                                     -> bench.log, bench.json
 #   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
-# Call 1 leaves setup.log, tests.log and sanitize.log in $OUT; call 2 bench.log, bench.json and
-# the two results files, which go to benchmarks/results/ to be committed. Should call 1 run out
-# of time before the sanitizer, call 2 can take it first: GPU_CHECK_STAGES="build sanitize bench".
+# The results files (model-*, <device>-*) go to benchmarks/results/ to be committed. Where
+# $OUT ends with more than 8 files (all of call 1's), the logs are packed into logs.tar.gz.
 #
-# Time: each call is capped at GPU_CHECK_TOTAL_S (default 520 s, for a 600 s call). Each stage
+# Time: each call is capped at GPU_CHECK_TOTAL_S (default 550 s, for a 600 s call). Each stage
 # has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its log and
-# benchmark JSON); the benchmarks get what is left minus a reserve for the report, and skip
-# their remaining cases once TUNECOMP_BENCH_BUDGET_S is spent. Estimated on an H100 (not yet
-# measured): build ~1-1.5 min, tests-gpu ~1-2 min, tests ~1 min (sharded), sanitize ~2 min; the "gpu"
-# benchmark grid ~5.5 min (its last section, extra ranks, is what a short budget drops).
-#
-# Stage "model": benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end; estimated
-# 5-8 min, mostly the 10 torch.compile cases), results model-<device>-<date>.{json,md} in $OUT.
+# benchmark JSON). Estimated on an H100 (not yet measured): build ~1-1.5 min, tests-gpu
+# ~1-2 min, model 2.5 min (its budget), bench what is left (~2-3 min: the "gpu" grid's first
+# three sections); call 2: tests ~1 min, sanitize ~2 min.
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
-# tests-gpu tests sanitize"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS,
-# TUNECOMP_CUDA_ARCHS (default here: 90, i.e. H100/H200 only).
+# tests-gpu model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
+# TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS, TUNECOMP_CUDA_ARCHS (default here: 90, i.e.
+# H100/H200 only).
 set -o pipefail  # not -e: keep going to the benchmarks when a stage fails
 
 cd "$(dirname "$0")/.."
@@ -50,10 +54,12 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
-TOTAL=${GPU_CHECK_TOTAL_S:-520}
-STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu tests sanitize} "
-SHARDS=${GPU_CHECK_SHARDS:-6}
+TOTAL=${GPU_CHECK_TOTAL_S:-550}
+STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu model bench} "
+SHARDS=${GPU_CHECK_SHARDS:-8}
 [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_SHARDS must be a positive integer; got '$SHARDS'" >&2; exit 2; }
+MODEL_S=${GPU_CHECK_MODEL_S:-150}
+[[ "$MODEL_S" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_MODEL_S must be a positive integer; got '$MODEL_S'" >&2; exit 2; }
 START=$SECONDS
 SUMMARY=()
 FAILED=0
@@ -150,7 +156,7 @@ if wants info; then
 fi
 GPU_TESTS="gpu or (cuda and not emulator)"
 if wants tests-gpu; then
-  pstage tests-gpu 220 "$OUT/tests.log" "$PY" -m pytest tests -q -rs --maxfail 20 -p no:cacheprovider -k "$GPU_TESTS"
+  pstage tests-gpu 180 "$OUT/tests.log" "$PY" -m pytest tests -q -rs --maxfail 20 -p no:cacheprovider -k "$GPU_TESTS"
 fi
 if wants tests; then
   pstage tests 180 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "not ($GPU_TESTS)"
@@ -180,10 +186,13 @@ if wants sanitize; then
       "$PY" benchmarks/sanitize_kernels.py --backends cuda
   fi
 fi
-if wants model; then  # not in the default stages: run it as GPU_CHECK_STAGES="build model"
-  stage model 480 "$OUT/model.log" env TUNECOMP_MODEL_GRID=${TUNECOMP_MODEL_GRID:-gpu} TUNECOMP_RESULTS_DIR="$OUT" \
-    "$PY" -m pytest benchmarks/model_bench.py -q -p no:cacheprovider
-  for md in "$OUT"/model-*.md; do [[ -f "$md" ]] && cat "$md"; done
+if wants model; then
+  if begin model "$MODEL_S"; then
+    stage model "$CAP" "$OUT/model.log" env TUNECOMP_MODEL_GRID=${TUNECOMP_MODEL_GRID:-gpu} TUNECOMP_RESULTS_DIR="$OUT" \
+      TUNECOMP_BENCH_BUDGET_S=$(( CAP > 80 ? CAP - 40 : CAP / 2 )) \
+      "$PY" -m pytest benchmarks/model_bench.py -q -rs -p no:cacheprovider
+    for md in "$OUT"/model-*.md; do [[ -f "$md" ]] && cat "$md"; done
+  fi
 fi
 if wants bench; then
   rm -f "$OUT/bench.json"
@@ -195,13 +204,18 @@ if wants bench; then
     --benchmark-columns=median,rounds
   if [[ -s "$OUT/bench.json" ]]; then
     stage report 60 "$OUT/bench.log" "$PY" benchmarks/report.py "$OUT/bench.json" --out-dir "$OUT"
-    for md in "$OUT"/*.md; do
-      [[ -f "$md" ]] && { echo; echo "=== $(basename "$md")"; cat "$md"; }
+    for md in "$OUT"/*.md; do  # the model table was printed by its stage
+      [[ -f "$md" && "$(basename "$md")" != model-* ]] && { echo; echo "=== $(basename "$md")"; cat "$md"; }
     done
   else
     SUMMARY+=("report        NOT RUN (no bench.json)")
     FAILED=1
   fi
+fi
+
+# A device call brings back at most 8 files: past that, the logs travel as one archive.
+if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
+  (cd "$OUT" && tar czf logs.tar.gz -- *.log && rm -f -- *.log)
 fi
 
 echo

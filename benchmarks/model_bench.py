@@ -11,6 +11,10 @@ batch 1-256 eager, batch 1 and 256 under torch.compile; the 50% variant pruned 2
 in the 2:4 form and forced into the plain low-rank form, to measure what the sparse tensor
 cores add), "smoke" (a tiny ViT, for the test suite).
 
+A time budget (``TUNECOMP_BENCH_BUDGET_S``, set by gpu_check.sh) stops starting cases once
+spent; the results list the cases it left out. Eager cases run first, then torch.compile's,
+batch 256 before batch 1.
+
 "file / needed": the file's size over the bytes its kept entries need
 (``tunecomp.deploy.needed_bytes``: every tensor in full, but the low-rank factors by their
 kept entries plus the cheaper of a bitmask and 4-byte positions where entries are pruned).
@@ -22,6 +26,7 @@ import datetime
 import json
 import os
 import tempfile
+import time
 
 import pytest
 import timm
@@ -52,7 +57,7 @@ GRIDS = {
     # whole ViT-B (estimated 20-40 s), 20 cases would not fit one 10-minute device call;
     # TUNECOMP_MODEL_COMPILE_BATCHES=1,8,64,256 runs them all
     "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(1, 8, 64, 256),
-                modes=("eager", "compile"), compile_batches=(1, 256), rounds=10,
+                modes=("eager", "compile"), compile_batches=(256, 1), rounds=10,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
                           ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m"),
                           ("params 50%, rho 0.5 2:4 as low-rank", 0.5, 0.5, "n:m", "lowrank"))),
@@ -67,7 +72,10 @@ if _COMPILE_BATCHES:
         raise ValueError("TUNECOMP_MODEL_COMPILE_BATCHES must be comma-separated integers, e.g. "
                          f"1,8,64,256; got {_COMPILE_BATCHES!r}") from None
 ROWS = []
+SKIPPED = []  # cases the time budget left out
 _MODELS = {}
+_BUDGET_S = float(os.environ.get("TUNECOMP_BENCH_BUDGET_S") or "inf")
+_STARTED = time.monotonic()
 
 
 def build(variant):
@@ -107,6 +115,9 @@ CASES = [(v[0], b, m) for m in GRID["modes"]
 
 @pytest.mark.parametrize("variant, batch, mode", CASES, ids=[f"{v}-b{b}-{m}" for v, b, m in CASES])
 def test_inference(benchmark, variant, batch, mode):
+    if time.monotonic() - _STARTED > _BUDGET_S:
+        SKIPPED.append({"variant": variant, "batch": batch, "mode": mode})
+        pytest.skip(f"time budget spent (TUNECOMP_BENCH_BUDGET_S={_BUDGET_S:g})")
     model, params, size, needed = build(variant)
     if mode == "compile":
         # A fresh Dynamo cache per case: the ViTs share one forward, and past its recompile
@@ -154,7 +165,8 @@ def write_results():
             "command": f"TUNECOMP_MODEL_GRID={GRID_NAME} "
                        + (f"TUNECOMP_MODEL_COMPILE_BATCHES={_COMPILE_BATCHES} " if _COMPILE_BATCHES else "")
                        + "python -m pytest benchmarks/model_bench.py",
-            "compile_batches": list(GRID.get("compile_batches", GRID["batches"])) if "compile" in GRID["modes"] else []}
+            "compile_batches": list(GRID.get("compile_batches", GRID["batches"])) if "compile" in GRID["modes"] else [],
+            "budget_s": None if _BUDGET_S == float("inf") else _BUDGET_S, "skipped": SKIPPED}
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"model-{slug(device)}-{date}")
@@ -170,5 +182,8 @@ def write_results():
         lines.append(f"| {r['variant']} | {r['params']:,} | {r['file_bytes'] / 2**20:.1f} | "
                      f"{r['file_bytes'] / r['needed_bytes']:.2f} | {r['batch']} | {r['mode']} | "
                      f"{1e3 * r['median_s']:.1f} | {r['images_per_s']:.1f} | {speed} |")
+    if SKIPPED:
+        lines += ["", f"Not measured (time budget of {_BUDGET_S:g} s spent): "
+                  + ", ".join(f"{c['variant']} batch {c['batch']} {c['mode']}" for c in SKIPPED) + "."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

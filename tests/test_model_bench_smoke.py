@@ -31,3 +31,14 @@ def test_model_bench_smoke(tmp_path):
     assert {"python", "torch", "cuda", "triton", "tunecomp"} <= set(meta)  # where it was measured
     assert json_file.stem.startswith("model-cpu-") and json_file.stem.endswith(meta["date"])
     assert "| variant |" in json_file.with_suffix(".md").read_text()
+
+
+def test_model_bench_stops_starting_cases_when_the_budget_is_spent(tmp_path):
+    env = dict(os.environ, TUNECOMP_MODEL_GRID="smoke", TUNECOMP_RESULTS_DIR=str(tmp_path),
+               TUNECOMP_BENCH_BUDGET_S="0")
+    result = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "model_bench.py"),
+                             "-q", "-rs", "-p", "no:cacheprovider"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "8 skipped" in result.stdout and "time budget spent" in result.stdout
+    assert not list(tmp_path.iterdir())  # nothing measured, no results file
