@@ -24,6 +24,10 @@ def test_model_bench_smoke(tmp_path):
     dense = next(r for r in rows if r["variant"] == "dense")
     for r in rows:
         assert r["median_s"] > 0 and r["speedup_vs_dense"] > 0
+        # eager compressed cases are timed in rounds alternating with the dense model's
+        assert (r["paired_speedup_vs_dense"] is None) == (r["variant"] == "dense")
+        if r["variant"] != "dense":
+            assert r["speedup_vs_dense"] == r["paired_speedup_vs_dense"] > 0
         if r["variant"] != "dense":  # compressed: fewer parameters and a smaller file
             assert r["params"] < dense["params"] and r["file_bytes"] < dense["file_bytes"]
     meta = data["meta"]
