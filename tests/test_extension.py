@@ -211,6 +211,7 @@ def test_packed_forward_matches_reference(shape, keep, with_bias):
 
 def test_packed_forward_checks_its_inputs():
     u, v = kept_factors((9, 12, 10, 4), 0.5)
+    u[-1, -1] = v[-1, -1] = 1.0  # the last row of each kept: the checks below rely on it
     packed = ops.pack_kept(u, v)
     x, bias = torch.randn(9, 12), torch.randn(10)
     f = ops.packed_lowrank_linear
@@ -233,7 +234,7 @@ def test_packed_forward_checks_its_inputs():
         for slot, change, message in ((1, lambda t: t.fill_(-1), "indices must lie in"),
                                       (4, lambda t: t.fill_(4), r"indices must lie in \[0, 4\)"),
                                       (0, lambda t: t.flip(0), "starts must rise"),
-                                      (3, lambda t: t[:-1], "starts must rise"),  # one output fewer
+                                      (3, lambda t: t.roll(1), "starts must rise"),
                                       (2, lambda t: t[:-1], "as many indices as values"),
                                       (5, lambda t: t.double(), "must be \\(int64 starts")):
             bad = [t.clone() for t in packed]
