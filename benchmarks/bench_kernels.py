@@ -103,10 +103,11 @@ def _full_sections():
 #   2. masked fwd+bwd, 4 shapes x 12608 tokens x rank 192, rho 0.5: 4 points, the
 #      backward's 4 kernels compiled and tuned (5 keys per point)                  ~55 s
 #   3. blended fwd and fwd+bwd, same 4 points (triton vs eager)                    ~45 s
-#   4. masked fwd as 1. at rho 0 and 0.9: 32 points, nothing new to compile or tune ~20 s
+#   4. masked fwd as 1. at rho 0 and 0.9: 32 points, nothing new to tune, but the
+#      torch.compile baseline (one compiled shape at a time) compiles the 16 again    ~45-70 s
 #   5. masked fwd, ranks 64 and 384 at rho 0.5, 4 shapes x 4 token counts: 32 points,
 #      two more rank paddings to compile for, 32 keys, 32 compiled shapes           ~115 s
-# About 5.5 min in all. Token counts in fwd+bwd are multiples of 16 only, so the backward
+# About 6 min in all. Token counts in fwd+bwd are multiples of 16 only, so the backward
 # kernels compile for one alignment. Sections run in this order so that a time budget
 # (TUNECOMP_BENCH_BUDGET_S, set by gpu_check.sh) cuts the least important points first:
 # every op at one rank and rho comes before the other rhos and ranks.

@@ -34,7 +34,8 @@
 #                                                                     -> bench.log, bench.json
 #   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
 # The results files (model-*, <device>-*) go to benchmarks/results/ to be committed. Where
-# $OUT ends with more than 8 files (all of call 1's), the logs are packed into logs.tar.gz.
+# $OUT ends with more than 8 files (call 1 makes 9), the logs are packed into
+# logs-<time>.tar.gz.
 #
 # Time: each call is capped at GPU_CHECK_TOTAL_S (default 550 s, for a 600 s call). Each stage
 # has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its log and
@@ -213,9 +214,10 @@ if wants bench; then
   fi
 fi
 
-# A device call brings back at most 8 files: past that, the logs travel as one archive.
+# A device call brings back at most 8 files: past that, the logs travel as one archive, named
+# per call (a second call into the same $OUT must not replace the first one's).
 if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
-  (cd "$OUT" && tar czf logs.tar.gz -- *.log && rm -f -- *.log)
+  (cd "$OUT" && tar czf "logs-$(date -u +%H%M%S).tar.gz" -- *.log && rm -f -- *.log)
 fi
 
 echo

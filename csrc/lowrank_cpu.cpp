@@ -391,6 +391,13 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
                                         const std::optional<at::Tensor>& mask_v, bool backward) {
   TORCH_CHECK_TYPE(u.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
                    "u and v must be float32");
+  TORCH_CHECK_VALUE(u.device().is_cpu() && v.device().is_cpu(), "u and v must be CPU tensors; got ",
+                    u.device(), " and ", v.device());
+  TORCH_CHECK_VALUE(u.dim() == 2 && v.dim() == 2 && u.size(1) == v.size(1),
+                    "u and v must be 2-D [out, r] and [in, r]; got ", u.sizes(), " and ", v.sizes());
+  // int32 indices: every dim must fit
+  TORCH_CHECK_VALUE(std::max({u.size(0), v.size(0), u.size(1)}) <= INT32_MAX,
+                    "u and v dims must fit int32 indices; got ", u.sizes(), " and ", v.sizes());
   checks::check_mask(mask_u, u, "mask_u");
   checks::check_mask(mask_v, v, "mask_v");
   std::vector<Groups> groups{kept_entries(v, mask_v, false), kept_entries(u, mask_u, true)};

@@ -379,12 +379,32 @@ def test_sparse_form_off_the_cpu_kernel(tmp_path):
         source = model.blocks[0].mlp.fc1
         alive = ((source.u * source.mask_u) != 0).any(0) & ((source.v * source.mask_v) != 0).any(0)
         assert torch.equal(u, (source.u * source.mask_u)[:, alive]) and torch.equal(v, (source.v * source.mask_v)[:, alive])
+    # the packed entries cannot tell a wider x: the layer checks its width
+    with pytest.raises(ValueError, match=f"must be in_features = {layer.in_features}"):
+        layer.float()(torch.randn(3, layer.in_features + 1))
     twin = SparseLowRankLinear(layer.in_features, layer.out_features, layer.rank, layer.v_value.numel(),
                                layer.u_value.numel(), dtype=torch.float32)
     twin.load_state_dict(layer.float().state_dict())
     y = torch.randn(4, layer.in_features)
     with torch.no_grad():
         assert torch.equal(twin(y), layer(y))
+
+
+def test_sparse_form_under_cpu_autocast(tmp_path):
+    """A packed layer takes the bf16 activations of CPU autocast: computed in float32, the
+    result in bf16, like the low-rank form beside it."""
+    model = trained_like_model(keep=0.1)
+    export(model, str(tmp_path), arch_kwargs=KW)
+    loaded = load(str(tmp_path))
+    assert isinstance(loaded.blocks[0].attn.proj, SparseLowRankLinear)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loaded(x)
+            layer_out = loaded.blocks[0].attn.proj(torch.randn(5, 32, dtype=torch.bfloat16))
+    assert layer_out.dtype == torch.bfloat16
+    assert rel_error(got, want) < 5e-2  # bf16 activations through two blocks
 
 
 def two_four_model(embed_dim=32):

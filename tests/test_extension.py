@@ -226,6 +226,8 @@ def test_packed_forward_checks_its_inputs():
         ops.pack_kept(u.double(), v.double())
     with pytest.raises(ValueError, match="same rank"):
         ops.pack_kept(u, v[:, :3])
+    with pytest.raises(ValueError, match="must be 2-D"):  # the binding checks by itself too
+        _C.pack_groups_cpu(u.reshape(5, 2, 4), v, None, None, False)
     with torch.no_grad():
         with pytest.raises(ValueError, match="bias must have shape"):
             f(x, packed, bias[:4])

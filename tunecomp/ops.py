@@ -6,9 +6,6 @@ Two public ops (DESIGN.md section 3)::
     y = blended_lowrank_linear(x, u, v, bias, mask_u, mask_v,
                                teacher_weight, teacher_bias, alpha, backend="auto")
 
-and, for inference on the CPU from the kept entries alone (``tunecomp.deploy``'s sparse
-form), ``packed_lowrank_linear(x, pack_kept(u, v), bias)``.
-
 Each is a ``torch.library`` custom op (``tunecomp::...``) with a fake implementation and an
 autograd formula whose backward is itself a custom op, so ``torch.compile(fullgraph=True)``
 traces through them and every backend only has to supply plain forward/backward functions.
@@ -21,6 +18,10 @@ compiled model nor invalidates a CUDA graph), and resolving ``backend="auto"``.
 
 Gradients flow to ``x``, ``u``, ``v`` and ``bias``. Masks, the teacher weight and bias and
 alpha are constants: they never receive a gradient. Double backward is not supported.
+
+For inference on the CPU from the kept entries alone (``tunecomp.deploy``'s sparse form)
+there is also ``packed_lowrank_linear(x, pack_kept(u, v), bias)``: a custom op with a fake
+implementation but no autograd formula (it refuses inputs that need a gradient).
 """
 
 from __future__ import annotations
