@@ -75,8 +75,6 @@ if _COMPILE_BATCHES:
 ROWS = []
 SKIPPED = []  # cases the time budget left out
 _MODELS = {}
-_BUDGET_S = float(os.environ.get("TUNECOMP_BENCH_BUDGET_S") or "inf")
-_STARTED = time.monotonic()
 
 
 def build(variant):
@@ -115,10 +113,11 @@ CASES = [(v[0], b, m) for m in GRID["modes"]
 
 
 @pytest.mark.parametrize("variant, batch, mode", CASES, ids=[f"{v}-b{b}-{m}" for v, b, m in CASES])
-def test_inference(benchmark, variant, batch, mode):
-    if time.monotonic() - _STARTED > _BUDGET_S:
+def test_inference(benchmark, bench_run, variant, batch, mode):
+    budget = bench_run["budget_s"]  # TUNECOMP_BENCH_BUDGET_S, read by benchmarks/conftest.py
+    if budget is not None and time.monotonic() - bench_run["started"] > budget:
         SKIPPED.append({"variant": variant, "batch": batch, "mode": mode})
-        pytest.skip(f"time budget spent (TUNECOMP_BENCH_BUDGET_S={_BUDGET_S:g})")
+        pytest.skip(f"time budget spent (TUNECOMP_BENCH_BUDGET_S={budget:g})")
     model, params, size, needed = build(variant)
     if mode == "compile":
         # A fresh Dynamo cache per case: the ViTs share one forward, and past its recompile
@@ -175,7 +174,7 @@ def test_inference(benchmark, variant, batch, mode):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def write_results():
+def write_results(bench_run):
     yield
     if not ROWS:
         return
@@ -192,7 +191,7 @@ def write_results():
                        + (f"TUNECOMP_MODEL_COMPILE_BATCHES={_COMPILE_BATCHES} " if _COMPILE_BATCHES else "")
                        + "python -m pytest benchmarks/model_bench.py",
             "compile_batches": list(GRID.get("compile_batches", GRID["batches"])) if "compile" in GRID["modes"] else [],
-            "budget_s": None if _BUDGET_S == float("inf") else _BUDGET_S, "skipped": SKIPPED}
+            "budget_s": bench_run["budget_s"], "skipped": SKIPPED}
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"model-{slug(device)}-{date}")
@@ -211,7 +210,7 @@ def write_results():
                      f"{r['file_bytes'] / r['needed_bytes']:.2f} | {r['batch']} | {r['mode']} | "
                      f"{1e3 * r['median_s']:.1f} | {r['images_per_s']:.1f} | {speed} |")
     if SKIPPED:
-        lines += ["", f"Not measured (time budget of {_BUDGET_S:g} s spent): "
+        lines += ["", f"Not measured (time budget of {bench_run['budget_s']:g} s spent): "
                   + ", ".join(f"{c['variant']} batch {c['batch']} {c['mode']}" for c in SKIPPED) + "."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

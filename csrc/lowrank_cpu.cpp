@@ -394,7 +394,8 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
   TORCH_CHECK_VALUE(u.device().is_cpu() && v.device().is_cpu(), "u and v must be CPU tensors; got ",
                     u.device(), " and ", v.device());
   TORCH_CHECK_VALUE(u.dim() == 2 && v.dim() == 2 && u.size(1) == v.size(1),
-                    "u and v must be 2-D [out, r] and [in, r]; got ", u.sizes(), " and ", v.sizes());
+                    "u and v must be 2-D [out, r] and [in, r] of the same rank; got ", u.sizes(),
+                    " and ", v.sizes());
   // int32 indices: every dim must fit
   TORCH_CHECK_VALUE(std::max({u.size(0), v.size(0), u.size(1)}) <= INT32_MAX,
                     "u and v dims must fit int32 indices; got ", u.sizes(), " and ", v.sizes());

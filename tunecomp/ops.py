@@ -670,14 +670,10 @@ def pack_kept(u: Tensor, v: Tensor) -> list:
     float32 values. Entries that are zero are left out: they add nothing."""
     for name, t in (("u", u), ("v", v)):
         _check_tensor(name, t)
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D; got {_describe(t)}")
     reason = _CpuBackend.unavailable_reason(u.device, u.dtype) or _CpuBackend.unavailable_reason(v.device, v.dtype)
     if reason is not None:
         raise ValueError(f"pack_kept needs u and v as float32 CPU tensors and tunecomp._C: {reason}")
-    if u.shape[1] != v.shape[1]:
-        raise ValueError(f"u and v must have the same rank (dim 1); got u {tuple(u.shape)} and v {tuple(v.shape)}")
-    u, v = u.detach(), v.detach()
+    u, v = u.detach(), v.detach()  # shapes: checked by pack_groups_cpu
     return list(_C.pack_groups_cpu(u, v, u != 0, v != 0, backward=False))
 
 
