@@ -553,6 +553,22 @@ def test_inference_layers_in_cuda_graph_and_compile(tmp_path, gpu, dtype):
     assert rel_error(replayed, fresh) < bound
 
 
+@pytest.mark.gpu
+def test_load_into_a_skeleton_on_the_gpu_keeps_every_layer_there(tmp_path, gpu):
+    """Without device=, the swapped-in layers go where the given skeleton lives."""
+    model = trained_like_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)]
+    forms = {n: ("lowrank", "dense", "sparse")[i % 3] for i, n in enumerate(names)}
+    export(model, str(tmp_path), arch_kwargs=KW, forms=forms)
+    skeleton = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KW).to(gpu)
+    loaded = load(str(tmp_path), model=skeleton)
+    places = {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]}
+    assert places == {"cuda"}, places
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(loaded(x.to(gpu)).cpu(), model(x)) < 1e-4
+
+
 def test_time_forward_takes_the_median_round(monkeypatch):
     """A burst of load during one round (here: a fake clock that runs 100x slower for the
     calls of the third round) does not move the result."""

@@ -673,8 +673,9 @@ def read_manifest(path: str) -> dict:
 
 def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Optional[nn.Module] = None,
          backend: str = "auto") -> nn.Module:
-    """The exported model, ready for inference (eval mode, no gradients), on ``device`` in
-    ``dtype`` (default: the dtype it was exported in)."""
+    """The exported model, ready for inference (eval mode, no gradients), on ``device``
+    (default: where ``model``, the skeleton to load into, lives; else the CPU) in ``dtype``
+    (default: the dtype it was exported in)."""
     from safetensors.torch import load_file
 
     device = None if device is None else torch.device(device)
@@ -725,6 +726,8 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
         if model is None or {name for name, _ in model.named_buffers()} - set(model.state_dict()):
             model = build()
     on_meta = any(t.is_meta for t in model.state_dict().values())
+    if device is None:  # a skeleton given on a device keeps the swapped-in layers there too
+        device = next((t.device for t in model.state_dict().values() if not t.is_meta), None)
     packed_here = backend in ("auto", "cpu") and sparse_runs_packed(device or "cpu", dtype)
     for name, info in manifest["layers"].items():
         shape = (info["in_features"], info["out_features"])
