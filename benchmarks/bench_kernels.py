@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -30,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pairing import pedantic_paired  # benchmarks/ is on sys.path under pytest (its conftest.py)
 from tunecomp import ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -368,11 +368,9 @@ WARMUP_ROUNDS = 1
 
 
 def measure(benchmark, step, n_buffers: int, grad: bool, extra: dict, paired=None) -> None:
-    """Times ``step``. With ``paired`` ({baseline: step}) each of step's rounds is preceded by
-    one round of each baseline (pytest-benchmark's untimed ``setup``), and
-    ``extra_info["paired"][baseline]`` holds the baseline's median per-call time and the
-    median over rounds of (baseline round / the backend round right after it): a ratio of
-    rounds taken seconds apart, whatever the machine's load did over the whole case."""
+    """Times ``step``. With ``paired`` ({baseline: step}), the baselines are timed in rounds
+    alternating with step's (``pairing.pedantic_paired``) and ``extra_info["paired"][baseline]``
+    holds the baseline's median per-call time and its paired speedup ratio."""
     paired = paired or {}
     # Warm-up outside the timed rounds: autotuning, compilation, allocator growth.
     with torch.set_grad_enabled(grad):
@@ -381,38 +379,14 @@ def measure(benchmark, step, n_buffers: int, grad: bool, extra: dict, paired=Non
                 fn(i)
     sync()
     k = calls_per_round(step, n_buffers, grad)
-    backend_round = timed_round(step, n_buffers, k, grad)
-    target, setup = backend_round, None
-    if paired:
-        rounds = {}
-        for impl, fn in paired.items():
-            k_impl = calls_per_round(fn, n_buffers, grad)
-            rounds[impl] = (timed_round(fn, n_buffers, k_impl, grad), k_impl, [])
-        own: list = []
-
-        def setup():
-            for run, k_impl, seconds in rounds.values():
-                start = time.perf_counter()
-                run()
-                seconds.append((time.perf_counter() - start) / k_impl)
-
-        def target():
-            start = time.perf_counter()
-            backend_round()
-            own.append((time.perf_counter() - start) / k)
-
+    baselines = {}
+    for impl, fn in paired.items():
+        k_impl = calls_per_round(fn, n_buffers, grad)
+        baselines[impl] = (timed_round(fn, n_buffers, k_impl, grad), k_impl)
     benchmark.extra_info.update(extra, k=k, n_buffers=n_buffers)
-    benchmark.pedantic(target, rounds=GRID.rounds, iterations=1, warmup_rounds=WARMUP_ROUNDS,
-                       setup=setup)
-    if paired:
-        info = {}
-        for impl, (_, _, seconds) in rounds.items():
-            # setup() runs before every round, the warm-up ones included (with
-            # --benchmark-disable there is only one round, kept).
-            pairs = list(zip(seconds, own))
-            pairs = pairs[WARMUP_ROUNDS:] or pairs
-            info[impl] = dict(median_s=statistics.median(b for b, _ in pairs),
-                              speedup=statistics.median(b / t for b, t in pairs))
+    info = pedantic_paired(benchmark, timed_round(step, n_buffers, k, grad), baselines,
+                           rounds=GRID.rounds, warmup_rounds=WARMUP_ROUNDS, calls=k)
+    if info:
         benchmark.extra_info["paired"] = info
 
 

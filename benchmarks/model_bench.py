@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -34,7 +33,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from report import slug  # benchmarks/ is on sys.path under pytest (its conftest.py)
+from pairing import pedantic_paired  # benchmarks/ is on sys.path under pytest (its conftest.py)
+from report import slug
 from tunecomp import replace_linear_layers
 from tunecomp.cli import model_input
 from tunecomp.deploy import export, load, needed_bytes
@@ -147,30 +147,17 @@ def test_inference(benchmark, bench_run, variant, batch, mode):
         resident = torch.cuda.memory_allocated()  # every variant built so far stays on the device
         step()
         forward_memory = torch.cuda.max_memory_allocated() - resident
-    # Eager cases of a compressed model are paired with the dense one: each timed round is
-    # preceded by a round of the dense model (pytest-benchmark's untimed setup, timed here),
-    # and "× dense" is the median of (dense round / the round right after it), so a change
-    # in the machine's load between cases does not move the ratio (on the shared 2-core CI
-    # machine, separately timed cases drifted by up to 25% between runs).
-    dense_rounds, own_rounds, setup, target = [], [], None, step
+    # Eager cases of a compressed model are paired with the dense one (see pairing.py): "×
+    # dense" is the median of (dense round / the round right after it).
+    baselines = {}
     if mode == "eager" and variant != "dense":
         dense_step = runner(build("dense")[0])
         dense_step()
-
-        def setup():
-            start = time.perf_counter()
-            dense_step()
-            dense_rounds.append(time.perf_counter() - start)
-
-        def target():
-            start = time.perf_counter()
-            step()
-            own_rounds.append(time.perf_counter() - start)
-    benchmark.pedantic(target, rounds=GRID["rounds"], iterations=1, setup=setup)
+        baselines["dense"] = (dense_step, 1)
+    paired = pedantic_paired(benchmark, step, baselines, rounds=GRID["rounds"])
     ROWS.append({"variant": variant, "batch": batch, "mode": mode, "median_s": benchmark.stats.stats.median,
                  "params": params, "file_bytes": size, "needed_bytes": needed, "forward_memory_bytes": forward_memory,
-                 "paired_speedup_vs_dense": statistics.median(d / o for d, o in zip(dense_rounds, own_rounds))
-                 if dense_rounds else None})
+                 "paired_speedup_vs_dense": paired["dense"]["speedup"] if paired else None})
 
 
 @pytest.fixture(scope="session", autouse=True)

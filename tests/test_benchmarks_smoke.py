@@ -138,6 +138,7 @@ def test_a_grid_records_the_baselines_it_times():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_kernels
+        import pairing
     finally:
         sys.path.pop(0)
     cpu = bench_kernels.GRIDS["cpu"]
@@ -215,6 +216,7 @@ def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_kernels
+        import pairing
     finally:
         sys.path.pop(0)
     clock, phase = [0.0], [0]
@@ -243,6 +245,7 @@ def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):
         return run
 
     monkeypatch.setattr(bench_kernels, "time", FakeTime)
+    monkeypatch.setattr(pairing, "time", FakeTime)
     monkeypatch.setattr(bench_kernels, "GRID", bench_kernels.replace(bench_kernels.GRIDS["smoke"], rounds=3))
     benchmark = FakeBenchmark()
     bench_kernels.measure(benchmark, step(0), 2, False, {}, {"eager": step(1)})
