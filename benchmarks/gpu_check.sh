@@ -12,6 +12,7 @@
 #   build     pip install -e . --no-build-isolation --no-deps      -> setup.log (tail on failure)
 #             (a second call on a warm machine rebuilds nothing: ninja finds the objects)
 #   info      python -m tunecomp info                               -> setup.log, printed
+#             and a check that the torch, triton and cuda backends all run on the GPU
 #   tests-gpu the GPU tests: pytest -k "gpu or (cuda and not emulator)" -> tests.log
 #             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4,
 #             the deploy forms on the GPU)
@@ -154,6 +155,11 @@ if wants info; then
   stage info 60 "$OUT/setup.log" "$PY" -m tunecomp info >/dev/null  # printed whole below
   echo "=== info"
   sed -n '/^=== info/,$p' "$OUT/setup.log" | tail -n +2 | head -n 40
+  # A build that quietly left out the CUDA part (nvcc not found) would turn every CUDA test
+  # into a skip and this check green: fail here instead.
+  stage backends 60 "$OUT/setup.log" "$PY" -c 'import sys, torch; from tunecomp import ops
+missing = {n: r for n, r in ops.available_backends("cuda", torch.bfloat16).items() if n != "cpu" and r}
+print(missing or "torch, triton and cuda backends available for bfloat16 on cuda"); sys.exit(1 if missing else 0)'
 fi
 GPU_TESTS="gpu or (cuda and not emulator)"
 if wants tests-gpu; then
