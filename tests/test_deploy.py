@@ -284,6 +284,40 @@ def test_tampered_truncated_version_missing(tmp_path):
         load(str(tmp_path / "elsewhere"))
 
 
+def test_bad_export_and_load_arguments(tmp_path):
+    """The refusals not reached by tampering with a good file: bad forms, a manifest of the
+    wrong type, a missing tensors file, a manifest with no architecture and no skeleton, a
+    skeleton the tensors do not fit."""
+    model = trained_like_model()
+    with pytest.raises(ValueError, match=r"forms must be one of .*got \{'blocks.0.attn.qkv': 'csr'\}"):
+        export(model, str(tmp_path / "a"), arch_kwargs=KW, forms={"blocks.0.attn.qkv": "csr"})
+    with pytest.raises(ValueError, match=r"not low-rank layers of the model: \['head', 'nowhere'\]"):
+        export(model, str(tmp_path / "a"), arch_kwargs=KW, forms={"nowhere": "dense", "head": "dense"})
+    export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.attn.qkv": "sparse", "blocks.0.attn.proj": "lowrank"})
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps([manifest]))
+    with pytest.raises(DeployError, match="manifest.json holds a list, not a manifest"):
+        load(str(tmp_path))
+    manifest_path.write_text(json.dumps(manifest))
+    (tmp_path / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(DeployError, match=f"{tmp_path} has no model.safetensors"):
+        load(str(tmp_path))
+    (tmp_path / "moved.safetensors").rename(tmp_path / "model.safetensors")
+    manifest_path.write_text(json.dumps({**manifest, "arch": None}))
+    with pytest.raises(DeployError, match="names no architecture: pass model="):
+        load(str(tmp_path))
+    skeleton = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**KW, "num_classes": 5})
+    with pytest.raises(DeployError, match="(?s)the tensors do not fit the architecture: .*size mismatch for head.weight"):
+        load(str(tmp_path), model=skeleton)
+    fitting = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KW)
+    loaded = load(str(tmp_path), model=fitting)  # no arch in the manifest: the skeleton's
+    layers = {type(m).__name__: repr(m) for m in loaded.modules() if hasattr(m, "rank")}
+    assert {"SparseLowRankLinear", "LowRankLinear"} <= set(layers), layers
+    assert all("in_features=" in r and "rank=" in r for r in layers.values()), layers
+    assert "kept=" in layers["SparseLowRankLinear"]
+
+
 def edited(manifest: dict, path: str, value) -> dict:
     """``manifest`` with the entry at ``path`` (keys joined by "/") set to ``value``, or
     removed where ``value`` is ``...``."""

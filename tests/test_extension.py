@@ -219,6 +219,8 @@ def test_packed_forward_checks_its_inputs():
         f(x.double(), packed, bias)
     with pytest.raises(TypeError, match="packed must be the 6 tensors"):
         f(x, packed[:3], bias)
+    with pytest.raises(ValueError, match=r"x must have at least 1 dim \[..., in_features\]"):
+        f(torch.tensor(1.0), packed, bias)
     with pytest.raises(RuntimeError, match="no gradient"):
         f(x.requires_grad_(), packed, bias)
     x = x.detach()

@@ -161,6 +161,8 @@ BAD_MASKED = [
     ("dtype mismatch", dict(u=torch.randn(5, 3, dtype=torch.float64)), TypeError, "u must have x's dtype torch.float32; got torch.float64"),
     ("bias dtype", dict(bias=torch.randn(5, dtype=torch.float16)), TypeError, "bias must have x's dtype"),
     ("device mismatch", dict(u=torch.randn(5, 3, device="meta")), ValueError, "u must be on x's device cpu; got meta"),
+    ("mask device", dict(mask_u=torch.ones(5, 3, dtype=torch.bool, device="meta")), ValueError, "mask_u must be on x's device cpu; got meta"),
+    ("0-dim x", dict(x=torch.tensor(1.0)), ValueError, "x must have at least 1 dim [..., in_features]; got"),
     ("unknown backend", dict(backend="cublas"), ValueError, "backend must be one of"),
     ("backend type", dict(backend=3), TypeError, "backend must be a str"),
     ("unavailable backend", dict(backend="cuda"), ValueError, "backend='cuda' is not available"),
