@@ -61,10 +61,13 @@ def test_compress_on_digits(tmp_path):
                      "--device", "cpu", "--dtype", "bfloat16")  # forms chosen by timing, in bf16
     assert result.returncode == 0, result.stderr[-3000:]
     assert "exported 4 low-rank layers" in result.stdout
+    assert "export: 100%" in result.stderr and "4/4" in result.stderr, result.stderr[-3000:]  # progress bar
     assert torch.allclose(load(str(tmp_path / "measured"))(x), trained(x), rtol=1e-4, atol=1e-5)
     result = run_cli("bench-model", str(exported), "--batch", "1,2", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compressed") == 2 and "speed-up" in result.stdout
+    for line in ("dense batch 1:", "dense batch 2:", "compressed batch 1:", "compressed batch 2:"):
+        assert f"bench-model: {line}" in result.stderr, result.stderr[-3000:]  # progress, point by point
     if os.path.exists("/proc/self/clear_refs"):
         assert "n/a" not in result.stdout  # peak memory measured on the CPU too
 

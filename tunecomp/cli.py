@@ -214,7 +214,7 @@ def export_run(run_dir: str, out: str, measure: bool, device: Optional[str],
 
     model, meta = rebuild_run(run_dir)
     manifest = export(model, out, arch=meta["model"], arch_kwargs=meta["kwargs"], measure=measure, device=device,
-                      dtype=dtype)
+                      dtype=dtype, progress=measure)  # timing the forms of each layer takes a while
     forms = {}
     for info in manifest["layers"].values():
         forms[info["form"]] = forms.get(info["form"], 0) + 1
@@ -224,16 +224,16 @@ def export_run(run_dir: str, out: str, measure: bool, device: Optional[str],
 
 
 def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torch.dtype,
-                compile_model: bool, repeats: int = 10) -> list:
+                compile_model: bool, repeats: int = 10, progress: bool = False) -> list:
     """Latency, throughput and peak memory of the exported model and of its dense original
     (same architecture, random weights: speed does not depend on the values), one model on
     the device at a time. Peak memory: on CUDA the allocator's peak during each batch's
     runs (the model's tensors included); on the CPU (Linux) the peak resident memory during
     each batch's runs, in a fresh process per model, above its level before the model was
-    built."""
+    built. ``progress``: a line on stderr as each point is measured."""
     rows = []
     for label in ("dense", "compressed"):
-        args = (model_dir, label, batches, device, dtype, compile_model, repeats)
+        args = (model_dir, label, batches, device, dtype, compile_model, repeats, progress)
         if device.startswith("cuda"):
             rows += _bench_one(*args)
         else:
@@ -266,7 +266,7 @@ def _reset_resident_peak() -> bool:
 
 
 def _bench_one(model_dir: str, label: str, batches: Sequence[int], device: str, dtype: torch.dtype,
-               compile_model: bool, repeats: int) -> list:
+               compile_model: bool, repeats: int, progress: bool = False) -> list:
     from .deploy import load, read_manifest, time_forward
 
     import timm  # noqa: F401  (imported before the baseline: not part of either model's memory)
@@ -298,6 +298,8 @@ def _bench_one(model_dir: str, label: str, batches: Sequence[int], device: str, 
             peak = None if before is None else _resident_bytes("VmHWM") - before
         rows.append({"model": label, "batch": batch, "latency_ms": seconds * 1e3,
                      "images_per_s": batch / seconds, "peak_memory_bytes": peak})
+        if progress:
+            print(f"bench-model: {label} batch {batch}: {seconds * 1e3:.2f} ms", file=sys.stderr, flush=True)
         del x
     del model, runner
     if compile_model:
@@ -454,7 +456,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             batches = [int(b) for b in args.batch.split(",")]
         except ValueError:
             parser.error(f"--batch must be comma-separated integers; got {args.batch!r}")
-        _print_bench(bench_model(args.model_dir, batches, args.device, dtype, args.compile, args.repeats))
+        _print_bench(bench_model(args.model_dir, batches, args.device, dtype, args.compile, args.repeats,
+                                 progress=True))
     return 0
 
 

@@ -518,14 +518,15 @@ def check_arch(arch: Optional[str], arch_kwargs: dict) -> None:
 @torch.no_grad()
 def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs: Optional[dict] = None,
            forms: Optional[dict] = None, measure: bool = False, device=None, tokens: int = 1576,
-           form: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> dict:
+           form: Optional[str] = None, dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict:
     """Write ``model`` (with trained ``FusedPrunedLowRankLinear`` layers) to the directory
     ``path``; returns the manifest. ``arch``/``arch_kwargs``: the timm name and kwargs to
     rebuild it (default: the model's own ``pretrained_cfg['architecture']``, no kwargs);
     without them, ``load`` needs the caller's skeleton model. ``forms``: ``{layer name:
     form}`` to force a form (``form``: the same for every layer that ``forms`` does not name).
     ``measure``/``device``/``tokens``/``dtype``: choose forms by timing (``dtype``: the one
-    the model will be loaded in; the file keeps the model's own)."""
+    the model will be loaded in; the file keeps the model's own). ``progress``: a progress
+    bar over the layers (on stderr)."""
     from safetensors.torch import save_file
 
     forms = dict(forms or {})
@@ -545,7 +546,12 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
                          f"finish training (alpha = 0) or call drop_teacher()")
     model_dtype = next((t.dtype for t in model.state_dict().values() if t.is_floating_point()), torch.float32)
     state, layer_info = {}, {}
-    for name, layer in layers.items():
+    todo = layers.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(todo, total=len(layers), desc="export", unit="layer")
+    for name, layer in todo:
         full = masked_factors(layer)
         u, v = drop_dead_components(*full)
         full = full if is_2_4(*full) else None  # kept at full rank for the 2:4 form
