@@ -8,10 +8,10 @@ factor gradients through its split-K path, and 64 x (SM count) + 37 tokens its f
 through the fused kernel (T in shared memory) and both backends' factor gradients through
 their token split (fp32 partial sums), at rank 20 and at rank 192, whose T tile
 needs more than the default 48 KB of shared memory per block (the opt-in path); one fp32
-case takes the kernels' FMA paths. Run it once without the
-sanitizer first, with ``TRITON_CACHE_AUTOTUNING=1``: autotuning then happens there, and the
-sanitized run reuses the cached choice instead of benchmarking every config under memcheck
-(which slows each launch by orders of magnitude). Run the sanitized one with
+case takes the kernels' FMA paths. Run it with ``TUNECOMP_TRITON_ONE_CONFIG=1`` (one
+config per Triton kernel: no autotuning, whose timing launches memcheck would slow by orders
+of magnitude), once without the sanitizer first so that the kernels are compiled into
+Triton's disk cache, which the sanitized run reuses. Run the sanitized one with
 ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that every tensor is its own allocation and an
 out-of-bounds access is not hidden inside a cached block.
 
