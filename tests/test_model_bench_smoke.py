@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,7 +36,17 @@ def test_model_bench_smoke(tmp_path):
     assert meta["device"].startswith("CPU ") and meta["device"].endswith(" threads") and meta["date"]
     assert {"python", "torch", "cuda", "triton", "tunecomp"} <= set(meta)  # where it was measured
     assert json_file.stem.startswith("model-cpu-") and json_file.stem.endswith(meta["date"])
-    assert "| variant |" in json_file.with_suffix(".md").read_text()
+    markdown = json_file.with_suffix(".md").read_text()
+    assert "| variant |" in markdown
+    # issue #7's targets of the grid, marked informational on the tiny model
+    targets = {t["name"]: t for t in data["targets"]}
+    assert set(targets) == {"file on disk within 10% of the bytes its kept entries need",
+                            "params 50%, rho 0.9: >= 2x dense throughput"}
+    size = targets["file on disk within 10% of the bytes its kept entries need"]
+    assert size["status"] == "PASS" and size["value"] == max(r["file_bytes"] / r["needed_bytes"]
+                                                             for r in rows if r["variant"] != "dense")
+    assert data["targets_apply"] is False and "Informational only" in markdown
+    assert all(f"| {name} | **{t['status']}** |" in markdown for name, t in targets.items())
 
 
 def test_model_bench_stops_starting_cases_when_the_budget_is_spent(tmp_path):
@@ -46,3 +58,38 @@ def test_model_bench_stops_starting_cases_when_the_budget_is_spent(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "8 skipped" in result.stdout and "time budget spent" in result.stdout
     assert not list(tmp_path.iterdir())  # nothing measured, no results file
+
+
+FILE_BYTES = {"params 50%": 105, "params 50%, rho 0.5 2:4": 120}  # of 100 needed; the rest 100
+
+
+def _row(variant, batch, mode, median_s, speedup):
+    return dict(variant=variant, batch=batch, mode=mode, median_s=median_s, speedup_vs_dense=speedup,
+                file_bytes=FILE_BYTES.get(variant, 100), needed_bytes=100)
+
+
+def test_gpu_grid_targets_pass_miss_and_say_by_how_much(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    model_bench = pytest.importorskip("model_bench")
+    semi, lowrank = model_bench.SEMI, model_bench.SEMI_AS_LOWRANK
+    rows = [_row("dense", 256, "eager", 1.0, None), _row("dense", 1, "eager", 0.010, None),
+            _row("params 50%", 256, "eager", 0.6, 1.6), _row("params 50%", 256, "compile", 0.7, 1.4),
+            _row("params 50%", 1, "eager", 0.011, 0.9),
+            _row(semi, 256, "eager", 0.5, 2.0), _row(lowrank, 256, "eager", 0.65, 1.5),
+            _row(semi, 64, "eager", 0.2, 1.0), _row(lowrank, 64, "eager", 0.25, 1.0),
+            _row(semi, 1, "eager", 0.008, 1.25)]
+    results = {t["name"]: t for t in model_bench.check_targets(rows, "gpu")}
+    assert len(results) == 4  # the CPU-only target is not checked on the gpu grid
+    size = results["file on disk within 10% of the bytes its kept entries need"]
+    assert size["status"] == "MISS" and size["value"] == 1.2  # the worst variant decides
+    assert size["detail"].startswith("over by 9.1%; worst: params 50%, rho 0.5 2:4; 1 of 3 over")
+    throughput = results["params 50%, batch 256: >= 1.5x dense throughput"]
+    assert throughput["status"] == "MISS" and throughput["value"] == 1.4  # compile misses, eager passes
+    assert throughput["detail"].startswith("short by 6.7%; worst: params 50% batch 256 compile; 1 of 2 below")
+    semi_target = results["2:4 factors, batch >= 64: >= 1.2x the same model without 2:4"]
+    assert semi_target["status"] == "PASS" and abs(semi_target["value"] - 1.25) < 1e-12  # 0.25 / 0.2; b256 1.3
+    latency = results["batch 1 latency not worse than dense"]
+    assert latency["status"] == "MISS" and latency["value"] == 0.9 and "1 of 2 below" in latency["detail"]
+    # without the cases, NOT MEASURED rather than a pass
+    empty = {t["name"]: t["status"] for t in model_bench.check_targets(rows[:2], "gpu")}
+    assert set(empty.values()) == {"NOT MEASURED"}
