@@ -22,7 +22,10 @@
 #             Both run in GPU_CHECK_SHARDS pytest processes at once (default 8; tests/conftest.py's
 #             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
 #             of their time (~170 binaries for the every-config test, ~360 for the battery).
-#   sanitize  benchmarks/sanitize_kernels.py once plain (compiles the Triton kernels into the
+#   sanitize  a probe of about a second under memcheck: where compute-sanitizer refuses the
+#             device ("Device not supported", as on gVisor machines) the stage is NOT RUN and
+#             says so, without spending its minutes; else
+#             benchmarks/sanitize_kernels.py once plain (compiles the Triton kernels into the
 #             disk cache; one config per kernel, TUNECOMP_TRITON_ONE_CONFIG=1: autotuning its
 #             ~40 keys would not fit the stage's cap), then under compute-sanitizer --tool
 #             memcheck (triton and cuda backends) and
@@ -170,17 +173,35 @@ fi
 if wants tests; then
   pstage tests 180 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "not ($GPU_TESTS)"
 fi
+# sanitizer_takes_device: false when compute-sanitizer refuses this machine's GPU ("Device not
+# supported", seen on gVisor machines), found by a probe of about a second under memcheck (the
+# CUDA driver through ctypes: init, a context, one allocation) before the sanitize stages
+# spend minutes compiling and running. Any other outcome lets the stages run and show it.
+sanitizer_takes_device() {
+  local out
+  out=$(timeout -k 5 60 "$SANITIZER" --tool memcheck "$PY" -c 'import ctypes
+c, d, ctx, p = ctypes.CDLL("libcuda.so.1"), ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+assert c.cuInit(0) == 0 and c.cuDeviceGet(ctypes.byref(d), 0) == 0
+assert c.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), d) == 0 and c.cuCtxSetCurrent(ctx) == 0
+assert c.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(1 << 20)) == 0 and c.cuMemFree_v2(p) == 0
+print("sanitizer probe: a context and an allocation under memcheck")' 2>&1)
+  printf '=== sanitizer probe\n%s\n' "$out" >>"$OUT/sanitize.log"
+  [[ "$out" != *"Device not supported"* ]]
+}
 if wants sanitize; then
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
-  # One config per kernel (no autotuning: under memcheck every config's timing launch would
-  # be slowed by orders of magnitude), compiled once here into Triton's disk cache, which
-  # the sanitized runs reuse.
-  # (Set per command: the model and bench stages after this one must autotune.)
-  stage sanitize-warm 90 "$OUT/sanitize.log" env TUNECOMP_TRITON_ONE_CONFIG=1 "$PY" benchmarks/sanitize_kernels.py
   if [[ -z "$SANITIZER" ]]; then
     SUMMARY+=("sanitize      FAILED     compute-sanitizer not found")
     FAILED=1
+  elif ! sanitizer_takes_device; then
+    SUMMARY+=("sanitize      NOT RUN    compute-sanitizer refuses this device: 'Device not supported' (see sanitize.log)")
+    FAILED=1
   else
+    # One config per kernel (no autotuning: under memcheck every config's timing launch would
+    # be slowed by orders of magnitude), compiled once here into Triton's disk cache, which
+    # the sanitized runs reuse.
+    # (Set per command: the model and bench stages after this one must autotune.)
+    stage sanitize-warm 90 "$OUT/sanitize.log" env TUNECOMP_TRITON_ONE_CONFIG=1 "$PY" benchmarks/sanitize_kernels.py
     # No caching allocator: every tensor its own allocation, so out-of-bounds accesses show.
     stage sanitize 120 "$OUT/sanitize.log" env TUNECOMP_TRITON_ONE_CONFIG=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 50 \
