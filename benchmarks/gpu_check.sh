@@ -12,7 +12,10 @@
 #   build     pip install -e . --no-build-isolation --no-deps      -> setup.log (tail on failure)
 #             (a second call on a warm machine rebuilds nothing: ninja finds the objects)
 #   info      python -m tunecomp info                               -> setup.log, printed
-#             and a check that the torch, triton and cuda backends all run on the GPU
+#             and a check that the torch, triton and cuda backends all run on the GPU, and
+#             that an argument error raised in tunecomp._C reaches Python as a ValueError (on
+#             an H200, 2026-11-26, every such error ended the process with a segfault: where
+#             it still does, the log gets cuda-gdb's stack of the crash and the toolchain)
 #   tests-gpu the GPU tests: pytest -k "gpu or (cuda and not emulator)" -> tests.log
 #             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4,
 #             the deploy forms on the GPU)
@@ -22,6 +25,9 @@
 #             Both run in GPU_CHECK_SHARDS pytest processes at once (default 8; tests/conftest.py's
 #             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
 #             of their time (~170 binaries for the every-config test, ~360 for the battery).
+#   profile   benchmarks/profile_forward.py: CUDA-event times of the masked forward (dense, eager,
+#             each backend, Triton as two launches), every Triton forward config on its own,
+#             host time per call              -> profile.log, profile-<device>-<date>.json
 #   sanitize  a probe of about a second under memcheck: where compute-sanitizer refuses the
 #             device ("Device not supported", as on gVisor machines) the stage is NOT RUN and
 #             says so, without spending its minutes; else
@@ -39,18 +45,20 @@
 #             time left less 30 s; its sections put every op at one rank first
 #                                                                     -> bench.log, bench.json
 #   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
-# The results files (model-*, <device>-*) go to benchmarks/results/ to be committed. Where
-# $OUT ends with more than 8 files (call 1 makes 9), the logs are packed into
+# The results files (model-*, profile-*, <device>-*) go to benchmarks/results/ to be
+# committed. Where $OUT ends with more than 8 files (call 1 makes 11), the logs are packed into
 # logs-<time>.tar.gz.
 #
 # Time: each call is capped at GPU_CHECK_TOTAL_S (default 550 s, for a 600 s call). Each stage
 # has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its log and
-# benchmark JSON). Estimated on an H100 (not yet measured): build ~1-1.5 min, tests-gpu
-# ~1-2 min, model 2.5 min (its budget), bench what is left (~2-3 min: the "gpu" grid's first
-# three sections); call 2: tests ~1 min, sanitize ~2 min.
+# benchmark JSON); pytest dumps every thread's stack into the log when one test runs past
+# 120 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
+# (2026-11-26, before the profile stage existed): build 52 s, info 15 s, tests-gpu shards
+# 24-72 s (one hung until the 180 s cap), model 120 s, bench 119 s. Estimated: profile ~1
+# min; call 2: tests ~1 min, sanitize ~2 min.
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
-# tests-gpu model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
+# tests-gpu profile model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
 # TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS, TUNECOMP_CUDA_ARCHS (default here: 90, i.e.
 # H100/H200 only).
 set -o pipefail  # not -e: keep going to the benchmarks when a stage fails
@@ -62,7 +70,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
 TOTAL=${GPU_CHECK_TOTAL_S:-550}
-STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu model bench} "
+STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu profile model bench} "
 SHARDS=${GPU_CHECK_SHARDS:-8}
 [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_SHARDS must be a positive integer; got '$SHARDS'" >&2; exit 2; }
 MODEL_S=${GPU_CHECK_MODEL_S:-150}
@@ -165,13 +173,41 @@ if wants info; then
   stage backends 60 "$OUT/setup.log" "$PY" -c 'import sys, torch; from tunecomp import ops
 missing = {n: r for n, r in ops.available_backends("cuda", torch.bfloat16).items() if n != "cpu" and r}
 print(missing or "torch, triton and cuda backends available for bfloat16 on cuda"); sys.exit(1 if missing else 0)'
+  # An argument error in tunecomp._C must reach Python as a ValueError. In a child process, as
+  # a stage of its own: where it kills the process, cuda-gdb (the one debugger on these
+  # machines; it runs host-only programs) records the crash's stack, with the toolchain.
+  RAISE_PROBE='import torch
+from tunecomp import _C
+try:
+    _C.lowrank_forward_cpu(torch.randn(4, 6), torch.randn(5, 2), torch.randn(7, 2))
+except ValueError as error:
+    print("tunecomp._C raised ValueError:", error)
+else:
+    raise SystemExit("tunecomp._C raised no ValueError")'
+  if ! stage raise-probe 60 "$OUT/setup.log" "$PY" -c "$RAISE_PROBE"; then
+    {
+      echo "=== raise-probe: toolchain"
+      c++ --version 2>&1 | head -n 1
+      "$PY" -c 'import glob, torch.utils.cpp_extension as c
+print("pybind11 headers:", [h for d in c.include_paths() for h in glob.glob(d + "/pybind11/detail/common.h")])'
+      "$PY" -m pip list 2>/dev/null | grep -i pybind
+      GDB=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -n 1)
+      echo "=== raise-probe under ${GDB:-cuda-gdb (not found)}"
+      [[ -n "$GDB" ]] && timeout -k 5 90 "$GDB" -q -batch -ex run -ex bt --args "$PY" -c "$RAISE_PROBE"
+    } >>"$OUT/setup.log" 2>&1
+    tail -n 60 "$OUT/setup.log"
+  fi
 fi
 GPU_TESTS="gpu or (cuda and not emulator)"
+PYTEST=("$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -o faulthandler_timeout=120)
 if wants tests-gpu; then
-  pstage tests-gpu 180 "$OUT/tests.log" "$PY" -m pytest tests -q -rs --maxfail 20 -p no:cacheprovider -k "$GPU_TESTS"
+  pstage tests-gpu 180 "$OUT/tests.log" "${PYTEST[@]}" -rs -k "$GPU_TESTS"
 fi
 if wants tests; then
-  pstage tests 180 "$OUT/tests.log" "$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -k "not ($GPU_TESTS)"
+  pstage tests 180 "$OUT/tests.log" "${PYTEST[@]}" -k "not ($GPU_TESTS)"
+fi
+if wants profile; then
+  stage profile 120 "$OUT/profile.log" "$PY" benchmarks/profile_forward.py --out-dir "$OUT"
 fi
 # sanitizer_takes_device: false when compute-sanitizer refuses this machine's GPU ("Device not
 # supported", seen on gVisor machines), found by a probe of about a second under memcheck (the

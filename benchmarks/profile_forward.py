@@ -1,0 +1,147 @@
+"""Where the masked forward's time goes on a GPU, in one short run (~1 min on an H200, most of
+it compiling and autotuning Triton configs):
+
+1. CUDA-event times (``triton.testing.do_bench``) of dense ``F.linear``, the eager masked math,
+   the ``torch``, ``triton`` and ``cuda`` backends through ``ops.masked_lowrank_linear``, and
+   the forward done as two Triton launches (``T = x·Vm`` stored, then ``T·Umᵀ``: the
+   backward's ``_rank_project`` kernel, no bias), on ViT-B/16 layer shapes in bf16;
+2. every Triton forward config on its own (autotuning bypassed) on the first shape;
+3. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead.
+
+    python benchmarks/profile_forward.py [--out-dir DIR]
+
+Prints each row as it comes; writes ``DIR/profile-<device>-<date>.json`` with the device and
+versions. A diagnosis aid, not a benchmark: no targets, one process, no pairing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from tunecomp import ops, provenance
+from tunecomp.kernels import masked_lowrank
+
+DTYPE = torch.bfloat16
+RANK = 192
+SHAPES = ((768, 768, 12608), (3072, 768, 12608), (768, 3072, 50432))  # (in, out, tokens)
+
+
+def layer(in_features, out_features, n_tokens, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(DTYPE)
+
+    return dict(
+        x=randn(n_tokens, in_features),
+        u=randn(out_features, RANK, scale=0.1),
+        v=randn(in_features, RANK, scale=0.1),
+        bias=randn(out_features),
+        mask_u=torch.rand(out_features, RANK, device="cuda", generator=g) > 0.5,
+        mask_v=torch.rand(in_features, RANK, device="cuda", generator=g) > 0.5,
+    )
+
+
+def eager(x, u, v, bias, mask_u, mask_v):
+    return (x @ torch.where(mask_v, v, 0)) @ torch.where(mask_u, u, 0).T + bias
+
+
+def two_launches(x, u, v, bias, mask_u, mask_v):
+    t = masked_lowrank._rank_project(x, v, mask_v, None)
+    return masked_lowrank._rank_project(t, u.T, mask_u.T, None)
+
+
+def host_us(fn, calls=300):
+    """Host time per call while the GPU runs behind (launch overhead, not GPU time)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    per_call = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return round(per_call, 1)
+
+
+def shape_times(in_features, out_features, n_tokens) -> dict:
+    a = layer(in_features, out_features, n_tokens)
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=DTYPE)
+    cases = {
+        "dense": lambda: F.linear(a["x"], weight, a["bias"]),
+        "eager": lambda: eager(**a),
+        "torch": lambda: ops.masked_lowrank_linear(**a, backend="torch"),
+        "triton": lambda: ops.masked_lowrank_linear(**a, backend="triton"),
+        "cuda": lambda: ops.masked_lowrank_linear(**a, backend="cuda"),
+        "triton_two_launches_no_bias": lambda: two_launches(**a),
+    }
+    row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK}"}
+    for name, fn in cases.items():
+        try:
+            row[name + "_us"] = round(do_bench(fn) * 1e3, 1)
+        except Exception as error:  # a backend missing here still leaves the others' times
+            row[name + "_us"] = f"{type(error).__name__}: {error}"[:200]
+    row["triton_autotuned_config"] = str(masked_lowrank._forward_kernel.best_config)
+    return row
+
+
+def each_forward_config(in_features, out_features, n_tokens) -> list:
+    a = layer(in_features, out_features, n_tokens)
+    kernel = masked_lowrank._forward_kernel
+    tuned = list(kernel.configs)
+    rows = []
+    try:
+        for config in tuned:
+            kernel.configs = [config]
+            kernel.cache.clear()
+            try:
+                us = round(do_bench(lambda: masked_lowrank.forward(**a)) * 1e3, 1)
+            except Exception as error:  # OutOfResources: the config does not fit
+                us = type(error).__name__
+            rows.append({"config": str(config), "us": us})
+            print(rows[-1], flush=True)
+    finally:
+        kernel.configs = tuned
+        kernel.cache.clear()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", default=".", help="where the JSON goes (default: .)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    result = {"device": provenance.device_name("cuda"), **provenance.versions(),
+              "date": datetime.date.today().isoformat(),
+              "command": "python benchmarks/profile_forward.py", "dtype": str(DTYPE),
+              "shapes": [], "forward_configs": [], "host_us_per_call_n197": {}}
+    for shape in SHAPES:
+        result["shapes"].append(shape_times(*shape))
+        print(result["shapes"][-1], flush=True)
+    result["forward_configs"] = each_forward_config(*SHAPES[0])
+    a = layer(768, 768, 197)
+    host = {"eager": host_us(lambda: eager(**a)),
+            "triton_launch_alone": host_us(lambda: masked_lowrank.forward(**a))}
+    for backend in ("torch", "triton", "cuda"):
+        host[backend] = host_us(lambda: ops.masked_lowrank_linear(**a, backend=backend))
+    result["host_us_per_call_n197"] = host
+    print("host µs per call, 197 tokens:", host, flush=True)
+    name = result["device"].lower().replace(" ", "-")
+    path = os.path.join(args.out_dir, f"profile-{name}-{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
