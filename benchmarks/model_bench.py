@@ -8,8 +8,8 @@ writes benchmarks/results/model-<device>-<date>.json and .md (or into
 TUNECOMP_RESULTS_DIR). Grids: "cpu" (ViT-B/16, fp32, batch 1 and 8, eager; the 25%-of-
 parameters variants at rho 0 and a 50% variant pruned to rho 0.9), "gpu" (ViT-B/16, bf16,
 batch 1-256 eager, batch 1 and 256 under torch.compile; the 50% variant pruned 2:4 to rho 0.5 is exported twice,
-in the 2:4 form and forced into the plain low-rank form, to measure what the sparse tensor
-cores add), "smoke" (a tiny ViT, for the test suite).
+forced into the 2:4 form (the export rule gives it the low-rank form) and into the plain
+low-rank form, to measure what the sparse tensor cores add), "smoke" (a tiny ViT, for the test suite).
 
 A time budget (``TUNECOMP_BENCH_BUDGET_S``, set by gpu_check.sh) stops starting cases once
 spent; the results list the cases it left out. Eager cases run first, then torch.compile's,
@@ -52,7 +52,7 @@ GRIDS = {
                   device="cpu", dtype=torch.float32, batches=(1, 2), modes=("eager",), rounds=3,
                   variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
                             ("params 50%, rho 0.9", 0.5, 0.9, "unstructured"),
-                            ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m"))),
+                            ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m", "semi24"))),
     "cpu": dict(model=VIT_B, device="cpu", dtype=torch.float32, batches=(1, 8), modes=("eager",), rounds=5,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
                           ("params 25%", 0.25, 0.0, None),
@@ -63,7 +63,7 @@ GRIDS = {
     "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(1, 8, 64, 256),
                 modes=("eager", "compile"), compile_batches=(256, 1), rounds=10,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
-                          ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m"),
+                          ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m", "semi24"),
                           ("params 50%, rho 0.5 2:4 as low-rank", 0.5, 0.5, "n:m", "lowrank"))),
 }
 GRID_NAME = os.environ.get("TUNECOMP_MODEL_GRID", "gpu" if torch.cuda.is_available() else "cpu")

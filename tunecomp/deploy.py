@@ -19,9 +19,13 @@ pruned are removed, and one form is chosen:
   the kept entries alone (values and int32 indices, grouped for the C++ kernel), whose
   forward touches nothing else; loaded anywhere else, the ``LowRankLinear`` of the factors,
   zeros included;
-- ``"semi24"``: ``SemiStructuredLowRankLinear``, when the factors are 2:4 sparse along their
-  reduction dims (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank)
-  and not sparse enough for ``"sparse"``. In fp16/bf16 on a CUDA GPU the factors run on the
+- ``"semi24"``: ``SemiStructuredLowRankLinear``, for factors that are 2:4 sparse along their
+  reduction dims (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank),
+  only when asked for (``form``/``forms``) or timed fastest (``measure=True``): the rule
+  gives such factors the form of any other. On an H200 (bf16, ViT-B/16 at 50% of the
+  parameters, benchmarks/results/model-nvidia-h200-2026-11-26.md) the model in this form
+  ran 6-8x slower than the same factors in the low-rank form at batch 1, 8 and 64. In
+  fp16/bf16 on a CUDA GPU the factors run on the
   sparse tensor cores through ``torch.sparse``'s semi-structured tensors: cuSPARSELt where
   torch has it (sm_80 and newer), else CUTLASS on sm_8x only. In memory the rank is padded
   with zero components to that backend's minimum (16 for cuSPARSELt, 64 for CUTLASS); a
@@ -470,8 +474,6 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
         kept = kept_fraction(u, v) if kept is None else kept
         if kept < ops._CpuBackend.SPARSE_BELOW:
             return "sparse"
-        if full is not None:
-            return "semi24"
         return "lowrank" if rank * (in_features + out_features) < in_features * out_features else "dense"
     device = torch.device(device or u.device)
     dtype = dtype or u.dtype
