@@ -21,7 +21,7 @@ def apply_mask(weight: Tensor, mask: Optional[Tensor]) -> Tensor:
     """``weight`` with pruned entries (``mask == False``) set to exactly zero."""
     if mask is None:
         return weight
-    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return torch.where(mask, weight, 0.0)  # a Python scalar: no zero tensor made per call (on a GPU, a launch)
 
 
 def masked_lowrank_linear(
