@@ -4,7 +4,8 @@ it compiling and autotuning Triton configs):
 1. CUDA-event times (``triton.testing.do_bench``) of dense ``F.linear``, the eager masked math,
    the ``torch``, ``triton`` and ``cuda`` backends through ``ops.masked_lowrank_linear``, and
    the forward done as two Triton launches (``T = x·Vm`` stored, then ``T·Umᵀ``: the
-   backward's ``_rank_project`` kernel, no bias), on ViT-B/16 layer shapes in bf16;
+   backward's ``_rank_project`` kernel, no bias), and the fused Triton forward on factors
+   masked beforehand (no masks to load), on ViT-B/16 layer shapes in bf16;
 2. every Triton forward config on its own (autotuning bypassed) on the first shape;
 3. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead.
 
@@ -76,6 +77,7 @@ def host_us(fn, calls=300):
 def shape_times(in_features, out_features, n_tokens) -> dict:
     a = layer(in_features, out_features, n_tokens)
     weight = torch.randn(out_features, in_features, device="cuda", dtype=DTYPE)
+    u_m, v_m = torch.where(a["mask_u"], a["u"], 0.0), torch.where(a["mask_v"], a["v"], 0.0)
     cases = {
         "dense": lambda: F.linear(a["x"], weight, a["bias"]),
         "eager": lambda: eager(**a),
@@ -83,6 +85,8 @@ def shape_times(in_features, out_features, n_tokens) -> dict:
         "triton": lambda: ops.masked_lowrank_linear(**a, backend="triton"),
         "cuda": lambda: ops.masked_lowrank_linear(**a, backend="cuda"),
         "triton_two_launches_no_bias": lambda: two_launches(**a),
+        # the fused kernel with the masks applied beforehand (not timed): what mask-on-load costs
+        "triton_premasked": lambda: masked_lowrank.forward(a["x"], u_m, v_m, a["bias"], None, None),
     }
     row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK}"}
     for name, fn in cases.items():
