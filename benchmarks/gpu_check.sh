@@ -54,8 +54,9 @@
 # benchmark JSON); pytest dumps every thread's stack into the log when one test runs past
 # 120 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
 # (2026-11-26, before the profile stage existed): build 52 s, info 15 s, tests-gpu shards
-# 24-72 s (one hung until the 180 s cap), model 120 s, bench 119 s. Estimated: profile ~1
-# min; call 2: tests ~1 min, sanitize ~2 min.
+# 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench 119 s. Estimated:
+# profile ~1-1.5 min, which leaves the bench stage little of call 1; call 2: tests ~1 min,
+# sanitize ~2 min.
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
 # tests-gpu profile model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
@@ -201,7 +202,7 @@ fi
 GPU_TESTS="gpu or (cuda and not emulator)"
 PYTEST=("$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -o faulthandler_timeout=120)
 if wants tests-gpu; then
-  pstage tests-gpu 180 "$OUT/tests.log" "${PYTEST[@]}" -rs -k "$GPU_TESTS"
+  pstage tests-gpu 150 "$OUT/tests.log" "${PYTEST[@]}" -rs -k "$GPU_TESTS"
 fi
 if wants tests; then
   pstage tests 180 "$OUT/tests.log" "${PYTEST[@]}" -k "not ($GPU_TESTS)"
