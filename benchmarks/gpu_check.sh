@@ -26,8 +26,9 @@
 #             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
 #             of their time (~170 binaries for the every-config test, ~360 for the battery).
 #   profile   benchmarks/profile_forward.py: CUDA-event times of the masked forward (dense, eager,
-#             each backend, Triton as two launches), every Triton forward config on its own,
-#             host time per call              -> profile.log, profile-<device>-<date>.json
+#             each backend, Triton as two launches and on factors masked beforehand), every
+#             Triton forward config on its own, host time per call
+#                                             -> profile.log, profile-<device>-<date>.json
 #   sanitize  a probe of about a second under memcheck: where compute-sanitizer refuses the
 #             device ("Device not supported", as on gVisor machines) the stage is NOT RUN and
 #             says so, without spending its minutes; else
