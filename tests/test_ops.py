@@ -119,6 +119,26 @@ def test_zero_tokens(blend):
         assert a[name].grad.shape == a[name].shape and torch.count_nonzero(a[name].grad) == 0
 
 
+def test_torch_backend_without_autograd_skips_the_custom_op(monkeypatch):
+    """With nothing for autograd to record, backend "torch" runs the eager math directly:
+    the same values, a NaN in a pruned entry still does not leak, zero tokens still give an
+    empty output; with a gradient to record it goes through the custom op."""
+    a = make_inputs(dtype=torch.float32, lead=(2,))
+    a["u"][~a["mask_u"]] = float("nan")
+    want = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in a.items()})
+    through_op = []
+    op = ops._masked_lowrank_linear_op
+    monkeypatch.setattr(ops, "_masked_lowrank_linear_op", lambda *args: through_op.append(1) or op(*args))
+    for context in (torch.no_grad(), torch.inference_mode()):
+        with context:
+            y = ops.masked_lowrank_linear(**a, backend="torch")
+        assert not y.isnan().any() and rel_error(y, want) < 1e-5
+    assert ops.masked_lowrank_linear(**{**a, "x": torch.randn(2, 0, 13)}, backend="torch").shape == (2, 0, 5)
+    assert through_op == []
+    y = ops.masked_lowrank_linear(**{**a, "x": a["x"].requires_grad_()}, backend="torch")
+    assert through_op == [1] and y.requires_grad and rel_error(y, want) < 1e-5
+
+
 def test_one_dim_and_non_contiguous_x():
     a = make_inputs(dtype=torch.float32)
     x_1d = torch.randn(13)
