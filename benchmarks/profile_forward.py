@@ -1,5 +1,5 @@
-"""Where the masked forward's time goes on a GPU, in one short run (~1 min on an H200, most of
-it compiling and autotuning Triton configs):
+"""Where the masked forward's time goes on a GPU, in one short run (an earlier version with
+fewer cases took about 30 s on an H200, most of it compiling and autotuning Triton configs):
 
 1. CUDA-event times (``triton.testing.do_bench``) of dense ``F.linear``, the eager masked math,
    the ``torch``, ``triton`` and ``cuda`` backends through ``ops.masked_lowrank_linear``, and
