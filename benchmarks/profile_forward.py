@@ -1,7 +1,8 @@
 """Where the masked forward's time goes on a GPU, in one short run (an earlier version with
 fewer cases took about 30 s on an H200, most of it compiling and autotuning Triton configs):
 
-1. CUDA-event times (``triton.testing.do_bench``) of dense ``F.linear``, the eager masked math,
+1. CUDA-event times (``triton.testing.do_bench``) of dense ``F.linear``, the eager masked math
+   (``bench_kernels.eager_masked``, the kernel benchmarks' baseline),
    the ``torch``, ``triton`` and ``cuda`` backends through ``ops.masked_lowrank_linear``, and
    the forward done as two Triton launches (``T = x·Vm`` stored, then ``T·Umᵀ``: the
    backward's ``_rank_project`` kernel, no bias), and the fused Triton forward on factors
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from bench_kernels import eager_masked as eager  # the kernel benchmarks' eager baseline
 from tunecomp import ops, provenance
 from tunecomp.kernels import masked_lowrank
 
@@ -50,10 +52,6 @@ def layer(in_features, out_features, n_tokens, seed=0):
         mask_u=torch.rand(out_features, RANK, device="cuda", generator=g) > 0.5,
         mask_v=torch.rand(in_features, RANK, device="cuda", generator=g) > 0.5,
     )
-
-
-def eager(x, u, v, bias, mask_u, mask_v):
-    return (x @ torch.where(mask_v, v, 0)) @ torch.where(mask_u, u, 0).T + bias
 
 
 def two_launches(x, u, v, bias, mask_u, mask_v):
