@@ -26,7 +26,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 from bench_kernels import eager_masked as eager  # the kernel benchmarks' eager baseline
@@ -135,7 +134,7 @@ def main() -> None:
     host = {"eager": host_us(lambda: eager(**a)),
             "triton_launch_alone": host_us(lambda: masked_lowrank.forward(**a))}
     for backend in ("torch", "triton", "cuda"):
-        host[backend] = host_us(lambda: ops.masked_lowrank_linear(**a, backend=backend))
+        host[backend] = host_us(lambda b=backend: ops.masked_lowrank_linear(**a, backend=b))
     result["host_us_per_call_n197"] = host
     print("host µs per call, 197 tokens:", host, flush=True)
     name = result["device"].lower().replace(" ", "-")
