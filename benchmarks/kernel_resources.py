@@ -132,6 +132,16 @@ def matrix_instructions(ptx: str) -> str:
     return "+".join(found) or "fma"
 
 
+def pipeline_buffers(ttgir: str):
+    """The fewest buffers of any shared-memory ring the software pipeliner allocated (None: no
+    pipelined load at all, as at 1 stage: every load waits). 1 means a loop waits for each of that operand's loads before its dot, with
+    no load in flight behind it: Triton gives a tile that passes through registers on its way
+    to the dot (a masked factor tile: load, ``tl.where``, store to shared memory) only
+    ``num_stages - 1`` buffers, so one at 2 stages."""
+    rings = [int(n) for n in re.findall(r"local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x", ttgir)]
+    return min(rings) if rings else None
+
+
 class _CompileInsteadOfLaunch:
     """Stands in for an autotuned kernel: ``kernel[grid](*args, **kwargs)`` compiles every
     config the autotuner keeps for these arguments and records the results."""
@@ -159,9 +169,10 @@ class _CompileInsteadOfLaunch:
                     compiled = self.tuner.fn.warmup(*args, grid=grid, **kwargs, **meta)
                     record.update(resource_usage(compiled.asm["cubin"]),
                                   shared=int(compiled.metadata.shared),
-                                  mma=matrix_instructions(compiled.asm["ptx"]), error=None)
+                                  mma=matrix_instructions(compiled.asm["ptx"]),
+                                  buffers=pipeline_buffers(compiled.asm["ttgir"]), error=None)
                 except Exception as exc:  # a compile error is the finding, not a crash
-                    record.update(registers=None, local=None, shared=None, mma=None,
+                    record.update(registers=None, local=None, shared=None, mma=None, buffers=None,
                                   error=f"{type(exc).__name__}: {str(exc).strip()[:400]}")
                 self.records.append(record)
             return None
@@ -288,7 +299,8 @@ def unique(records) -> list:
 
 def calls(records, max_shared: int) -> list:
     """Per kernel call (kernel, dtype, layer, rank): configs kept, and how many compiled,
-    fit in the shared memory and do not spill."""
+    fit in the shared memory, and of those how many do not spill and how many also keep a
+    load in flight on every pipelined operand (no single-buffered ring)."""
     grouped: dict = {}
     for r in records:
         grouped.setdefault((r["kernel"], r["dtype"], r["layer"], r["rank"]), []).append(r)
@@ -297,7 +309,8 @@ def calls(records, max_shared: int) -> list:
         ok = [r for r in rs if r["error"] is None]
         fit = [r for r in ok if r["shared"] <= max_shared]
         out.append(dict(kernel=kernel, dtype=dtype, layer=layer, rank=rank, configs=len(rs),
-                        compiled=len(ok), fit=len(fit), fit_no_spill=sum(not r["local"] for r in fit)))
+                        compiled=len(ok), fit=len(fit), fit_no_spill=sum(not r["local"] for r in fit),
+                        fit_prefetching=sum(not r["local"] and (r["buffers"] or 0) >= 2 for r in fit)))
     return out
 
 
@@ -312,7 +325,7 @@ def problems(records, max_shared: int) -> list:
     return found
 
 
-def markdown(meta, rows, max_shared, found, cuda_rows) -> str:
+def markdown(meta, rows, max_shared, found, cuda_rows, calls_list) -> str:
     lines = [f"# tunecomp's GPU kernels compiled for {meta['target']} (no GPU used)", "",
              f"Triton {meta['triton']}, torch {meta['torch']} (CUDA {meta['cuda']}), "
              f"{meta['date']}, on {meta['host']}. Command: `{meta['command']}`. "
@@ -333,17 +346,27 @@ def markdown(meta, rows, max_shared, found, cuda_rows) -> str:
               "One row per distinct binary. local = stack + local memory per thread in bytes "
              "(> 0: ptxas spilled registers); shared = bytes per block, the limit "
              f"is {max_shared}; mma = the matrix instructions in the PTX (wgmma: Hopper's "
-             "warpgroup MMA; mma: mma.sync; fma: no tensor cores). Configs are those the "
-             "autotuner keeps after its pruning.", ""]
+             "warpgroup MMA; mma: mma.sync; fma: no tensor cores); buffers = the fewest "
+             "shared-memory buffers of any operand the pipeliner prefetches (1: every step of "
+             "that loop waits for its own load; a masked factor tile gets num_stages - 1; "
+             "empty: nothing prefetched, 1 stage). "
+             "Configs are those the autotuner keeps after its pruning.", ""]
     if found:
         lines += ["**Problems:**", ""] + [f"- {p}" for p in found] + [""]
     else:
         lines += ["Every Triton kernel compiled; every call has a config that fits.", ""]
     spilled = sum(1 for r in rows if r["local"])
     too_big = sum(1 for r in rows if r["shared"] is not None and r["shared"] > max_shared)
-    lines += [f"{len(rows)} binaries: {spilled} spill, {too_big} exceed shared memory.", "",
-              "| kernel | dtype | R_PAD | config | registers | local | shared | mma | note |",
-              "|---|---|---:|---|---:|---:|---:|---|---|"]
+    single = sum(1 for r in rows if r["error"] is None and (r.get("buffers") or 0) < 2)
+    lines += [f"{len(rows)} binaries: {spilled} spill, {too_big} exceed shared memory, "
+              f"{single} prefetch no load (1 buffer or 1 stage).", ""]
+    exposed = sorted({f"{c['kernel']} {c['dtype']} rank {c['rank']}"
+                      for c in calls_list if c["fit"] and not c["fit_prefetching"]})
+    if exposed:
+        lines += ["Calls whose every fitting config spills or prefetches no load (each K step "
+                  "waits for its load): " + "; ".join(exposed) + ".", ""]
+    lines += ["| kernel | dtype | R_PAD | config | registers | local | shared | mma | buffers | note |",
+              "|---|---|---:|---|---:|---:|---:|---|---:|---|"]
     for r in rows:
         note = r["error"] or ("spills" if r["local"] else "")
         if r["shared"] is not None and r["shared"] > max_shared:
@@ -352,7 +375,8 @@ def markdown(meta, rows, max_shared, found, cuda_rows) -> str:
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r_pad} | {r['config']} | "
                      f"{r['registers'] if r['registers'] is not None else ''} | "
                      f"{r['local'] if r['local'] is not None else ''} | "
-                     f"{r['shared'] if r['shared'] is not None else ''} | {r['mma'] or ''} | {note} |")
+                     f"{r['shared'] if r['shared'] is not None else ''} | {r['mma'] or ''} | "
+                     f"{r['buffers'] if r.get('buffers') is not None else ''} | {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -393,13 +417,14 @@ def main(argv=None) -> int:
                 command=" ".join(["python benchmarks/kernel_resources.py", *(argv or sys.argv[1:])]),
                 seconds=round(time.perf_counter() - start, 1), max_shared=max_shared)
     rows = unique(records)
-    text = markdown(meta, rows, max_shared, found, cuda_rows)
+    calls_list = calls(records, max_shared)
+    text = markdown(meta, rows, max_shared, found, cuda_rows, calls_list)
     if not args.no_write:
         os.makedirs(args.out_dir, exist_ok=True)
         stem = os.path.join(args.out_dir, f"resources-{args.target.replace(':', '')}-triton{triton.__version__}")
         with open(stem + ".json", "w") as f:
             json.dump(dict(meta, problems=found, cuda_kernels=cuda_rows, triton_binaries=rows,
-                           triton_calls=calls(records, max_shared)), f, indent=1)
+                           triton_calls=calls_list), f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write(text)
         print(f"wrote {stem}.json and .md")
