@@ -25,12 +25,23 @@ Looping over rank chunks instead would force either storing T or re-reading X on
 recomputes T for every output tile (most parallelism, ``out/BLOCK_N`` times the X@V FLOPs),
 a large ``OUT_TILES`` holds T across the whole row block (X@V computed once, fewer programs).
 The autotuner picks per shape. Measured on an H200 (bf16, 768->768, 12608 tokens, r=192,
-2026-11-26, each config on its own with CUDA events): the OUT_TILES=1 configs took 1.07-2.68
-ms, those holding T 0.17-0.27 ms. But the best, 0.17 ms, is 2.7x the eager two-GEMM chain
-(62 us) and 5.9x a dense layer of the same size (29 us). Not yet measured why; the suspects:
-every program re-reads all of V and U (and their masks) through registers, with about one
-program per SM at R_PAD=256, so little hides the load latency. This is why
-``ops`` "auto" does not pick this backend on CUDA.
+2026-11-26, each config on its own with CUDA events, the config list before the one below):
+the OUT_TILES=1 configs took 1.07-2.68 ms, those holding T 0.17-0.27 ms. The best, 0.17 ms,
+was 2.7x the eager two-GEMM chain (62 us) and 5.9x a dense layer of the same size (29 us).
+This is why ``ops`` "auto" does not pick this backend on CUDA.
+
+Pipelining (read from the TTGIR that Triton 3.6 and 3.8 compile for sm_90, no GPU needed): a
+factor tile that goes through ``tl.where`` before the dot cannot be copied straight into the
+dot's shared-memory operand; Triton copies it and its mask asynchronously into
+``num_stages - 1`` buffers, selects in registers, and stores the result to shared memory again.
+With 2 stages that is one buffer: each K step waits for its own load (``async_wait`` 0), with
+no load in flight behind it. The 0.17 ms pick above was such a config (BLOCK 64/64/16,
+OUT_TILES=16, 2 stages): 48 + 12 fully exposed load latencies per program, two waves of
+programs. At R_PAD=256 the list had no T-holding config with more stages that fit shared
+memory, which is why the current list carries four (the mask tiles, one byte per entry, take
+half as much shared memory again as the factor tiles). Prediction for the same shape, not yet
+measured: BLOCK_M=128 (99 programs, one wave, V and U read once per program from L2), 3-4
+stages, about 20-40 us.
 
 Backward design (five launches, N x r intermediates in HBM, which is allowed)
 -----------------------------------------------------------------------------
@@ -248,16 +259,19 @@ def student_scale(alpha_ptr):
 # --------------------------------------------------------------------------------------------
 
 FORWARD_GPU_CONFIGS = [
+    # T recomputed per output tile or group of 4: the most programs, for few tokens
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, OUT_TILES=1, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, OUT_TILES=1, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, OUT_TILES=4, num_warps=4, num_stages=3),
-    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, OUT_TILES=64, num_warps=8, num_stages=3),
-    # large ranks (R_PAD 256-512): thin K steps keep the V tile small
-    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, OUT_TILES=1, num_warps=4, num_stages=2),
+    # T held across the row block, with 3-4 stages: a masked factor tile gets num_stages - 1
+    # buffers (see "Pipelining" above). R_PAD up to 128, then up to 256, then 512.
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, OUT_TILES=64, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, OUT_TILES=16, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, OUT_TILES=16, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, OUT_TILES=16, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, OUT_TILES=32, num_warps=8, num_stages=3),
+    # large ranks with few tokens: thin K steps keep the V tile small
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, OUT_TILES=4, num_warps=8, num_stages=2),
-    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, OUT_TILES=16, num_warps=8, num_stages=2),
-    _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, OUT_TILES=1, num_warps=8, num_stages=2),
-    _cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, OUT_TILES=8, num_warps=8, num_stages=2),
     _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, OUT_TILES=1, num_warps=4, num_stages=1),
 ]
 _FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,

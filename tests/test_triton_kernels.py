@@ -35,12 +35,81 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
     pruning never leaves the autotuner empty."""
     from tunecomp.kernels import blended_lowrank, masked_lowrank
 
+    r_pad = masked_lowrank.rank_pad(rank)
     for gpu_configs in (masked_lowrank.FORWARD_GPU_CONFIGS,
                         blended_lowrank.BLENDED_FORWARD_GPU_CONFIGS):
         kept = masked_lowrank.prune_by_registers(gpu_configs, {"rank": rank})
-        assert kept
-        if rank > 256:
-            assert all(c.kwargs["BLOCK_K"] == 16 for c in kept)
+        assert kept and kept[-1] is gpu_configs[-1]
+        # T [BLOCK_M, R_PAD] in fp32 takes at most 128 of a thread's 255 registers (the
+        # 128-row tiles spilled at R_PAD 512: benchmarks/kernel_resources.py)
+        for c in kept[:-1]:
+            assert c.kwargs["BLOCK_M"] * r_pad <= 128 * 32 * c.num_warps, (rank, c)
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
+def test_forward_at_rank_192_has_a_t_holding_config_with_loads_in_flight(tmp_path):
+    """At the benchmark grid's rank (192, R_PAD 256, bf16) the forward keeps a config that holds
+    T across a whole 768-wide output row, fits an H100's shared memory, does not spill, and
+    keeps a load in flight on every pipelined operand (at least 2 buffers per ring). A masked
+    factor tile gets num_stages - 1 buffers, so a 2-stage config waits for every load: the
+    0.17 ms pick on an H200 was one, the only T-holding config of the list before that fit.
+    Compiled for sm_90 by benchmarks/kernel_resources.py (about 15 s), no GPU needed."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TUNECOMP_TRITON_ONE_CONFIG")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "kernel_resources.py"), "--ranks", "192",
+         "--dtypes", "bfloat16", "--forward-only", "--no-write", "--print"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    good = []
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 10 or cells[0] != "_forward_kernel" or cells[2] != "256":
+            continue
+        blocks = dict(item.split("=") for item in cells[3].split() if "=" in item)
+        holds_t = int(blocks["BLOCK_N"]) * int(blocks["OUT_TILES"]) >= 768
+        if holds_t and cells[5] == "0" and cells[8] and int(cells[8]) >= 2 and not cells[9]:
+            good.append(cells[3])
+    assert good, proc.stdout[-5000:]
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU test_every_gpu_config_on_the_gpu runs them compiled")
+@pytest.mark.parametrize("rank", [70, 300])
+def test_every_forward_gpu_config_interpreted(rank):
+    """Each GPU config of the two forward kernels that pruning keeps at this rank (R_PAD 128 or
+    512), forced on its own under the interpreter: the output-tile groups (OUT_TILES), the
+    128-row tiles and the token, rank and output edges compute the op against float64 in fp32
+    (77 tokens, 200 -> 300, half the entries pruned; no block size divides these). Compiled
+    code and the backward configs are checked by test_every_gpu_config_on_the_gpu."""
+    from kernel_battery import assert_close, fresh_seed, make_problem, reference_lowrank
+    from tunecomp.kernels import blended_lowrank, masked_lowrank
+
+    seed = fresh_seed()
+    p = make_problem(77, 200, 300, rank, torch.float32, "keep50", DEVICE, teacher=True)
+    ref_y, ref_blend_y = reference_lowrank(p)[0], reference_lowrank(p, 0.6)[0]
+    args = (p["x"], p["u"], p["v"], p["bias"], p["mask_u"], p["mask_v"])
+    ops = ((masked_lowrank._forward_kernel, masked_lowrank.FORWARD_GPU_CONFIGS, ref_y,
+            lambda: masked_lowrank.forward(*args)),
+           (blended_lowrank._blended_forward_kernel, blended_lowrank.BLENDED_FORWARD_GPU_CONFIGS,
+            ref_blend_y, lambda: blended_lowrank.blended_forward(
+                *args, p["teacher_weight"], p["teacher_bias"], torch.tensor(0.6))))
+    for kernel, gpu_configs, expected, run in ops:
+        saved = kernel.configs
+        try:
+            for config in masked_lowrank.prune_by_registers(gpu_configs, {"rank": rank}):
+                kernel.configs = [config]
+                kernel.cache.clear()
+                assert_close(f"{kernel.fn.__name__} {config}", run(), expected, torch.float32,
+                             seed, 1e-5)
+        finally:
+            kernel.configs = saved
+            kernel.cache.clear()
 
 
 def test_factor_gradient_token_split_rule(monkeypatch):
