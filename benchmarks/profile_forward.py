@@ -6,14 +6,18 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
    the ``torch``, ``triton`` and ``cuda`` backends through ``ops.masked_lowrank_linear``, and
    the forward done as two Triton launches (``T = x·Vm`` stored, then ``T·Umᵀ``: the
    backward's ``_rank_project`` kernel, no bias), and the fused Triton forward on factors
-   masked beforehand (no masks to load), on ViT-B/16 layer shapes in bf16;
-2. every Triton forward config on its own (autotuning bypassed) on the first shape;
-3. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead.
+   masked beforehand (no masks to load), timed without and with the two ``torch.where`` that
+   mask them, on ViT-B/16 layer shapes in bf16;
+2. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead;
+3. every Triton forward config on its own (autotuning bypassed) on the first shape, on masked
+   factors and on factors masked beforehand, and beside them the earlier list's pick
+   (``EARLIER_PICKS``).
 
     python benchmarks/profile_forward.py [--out-dir DIR]
 
 Prints each row as it comes; writes ``DIR/profile-<device>-<date>.json`` with the device and
-versions. A diagnosis aid, not a benchmark: no targets, one process, no pairing.
+versions, again after each section, so a run stopped by its time cap keeps what it measured.
+A diagnosis aid, not a benchmark: no targets, one process, no pairing.
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ def shape_times(in_features, out_features, n_tokens) -> dict:
         "triton_two_launches_no_bias": lambda: two_launches(**a),
         # the fused kernel with the masks applied beforehand (not timed): what mask-on-load costs
         "triton_premasked": lambda: masked_lowrank.forward(a["x"], u_m, v_m, a["bias"], None, None),
+        # ... and with the masking timed too: the alternative to mask-on-load
+        "triton_where_then_fused": lambda: masked_lowrank.forward(
+            a["x"], torch.where(a["mask_u"], a["u"], 0.0), torch.where(a["mask_v"], a["v"], 0.0),
+            a["bias"], None, None),
     }
     row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK}"}
     for name, fn in cases.items():
@@ -95,20 +103,31 @@ def shape_times(in_features, out_features, n_tokens) -> dict:
     return row
 
 
+# Configs timed beside the current list: the autotuner's pick of the list before it (on an H200
+# at the first shape, masked: 170 us), single-buffered where the factors are masked.
+EARLIER_PICKS = (masked_lowrank._cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, OUT_TILES=16,
+                                     num_warps=8, num_stages=2),)
+
+
 def each_forward_config(in_features, out_features, n_tokens) -> list:
+    """Each config on its own, on masked factors and on the same factors masked beforehand."""
     a = layer(in_features, out_features, n_tokens)
+    premasked = dict(a, u=torch.where(a["mask_u"], a["u"], 0.0),
+                     v=torch.where(a["mask_v"], a["v"], 0.0), mask_u=None, mask_v=None)
     kernel = masked_lowrank._forward_kernel
     tuned = list(kernel.configs)
     rows = []
     try:
-        for config in tuned:
+        for config in tuned + list(EARLIER_PICKS):
             kernel.configs = [config]
             kernel.cache.clear()
-            try:
-                us = round(do_bench(lambda: masked_lowrank.forward(**a)) * 1e3, 1)
-            except Exception as error:  # OutOfResources: the config does not fit
-                us = type(error).__name__
-            rows.append({"config": str(config), "us": us})
+            row = {"config": str(config), "in_list": config in tuned}
+            for name, args in (("masked_us", a), ("premasked_us", premasked)):
+                try:
+                    row[name] = round(do_bench(lambda: masked_lowrank.forward(**args)) * 1e3, 1)
+                except Exception as error:  # OutOfResources: the config does not fit
+                    row[name] = type(error).__name__
+            rows.append(row)
             print(rows[-1], flush=True)
     finally:
         kernel.configs = tuned
@@ -126,23 +145,31 @@ def main() -> None:
               "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/profile_forward.py", "dtype": str(DTYPE),
               "shapes": [], "forward_configs": [], "host_us_per_call_n197": {}}
+    name = result["device"].lower().replace(" ", "-")
+    path = os.path.join(args.out_dir, f"profile-{name}-{result['date']}.json")
+
+    def save():  # after every section: a run cut short keeps what it measured
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
     for shape in SHAPES:
         result["shapes"].append(shape_times(*shape))
         print(result["shapes"][-1], flush=True)
-    result["forward_configs"] = each_forward_config(*SHAPES[0])
+        save()
     a = layer(768, 768, 197)
     host = {"eager": host_us(lambda: eager(**a)),
             "triton_launch_alone": host_us(lambda: masked_lowrank.forward(**a))}
     for backend in ("torch", "triton", "cuda"):
-        host[backend] = host_us(lambda b=backend: ops.masked_lowrank_linear(**a, backend=b))
+        try:
+            host[backend] = host_us(lambda b=backend: ops.masked_lowrank_linear(**a, backend=b))
+        except Exception as error:  # a backend missing here still leaves the others' times
+            host[backend] = f"{type(error).__name__}: {error}"[:200]
     result["host_us_per_call_n197"] = host
     print("host µs per call, 197 tokens:", host, flush=True)
-    name = result["device"].lower().replace(" ", "-")
-    path = os.path.join(args.out_dir, f"profile-{name}-{result['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    save()
+    result["forward_configs"] = each_forward_config(*SHAPES[0])
+    save()
     print("wrote", path)
-
 
 if __name__ == "__main__":
     main()
