@@ -52,10 +52,11 @@ BLENDED_FORWARD_GPU_CONFIGS = [
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    # large ranks (R_PAD 256-512): thin K steps keep the V tile small
+    # large ranks (R_PAD 256-512): 3-4 stages, as a masked V tile gets num_stages - 1 buffers
+    # (masked_lowrank's "Pipelining"); at 2 stages, for few tokens, every K step waits
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=4),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
-    _cfg(BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=2),
-    _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2),
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
     _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
 ]
