@@ -390,6 +390,39 @@ def test_inference_layer_compiles(tmp_path, form, cls):
         assert rel_error(compiled(x), layer(x)) < 1e-5
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_lowrank_layer_on_the_torch_backend_runs_the_math_directly(bias, monkeypatch):
+    """LowRankLinear on the "torch" backend (auto's pick on CUDA) skips ops' checks and custom
+    op: same values as ops (float64, 3-D input, zero tokens), the input's gradient, and under
+    torch.compile; ops is not called at all. Another backend still goes through ops."""
+    from tunecomp import ops
+
+    layer = LowRankLinear(12, 10, 4, bias=bias, dtype=torch.float64, backend="torch")
+    for p in layer.parameters():
+        p.copy_(torch.randn_like(p))
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    expected = ops.masked_lowrank_linear(x, layer.u, layer.v, layer.bias, backend="torch")
+    (grad_expected,) = torch.autograd.grad(expected.sum(), x)
+    calls = []
+    real = ops.masked_lowrank_linear
+    monkeypatch.setattr(ops, "masked_lowrank_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
+    y = layer(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert y.shape == (2, 3, 10) and rel_error(y, expected) < 1e-12 and rel_error(grad, grad_expected) < 1e-12
+    assert layer(x[:, :0]).shape == (2, 0, 10)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert rel_error(torch.compile(layer, fullgraph=True)(x), expected) < 1e-12
+    assert calls == []
+    if ops.available_backends("cpu", torch.float32)["cpu"] is None:
+        layer_cpu = LowRankLinear(12, 10, 4, bias=bias, backend="cpu")
+        for p in layer_cpu.parameters():
+            p.copy_(torch.randn_like(p))
+        with torch.no_grad():
+            layer_cpu(torch.randn(5, 12))
+        assert calls == [{"backend": "cpu"}]
+
+
 def test_sparse_form_off_the_cpu_kernel(tmp_path):
     """The sparse form where the CPU kernel cannot run it (here float64): loaded as the
     low-rank form of the same factors; a packed layer moved there scatters its entries back.
