@@ -28,9 +28,10 @@
 #             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
 #             of their time (~170 binaries for the every-config test, ~360 for the battery).
 #   profile   benchmarks/profile_forward.py: CUDA-event times of the masked forward (dense, eager,
-#             each backend, Triton as two launches and on factors masked beforehand), every
-#             Triton forward config on its own, host time per call
-#                                             -> profile.log, profile-<device>-<date>.json
+#             each backend, Triton as two launches and on factors masked beforehand), host
+#             time per call, every Triton forward config on its own on masked and premasked
+#             factors (the JSON is rewritten after each section, so the cap loses only the
+#             section in flight)       -> profile.log, profile-<device>-<date>.json
 #   sanitize  a probe of about a second under memcheck: where compute-sanitizer refuses the
 #             device ("Device not supported", as on gVisor machines) the stage is NOT RUN and
 #             says so, without spending its minutes; else
@@ -55,11 +56,12 @@
 # Time: each call is capped at GPU_CHECK_TOTAL_S (default 550 s, for a 600 s call). Each stage
 # has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its log and
 # benchmark JSON); pytest dumps every thread's stack into the log when one test runs past
-# 120 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
+# 60 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
 # (2026-11-26, before the profile stage existed): build 52 s, info 15 s, tests-gpu shards
 # 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench 119 s. Estimated:
-# profile ~1-1.5 min, which leaves the bench stage little of call 1; call 2: tests ~1 min,
-# sanitize ~2 min.
+# profile ~1.5-2.5 min (cap 150 s), which leaves the bench stage nothing of call 1: a second
+# call GPU_CHECK_STAGES="build bench" runs it (then tests ~1 min, sanitize ~2 min if time is
+# left).
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
 # tests-gpu profile model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
@@ -213,15 +215,17 @@ print(missing or "torch, triton and cuda backends available for bfloat16 on cuda
 fi
 GPU_TESTS="gpu or (cuda and not emulator)"
 if ! wants info && { wants tests || wants tests-gpu; }; then probe_raise; fi
-PYTEST=("$PY" -m pytest tests -q --maxfail 20 -p no:cacheprovider -o faulthandler_timeout=120 "${IGNORE[@]}")
+# faulthandler dumps every thread's stack when one test runs past 60 s (a shard's cap is
+# 150-180 s); -v names each test before it runs, so a hang without a dump still shows which.
+PYTEST=("$PY" -m pytest tests --maxfail 20 -p no:cacheprovider -o faulthandler_timeout=60 "${IGNORE[@]}")
 if wants tests-gpu; then
-  pstage tests-gpu 150 "$OUT/tests.log" "${PYTEST[@]}" -rs -k "$GPU_TESTS"
+  pstage tests-gpu 150 "$OUT/tests.log" "${PYTEST[@]}" -v -rs -k "$GPU_TESTS"
 fi
 if wants tests; then
-  pstage tests 180 "$OUT/tests.log" "${PYTEST[@]}" -k "not ($GPU_TESTS)"
+  pstage tests 180 "$OUT/tests.log" "${PYTEST[@]}" -q -k "not ($GPU_TESTS)"
 fi
 if wants profile; then
-  stage profile 120 "$OUT/profile.log" "$PY" benchmarks/profile_forward.py --out-dir "$OUT"
+  stage profile 150 "$OUT/profile.log" "$PY" benchmarks/profile_forward.py --out-dir "$OUT"
 fi
 # sanitizer_takes_device: false when compute-sanitizer refuses this machine's GPU ("Device not
 # supported", seen on gVisor machines), found by a probe of about a second under memcheck (the
