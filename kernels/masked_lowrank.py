@@ -353,6 +353,9 @@ PROJECT_GPU_CONFIGS = [
     _cfg(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_R=64, BLOCK_K=64, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_R=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    # 4 stages: 3 buffers for the masked factor tile (see "Pipelining" above)
+    _cfg(BLOCK_M=128, BLOCK_R=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=4),
     _cfg(BLOCK_M=16, BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=2),
 ]
 _PROJECT_CONFIGS = configs(PROJECT_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_R=16, BLOCK_K=16), one_config=-1)
@@ -388,6 +391,9 @@ GRAD_X_GPU_CONFIGS = [
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    # 4 stages: 3 buffers for the masked factor tile (see "Pipelining" above)
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
 ]
 _GRAD_X_CONFIGS = configs(GRAD_X_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), one_config=-1)
@@ -435,6 +441,8 @@ GRAD_FACTOR_GPU_CONFIGS = [
     _cfg(BLOCK_D=64, BLOCK_R=64, BLOCK_T=64, num_warps=4, num_stages=3),
     _cfg(BLOCK_D=128, BLOCK_R=64, BLOCK_T=64, num_warps=8, num_stages=3),
     _cfg(BLOCK_D=128, BLOCK_R=128, BLOCK_T=32, num_warps=8, num_stages=3),
+    _cfg(BLOCK_D=128, BLOCK_R=128, BLOCK_T=64, num_warps=8, num_stages=4),
+    _cfg(BLOCK_D=128, BLOCK_R=64, BLOCK_T=64, num_warps=4, num_stages=4),
     _cfg(BLOCK_D=64, BLOCK_R=32, BLOCK_T=128, num_warps=4, num_stages=2),
 ]
 _GRAD_FACTOR_CONFIGS = configs(GRAD_FACTOR_GPU_CONFIGS, _cfg(BLOCK_D=16, BLOCK_R=16, BLOCK_T=16), one_config=0)
