@@ -2,7 +2,7 @@
 bytes and shared memory of every Triton autotune config, and of the CUDA C++ kernels in the
 built ``tunecomp._C``.
 
-    python benchmarks/kernel_resources.py [--target cuda:90] [--ranks 32,64,128,256,384]
+    python benchmarks/kernel_resources.py [--target cuda:90] [--ranks 32,64,128,192,256,307,384]
         [--dtypes bfloat16,float16,float32] [--out-dir DIR] [--print] [--quick] [--no-write]
         [--forward-only]
 
@@ -133,13 +133,27 @@ def matrix_instructions(ptx: str) -> str:
 
 
 def pipeline_buffers(ttgir: str):
-    """The fewest buffers of any shared-memory ring the software pipeliner allocated (None: no
-    pipelined load at all, as at 1 stage: every load waits). 1 means a loop waits for each of that operand's loads before its dot, with
-    no load in flight behind it: Triton gives a tile that passes through registers on its way
-    to the dot (a masked factor tile: load, ``tl.where``, store to shared memory) only
-    ``num_stages - 1`` buffers, so one at 2 stages."""
+    """(the fewest buffers of any shared-memory ring the software pipeliner allocated, or None
+    where it allocated none, as at 1 stage; the number of 2-D tile loads it left synchronous).
+    A ring of 1 means a loop waits for each of that operand's loads before its dot, with no
+    load in flight behind it: Triton gives a tile that passes through registers on its way to
+    the dot (a masked factor tile: load, ``tl.where``, store to shared memory) only
+    ``num_stages - 1`` buffers, so one at 2 stages. A synchronous tile load in a loop
+    (``tt.load`` left in the TTGIR) waits for its data every iteration: so it is where Triton
+    cannot prove the rows 16-element aligned (a factor of rank 307)."""
     rings = [int(n) for n in re.findall(r"local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x", ttgir)]
-    return min(rings) if rings else None
+    sync, regions = 0, []  # regions: for each open region, whether it is a loop's body
+    for line in ttgir.splitlines():
+        code = line.split(" loc(")[0].strip()
+        if code.startswith("}"):
+            if regions:
+                regions.pop()
+            continue
+        if any(regions) and re.search(r"= tt\.load .*: tensor<\d+x\d+x!tt\.ptr", code):
+            sync += 1  # a 2-D tile loaded synchronously inside a loop
+        if code.endswith("{"):
+            regions.append("scf.for" in code)
+    return (min(rings) if rings else None), sync
 
 
 class _CompileInsteadOfLaunch:
@@ -164,20 +178,28 @@ class _CompileInsteadOfLaunch:
                 meta = config.all_kwargs()
                 record = dict(self.context, kernel=kernel,
                               config=_config_text(meta),
-                              r_pad=kwargs.get("R_PAD"))
+                              r_pad=_rank_chunks_text(kwargs))
                 try:
                     compiled = self.tuner.fn.warmup(*args, grid=grid, **kwargs, **meta)
                     record.update(resource_usage(compiled.asm["cubin"]),
                                   shared=int(compiled.metadata.shared),
                                   mma=matrix_instructions(compiled.asm["ptx"]),
-                                  buffers=pipeline_buffers(compiled.asm["ttgir"]), error=None)
+                                  error=None)
+                    record["buffers"], record["sync_loads"] = pipeline_buffers(compiled.asm["ttgir"])
                 except Exception as exc:  # a compile error is the finding, not a crash
-                    record.update(registers=None, local=None, shared=None, mma=None, buffers=None,
+                    record.update(registers=None, local=None, shared=None, mma=None, buffers=None, sync_loads=None,
                                   error=f"{type(exc).__name__}: {str(exc).strip()[:400]}")
                 self.records.append(record)
             return None
 
         return launch
+
+
+def _rank_chunks_text(kwargs):
+    """The forward kernels' padded rank as its chunks, e.g. "128+64" (None for the others)."""
+    if "R0" not in kwargs:
+        return None
+    return "+".join(str(kwargs[f"R{i}"]) for i in range(kwargs["N_CHUNKS"]))
 
 
 def _config_text(meta) -> str:
@@ -287,7 +309,7 @@ def cuda_kernels(arch: int):
 
 
 def unique(records) -> list:
-    """One row per distinct binary (kernel, dtype, R_PAD where it matters, config)."""
+    """One row per distinct binary (kernel, dtype, rank chunks where they matter, config)."""
     rows, seen = [], set()
     for r in records:
         key = (r["kernel"], r["dtype"], r["r_pad"], r["config"])
@@ -310,8 +332,13 @@ def calls(records, max_shared: int) -> list:
         fit = [r for r in ok if r["shared"] <= max_shared]
         out.append(dict(kernel=kernel, dtype=dtype, layer=layer, rank=rank, configs=len(rs),
                         compiled=len(ok), fit=len(fit), fit_no_spill=sum(not r["local"] for r in fit),
-                        fit_prefetching=sum(not r["local"] and (r["buffers"] or 0) >= 2 for r in fit)))
+                        fit_prefetching=sum(_prefetches(r) and not r["local"] for r in fit)))
     return out
+
+
+def _prefetches(record) -> bool:
+    """Every tile load of the binary is pipelined with a load in flight behind it."""
+    return (record["buffers"] or 0) >= 2 and record["sync_loads"] == 0
 
 
 def problems(records, max_shared: int) -> list:
@@ -349,7 +376,10 @@ def markdown(meta, rows, max_shared, found, cuda_rows, calls_list) -> str:
              "warpgroup MMA; mma: mma.sync; fma: no tensor cores); buffers = the fewest "
              "shared-memory buffers of any operand the pipeliner prefetches (1: every step of "
              "that loop waits for its own load; a masked factor tile gets num_stages - 1; "
-             "empty: nothing prefetched, 1 stage). "
+             "empty: nothing prefetched, 1 stage); sync = 2-D tile loads in loops the pipeliner "
+             "left synchronous (each iteration waits for them); rank chunks = the column chunks the forward "
+             "kernels hold T in (masked_lowrank.rank_chunks: the rank padded to a multiple of 16, "
+             "as at most 3 powers of two). "
              "Configs are those the autotuner keeps after its pruning.", ""]
     if found:
         lines += ["**Problems:**", ""] + [f"- {p}" for p in found] + [""]
@@ -357,16 +387,15 @@ def markdown(meta, rows, max_shared, found, cuda_rows, calls_list) -> str:
         lines += ["Every Triton kernel compiled; every call has a config that fits.", ""]
     spilled = sum(1 for r in rows if r["local"])
     too_big = sum(1 for r in rows if r["shared"] is not None and r["shared"] > max_shared)
-    single = sum(1 for r in rows if r["error"] is None and (r.get("buffers") or 0) < 2)
+    single = sum(1 for r in rows if r["error"] is None and not _prefetches(r))
     lines += [f"{len(rows)} binaries: {spilled} spill, {too_big} exceed shared memory, "
-              f"{single} prefetch no load (1 buffer or 1 stage).", ""]
+              f"{single} wait for some tile load (1 buffer, 1 stage or a synchronous load).", ""]
     exposed = sorted({f"{c['kernel']} {c['dtype']} rank {c['rank']}"
                       for c in calls_list if c["fit"] and not c["fit_prefetching"]})
     if exposed:
-        lines += ["Calls whose every fitting config spills or prefetches no load (each K step "
-                  "waits for its load): " + "; ".join(exposed) + ".", ""]
-    lines += ["| kernel | dtype | R_PAD | config | registers | local | shared | mma | buffers | note |",
-              "|---|---|---:|---|---:|---:|---:|---|---:|---|"]
+        lines += ["Calls whose every fitting config spills or waits for a tile load: " + "; ".join(exposed) + ".", ""]
+    lines += ["| kernel | dtype | rank chunks | config | registers | local | shared | mma | buffers | sync | note |",
+              "|---|---|---|---|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         note = r["error"] or ("spills" if r["local"] else "")
         if r["shared"] is not None and r["shared"] > max_shared:
@@ -376,14 +405,16 @@ def markdown(meta, rows, max_shared, found, cuda_rows, calls_list) -> str:
                      f"{r['registers'] if r['registers'] is not None else ''} | "
                      f"{r['local'] if r['local'] is not None else ''} | "
                      f"{r['shared'] if r['shared'] is not None else ''} | {r['mma'] or ''} | "
-                     f"{r['buffers'] if r.get('buffers') is not None else ''} | {note} |")
+                     f"{r['buffers'] if r.get('buffers') is not None else ''} | "
+                     f"{r['sync_loads'] if r.get('sync_loads') is not None else ''} | {note} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90 (H100/H200)")
-    parser.add_argument("--ranks", default="32,64,128,256,384")
+    parser.add_argument("--ranks", default="32,64,128,192,256,307,384",
+                        help="192: the kernel benchmarks' rank; 307: ViT-B/16's MLP at half the parameters, unaligned")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
     parser.add_argument("--max-shared", type=int, default=None,
                         help="bytes of shared memory per block (default: the target's limit)")
