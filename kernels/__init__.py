@@ -74,10 +74,11 @@ def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:
     return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
-# The forward kernels keep T = x·V, [BLOCK_M, R_PAD], on chip. Their smallest config (single
-# stage, always an autotune candidate) needs 48·R_PAD elements of shared memory: 196,608 bytes
-# at R_PAD 1024 in fp32 or 2048 in bf16, compiled for sm_90 (benchmarks/kernel_resources.py).
-# With R_PAD·(bytes per element) <= 2048 that is 98,304 bytes, which fits the opt-in shared
+# The forward kernels keep T = x·V, [BLOCK_M, P] with P = masked_lowrank.rank_pad(rank) (at
+# most the next power of two), on chip. Their smallest config (single stage, always an
+# autotune candidate) needs 48·P elements of shared memory: 196,608 bytes at P 1024 in fp32
+# or 2048 in bf16, compiled for sm_90 (benchmarks/kernel_resources.py).
+# With P·(bytes per element) <= 2048 that is 98,304 bytes, which fits the opt-in shared
 # memory of every GPU from sm_80 on (sm_86/sm_89: 99 KiB; A100: 163 KiB; H100: 227 KiB). One
 # limit for all devices keeps the choice a pure function of the dtype, also under
 # torch.compile's tracing; larger ranks go to the CUDA C++ backend, which has no such limit.

@@ -5,15 +5,15 @@
 Forward design (one launch, one pass over X): grid ``(cdiv(N, BLOCK_M), cdiv(out, BLOCK_N))``,
 one output tile per program. A single K loop over ``in`` loads each X tile once and feeds it
 to both the teacher GEMM (``acc += X_tile @ W0_tile.T``) and the student's rank projection
-(``T += X_tile @ Vm_tile``, T of width ``R_PAD`` held in registers as in the plain forward).
+(``T += X_tile @ Vm_tile``, T held in registers in rank chunks as in the plain forward).
 After the loop: ``student = T @ Um_tile.T + bias``, ``y = a * (acc + b0) + s * student``, with
 the blend in fp32 and one store.
 
 T is recomputed per output tile: the dense teacher GEMM dominates (``BLOCK_N`` columns of W0 per
-tile against ``R_PAD`` columns of V), and recomputing keeps X read once per tile with no extra
+tile against the rank's columns of V), and recomputing keeps X read once per tile with no extra
 launch. A GPU measurement should decide against the alternative DESIGN.md names, a tiny first
 pass producing T (N x r) before a teacher GEMM with the student epilogue; recompute costs
-``R_PAD / BLOCK_N`` extra FLOPs relative to the teacher (e.g. 2x at r=256 with BLOCK_N=128).
+``rank / BLOCK_N`` extra FLOPs relative to the teacher (e.g. 2x at r=256 with BLOCK_N=128).
 
 alpha is read from a one-element float32 device tensor inside the kernels: no ``.item()``, no
 recompile when it changes, CUDA-graph safe.
@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .masked_lowrank import (
     _cfg,
+    chunk_args,
     configs,
     dot_precision,
     load_masked_tile,
@@ -40,7 +41,6 @@ from .masked_lowrank import (
     lowrank_backward,
     mask_arg,
     prune_by_registers,
-    rank_pad,
     store_tile,
     student_scale,
     token_bucket,
@@ -52,7 +52,7 @@ BLENDED_FORWARD_GPU_CONFIGS = [
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    # large ranks (R_PAD 256-512): 3-4 stages, as a masked V tile gets num_stages - 1 buffers
+    # large ranks (256-512): 3-4 stages, as a masked V tile gets num_stages - 1 buffers
     # (masked_lowrank's "Pipelining"); at 2 stages, for few tokens, every K step waits
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=4),
@@ -65,7 +65,8 @@ _BLENDED_FORWARD_CONFIGS = configs(BLENDED_FORWARD_GPU_CONFIGS,
 
 
 @triton.autotune(configs=_BLENDED_FORWARD_CONFIGS,
-                 key=["n_bucket", "in_features", "out_features", "R_PAD", "DOT_PRECISION"],
+                 key=["n_bucket", "in_features", "out_features", "R0", "R1", "R2", "N_CHUNKS",
+                      "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _blended_forward_kernel(
@@ -76,15 +77,21 @@ def _blended_forward_kernel(
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
     HAS_MASK_U: tl.constexpr, HAS_MASK_V: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, N_CHUNKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD).to(tl.int64)
+    # T's column chunks (masked_lowrank.rank_chunks); one past N_CHUNKS is never read
+    offs_r0 = tl.arange(0, R0).to(tl.int64)
+    offs_r1 = R0 + tl.arange(0, R1).to(tl.int64)
+    offs_r2 = R0 + R1 + tl.arange(0, R2).to(tl.int64)
 
     teacher = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    t0 = tl.zeros((BLOCK_M, R0), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_M, R2), dtype=tl.float32)
     for k0 in range(0, in_features, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x_tile = load_tile(x_ptr, offs_m, offs_k, n_tokens, in_features, stride_xm, stride_xk)
@@ -92,13 +99,31 @@ def _blended_forward_kernel(
         wt_tile = load_tile(w_ptr, offs_k, offs_n, in_features, out_features,
                             stride_w1, stride_w0)
         teacher = tl.dot(x_tile, wt_tile, teacher, input_precision=DOT_PRECISION)
-        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r, in_features, rank,
+        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r0, in_features, rank,
                                   stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-        t = tl.dot(x_tile, v_tile, t, input_precision=DOT_PRECISION)
+        t0 = tl.dot(x_tile, v_tile, t0, input_precision=DOT_PRECISION)
+        if N_CHUNKS > 1:
+            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r1, in_features, rank,
+                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+            t1 = tl.dot(x_tile, v_tile, t1, input_precision=DOT_PRECISION)
+        if N_CHUNKS > 2:
+            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r2, in_features, rank,
+                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+            t2 = tl.dot(x_tile, v_tile, t2, input_precision=DOT_PRECISION)
 
-    ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r, offs_n, rank, out_features,
+    ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r0, offs_n, rank, out_features,
                                stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-    student = tl.dot(t.to(x_ptr.dtype.element_ty), ut_tile, input_precision=DOT_PRECISION)
+    student = tl.dot(t0.to(x_ptr.dtype.element_ty), ut_tile, input_precision=DOT_PRECISION)
+    if N_CHUNKS > 1:
+        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r1, offs_n, rank, out_features,
+                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+        student = tl.dot(t1.to(x_ptr.dtype.element_ty), ut_tile, student,
+                         input_precision=DOT_PRECISION)
+    if N_CHUNKS > 2:
+        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r2, offs_n, rank, out_features,
+                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+        student = tl.dot(t2.to(x_ptr.dtype.element_ty), ut_tile, student,
+                         input_precision=DOT_PRECISION)
     n_ok = offs_n < out_features
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * stride_b, mask=n_ok, other=0.0)
@@ -133,7 +158,7 @@ def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias,
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None,
         HAS_MASK_U=mask_u is not None, HAS_MASK_V=mask_v is not None,
-        R_PAD=rank_pad(rank), DOT_PRECISION=dot_precision(x.dtype),
+        **chunk_args(rank), DOT_PRECISION=dot_precision(x.dtype),
     )
     return y
 

@@ -9,17 +9,19 @@ Forward design (one launch)
 Grid ``(cdiv(N, BLOCK_M), cdiv(out, BLOCK_N * OUT_TILES))``. A program owns ``BLOCK_M`` tokens
 and a group of ``OUT_TILES`` consecutive output tiles:
 
-1. K loop over ``in``: ``T[BLOCK_M, R_PAD] += X_tile @ Vm_tile`` in fp32 registers. X is read
+1. K loop over ``in``: ``T[BLOCK_M, r] += X_tile @ Vm_tile`` in fp32 registers. X is read
    once per program; T never leaves the chip.
-2. For each output tile of the group: ``Y_tile = T @ Um_tile.T + bias``, one ``tl.dot`` with
-   ``K = R_PAD``, bias added in fp32, one store.
+2. For each output tile of the group: ``Y_tile = T @ Um_tile.T + bias``, one ``tl.dot`` per
+   rank chunk, bias added in fp32, one store.
 
-Rank handling: the whole rank is held at once, padded to ``R_PAD = max(16, next_pow2(r))``
-(``tl.arange`` needs a power of two; padded columns load as zeros and add nothing). This keeps
-the kernel a plain two-GEMM chain with T resident, at the price of up to 2x wasted rank FLOPs
-just above a power of two (r=384 runs as 512) and register pressure growing with r, which the
-config pruning below handles (``prune_by_registers``: large ``R_PAD`` only gets thin tiles).
-Looping over rank chunks instead would force either storing T or re-reading X once per chunk.
+Rank handling: the whole rank is held at once, as up to three column chunks of T whose widths
+are powers of two (``rank_chunks``: ``tl.arange`` needs a power of two), adding up to the rank
+rounded up to a multiple of 16 (192 = 128 + 64; 307 -> 256 + 64; padded columns load as zeros
+and add nothing). Padding to one power of two instead (as before) wasted up to 2x the rank
+FLOPs and factor bytes just above one: 33% at r=192 (256), 67% at r=307 (512). Each chunk is
+one more dot per K step with the same X tile. Register pressure grows with r, which the config
+pruning below handles (``prune_by_registers``: large ranks only get thin tiles). Looping over
+rank chunks in sequence instead would force either storing T or re-reading X once per chunk.
 
 ``OUT_TILES`` is the knob between the two designs DESIGN.md asks to measure: ``OUT_TILES=1``
 recomputes T for every output tile (most parallelism, ``out/BLOCK_N`` times the X@V FLOPs),
@@ -37,7 +39,7 @@ dot's shared-memory operand; Triton copies it and its mask asynchronously into
 With 2 stages that is one buffer: each K step waits for its own load (``async_wait`` 0), with
 no load in flight behind it. The 0.17 ms pick above was such a config (BLOCK 64/64/16,
 OUT_TILES=16, 2 stages): 48 + 12 fully exposed load latencies per program, two waves of
-programs. At R_PAD=256 the list had no T-holding config with more stages that fit shared
+programs. At rank 192 (then padded to 256) the list had no T-holding config with more stages that fit shared
 memory, which is why the current list carries four (the mask tiles, one byte per entry, take
 half as much shared memory again as the factor tiles). Prediction for the same shape, not yet
 measured: BLOCK_M=128 (99 programs, one wave, V and U read once per program from L2), 3-4
@@ -63,11 +65,16 @@ so a config tuned under "ieee" may not fit under "tf32". fp16/bf16 ignore it.
 
 Strides: every tensor is read through its strides (no ``.contiguous()`` copies), masks are
 reinterpreted as uint8 (a free view). Offsets are int64 so ``N * in`` beyond 2**31 is safe.
+Triton specializes each kernel on which integer arguments (strides included) are divisible by
+16, and copies a tile asynchronously only where its rows are known to be aligned: factors whose
+rank is not a multiple of 16 (row stride 307, say) compile to a binary whose factor and mask
+loads are synchronous (sm_90 TTGIR, benchmarks/kernel_resources.py's ``sync`` column). Hence
+ranks in multiples of 16 on a GPU (README, ``tunecomp.deploy.GPU_RANK_MULTIPLE``).
 
 Autotune: small config sets (5-10 per kernel) keyed on (token bucket = next_pow2(N), in, out,
 rank, and the dtypes, which Triton adds to every key); the two forward kernels key on the
-padded rank R_PAD instead, which is what their binaries depend on, so layers whose ranks
-differ after export drops dead components share a tuning. The forward configs are first
+rank chunks instead, which is what their binaries depend on, so layers whose ranks differ
+after export drops dead components share a tuning. The forward configs are first
 pruned by an estimate of live registers per thread, so large ranks never time configs that
 would spill; the smallest single-stage config always stays a candidate, as the one that fits
 shared memory up to the largest rank these kernels take (``max_rank``, which ``tunecomp.ops``
@@ -154,8 +161,32 @@ def tokens_per_split(n_tokens: int, d_dim: int, rank: int, device: torch.device)
     return triton.cdiv(triton.cdiv(n_tokens, splits), SPLIT_ALIGN) * SPLIT_ALIGN
 
 
+MAX_RANK_CHUNKS = 3
+
+
+def rank_chunks(rank: int) -> tuple:
+    """The widths of the column chunks the forward kernels hold T in: powers of two, each at
+    least 16 (``tl.arange`` and ``tl.dot`` need both), widest first, adding up to the smallest
+    multiple of 16 at least ``rank`` that is a sum of at most ``MAX_RANK_CHUNKS`` of them.
+    192 -> (128, 64), 307 -> (256, 64), 384 -> (256, 128), 200 -> (128, 64, 16),
+    240 -> (256,) (four chunks would be needed for 240 itself)."""
+    padded = max(16, triton.cdiv(rank, 16) * 16)
+    while bin(padded // 16).count("1") > MAX_RANK_CHUNKS:
+        padded += 16
+    return tuple(1 << b for b in range(padded.bit_length() - 1, 3, -1) if padded >> b & 1)
+
+
 def rank_pad(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    """The rank the forward kernels compute with: the sum of ``rank_chunks(rank)``."""
+    return sum(rank_chunks(rank))
+
+
+def chunk_args(rank: int) -> dict:
+    """The forward kernels' rank constexprs: R0 >= R1 >= R2 (unused ones 16, never read) and
+    N_CHUNKS."""
+    chunks = rank_chunks(rank)
+    widths = chunks + (16,) * (MAX_RANK_CHUNKS - len(chunks))
+    return dict(R0=widths[0], R1=widths[1], R2=widths[2], N_CHUNKS=len(chunks))
 
 
 def configs(gpu_configs, interpreter_config, one_config: int):
@@ -170,12 +201,12 @@ def _cfg(num_warps=4, num_stages=2, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# Budget (tile elements per thread) for what a forward program keeps live: T [BLOCK_M, R_PAD],
+# Budget (tile elements per thread) for what a forward program keeps live: T [BLOCK_M, rank_pad],
 # the output accumulator, the V and U tiles and (blended) the W0 tile. Calibrated on sm_90
 # cubins of the forward kernel (ptxas resource usage, fp16, aligned unit-stride inputs as Triton
 # specializes contiguous tensors): configs above ~450 spilled or needed more shared memory than
 # an H100 has, so they are not even compiled. The budget is a proxy, not a guarantee: what the
-# kept configs compile to, per dtype and R_PAD, is in benchmarks/results/resources-cuda90-*.md
+# kept configs compile to, per dtype and rank, is in benchmarks/results/resources-cuda90-*.md
 # (benchmarks/kernel_resources.py, no GPU needed). A few kept ones spill a little or exceed the
 # shared memory; autotuning times the former and skips the latter (OutOfResources), and the
 # last config of each forward list, always kept, fits. Strided or unaligned inputs compile to a separate,
@@ -184,22 +215,33 @@ def _cfg(num_warps=4, num_stages=2, **meta):
 _REGISTER_BUDGET = 400
 
 
+# And T itself, BLOCK_M x (padded rank) fp32 values, at most this many per thread: above it
+# (128-row tiles at rank 307, padded 320: 160) ptxas spilled or Triton's pipeliner left the
+# factor loads synchronous, even where the budget above held.
+_T_PER_THREAD = 128
+
+
 def _live_elements_per_thread(cfg, r_pad):
     m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     return (m * r_pad + m * n + k * r_pad + r_pad * n + k * n) / (32 * cfg.num_warps)
 
 
+def _within_budget(cfg, r_pad) -> bool:
+    return (_live_elements_per_thread(cfg, r_pad) <= _REGISTER_BUDGET
+            and cfg.kwargs["BLOCK_M"] * r_pad <= _T_PER_THREAD * 32 * cfg.num_warps)
+
+
 def prune_by_registers(configs_list, named_args, **kwargs):
     """The configs within the register budget, and always the list's last one: both forward
     lists end with their smallest single-stage config (ONE_CONFIG's pick), the one that fits
-    shared memory up to ``max_rank`` on every GPU from sm_80 on; at large R_PAD every config
-    within the budget may need more (fp32, R_PAD 1024: more than an H100 has;
+    shared memory up to ``max_rank`` on every GPU from sm_80 on; at large ranks every config
+    within the budget may need more (fp32, rank 1024: more than an H100 has;
     benchmarks/kernel_resources.py --ranks 768 --dtypes float32)."""
     if len(configs_list) == 1:
         return configs_list
     # rank is a positional argument, which every Triton 3.x passes in named_args.
     r_pad = rank_pad(named_args["rank"])
-    kept = [c for c in configs_list[:-1] if _live_elements_per_thread(c, r_pad) <= _REGISTER_BUDGET]
+    kept = [c for c in configs_list[:-1] if _within_budget(c, r_pad)]
     return kept + configs_list[-1:]
 
 
@@ -264,7 +306,7 @@ FORWARD_GPU_CONFIGS = [
     _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, OUT_TILES=1, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, OUT_TILES=4, num_warps=4, num_stages=3),
     # T held across the row block, with 3-4 stages: a masked factor tile gets num_stages - 1
-    # buffers (see "Pipelining" above). R_PAD up to 128, then up to 256, then 512.
+    # buffers (see "Pipelining" above). Ranks up to 128, then up to 256, then 512.
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, OUT_TILES=64, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, OUT_TILES=16, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, OUT_TILES=16, num_warps=8, num_stages=4),
@@ -279,7 +321,8 @@ _FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,
 
 
 @triton.autotune(configs=_FORWARD_CONFIGS,
-                 key=["n_bucket", "in_features", "out_features", "R_PAD", "DOT_PRECISION"],
+                 key=["n_bucket", "in_features", "out_features", "R0", "R1", "R2", "N_CHUNKS",
+                      "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_registers})
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _forward_kernel(
@@ -288,32 +331,56 @@ def _forward_kernel(
     stride_xm, stride_xk, stride_u0, stride_u1, stride_v0, stride_v1,
     stride_mu0, stride_mu1, stride_mv0, stride_mv1, stride_b, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_MASK_U: tl.constexpr, HAS_MASK_V: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, N_CHUNKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_TILES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R_PAD).to(tl.int64)
+    # T's column chunks (rank_chunks); a chunk past N_CHUNKS is never loaded or used
+    offs_r0 = tl.arange(0, R0).to(tl.int64)
+    offs_r1 = R0 + tl.arange(0, R1).to(tl.int64)
+    offs_r2 = R0 + R1 + tl.arange(0, R2).to(tl.int64)
 
-    t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    t0 = tl.zeros((BLOCK_M, R0), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_M, R1), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_M, R2), dtype=tl.float32)
     for k0 in range(0, in_features, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x_tile = load_tile(x_ptr, offs_m, offs_k, n_tokens, in_features, stride_xm, stride_xk)
-        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r, in_features, rank,
+        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r0, in_features, rank,
                                   stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-        t = tl.dot(x_tile, v_tile, t, input_precision=DOT_PRECISION)
+        t0 = tl.dot(x_tile, v_tile, t0, input_precision=DOT_PRECISION)
+        if N_CHUNKS > 1:
+            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r1, in_features, rank,
+                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+            t1 = tl.dot(x_tile, v_tile, t1, input_precision=DOT_PRECISION)
+        if N_CHUNKS > 2:
+            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r2, in_features, rank,
+                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+            t2 = tl.dot(x_tile, v_tile, t2, input_precision=DOT_PRECISION)
     # Round T like the eager math does, and so the second dot runs on the input dtype.
-    t_in = t.to(x_ptr.dtype.element_ty)
+    t0_in = t0.to(x_ptr.dtype.element_ty)
+    t1_in = t1.to(x_ptr.dtype.element_ty)
+    t2_in = t2.to(x_ptr.dtype.element_ty)
 
     first_n = pid_g * (OUT_TILES * BLOCK_N)
     last_n = tl.minimum(first_n + OUT_TILES * BLOCK_N, out_features)
     for n0 in range(first_n, last_n, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        # Um.T tile [R_PAD, BLOCK_N]: u read with swapped strides.
-        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r, offs_n, rank, out_features,
+        # Um.T tiles [chunk, BLOCK_N]: u read with swapped strides.
+        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r0, offs_n, rank, out_features,
                                    stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-        acc = tl.dot(t_in, ut_tile, input_precision=DOT_PRECISION)
+        acc = tl.dot(t0_in, ut_tile, input_precision=DOT_PRECISION)
+        if N_CHUNKS > 1:
+            ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r1, offs_n, rank, out_features,
+                                       stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+            acc = tl.dot(t1_in, ut_tile, acc, input_precision=DOT_PRECISION)
+        if N_CHUNKS > 2:
+            ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r2, offs_n, rank, out_features,
+                                       stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+            acc = tl.dot(t2_in, ut_tile, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < out_features, other=0.0)
             acc += b.to(tl.float32)[None, :]
@@ -339,7 +406,7 @@ def forward(x, u, v, bias, mask_u, mask_v):
         *mu_strides, *mv_strides, bias.stride(0) if bias is not None else 0,
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK_U=mask_u is not None, HAS_MASK_V=mask_v is not None,
-        R_PAD=rank_pad(rank), DOT_PRECISION=dot_precision(x.dtype),
+        **chunk_args(rank), DOT_PRECISION=dot_precision(x.dtype),
     )
     return y
 
