@@ -60,8 +60,10 @@ GRIDS = {
     # torch.compile at batch 1 (latency) and 256 (throughput) only: each case compiles the
     # whole ViT-B (estimated 20-40 s), 20 cases would not fit one 10-minute device call;
     # TUNECOMP_MODEL_COMPILE_BATCHES=1,8,64,256 runs them all
+    # ranks rounded down to multiples of 16 (768->768 at 50%: 192, qkv 288, MLP 304 instead of
+    # 307), still within the parameter ratio: see tunecomp.deploy.GPU_RANK_MULTIPLE
     "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(1, 8, 64, 256),
-                modes=("eager", "compile"), compile_batches=(256, 1), rounds=10,
+                modes=("eager", "compile"), compile_batches=(256, 1), rounds=10, rank_multiple=16,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
                           ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m", "semi24"),
                           ("params 50%, rho 0.5 2:4 as low-rank", 0.5, 0.5, "n:m", "lowrank"))),
@@ -152,9 +154,10 @@ def build(variant):
             needed = needed_bytes(model)
             ready = model.to(GRID["device"], GRID["dtype"])
         else:
-            # ranks in multiples of 4: 2:4 pruning groups U's entries along the rank
+            # ranks in multiples of 4: 2:4 pruning groups U's entries along the rank; on the GPU
+            # of 16 (GPU_RANK_MULTIPLE: aligned factor rows), which 4 divides
             replace_linear_layers(model, param_ratio=ratio, keep_teacher=False,
-                                  rank_multiple=4 if mode == "n:m" else 1)
+                                  rank_multiple=GRID.get("rank_multiple", 4 if mode == "n:m" else 1))
             if rho:
                 prune_(compressible_layers(model), rho, mode)
             params = effective_params(model)

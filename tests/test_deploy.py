@@ -423,6 +423,29 @@ def test_lowrank_layer_on_the_torch_backend_runs_the_math_directly(bias, monkeyp
         assert calls == [{"backend": "cpu"}]
 
 
+def test_load_pads_low_rank_layers_to_a_rank_multiple(tmp_path):
+    """load(rank_multiple=16) (the default on CUDA) pads every low-rank layer's rank with zero
+    components up to a multiple of 16: same outputs, aligned factor rows; the default on the
+    CPU pads nothing; a bad rank_multiple is refused."""
+    model = trained_like_model(keep=0.6)
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, form="lowrank")
+    ranks = {name: info["rank"] for name, info in manifest["layers"].items()}
+    assert any(r % 16 for r in ranks.values())  # something to pad
+    plain, padded = load(str(tmp_path)), load(str(tmp_path), rank_multiple=16)
+    for name, rank in ranks.items():
+        assert plain.get_submodule(name).u.shape[1] == rank
+        layer = padded.get_submodule(name)
+        assert isinstance(layer, LowRankLinear) and layer.rank == -(-rank // 16) * 16
+        assert layer.u.shape[1] == layer.v.shape[1] == layer.rank
+        assert not layer.u[:, rank:].any() and not layer.v[:, rank:].any()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(padded(x), plain(x)) < 1e-5
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="rank_multiple must be a positive int or None; got"):
+            load(str(tmp_path), rank_multiple=bad)
+
+
 def test_sparse_form_off_the_cpu_kernel(tmp_path):
     """The sparse form where the CPU kernel cannot run it (here float64): loaded as the
     low-rank form of the same factors; a packed layer moved there scatters its entries back.

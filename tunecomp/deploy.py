@@ -685,16 +685,38 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+# Rank padding of the low-rank layers where ``load`` puts them on a GPU: the factors' rows
+# (and a mask's) are then a multiple of 16 elements long. Triton specializes a kernel on
+# strides divisible by 16 and only then copies tiles asynchronously; with rank 307 (ViT-B/16's
+# MLP at half the parameters) every factor load of the forward kernel stayed synchronous in
+# the sm_90 TTGIR (benchmarks/kernel_resources.py). NVIDIA recommends leading dimensions that
+# are multiples of 8 for 16-bit tensor-core GEMMs (cuBLAS). The padding is zero components:
+# at most 15 more rank columns, the same outputs.
+GPU_RANK_MULTIPLE = 16
+
+
+def _pad_rank(factor: Tensor, rank: int) -> Tensor:
+    """``factor`` [rows, r] with zero columns appended up to ``rank``."""
+    return F.pad(factor, (0, rank - factor.shape[1])) if rank > factor.shape[1] else factor
+
+
 def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Optional[nn.Module] = None,
-         backend: str = "auto") -> nn.Module:
+         backend: str = "auto", rank_multiple: Optional[int] = None) -> nn.Module:
     """The exported model, ready for inference (eval mode, no gradients), on ``device``
     (default: where ``model``, the skeleton to load into, lives; else the CPU) in ``dtype``
-    (default: the dtype it was exported in)."""
+    (default: the dtype it was exported in).
+
+    ``rank_multiple``: the low-rank layers' ranks are padded with zero components up to a
+    multiple of it (default ``GPU_RANK_MULTIPLE`` = 16 where the model goes to a CUDA device,
+    else 1: no padding). Same outputs; aligned factor rows for the GPU kernels."""
     from safetensors.torch import load_file
 
     device = None if device is None else torch.device(device)
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device is {device}, but no CUDA device is available here")
+    if rank_multiple is not None and (isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int)
+                                      or rank_multiple < 1):
+        raise ValueError(f"rank_multiple must be a positive int or None; got {rank_multiple!r}")
     manifest = read_manifest(path)
     dtype = dtype or getattr(torch, manifest["dtype"])
     tensors_path = os.path.join(path, TENSORS)
@@ -743,6 +765,8 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
     if device is None:  # a skeleton given on a device keeps the swapped-in layers there too
         device = next((t.device for t in model.state_dict().values() if not t.is_meta), None)
     packed_here = backend in ("auto", "cpu") and sparse_runs_packed(device or "cpu", dtype)
+    if rank_multiple is None:
+        rank_multiple = GPU_RANK_MULTIPLE if device is not None and device.type == "cuda" else 1
     for name, info in manifest["layers"].items():
         shape = (info["in_features"], info["out_features"])
         try:
@@ -780,10 +804,13 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             state.update({f"{name}.{key}": t for key, t in module.named_buffers()})
         else:  # "sparse" where it cannot run packed is the low-rank form of the same factors
             cls = {"lowrank": LowRankLinear, "sparse": LowRankLinear, "semi24": SemiStructuredLowRankLinear}
+            rank = info["rank"]
+            if cls[info["form"]] is LowRankLinear:  # the 2:4 form keeps its packed layout
+                rank = -(-rank // rank_multiple) * rank_multiple
             with torch.device("meta") if on_meta else contextlib.nullcontext():
-                module = cls[info["form"]](*shape, info["rank"], bias=info["bias"], backend=backend)
+                module = cls[info["form"]](*shape, rank, bias=info["bias"], backend=backend)
             for side, (factor, _) in decoded.items():
-                state[f"{name}.{side}"] = factor
+                state[f"{name}.{side}"] = _pad_rank(factor, rank)
         setattr(model.get_submodule(parent_name), child, module)
     try:
         model.load_state_dict(state, strict=True, assign=on_meta)
