@@ -30,8 +30,9 @@
 #   profile   benchmarks/profile_forward.py: CUDA-event times of the masked forward (dense, eager,
 #             each backend, Triton as two launches and on factors masked beforehand), host
 #             time per call, every Triton forward config on its own on masked and premasked
-#             factors (the JSON is rewritten after each section, so the cap loses only the
-#             section in flight)       -> profile.log, profile-<device>-<date>.json
+#             factors, ranks 320 against 307 (aligned rows or not); the JSON is rewritten after
+#             each section, so the cap loses only the section in flight
+#                                             -> profile.log, profile-<device>-<date>.json
 #   sanitize  a probe of about a second under memcheck: where compute-sanitizer refuses the
 #             device ("Device not supported", as on gVisor machines) the stage is NOT RUN and
 #             says so, without spending its minutes; else

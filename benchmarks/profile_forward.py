@@ -11,7 +11,9 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
 2. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead;
 3. every Triton forward config on its own (autotuning bypassed) on the first shape, on masked
    factors and on factors masked beforehand, and beside them the earlier list's pick
-   (``EARLIER_PICKS``).
+   (``EARLIER_PICKS``);
+4. the torch and triton backends at ranks 320 and 307, the same T chunks, only 320 with
+   16-element aligned factor rows (``ALIGNMENT_RANKS``).
 
     python benchmarks/profile_forward.py [--out-dir DIR]
 
@@ -41,7 +43,12 @@ RANK = 192
 SHAPES = ((768, 768, 12608), (3072, 768, 12608), (768, 3072, 50432))  # (in, out, tokens)
 
 
-def layer(in_features, out_features, n_tokens, seed=0):
+# Rank alignment: 307 (ViT-B/16's MLP at half the parameters) against 320, both held as T
+# chunks 256 + 64; only 320 gives factor rows Triton can prove 16-element aligned.
+ALIGNMENT_SHAPE, ALIGNMENT_RANKS = (768, 3072, 12608), (320, 307)
+
+
+def layer(in_features, out_features, n_tokens, seed=0, rank=RANK):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -49,12 +56,29 @@ def layer(in_features, out_features, n_tokens, seed=0):
 
     return dict(
         x=randn(n_tokens, in_features),
-        u=randn(out_features, RANK, scale=0.1),
-        v=randn(in_features, RANK, scale=0.1),
+        u=randn(out_features, rank, scale=0.1),
+        v=randn(in_features, rank, scale=0.1),
         bias=randn(out_features),
-        mask_u=torch.rand(out_features, RANK, device="cuda", generator=g) > 0.5,
-        mask_v=torch.rand(in_features, RANK, device="cuda", generator=g) > 0.5,
+        mask_u=torch.rand(out_features, rank, device="cuda", generator=g) > 0.5,
+        mask_v=torch.rand(in_features, rank, device="cuda", generator=g) > 0.5,
     )
+
+
+def rank_alignment() -> list:
+    """Times of the torch and triton backends at ranks 320 and 307 (ALIGNMENT_SHAPE)."""
+    rows = []
+    for rank in ALIGNMENT_RANKS:
+        a = layer(*ALIGNMENT_SHAPE, rank=rank)
+        row = {"shape": "{}->{} n={}".format(*ALIGNMENT_SHAPE) + f" r={rank}"}
+        for backend in ("torch", "triton"):
+            try:
+                row[backend + "_us"] = round(do_bench(
+                    lambda b=backend: ops.masked_lowrank_linear(**a, backend=b)) * 1e3, 1)
+            except Exception as error:
+                row[backend + "_us"] = f"{type(error).__name__}: {error}"[:200]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def two_launches(x, u, v, bias, mask_u, mask_v):
@@ -144,7 +168,7 @@ def main() -> None:
     result = {"device": provenance.device_name("cuda"), **provenance.versions(),
               "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/profile_forward.py", "dtype": str(DTYPE),
-              "shapes": [], "forward_configs": [], "host_us_per_call_n197": {}}
+              "shapes": [], "forward_configs": [], "host_us_per_call_n197": {}, "rank_alignment": []}
     name = result["device"].lower().replace(" ", "-")
     path = os.path.join(args.out_dir, f"profile-{name}-{result['date']}.json")
 
@@ -168,6 +192,8 @@ def main() -> None:
     print("host µs per call, 197 tokens:", host, flush=True)
     save()
     result["forward_configs"] = each_forward_config(*SHAPES[0])
+    save()
+    result["rank_alignment"] = rank_alignment()
     save()
     print("wrote", path)
 
