@@ -215,10 +215,10 @@ def _cfg(num_warps=4, num_stages=2, **meta):
 _REGISTER_BUDGET = 400
 
 
-# And T itself, BLOCK_M x (padded rank) fp32 values, at most this many per thread: above it
-# (128-row tiles at rank 307, padded 320: 160) ptxas spilled or Triton's pipeliner left the
-# factor loads synchronous, even where the budget above held.
-_T_PER_THREAD = 128
+# And T itself, BLOCK_M x (padded rank) fp32 values, at most this many per thread: 128-row
+# tiles at rank 384 (192 per thread) passed the budget above but needed more shared memory
+# than an H100 has; at rank 320 (160) they compiled to 224-249 registers without spilling.
+_T_PER_THREAD = 160
 
 
 def _live_elements_per_thread(cfg, r_pad):

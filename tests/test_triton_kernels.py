@@ -40,10 +40,10 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
                         blended_lowrank.BLENDED_FORWARD_GPU_CONFIGS):
         kept = masked_lowrank.prune_by_registers(gpu_configs, {"rank": rank})
         assert kept and kept[-1] is gpu_configs[-1]
-        # T [BLOCK_M, R_PAD] in fp32 takes at most 128 of a thread's 255 registers (the
-        # 128-row tiles spilled at R_PAD 512: benchmarks/kernel_resources.py)
+        # T [BLOCK_M, padded rank] in fp32 takes at most 160 of a thread's 255 registers (128-row
+        # tiles at rank 384 did not fit an H100's shared memory: benchmarks/kernel_resources.py)
         for c in kept[:-1]:
-            assert c.kwargs["BLOCK_M"] * r_pad <= 128 * 32 * c.num_warps, (rank, c)
+            assert c.kwargs["BLOCK_M"] * r_pad <= 160 * 32 * c.num_warps, (rank, c)
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
