@@ -36,13 +36,14 @@ from .masked_lowrank import (
     chunk_args,
     configs,
     dot_precision,
-    load_masked_tile,
     load_tile,
     lowrank_backward,
     mask_arg,
+    project_chunks,
     prune_by_registers,
     store_tile,
     student_scale,
+    times_um_t,
     token_bucket,
 )
 
@@ -99,31 +100,16 @@ def _blended_forward_kernel(
         wt_tile = load_tile(w_ptr, offs_k, offs_n, in_features, out_features,
                             stride_w1, stride_w0)
         teacher = tl.dot(x_tile, wt_tile, teacher, input_precision=DOT_PRECISION)
-        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r0, in_features, rank,
-                                  stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-        t0 = tl.dot(x_tile, v_tile, t0, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 1:
-            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r1, in_features, rank,
-                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-            t1 = tl.dot(x_tile, v_tile, t1, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 2:
-            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r2, in_features, rank,
-                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-            t2 = tl.dot(x_tile, v_tile, t2, input_precision=DOT_PRECISION)
+        t0, t1, t2 = project_chunks(x_tile, t0, t1, t2, v_ptr, mask_v_ptr, offs_k,
+                                    offs_r0, offs_r1, offs_r2, in_features, rank,
+                                    stride_v0, stride_v1, stride_mv0, stride_mv1,
+                                    HAS_MASK_V, N_CHUNKS, DOT_PRECISION)
 
-    ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r0, offs_n, rank, out_features,
-                               stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-    student = tl.dot(t0.to(x_ptr.dtype.element_ty), ut_tile, input_precision=DOT_PRECISION)
-    if N_CHUNKS > 1:
-        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r1, offs_n, rank, out_features,
-                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-        student = tl.dot(t1.to(x_ptr.dtype.element_ty), ut_tile, student,
-                         input_precision=DOT_PRECISION)
-    if N_CHUNKS > 2:
-        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r2, offs_n, rank, out_features,
-                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-        student = tl.dot(t2.to(x_ptr.dtype.element_ty), ut_tile, student,
-                         input_precision=DOT_PRECISION)
+    dtype = x_ptr.dtype.element_ty
+    student = times_um_t(t0.to(dtype), t1.to(dtype), t2.to(dtype), u_ptr, mask_u_ptr,
+                         offs_r0, offs_r1, offs_r2, offs_n, rank, out_features,
+                         stride_u0, stride_u1, stride_mu0, stride_mu1,
+                         HAS_MASK_U, N_CHUNKS, DOT_PRECISION)
     n_ok = offs_n < out_features
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * stride_b, mask=n_ok, other=0.0)

@@ -296,6 +296,46 @@ def student_scale(alpha_ptr):
     return a, tl.sqrt(tl.maximum(1.0 - a * a, 0.0))
 
 
+@triton.jit
+def project_chunks(x_tile, t0, t1, t2, v_ptr, mask_v_ptr, offs_k, offs_r0, offs_r1, offs_r2,
+                   in_features, rank, stride_v0, stride_v1, stride_mv0, stride_mv1,
+                   HAS_MASK_V: tl.constexpr, N_CHUNKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One K step of ``T += X_tile @ Vm_tile`` on T's chunks (``rank_chunks``); a chunk past
+    ``N_CHUNKS`` is neither loaded nor touched."""
+    v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r0, in_features, rank,
+                              stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+    t0 = tl.dot(x_tile, v_tile, t0, input_precision=DOT_PRECISION)
+    if N_CHUNKS > 1:
+        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r1, in_features, rank,
+                                  stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+        t1 = tl.dot(x_tile, v_tile, t1, input_precision=DOT_PRECISION)
+    if N_CHUNKS > 2:
+        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r2, in_features, rank,
+                                  stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
+        t2 = tl.dot(x_tile, v_tile, t2, input_precision=DOT_PRECISION)
+    return t0, t1, t2
+
+
+@triton.jit
+def times_um_t(t0, t1, t2, u_ptr, mask_u_ptr, offs_r0, offs_r1, offs_r2, offs_n, rank,
+               out_features, stride_u0, stride_u1, stride_mu0, stride_mu1,
+               HAS_MASK_U: tl.constexpr, N_CHUNKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``T @ Um[offs_n].T`` in fp32 from T's chunks (in the input dtype); Um.T tiles
+    [chunk, BLOCK_N] are u read with swapped strides."""
+    ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r0, offs_n, rank, out_features,
+                               stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+    acc = tl.dot(t0, ut_tile, input_precision=DOT_PRECISION)
+    if N_CHUNKS > 1:
+        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r1, offs_n, rank, out_features,
+                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+        acc = tl.dot(t1, ut_tile, acc, input_precision=DOT_PRECISION)
+    if N_CHUNKS > 2:
+        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r2, offs_n, rank, out_features,
+                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
+        acc = tl.dot(t2, ut_tile, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -349,17 +389,10 @@ def _forward_kernel(
     for k0 in range(0, in_features, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x_tile = load_tile(x_ptr, offs_m, offs_k, n_tokens, in_features, stride_xm, stride_xk)
-        v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r0, in_features, rank,
-                                  stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-        t0 = tl.dot(x_tile, v_tile, t0, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 1:
-            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r1, in_features, rank,
-                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-            t1 = tl.dot(x_tile, v_tile, t1, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 2:
-            v_tile = load_masked_tile(v_ptr, mask_v_ptr, offs_k, offs_r2, in_features, rank,
-                                      stride_v0, stride_v1, stride_mv0, stride_mv1, HAS_MASK_V)
-            t2 = tl.dot(x_tile, v_tile, t2, input_precision=DOT_PRECISION)
+        t0, t1, t2 = project_chunks(x_tile, t0, t1, t2, v_ptr, mask_v_ptr, offs_k,
+                                    offs_r0, offs_r1, offs_r2, in_features, rank,
+                                    stride_v0, stride_v1, stride_mv0, stride_mv1,
+                                    HAS_MASK_V, N_CHUNKS, DOT_PRECISION)
     # Round T like the eager math does, and so the second dot runs on the input dtype.
     t0_in = t0.to(x_ptr.dtype.element_ty)
     t1_in = t1.to(x_ptr.dtype.element_ty)
@@ -369,18 +402,9 @@ def _forward_kernel(
     last_n = tl.minimum(first_n + OUT_TILES * BLOCK_N, out_features)
     for n0 in range(first_n, last_n, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        # Um.T tiles [chunk, BLOCK_N]: u read with swapped strides.
-        ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r0, offs_n, rank, out_features,
-                                   stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-        acc = tl.dot(t0_in, ut_tile, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 1:
-            ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r1, offs_n, rank, out_features,
-                                       stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-            acc = tl.dot(t1_in, ut_tile, acc, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 2:
-            ut_tile = load_masked_tile(u_ptr, mask_u_ptr, offs_r2, offs_n, rank, out_features,
-                                       stride_u1, stride_u0, stride_mu1, stride_mu0, HAS_MASK_U)
-            acc = tl.dot(t2_in, ut_tile, acc, input_precision=DOT_PRECISION)
+        acc = times_um_t(t0_in, t1_in, t2_in, u_ptr, mask_u_ptr, offs_r0, offs_r1, offs_r2,
+                         offs_n, rank, out_features, stride_u0, stride_u1, stride_mu0, stride_mu1,
+                         HAS_MASK_U, N_CHUNKS, DOT_PRECISION)
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < out_features, other=0.0)
             acc += b.to(tl.float32)[None, :]
