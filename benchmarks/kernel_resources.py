@@ -139,8 +139,8 @@ def pipeline_buffers(ttgir: str):
     load in flight behind it: Triton gives a tile that passes through registers on its way to
     the dot (a masked factor tile: load, ``tl.where``, store to shared memory) only
     ``num_stages - 1`` buffers, so one at 2 stages. A synchronous tile load in a loop
-    (``tt.load`` left in the TTGIR) waits for its data every iteration: so it is where Triton
-    cannot prove the rows 16-element aligned (a factor of rank 307)."""
+    (``tt.load`` left in the TTGIR) waits for its data every iteration; seen where Triton
+    cannot prove a tile's rows 16-element aligned (the factors of rank 307)."""
     rings = [int(n) for n in re.findall(r"local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x", ttgir)]
     sync, regions = 0, []  # regions: for each open region, whether it is a loop's body
     for line in ttgir.splitlines():
@@ -187,8 +187,8 @@ class _CompileInsteadOfLaunch:
                                   error=None)
                     record["buffers"], record["sync_loads"] = pipeline_buffers(compiled.asm["ttgir"])
                 except Exception as exc:  # a compile error is the finding, not a crash
-                    record.update(registers=None, local=None, shared=None, mma=None, buffers=None, sync_loads=None,
-                                  error=f"{type(exc).__name__}: {str(exc).strip()[:400]}")
+                    record.update(registers=None, local=None, shared=None, mma=None,
+                                  buffers=None, sync_loads=None, error=f"{type(exc).__name__}: {str(exc).strip()[:400]}")
                 self.records.append(record)
             return None
 
@@ -322,7 +322,7 @@ def unique(records) -> list:
 def calls(records, max_shared: int) -> list:
     """Per kernel call (kernel, dtype, layer, rank): configs kept, and how many compiled,
     fit in the shared memory, and of those how many do not spill and how many also keep a
-    load in flight on every pipelined operand (no single-buffered ring)."""
+    load in flight on every operand (no single-buffered ring, no synchronous tile load)."""
     grouped: dict = {}
     for r in records:
         grouped.setdefault((r["kernel"], r["dtype"], r["layer"], r["rank"]), []).append(r)
@@ -376,11 +376,11 @@ def markdown(meta, rows, max_shared, found, cuda_rows, calls_list) -> str:
              "warpgroup MMA; mma: mma.sync; fma: no tensor cores); buffers = the fewest "
              "shared-memory buffers of any operand the pipeliner prefetches (1: every step of "
              "that loop waits for its own load; a masked factor tile gets num_stages - 1; "
-             "empty: nothing prefetched, 1 stage); sync = 2-D tile loads in loops the pipeliner "
-             "left synchronous (each iteration waits for them); rank chunks = the column chunks the forward "
-             "kernels hold T in (masked_lowrank.rank_chunks: the rank padded to a multiple of 16, "
-             "as at most 3 powers of two). "
-             "Configs are those the autotuner keeps after its pruning.", ""]
+             "empty: nothing prefetched, 1 stage); sync = 2-D tile loads in loops the "
+             "pipeliner left synchronous (each iteration waits for them); rank chunks = the "
+             "column chunks the forward kernels hold T in (masked_lowrank.rank_chunks: the rank "
+             "padded to a multiple of 16, as at most 3 powers of two). Configs are those the "
+             "autotuner keeps after its pruning.", ""]
     if found:
         lines += ["**Problems:**", ""] + [f"- {p}" for p in found] + [""]
     else:
@@ -393,9 +393,10 @@ def markdown(meta, rows, max_shared, found, cuda_rows, calls_list) -> str:
     exposed = sorted({f"{c['kernel']} {c['dtype']} rank {c['rank']}"
                       for c in calls_list if c["fit"] and not c["fit_prefetching"]})
     if exposed:
-        lines += ["Calls whose every fitting config spills or waits for a tile load: " + "; ".join(exposed) + ".", ""]
-    lines += ["| kernel | dtype | rank chunks | config | registers | local | shared | mma | buffers | sync | note |",
-              "|---|---|---|---|---:|---:|---:|---|---:|---:|---|"]
+        lines += ["Calls whose every fitting config spills or waits for a tile load: "
+                  + "; ".join(exposed) + ".", ""]
+    lines += ["| kernel | dtype | rank chunks | config | registers | local | shared | mma | buffers "
+              "| sync | note |", "|---|---|---|---|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         note = r["error"] or ("spills" if r["local"] else "")
         if r["shared"] is not None and r["shared"] > max_shared:
@@ -414,7 +415,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90 (H100/H200)")
     parser.add_argument("--ranks", default="32,64,128,192,256,307,384",
-                        help="192: the kernel benchmarks' rank; 307: ViT-B/16's MLP at half the parameters, unaligned")
+                        help="192: the kernel benchmarks' rank; 307: ViT-B/16's MLP at half "
+                             "the parameters, unaligned")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
     parser.add_argument("--max-shared", type=int, default=None,
                         help="bytes of shared memory per block (default: the target's limit)")
