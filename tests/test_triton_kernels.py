@@ -75,7 +75,8 @@ def test_forward_at_rank_192_has_a_t_holding_config_with_loads_in_flight(tmp_pat
             continue
         blocks = dict(item.split("=") for item in cells[3].split() if "=" in item)
         holds_t = int(blocks["BLOCK_N"]) * int(blocks["OUT_TILES"]) >= 768
-        if holds_t and cells[5] == "0" and cells[8] and int(cells[8]) >= 2 and cells[9] == "0" and not cells[10]:
+        no_spill, buffers, sync, note = cells[5] == "0", cells[8], cells[9], cells[10]
+        if holds_t and no_spill and buffers and int(buffers) >= 2 and sync == "0" and not note:
             good.append(cells[3])
     assert good, proc.stdout[-5000:]
 
@@ -83,11 +84,12 @@ def test_forward_at_rank_192_has_a_t_holding_config_with_loads_in_flight(tmp_pat
 @pytest.mark.skipif(CUDA, reason="on a GPU test_every_gpu_config_on_the_gpu runs them compiled")
 @pytest.mark.parametrize("rank", [70, 300])
 def test_every_forward_gpu_config_interpreted(rank):
-    """Each GPU config of the two forward kernels that pruning keeps at this rank (held as 64 + 16
-    or 256 + 32 + 16: two and three chunks), forced on its own under the interpreter: the output-tile groups (OUT_TILES), the
-    128-row tiles and the token, rank and output edges compute the op against float64 in fp32
-    (77 tokens, 200 -> 300, half the entries pruned; no block size divides these). Compiled
-    code and the backward configs are checked by test_every_gpu_config_on_the_gpu."""
+    """Each GPU config of the two forward kernels that pruning keeps at this rank (held as
+    64 + 16 or 256 + 32 + 16: two and three chunks), forced on its own under the interpreter:
+    the output-tile groups (OUT_TILES), the 128-row tiles and the token, rank and output edges
+    compute the op against float64 in fp32 (77 tokens, 200 -> 300, half the entries pruned; no
+    block size divides these). Compiled code and the backward configs are checked by
+    test_every_gpu_config_on_the_gpu."""
     from kernel_battery import assert_close, fresh_seed, make_problem, reference_lowrank
     from tunecomp.kernels import blended_lowrank, masked_lowrank
 
