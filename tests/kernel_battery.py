@@ -64,8 +64,8 @@ class Backend:
 
 
 def make_backend(name: str) -> Backend:
-    """triton: on the GPU, else the CPU interpreter; cuda: the GPU only; cpu: the C++ CPU
-    kernels; cuda-emulator: the CUDA backend's C++ run on CPU threads (tests/cuda_emulator)."""
+    """triton, torch: on the GPU, else the CPU (Triton: its interpreter); cuda: the GPU
+    only; cpu: the C++ CPU kernels; cuda-emulator: the CUDA backend's C++ run on CPU threads (tests/cuda_emulator)."""
     if name == "cuda-emulator":
         if CUDA:  # building and running it costs about a minute of the GPU session
             pytest.skip("a GPU is here: the real cuda backend is tested instead")
@@ -75,7 +75,8 @@ def make_backend(name: str) -> Backend:
 
         return Backend(name, ops._CudaBackend(native=cuda_emulator.load(), device_type="cpu"),
                        torch.device("cpu"))
-    device = {"triton": "cuda" if CUDA else "cpu", "cuda": "cuda", "cpu": "cpu"}[name]
+    device = {"triton": "cuda" if CUDA else "cpu", "torch": "cuda" if CUDA else "cpu",
+              "cuda": "cuda", "cpu": "cpu"}[name]
     return Backend(name, ops._BACKENDS[name], torch.device(device))
 
 

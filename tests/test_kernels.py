@@ -22,6 +22,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tunecomp import ops  # noqa: E402
+
 from kernel_battery import (  # noqa: E402
     MASK_CASES, assert_close, check_backward, fresh_seed, make_backend, make_problem,
     needs_cuda, reference_lowrank,
@@ -188,6 +190,48 @@ def test_backend_object_has_the_contract(backend):
         assert callable(getattr(backend.impl, fn))
     assert backend.impl.unavailable_reason(backend.device, torch.float64) is not None
     assert backend.impl.unavailable_reason(torch.device("meta"), torch.float32) is not None
+
+
+@pytest.fixture(params=["torch", "cpu"], scope="module")
+def folding_backend(request):
+    return make_backend(request.param)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_case", ["none", "zeros", "keep50", "keep5"])
+@pytest.mark.parametrize("shape", [(29, 24, 40, 9), (1, 33, 17, 37)], ids=["N29-r9", "N1-r37"])
+@pytest.mark.parametrize("route", ["folded", "two-branch"])
+def test_blend_folded_into_the_teacher_weight(folding_backend, route, shape, mask_case, dtype,
+                                              monkeypatch):
+    """The blend's two routes (ops.folding_pays), each forced on the same problems: the student
+    folded into the teacher's weight, and the teacher and student as two branches. Both
+    against the float64 reference, NaN in pruned entries; the folded route must be taken."""
+    backend = folding_backend
+    backend.skip_unless_available(dtype)
+    folded = route == "folded"
+    monkeypatch.setattr(ops, "folding_pays", lambda *shape: folded)
+    monkeypatch.setattr(ops, "folding_pays_backward", lambda *shape: folded)
+    folds = []
+    fold = ops._folded_weight
+    monkeypatch.setattr(ops, "_folded_weight", lambda *a: folds.append(1) or fold(*a))
+    seed = fresh_seed()
+    p = make_problem(*shape, dtype, mask_case, backend.device, True, teacher=True)
+    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
+    y, grads = run_blended(backend, p, 0.3)
+    bound = backend.tolerance(dtype)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    # the "cpu" backend folds only where its student runs dense (SPARSE_BELOW: not at 0 or 5%
+    # kept)
+    sparse = backend.name == "cpu" and mask_case in ("zeros", "keep5")
+    expect_folds = 2 if folded and not sparse else 0
+    assert len(folds) == expect_folds
+
+
+def test_folding_pays_from_the_documented_token_counts():
+    assert not ops.folding_pays(384, 768, 768) and ops.folding_pays(385, 768, 768)
+    assert not ops.folding_pays(197, 768, 3072) and ops.folding_pays(8 * 197, 768, 3072)
+    assert not ops.folding_pays_backward(768, 768) and ops.folding_pays_backward(769, 768)
 
 
 # ------------------------------------------------------------------------------------------

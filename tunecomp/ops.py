@@ -67,6 +67,44 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # --------------------------------------------------------------------------------------------
 
 
+# The blend with the student folded into the teacher's weight. While alpha > 0 the blend runs
+# the teacher's dense GEMM anyway; with W = alpha·W0 + s·Um·Vmᵀ (s = sqrt(1 - alpha²)) it is
+# that one GEMM, y = x·Wᵀ + (alpha·b0 + s·b), instead of the dense GEMM, the student's two
+# rank-r GEMMs and two scaled adds over y. Folding costs r·in·out multiply-adds whatever the
+# token count n, and saves the student's n·r·(in + out): it pays from n·(in + out) > in·out
+# (384 tokens at 768→768, two ViT-B/16 images; folding_pays). In the backward, grad_x = dy·W
+# replaces dy·W0 + G·Vmᵀ: it saves n·r·in for r·in·out, so from n > out
+# (folding_pays_backward); the factor gradients need T and G as before. Same math, rounded
+# differently: W once to x's dtype, as any dense layer's weight, where the two-branch form
+# rounds T and each branch's output. Used by the "torch" and (dense) "cpu" backends.
+
+
+def folding_pays(n: int, in_features: int, out_features: int) -> bool:
+    """Whether the blend's forward over ``n`` tokens runs folded (fewer multiply-adds)."""
+    return n * (in_features + out_features) > in_features * out_features
+
+
+def folding_pays_backward(n: int, out_features: int) -> bool:
+    """Whether the blend's backward computes grad_x through the folded weight."""
+    return n > out_features
+
+
+def _folded_weight(u_m: Tensor, v_m: Tensor, teacher_weight: Tensor, a: Tensor, s: Tensor) -> Tensor:
+    """``a·W0 + s·u_m·v_mᵀ`` [out, in], in one GEMM with the teacher term as its addend."""
+    return torch.addmm(teacher_weight * a, u_m * s, v_m.T)
+
+
+def _folded_bias(bias: Optional[Tensor], teacher_bias: Optional[Tensor], a: Tensor,
+                 s: Tensor) -> Optional[Tensor]:
+    if bias is None and teacher_bias is None:
+        return None
+    if bias is None:
+        return teacher_bias * a
+    if teacher_bias is None:
+        return bias * s
+    return teacher_bias * a + bias * s
+
+
 class _TorchBackend:
     """Eager PyTorch: the reference math, any device, any floating dtype."""
 
@@ -95,9 +133,14 @@ class _TorchBackend:
 
     @staticmethod
     def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
-        return reference.blended_lowrank_linear(
-            x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
-        )
+        if not folding_pays(*x.shape, u.shape[0]):
+            return reference.blended_lowrank_linear(
+                x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
+            )
+        a = alpha.reshape(()).to(x.dtype)
+        s = reference.student_scale(a)
+        weight = _folded_weight(apply_mask(u, mask_u), apply_mask(v, mask_v), teacher_weight, a, s)
+        return torch.nn.functional.linear(x, weight, _folded_bias(bias, teacher_bias, a, s))
 
     @staticmethod
     def blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
@@ -106,7 +149,10 @@ class _TorchBackend:
         u_m, v_m = apply_mask(u, mask_u), apply_mask(v, mask_v)
         t = x @ v_m
         g = (grad_y @ u_m) * s
-        grad_x = g @ v_m.T + a * (grad_y @ teacher_weight)
+        if folding_pays_backward(x.shape[0], u.shape[0]):
+            grad_x = grad_y @ _folded_weight(u_m, v_m, teacher_weight, a, s)
+        else:
+            grad_x = g @ v_m.T + a * (grad_y @ teacher_weight)
         grad_u = apply_mask((grad_y.T @ t) * s, mask_u)
         grad_v = apply_mask(x.T @ g, mask_v)
         grad_b = grad_y.sum(0) * s if has_bias else grad_y.new_empty(0)
@@ -124,7 +170,9 @@ class _CpuBackend:
     """The C++ kernels of ``tunecomp._C`` on CPU tensors, float32.
 
     Dense factors run as BLAS GEMMs; once few entries are kept, a path that skips the pruned
-    ones (see csrc/lowrank_cpu.cpp). The blend adds the teacher's GEMM in eager PyTorch.
+    ones (see csrc/lowrank_cpu.cpp). The blend adds the teacher's GEMM in eager PyTorch, or,
+    where the student runs dense and enough tokens come, folds the student into it
+    (``folding_pays``).
     """
 
     name = "cpu"
@@ -185,11 +233,20 @@ class _CpuBackend:
                                              sparse, packed if sparse else None))
 
     def blended_forward(self, x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
+        kept, _ = self._pack(u, v, mask_u, mask_v)
+        if kept >= self.SPARSE_BELOW and folding_pays(*x.shape, u.shape[0]):
+            # the student would run as BLAS GEMMs: fold it into the teacher's (see folding_pays)
+            return _TorchBackend.blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight,
+                                                 teacher_bias, alpha)
         a = alpha.reshape(()).to(x.dtype)
         teacher = torch.nn.functional.linear(x, teacher_weight, teacher_bias)
         return a * teacher + reference.student_scale(a) * self.forward(x, u, v, bias, mask_u, mask_v)
 
     def blended_backward(self, grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
+        kept, _ = self._pack(u, v, mask_u, mask_v)
+        if kept >= self.BACKWARD_SPARSE_BELOW and folding_pays_backward(x.shape[0], u.shape[0]):
+            return _TorchBackend.blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight,
+                                                  alpha, has_bias)
         a = alpha.reshape(()).to(x.dtype)
         grad_x, grad_u, grad_v, grad_b = self.backward(
             grad_y * reference.student_scale(a), x, u, v, mask_u, mask_v, has_bias
