@@ -63,6 +63,7 @@ KERNELS = (  # module.attribute of every autotuned Triton kernel
     "masked_lowrank._grad_x_kernel",
     "masked_lowrank._grad_factor_kernel",  # dU, dV (and db)
     "blended_lowrank._blended_forward_kernel",
+    "blended_lowrank._fold_kernel",  # the blend's W = a·W0 + s·Um·Vmᵀ
 )
 
 
@@ -278,7 +279,8 @@ def _call_every_op(masked_lowrank, blended_lowrank, dtype, in_f, out_f, rank, fo
         dy = torch.empty(n, out_f, dtype=dtype)
         if n == 256:
             masked_lowrank.forward(x, u, v, bias, mu, mv)
-            blended_lowrank.blended_forward(x, u, v, bias, mu, mv, w0, b0, alpha)
+        # at 256 tokens the two-branch blend, at 12608 the fold (ops.folding_pays)
+        blended_lowrank.blended_forward(x, u, v, bias, mu, mv, w0, b0, alpha)
         if forward_only:
             return
         masked_lowrank.backward(dy, x, u, v, mu, mv, True)

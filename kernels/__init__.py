@@ -136,7 +136,8 @@ def autotuned() -> list:
             ("rank projection", masked._rank_project_kernel, masked.PROJECT_GPU_CONFIGS),
             ("grad x", masked._grad_x_kernel, masked.GRAD_X_GPU_CONFIGS),
             ("grad factor", masked._grad_factor_kernel, masked.GRAD_FACTOR_GPU_CONFIGS),
-            ("blended forward", blended._blended_forward_kernel, blended.BLENDED_FORWARD_GPU_CONFIGS)]
+            ("blended forward", blended._blended_forward_kernel, blended.BLENDED_FORWARD_GPU_CONFIGS),
+            ("fold", blended._fold_kernel, blended.FOLD_GPU_CONFIGS)]
 
 
 class TritonBackend:

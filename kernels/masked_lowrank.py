@@ -670,11 +670,15 @@ def _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha):
 
 
 def lowrank_backward(grad_y, x, u, v, mask_u, mask_v, has_bias, teacher_weight=None,
-                     alpha=None):
-    """Shared by the plain (alpha None: s = 1, no teacher) and the blended backward."""
+                     alpha=None, folded_weight=None):
+    """Shared by the plain (alpha None: s = 1, no teacher) and the blended backward; with the
+    blend's ``folded_weight`` W [out, in] (blended_lowrank.fold), grad_x = grad_y·W."""
     t = _rank_project(x, v, mask_v, None)
     g = _rank_project(grad_y, u, mask_u, alpha)
-    grad_x = _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha)
+    if folded_weight is not None:
+        grad_x = grad_y @ folded_weight
+    else:
+        grad_x = _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha)
     grad_b = (torch.empty(u.shape[0], dtype=x.dtype, device=x.device) if has_bias
               else x.new_empty(0))
     grad_u = _grad_factor(grad_y, t, mask_u, alpha, grad_b if has_bias else None)

@@ -192,7 +192,7 @@ def test_backend_object_has_the_contract(backend):
     assert backend.impl.unavailable_reason(torch.device("meta"), torch.float32) is not None
 
 
-@pytest.fixture(params=["torch", "cpu"], scope="module")
+@pytest.fixture(params=["torch", "cpu", "triton"], scope="module")
 def folding_backend(request):
     return make_backend(request.param)
 
@@ -212,8 +212,13 @@ def test_blend_folded_into_the_teacher_weight(folding_backend, route, shape, mas
     monkeypatch.setattr(ops, "folding_pays", lambda *shape: folded)
     monkeypatch.setattr(ops, "folding_pays_backward", lambda *shape: folded)
     folds = []
-    fold = ops._folded_weight
-    monkeypatch.setattr(ops, "_folded_weight", lambda *a: folds.append(1) or fold(*a))
+    if backend.name in ("torch", "cpu"):
+        fold = ops._folded_weight
+        monkeypatch.setattr(ops, "_folded_weight", lambda *a: folds.append(1) or fold(*a))
+    else:
+        from tunecomp.kernels import blended_lowrank
+        fold = blended_lowrank.fold
+        monkeypatch.setattr(blended_lowrank, "fold", lambda *a, **k: folds.append(1) or fold(*a, **k))
     seed = fresh_seed()
     p = make_problem(*shape, dtype, mask_case, backend.device, True, teacher=True)
     ref_y, ref_grads = reference_lowrank(p, alpha=0.3)

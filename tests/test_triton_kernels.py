@@ -282,7 +282,7 @@ def test_one_config_mode_gives_each_kernel_one_gpu_config():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("\n") == 5, proc.stdout
+    assert proc.stdout.count("\n") == 6, proc.stdout
 
 
 @pytest.mark.gpu
