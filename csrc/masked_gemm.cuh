@@ -139,21 +139,32 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
+// The kSize mask bytes of a run as one integer (bool is one byte, 0 or 1).
+template <typename T>
+using MaskBits = std::conditional_t<Pack<T>::kSize == 8, uint64_t, uint32_t>;
+
 struct RunLayout {
-  bool along_j;  // runs go along the operand's j (else along i, its unit-stride dim)
-  bool vector;   // runs are single 16-byte loads
+  bool along_j;      // runs go along the operand's j (else along i, its unit-stride dim)
+  bool vector;       // runs are single 16-byte loads
+  bool mask_vector;  // ... and their mask bytes a single MaskBits load
 };
 
 template <typename T>
 __device__ __forceinline__ RunLayout run_layout(const Operand& op) {
+  constexpr int kSize = Pack<T>::kSize;
   RunLayout layout;
   layout.along_j = !(op.stride_i == 1 && op.stride_j != 1);
   const int64_t unit = layout.along_j ? op.stride_j : op.stride_i;
   const int64_t other = layout.along_j ? op.stride_i : op.stride_j;
   // Run starts are multiples of kSize elements along the run (tile origins are multiples of
-  // 32), so aligned data and an `other` stride in whole runs keep every run 16-byte aligned.
-  layout.vector = unit == 1 && other % Pack<T>::kSize == 0 &&
+  // 32), so aligned data and an `other` stride in whole runs keep every run 16-byte aligned;
+  // the same for the mask's kSize-byte runs.
+  layout.vector = unit == 1 && other % kSize == 0 &&
                   reinterpret_cast<uintptr_t>(op.data) % 16 == 0;
+  const int64_t mask_unit = layout.along_j ? op.mask_stride_j : op.mask_stride_i;
+  const int64_t mask_other = layout.along_j ? op.mask_stride_i : op.mask_stride_j;
+  layout.mask_vector = layout.vector && op.mask != nullptr && mask_unit == 1 &&
+                       mask_other % kSize == 0 && reinterpret_cast<uintptr_t>(op.mask) % kSize == 0;
   return layout;
 }
 
@@ -184,10 +195,20 @@ __device__ __forceinline__ Pack<T> load_run(const Operand& op, RunLayout layout,
   if (layout.vector && whole) {
     const Pack<T> data =
         *reinterpret_cast<const Pack<T>*>(static_cast<const T*>(op.data) + i * op.stride_i + j * op.stride_j);
-    for (int q = 0; q < kSize; ++q) {
-      const bool keep = op.mask == nullptr ||
-                        op.mask[(i + q * di) * op.mask_stride_i + (j + q * dj) * op.mask_stride_j];
-      out.v[q] = keep ? data.v[q] : from_float<T>(0.0f);
+    if (op.mask == nullptr) return data;
+    // One address for the run's mask bytes, then one load (mask_vector) or kSize at a
+    // constant step; no per-element index arithmetic. The zero is made once: a conversion
+    // per element (inline asm for bf16) would keep the selects from becoming branch-free.
+    const bool* mask = op.mask + i * op.mask_stride_i + j * op.mask_stride_j;
+    const T zero = from_float<T>(0.0f);
+    if (layout.mask_vector) {
+      const MaskBits<T> bits = *reinterpret_cast<const MaskBits<T>*>(mask);
+#pragma unroll
+      for (int q = 0; q < kSize; ++q) out.v[q] = ((bits >> (8 * q)) & 0xff) != 0 ? data.v[q] : zero;
+    } else {
+      const int64_t step = layout.along_j ? op.mask_stride_j : op.mask_stride_i;
+#pragma unroll
+      for (int q = 0; q < kSize; ++q) out.v[q] = mask[q * step] ? data.v[q] : zero;
     }
   } else {
     for (int q = 0; q < kSize; ++q) out.v[q] = load_element<T>(op, i + q * di, j + q * dj, rows, cols);

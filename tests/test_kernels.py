@@ -169,6 +169,30 @@ def test_non_contiguous_inputs(backend, how, dtype):
     check_backward(grads, p, ref_blend_grads, dtype, seed, True, bound)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("how", ["transposed", "sliced"])
+@pytest.mark.parametrize("strided", ["masks", "factors"])
+def test_factors_and_masks_in_different_layouts(backend, strided, how, dtype):
+    """Contiguous factors with strided masks, and the reverse, at rank 64 and in/out multiples
+    of 8, where contiguous rows are whole 16-byte runs: a kernel that takes the data's layout
+    (one vector load, its direction) for the mask's, or the reverse, gets these wrong."""
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(37, 40, 24, 64, dtype, "keep50", backend.device, True, teacher=True)
+    q = dict(p)
+    for key in ("mask_u", "mask_v") if strided == "masks" else ("u", "v"):
+        q[key] = _strided_copy(p[key], how)
+    bound = backend.tolerance(dtype)
+    ref_y, ref_grads = reference_lowrank(p)
+    y, grads = run_plain(backend, q)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
+    y, grads = run_blended(backend, q, 0.3)
+    assert_close("blended y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+
+
 def test_alpha_is_read_from_the_tensor_each_call(backend):
     """Same alpha tensor object, new value: the result follows (no cached .item())."""
     dtype = torch.float32
