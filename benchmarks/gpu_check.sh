@@ -28,7 +28,8 @@
 #             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
 #             of their time (~170 binaries for the every-config test, ~360 for the battery).
 #   profile   benchmarks/profile_forward.py: CUDA-event times of the masked forward (dense, eager,
-#             each backend, Triton as two launches and on factors masked beforehand), host
+#             each backend, Triton as two launches and on factors masked beforehand), the
+#             blend folded and not, host
 #             time per call, every Triton forward config on its own on masked and premasked
 #             factors, ranks 320 against 307 (aligned rows or not); the JSON is rewritten after
 #             each section, so the cap loses only the section in flight

@@ -13,7 +13,12 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
    factors and on factors masked beforehand, and beside them the earlier list's pick
    (``EARLIER_PICKS``);
 4. the torch and triton backends at ranks 320 and 307, the same T chunks, only 320 with
-   16-element aligned factor rows (``ALIGNMENT_RANKS``).
+   16-element aligned factor rows (``ALIGNMENT_RANKS``);
+5. the blend (alpha = 0.5) at ``BLEND_SHAPES``, forward and forward+backward: the teacher's
+   dense GEMM alone, the eager blend (``bench_kernels.eager_blended``), the backends (torch
+   and triton fold the student into the teacher's weight at these token counts:
+   ``ops.folding_pays``), Triton's fused two-branch kernel, and the fold alone (Triton's
+   kernel; torch's ``where`` + ``addmm``). Run second, after section 1.
 
     python benchmarks/profile_forward.py [--out-dir DIR]
 
@@ -34,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from bench_kernels import eager_blended
 from bench_kernels import eager_masked as eager  # the kernel benchmarks' eager baseline
-from tunecomp import ops, provenance
-from tunecomp.kernels import masked_lowrank
+from tunecomp import ops, provenance, reference
+from tunecomp.kernels import blended_lowrank, masked_lowrank
 
 DTYPE = torch.bfloat16
 RANK = 192
@@ -46,6 +52,9 @@ SHAPES = ((768, 768, 12608), (3072, 768, 12608), (768, 3072, 50432))  # (in, out
 # Rank alignment: 307 (ViT-B/16's MLP at half the parameters) against 320, both held as T
 # chunks 256 + 64; only 320 gives factor rows Triton can prove 16-element aligned.
 ALIGNMENT_SHAPE, ALIGNMENT_RANKS = (768, 3072, 12608), (320, 307)
+
+
+BLEND_SHAPES = ((768, 768, 12608), (768, 3072, 12608))
 
 
 def layer(in_features, out_features, n_tokens, seed=0, rank=RANK):
@@ -79,6 +88,52 @@ def rank_alignment() -> list:
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def blend_times(in_features, out_features, n_tokens) -> dict:
+    """Section 5: the blend's forward (``*_us``) and forward+backward (``*_fwd_bwd_us``)."""
+    a = layer(in_features, out_features, n_tokens)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w0 = (torch.randn(out_features, in_features, device="cuda", generator=g) * 0.03).to(DTYPE)
+    b0 = torch.randn(out_features, device="cuda", generator=g).to(DTYPE)
+    alpha = torch.tensor(0.5, device="cuda")
+    teacher = (w0, b0, alpha)
+    lowrank = (a["x"], a["u"], a["v"], a["bias"], a["mask_u"], a["mask_v"])
+    factors = (a["u"], a["v"], a["mask_u"], a["mask_v"])
+    a16 = alpha.to(DTYPE)
+    forward = {
+        "teacher_dense": lambda: F.linear(a["x"], w0, b0),
+        "eager": lambda: eager_blended(*lowrank, *teacher),
+        "torch": lambda: ops.blended_lowrank_linear(*lowrank, *teacher, backend="torch"),
+        "triton": lambda: ops.blended_lowrank_linear(*lowrank, *teacher, backend="triton"),
+        "cuda": lambda: ops.blended_lowrank_linear(*lowrank, *teacher, backend="cuda"),
+        "triton_two_branch": lambda: blended_lowrank.two_branch_forward(*lowrank, *teacher),
+        "fold_triton": lambda: blended_lowrank.fold(*factors, w0, alpha, a["bias"], b0),
+        "fold_torch": lambda: ops._folded_weight(
+            reference.apply_mask(a["u"], a["mask_u"]), reference.apply_mask(a["v"], a["mask_v"]),
+            w0, a16, reference.student_scale(a16)),
+    }
+    row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK} alpha=0.5"}
+    for name, fn in forward.items():
+        try:
+            row[name + "_us"] = round(do_bench(fn) * 1e3, 1)
+        except Exception as error:  # a backend missing here still leaves the others' times
+            row[name + "_us"] = f"{type(error).__name__}: {error}"[:200]
+    x = a["x"].clone().requires_grad_()
+    params = [t.clone().requires_grad_() for t in (a["u"], a["v"], a["bias"])]
+    grad_y = torch.randn(n_tokens, out_features, device="cuda", dtype=DTYPE)
+    args = (x, params[0], params[1], params[2], a["mask_u"], a["mask_v"], *teacher)
+    training = {
+        "eager": lambda: eager_blended(*args),
+        **{b: (lambda b=b: ops.blended_lowrank_linear(*args, backend=b))
+           for b in ("torch", "triton", "cuda")},
+    }
+    for name, fn in training.items():
+        try:
+            row[name + "_fwd_bwd_us"] = round(do_bench(lambda f=fn: f().backward(grad_y)) * 1e3, 1)
+        except Exception as error:
+            row[name + "_fwd_bwd_us"] = f"{type(error).__name__}: {error}"[:200]
+    return row
 
 
 def two_launches(x, u, v, bias, mask_u, mask_v):
@@ -168,7 +223,8 @@ def main() -> None:
     result = {"device": provenance.device_name("cuda"), **provenance.versions(),
               "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/profile_forward.py", "dtype": str(DTYPE),
-              "shapes": [], "forward_configs": [], "host_us_per_call_n197": {}, "rank_alignment": []}
+              "shapes": [], "blend": [], "forward_configs": [], "host_us_per_call_n197": {},
+              "rank_alignment": []}
     name = result["device"].lower().replace(" ", "-")
     path = os.path.join(args.out_dir, f"profile-{name}-{result['date']}.json")
 
@@ -179,6 +235,10 @@ def main() -> None:
     for shape in SHAPES:
         result["shapes"].append(shape_times(*shape))
         print(result["shapes"][-1], flush=True)
+        save()
+    for shape in BLEND_SHAPES:
+        result["blend"].append(blend_times(*shape))
+        print(result["blend"][-1], flush=True)
         save()
     a = layer(768, 768, 197)
     host = {"eager": host_us(lambda: eager(**a)),

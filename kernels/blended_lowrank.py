@@ -216,6 +216,11 @@ def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias,
     if ops.folding_pays(*x.shape, u.shape[0]):  # one fold launch, then cuBLAS's dense GEMM
         w, b = fold(u, v, mask_u, mask_v, teacher_weight, alpha, bias, teacher_bias)
         return torch.nn.functional.linear(x, w, b)
+    return two_branch_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha)
+
+
+def two_branch_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
+    """The blend as one fused launch: teacher GEMM and student side by side (module docstring)."""
     n_tokens, in_features = x.shape
     out_features, rank = u.shape
     y = torch.empty((n_tokens, out_features), dtype=x.dtype, device=x.device)
