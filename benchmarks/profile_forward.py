@@ -5,7 +5,8 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
    (``bench_kernels.eager_masked``, the kernel benchmarks' baseline),
    the ``torch``, ``triton`` and ``cuda`` backends through ``ops.masked_lowrank_linear``, and
    the forward done as two Triton launches (``T = x·Vm`` stored, then ``T·Umᵀ``: the
-   backward's ``_rank_project`` kernel, no bias), and the fused Triton forward on factors
+   backward's ``_rank_project`` kernel, no bias), folded (``Um·Vmᵀ`` then one dense GEMM, the
+   masking not timed), and the fused Triton forward on factors
    masked beforehand (no masks to load), timed without and with the two ``torch.where`` that
    mask them, on ViT-B/16 layer shapes in bf16;
 2. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead;
@@ -165,6 +166,9 @@ def shape_times(in_features, out_features, n_tokens) -> dict:
         "triton": lambda: ops.masked_lowrank_linear(**a, backend="triton"),
         "cuda": lambda: ops.masked_lowrank_linear(**a, backend="cuda"),
         "triton_two_launches_no_bias": lambda: two_launches(**a),
+        # the plain op folded like the blend (ops.folding_pays): Um·Vmᵀ, then one dense GEMM;
+        # twice the FLOPs of the rank-r chain at half the parameters, but cuBLAS-shaped
+        "torch_folded": lambda: F.linear(a["x"], u_m @ v_m.T, a["bias"]),
         # the fused kernel with the masks applied beforehand (not timed): what mask-on-load costs
         "triton_premasked": lambda: masked_lowrank.forward(a["x"], u_m, v_m, a["bias"], None, None),
         # ... and with the masking timed too: the alternative to mask-on-load
