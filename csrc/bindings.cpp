@@ -38,11 +38,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blended_forward_cuda", &tunecomp::blended_forward_cuda,
         "alpha*(x @ W0.T + b0) + sqrt(1-alpha^2)*lowrank_forward_cuda(...) on CUDA tensors",
         py::arg("x"), py::arg("u"), py::arg("v"), py::arg("bias"), py::arg("mask_u"),
-        py::arg("mask_v"), py::arg("teacher_weight"), py::arg("teacher_bias"), py::arg("alpha"));
+        py::arg("mask_v"), py::arg("teacher_weight"), py::arg("teacher_bias"), py::arg("alpha"),
+        py::arg("fold") = false);
   m.def("blended_backward_cuda", &tunecomp::blended_backward_cuda,
         "[grad_x, grad_u, grad_v, grad_b] of blended_forward_cuda", py::arg("grad_y"),
         py::arg("x"), py::arg("u"), py::arg("v"), py::arg("mask_u"), py::arg("mask_v"),
-        py::arg("teacher_weight"), py::arg("alpha"), py::arg("has_bias") = true);
+        py::arg("teacher_weight"), py::arg("alpha"), py::arg("has_bias") = true,
+        py::arg("fold_grad_x") = false);
 #else
   m.attr("with_cuda") = false;
 #endif

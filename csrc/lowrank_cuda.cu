@@ -133,9 +133,10 @@ at::Tensor blended_forward_cuda(const at::Tensor& x, const at::Tensor& u, const 
                                 const std::optional<at::Tensor>& mask_v,
                                 const at::Tensor& teacher_weight,
                                 const std::optional<at::Tensor>& teacher_bias,
-                                const at::Tensor& alpha) {
+                                const at::Tensor& alpha, bool fold) {
   const c10::cuda::CUDAGuard guard = on_device_of(x);
-  return cuda_ops::forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha);
+  return cuda_ops::forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha,
+                           fold);
 }
 
 std::vector<at::Tensor> blended_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
@@ -143,9 +144,11 @@ std::vector<at::Tensor> blended_backward_cuda(const at::Tensor& grad_y, const at
                                               const std::optional<at::Tensor>& mask_u,
                                               const std::optional<at::Tensor>& mask_v,
                                               const at::Tensor& teacher_weight,
-                                              const at::Tensor& alpha, bool has_bias) {
+                                              const at::Tensor& alpha, bool has_bias,
+                                              bool fold_grad_x) {
   const c10::cuda::CUDAGuard guard = on_device_of(x);
-  return cuda_ops::backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias);
+  return cuda_ops::backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias,
+                            fold_grad_x);
 }
 
 }  // namespace tunecomp

@@ -17,6 +17,10 @@
 //             T = x·Vm;  dU = s·(dyᵀ·T) ⊙ Mu;  dV = (xᵀ·G) ⊙ Mv           (split over tokens)
 //             db = s·Σ dy
 // T and G ([N, r], in x's dtype, as eager PyTorch rounds them) are rounded to x's dtype.
+// The blend folded (fold / fold_grad_x, chosen by tunecomp.ops.folding_pays):
+//             W = alpha·W0 + s·Um·Vmᵀ [out, in]                            (one GEMM, W0 its addend)
+//   forward   y = x·Wᵀ + (alpha·b0 + s·b)                                   (ATen: cuBLAS)
+//   backward  dx = dy·W                                                     (ATen: cuBLAS)
 #pragma once
 
 #include <algorithm>
@@ -147,14 +151,33 @@ inline at::Tensor run(GemmParams p, const at::Tensor& like, bool split = false) 
   return partial.sum(0).to(like.scalar_type());
 }
 
-// y = alpha·(x·W0ᵀ + b0) + s·(x·Vm·Umᵀ + b), or the plain op when teacher_weight is absent.
+// The blend's folded weight W = alpha·W0 + s·Um·Vmᵀ [out, in], in u's dtype.
+inline at::Tensor folded_weight(const at::Tensor& u, const at::Tensor& v,
+                                const std::optional<at::Tensor>& mask_u,
+                                const std::optional<at::Tensor>& mask_v,
+                                const at::Tensor& teacher_weight, const float* alpha_ptr) {
+  GemmParams p;
+  p.m = u.size(0);
+  p.n = v.size(0);
+  p.seg[0] = Segment{operand(u, false, mask_u), operand(v, true, mask_v), u.size(1)};
+  p.scale_first = cuda_kernels::kScaleStudent;
+  p.alpha = alpha_ptr;
+  p.addend = teacher_weight.data_ptr();
+  p.addend_stride_i = teacher_weight.stride(0);
+  p.addend_stride_j = teacher_weight.stride(1);
+  p.addend_scale = cuda_kernels::kScaleAlpha;
+  return run(p, u);
+}
+
+// y = alpha·(x·W0ᵀ + b0) + s·(x·Vm·Umᵀ + b), or the plain op when teacher_weight is absent;
+// with fold (blend only), as x·Wᵀ + (alpha·b0 + s·b) with the folded weight.
 inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& mask_u,
                           const std::optional<at::Tensor>& mask_v,
                           const std::optional<at::Tensor>& teacher_weight,
                           const std::optional<at::Tensor>& teacher_bias,
-                          const std::optional<at::Tensor>& alpha) {
+                          const std::optional<at::Tensor>& alpha, bool fold = false) {
   check_inputs(x, u, v, bias, mask_u, mask_v);
   const bool blended = teacher_weight.has_value();
   if (blended) {
@@ -164,6 +187,15 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Te
   const int64_t n = x.size(0), in = x.size(1), out = u.size(0), rank = u.size(1);
   if (n == 0) return at::empty({0, out}, x.options());
   const float* alpha_ptr = blended ? alpha->data_ptr<float>() : nullptr;
+  if (blended && fold) {
+    const at::Tensor a = alpha->reshape({}).to(x.scalar_type());
+    const at::Tensor s = at::sqrt(at::clamp_min(1 - a * a, 0));
+    std::optional<at::Tensor> folded_bias;
+    if (teacher_bias.has_value()) folded_bias = *teacher_bias * a;
+    if (bias.has_value()) folded_bias = folded_bias ? *folded_bias + *bias * s : *bias * s;
+    return at::linear(x, folded_weight(u, v, mask_u, mask_v, *teacher_weight, alpha_ptr),
+                      folded_bias);
+  }
 
   GemmParams pt;  // T = s·(x·Vm)
   pt.m = n;
@@ -202,13 +234,15 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Te
   return y;
 }
 
-// {grad_x, grad_u, grad_v, grad_b} of forward (grad_b empty unless has_bias).
+// {grad_x, grad_u, grad_v, grad_b} of forward (grad_b empty unless has_bias); with
+// fold_grad_x (blend only), grad_x = dy·W with the folded weight.
 inline std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
                                         const at::Tensor& u, const at::Tensor& v,
                                         const std::optional<at::Tensor>& mask_u,
                                         const std::optional<at::Tensor>& mask_v,
                                         const std::optional<at::Tensor>& teacher_weight,
-                                        const std::optional<at::Tensor>& alpha, bool has_bias) {
+                                        const std::optional<at::Tensor>& alpha, bool has_bias,
+                                        bool fold_grad_x = false) {
   check_inputs(x, u, v, std::nullopt, mask_u, mask_v);
   check_grad_y(grad_y, x, u);
   const bool blended = teacher_weight.has_value();
@@ -229,6 +263,10 @@ inline std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tens
   pg.alpha = alpha_ptr;
   const at::Tensor g = run(pg, x);
 
+  at::Tensor grad_x;
+  if (blended && fold_grad_x) {  // dx = dy·W, W the folded weight
+    grad_x = at::mm(grad_y, folded_weight(u, v, mask_u, mask_v, *teacher_weight, alpha_ptr));
+  }
   GemmParams pdx;  // dx = [alpha·(dy·W0)] + G·Vmᵀ
   pdx.m = n;
   pdx.n = in;
@@ -242,7 +280,7 @@ inline std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tens
   } else {
     pdx.seg[0] = through_student;
   }
-  const at::Tensor grad_x = run(pdx, x);
+  if (!grad_x.defined()) grad_x = run(pdx, x);
 
   GemmParams pt;  // T = x·Vm, recomputed rather than saved by the forward
   pt.m = n;

@@ -5,6 +5,7 @@
 //
 //   C[M, N] = scale_first · (A0 · B0)  +  A1 · B1          (the second segment is optional)
 //           + scale(bias0) · bias0[n]  +  scale(bias1) · bias1[n]
+//           + scale(addend) · addend[m, n]                     (optional)
 //   C[m, n] = 0 where out_mask[m, n] is false
 //
 // where an operand element (i, j) is data[i·stride_i + j·stride_j], or 0 where its mask is
@@ -76,6 +77,9 @@ struct GemmParams {
   int64_t bias_stride[2] = {0, 0};
   int bias_scale[2] = {kScaleOne, kScaleOne};
   const float* alpha = nullptr;  // device scalar; null when no scale reads it
+  const void* addend = nullptr;  // [m, n] in the operands' dtype (the fold's teacher weight)
+  int64_t addend_stride_i = 0, addend_stride_j = 0;
+  int addend_scale = kScaleOne;
   const bool* out_mask = nullptr;
   int64_t out_mask_stride_i = 0, out_mask_stride_j = 0;
   // [m, n] contiguous in the operands' dtype; or, with k_per_split > 0 (one segment only),
@@ -460,6 +464,7 @@ __device__ __forceinline__ void store_output(const GemmParams& p, int64_t m0, in
                                              float alpha) {
   const float bias_scale[2] = {scale_value(p.bias_scale[0], alpha),
                                scale_value(p.bias_scale[1], alpha)};
+  const float addend_scale = scale_value(p.addend_scale, alpha);
   for (int e = threadIdx.x; e < kBlockM * kBlockN; e += kThreads) {
     const int r = e / kBlockN, c = e % kBlockN;
     const int64_t gm = m0 + r, gn = n0 + c;
@@ -469,6 +474,10 @@ __device__ __forceinline__ void store_output(const GemmParams& p, int64_t m0, in
       if (p.bias[s] != nullptr) {
         value += bias_scale[s] * to_float(static_cast<const T*>(p.bias[s])[gn * p.bias_stride[s]]);
       }
+    }
+    if (p.addend != nullptr) {
+      value += addend_scale *
+               to_float(static_cast<const T*>(p.addend)[gm * p.addend_stride_i + gn * p.addend_stride_j]);
     }
     if (p.out_mask != nullptr && !p.out_mask[gm * p.out_mask_stride_i + gn * p.out_mask_stride_j]) {
       value = 0.0f;

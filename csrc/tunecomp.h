@@ -48,6 +48,8 @@ std::vector<int> cuda_compiled_archs();
 // alpha·(x·W0ᵀ + b0) + sqrt(1 - alpha²)·op(x), and their backward passes, on CUDA tensors
 // (float32, float16, bfloat16; any strides). alpha is a one-element float32 device tensor.
 // The backward functions return {grad_x, grad_u, grad_v, grad_b}, grad_b empty unless has_bias.
+// fold / fold_grad_x: the blend through its folded weight alpha·W0 + s·Um·Vmᵀ (one GEMM of
+// these kernels) and cuBLAS's dense GEMM, which tunecomp.ops picks where it is fewer FLOPs.
 at::Tensor lowrank_forward_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
                                 const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& mask_u,
@@ -63,13 +65,14 @@ at::Tensor blended_forward_cuda(const at::Tensor& x, const at::Tensor& u, const 
                                 const std::optional<at::Tensor>& mask_v,
                                 const at::Tensor& teacher_weight,
                                 const std::optional<at::Tensor>& teacher_bias,
-                                const at::Tensor& alpha);
+                                const at::Tensor& alpha, bool fold);
 std::vector<at::Tensor> blended_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                               const at::Tensor& u, const at::Tensor& v,
                                               const std::optional<at::Tensor>& mask_u,
                                               const std::optional<at::Tensor>& mask_v,
                                               const at::Tensor& teacher_weight,
-                                              const at::Tensor& alpha, bool has_bias);
+                                              const at::Tensor& alpha, bool has_bias,
+                                              bool fold_grad_x);
 #endif
 
 }  // namespace tunecomp

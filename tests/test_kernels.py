@@ -216,7 +216,7 @@ def test_backend_object_has_the_contract(backend):
     assert backend.impl.unavailable_reason(torch.device("meta"), torch.float32) is not None
 
 
-@pytest.fixture(params=["torch", "cpu", "triton"], scope="module")
+@pytest.fixture(params=["torch", "cpu", "triton", "cuda", "cuda-emulator"], scope="module")
 def folding_backend(request):
     return make_backend(request.param)
 
@@ -239,10 +239,20 @@ def test_blend_folded_into_the_teacher_weight(folding_backend, route, shape, mas
     if backend.name in ("torch", "cpu"):
         fold = ops._folded_weight
         monkeypatch.setattr(ops, "_folded_weight", lambda *a: folds.append(1) or fold(*a))
-    else:
+    elif backend.name == "triton":
         from tunecomp.kernels import blended_lowrank
         fold = blended_lowrank.fold
         monkeypatch.setattr(blended_lowrank, "fold", lambda *a, **k: folds.append(1) or fold(*a, **k))
+    else:  # the C++ folds inside the call: count the calls whose last argument says so
+        def counting(call):
+            def counted(*args):
+                folds.extend([1] if args[-1] else [])
+                return call(*args)
+            return counted
+
+        for name in ("blended_forward_cuda", "blended_backward_cuda"):
+            monkeypatch.setattr(backend.impl.native, name,
+                                counting(getattr(backend.impl.native, name)))
     seed = fresh_seed()
     p = make_problem(*shape, dtype, mask_case, backend.device, True, teacher=True)
     ref_y, ref_grads = reference_lowrank(p, alpha=0.3)

@@ -258,8 +258,9 @@ class _CudaBackend:
     """The CUDA C++ kernels of ``tunecomp._C`` (csrc/lowrank_cuda.cu) on CUDA tensors.
 
     float32, float16 and bfloat16; fp16/bf16 multiply on tensor cores with fp32 accumulation,
-    float32 in IEEE fp32 whatever ``torch.get_float32_matmul_precision()`` says. Inputs are
-    read through their strides (nothing is copied); alpha is read on the device.
+    float32 in IEEE fp32 whatever ``torch.get_float32_matmul_precision()`` says (except the
+    folded blend's dense GEMM, cuBLAS through ATen: see ``folding_pays``). Inputs are read
+    through their strides (nothing is copied); alpha is read on the device.
 
     ``native`` and ``device_type`` exist for tests/cuda_emulator, which runs the same C++
     on the CPU.
@@ -302,11 +303,13 @@ class _CudaBackend:
 
     def blended_forward(self, x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
         return self.native.blended_forward_cuda(x, u, v, bias, mask_u, mask_v, teacher_weight,
-                                                teacher_bias, alpha)
+                                                teacher_bias, alpha,
+                                                folding_pays(*x.shape, u.shape[0]))
 
     def blended_backward(self, grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
-        return tuple(self.native.blended_backward_cuda(grad_y, x, u, v, mask_u, mask_v,
-                                                       teacher_weight, alpha, has_bias))
+        return tuple(self.native.blended_backward_cuda(
+            grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias,
+            folding_pays_backward(x.shape[0], u.shape[0])))
 
 
 class _PendingBackend:

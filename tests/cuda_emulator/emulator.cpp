@@ -112,17 +112,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blended_forward_cuda",
         [](const at::Tensor& x, const at::Tensor& u, const at::Tensor& v, const OptTensor& bias,
            const OptTensor& mask_u, const OptTensor& mask_v, const at::Tensor& teacher_weight,
-           const OptTensor& teacher_bias, const at::Tensor& alpha) {
+           const OptTensor& teacher_bias, const at::Tensor& alpha, bool fold) {
           return ops::forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias,
-                              alpha);
-        });
+                              alpha, fold);
+        },
+        py::arg("x"), py::arg("u"), py::arg("v"), py::arg("bias"), py::arg("mask_u"),
+        py::arg("mask_v"), py::arg("teacher_weight"), py::arg("teacher_bias"), py::arg("alpha"),
+        py::arg("fold") = false);
   m.def("blended_backward_cuda",
         [](const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
            const at::Tensor& v, const OptTensor& mask_u, const OptTensor& mask_v,
-           const at::Tensor& teacher_weight, const at::Tensor& alpha, bool has_bias) {
+           const at::Tensor& teacher_weight, const at::Tensor& alpha, bool has_bias,
+           bool fold_grad_x) {
           return ops::backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha,
-                               has_bias);
-        });
+                               has_bias, fold_grad_x);
+        },
+        py::arg("grad_y"), py::arg("x"), py::arg("u"), py::arg("v"), py::arg("mask_u"),
+        py::arg("mask_v"), py::arg("teacher_weight"), py::arg("alpha"), py::arg("has_bias") = true,
+        py::arg("fold_grad_x") = false);
   m.def("set_multiprocessor_count", [](int64_t count) { ops::emulated_sms = count; });
   m.def("fused_launches", [] { return ops::emulated_fused_launches; },
         "how many fused forward launches ran (tests check the path is taken)");
