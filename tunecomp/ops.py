@@ -76,7 +76,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # replaces dy·W0 + G·Vmᵀ: it saves n·r·in for r·in·out, so from n > out
 # (folding_pays_backward); the factor gradients need T and G as before. Same math, rounded
 # differently: W once to x's dtype, as any dense layer's weight, where the two-branch form
-# rounds T and each branch's output. Used by the "torch" and (dense) "cpu" backends.
+# rounds T and each branch's output. Every backend follows this rule: "torch" and (where its
+# student runs dense) "cpu" below, "triton" (kernels/blended_lowrank.py) and "cuda"
+# (csrc/lowrank_cuda_ops.h) with a fold kernel of their own.
 
 
 def folding_pays(n: int, in_features: int, out_features: int) -> bool:
@@ -106,7 +108,8 @@ def _folded_bias(bias: Optional[Tensor], teacher_bias: Optional[Tensor], a: Tens
 
 
 class _TorchBackend:
-    """Eager PyTorch: the reference math, any device, any floating dtype."""
+    """Eager PyTorch: the reference math, any device, any floating dtype; the blend folded
+    where that is fewer multiply-adds (``folding_pays``)."""
 
     name = "torch"
 
