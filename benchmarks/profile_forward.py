@@ -91,6 +91,15 @@ def rank_alignment() -> list:
     return rows
 
 
+def time_into(row: dict, cases: dict, suffix: str = "_us") -> None:
+    """``row[name + suffix]``: each case's CUDA-event time in µs, or the error it raised."""
+    for name, fn in cases.items():
+        try:
+            row[name + suffix] = round(do_bench(fn) * 1e3, 1)
+        except Exception as error:  # a backend missing here still leaves the others' times
+            row[name + suffix] = f"{type(error).__name__}: {error}"[:200]
+
+
 def blend_times(in_features, out_features, n_tokens) -> dict:
     """Section 5: the blend's forward (``*_us``) and forward+backward (``*_fwd_bwd_us``)."""
     a = layer(in_features, out_features, n_tokens)
@@ -115,11 +124,7 @@ def blend_times(in_features, out_features, n_tokens) -> dict:
             w0, a16, reference.student_scale(a16)),
     }
     row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK} alpha=0.5"}
-    for name, fn in forward.items():
-        try:
-            row[name + "_us"] = round(do_bench(fn) * 1e3, 1)
-        except Exception as error:  # a backend missing here still leaves the others' times
-            row[name + "_us"] = f"{type(error).__name__}: {error}"[:200]
+    time_into(row, forward)
     x = a["x"].clone().requires_grad_()
     params = [t.clone().requires_grad_() for t in (a["u"], a["v"], a["bias"])]
     grad_y = torch.randn(n_tokens, out_features, device="cuda", dtype=DTYPE)
@@ -129,11 +134,8 @@ def blend_times(in_features, out_features, n_tokens) -> dict:
         **{b: (lambda b=b: ops.blended_lowrank_linear(*args, backend=b))
            for b in ("torch", "triton", "cuda")},
     }
-    for name, fn in training.items():
-        try:
-            row[name + "_fwd_bwd_us"] = round(do_bench(lambda f=fn: f().backward(grad_y)) * 1e3, 1)
-        except Exception as error:
-            row[name + "_fwd_bwd_us"] = f"{type(error).__name__}: {error}"[:200]
+    time_into(row, {name: (lambda f=fn: f().backward(grad_y)) for name, fn in training.items()},
+              "_fwd_bwd_us")
     return row
 
 
@@ -177,11 +179,7 @@ def shape_times(in_features, out_features, n_tokens) -> dict:
             a["bias"], None, None),
     }
     row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK}"}
-    for name, fn in cases.items():
-        try:
-            row[name + "_us"] = round(do_bench(fn) * 1e3, 1)
-        except Exception as error:  # a backend missing here still leaves the others' times
-            row[name + "_us"] = f"{type(error).__name__}: {error}"[:200]
+    time_into(row, cases)
     row["triton_autotuned_config"] = str(masked_lowrank._forward_kernel.best_config)
     return row
 
