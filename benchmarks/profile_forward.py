@@ -15,7 +15,8 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
    (``EARLIER_PICKS``);
 4. the torch and triton backends at ranks 320 and 307, the same T chunks, only 320 with
    16-element aligned factor rows (``ALIGNMENT_RANKS``);
-5. the blend (alpha = 0.5) at ``BLEND_SHAPES``, forward and forward+backward: the teacher's
+5. the blend (alpha = 0.5) at ``BLEND_SHAPES``, forward (and forward+backward on the first
+   shape): the teacher's
    dense GEMM alone, the eager blend (``bench_kernels.eager_blended``), the backends (torch
    and triton fold the student into the teacher's weight at these token counts:
    ``ops.folding_pays``), Triton's fused two-branch kernel, and the fold alone (Triton's
@@ -100,8 +101,9 @@ def time_into(row: dict, cases: dict, suffix: str = "_us") -> None:
             row[name + suffix] = f"{type(error).__name__}: {error}"[:200]
 
 
-def blend_times(in_features, out_features, n_tokens) -> dict:
-    """Section 5: the blend's forward (``*_us``) and forward+backward (``*_fwd_bwd_us``)."""
+def blend_times(in_features, out_features, n_tokens, backward=True) -> dict:
+    """Section 5: the blend's forward (``*_us``) and forward+backward (``*_fwd_bwd_us``, where
+    ``backward``: the Triton backward autotunes four kernels per shape, tens of seconds)."""
     a = layer(in_features, out_features, n_tokens)
     g = torch.Generator(device="cuda").manual_seed(1)
     w0 = (torch.randn(out_features, in_features, device="cuda", generator=g) * 0.03).to(DTYPE)
@@ -125,6 +127,8 @@ def blend_times(in_features, out_features, n_tokens) -> dict:
     }
     row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK} alpha=0.5"}
     time_into(row, forward)
+    if not backward:
+        return row
     x = a["x"].clone().requires_grad_()
     params = [t.clone().requires_grad_() for t in (a["u"], a["v"], a["bias"])]
     grad_y = torch.randn(n_tokens, out_features, device="cuda", dtype=DTYPE)
@@ -238,8 +242,8 @@ def main() -> None:
         result["shapes"].append(shape_times(*shape))
         print(result["shapes"][-1], flush=True)
         save()
-    for shape in BLEND_SHAPES:
-        result["blend"].append(blend_times(*shape))
+    for shape in BLEND_SHAPES:  # forward+backward on the first shape only
+        result["blend"].append(blend_times(*shape, backward=shape == BLEND_SHAPES[0]))
         print(result["blend"][-1], flush=True)
         save()
     a = layer(768, 768, 197)
