@@ -16,9 +16,8 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
 4. the torch and triton backends at ranks 320 and 307, the same T chunks, only 320 with
    16-element aligned factor rows (``ALIGNMENT_RANKS``);
 5. the blend (alpha = 0.5) at ``BLEND_SHAPES``, forward (and forward+backward on the first
-   shape): the teacher's
-   dense GEMM alone, the eager blend (``bench_kernels.eager_blended``), the backends (torch
-   and triton fold the student into the teacher's weight at these token counts:
+   shape): the teacher's dense GEMM alone, the eager blend (``bench_kernels.eager_blended``),
+   the backends (each folds the student into the teacher's weight at these token counts:
    ``ops.folding_pays``), Triton's fused two-branch kernel, and the fold alone (Triton's
    kernel; torch's ``where`` + ``addmm``). Run second, after section 1.
 
