@@ -65,7 +65,8 @@ class Backend:
 
 def make_backend(name: str) -> Backend:
     """triton, torch: on the GPU, else the CPU (Triton: its interpreter); cuda: the GPU
-    only; cpu: the C++ CPU kernels; cuda-emulator: the CUDA backend's C++ run on CPU threads (tests/cuda_emulator)."""
+    only; cpu: the C++ CPU kernels; cuda-emulator: the CUDA backend's C++ run on CPU threads
+    (tests/cuda_emulator)."""
     if name == "cuda-emulator":
         if CUDA:  # building and running it costs about a minute of the GPU session
             pytest.skip("a GPU is here: the real cuda backend is tested instead")

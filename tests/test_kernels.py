@@ -233,8 +233,8 @@ def test_blend_folded_into_the_teacher_weight(folding_backend, route, shape, mas
     backend = folding_backend
     backend.skip_unless_available(dtype)
     folded = route == "folded"
-    monkeypatch.setattr(ops, "folding_pays", lambda *shape: folded)
-    monkeypatch.setattr(ops, "folding_pays_backward", lambda *shape: folded)
+    monkeypatch.setattr(ops, "folding_pays", lambda *sizes: folded)
+    monkeypatch.setattr(ops, "folding_pays_backward", lambda *sizes: folded)
     folds = []
     if backend.name in ("torch", "cpu"):
         fold = ops._folded_weight
