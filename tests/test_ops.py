@@ -48,21 +48,47 @@ def test_blended_op_matches_reference(backend, alpha):
     assert rel_error(y, expected) < 1e-5
 
 
-def test_gradcheck_through_custom_ops():
+@pytest.mark.parametrize("route", ["eager", "custom_op"])
+def test_gradcheck(route):
+    """Numerical gradients of both autograd routes: the public ops in eager mode (an
+    autograd.Function) and the custom ops that torch.compile sees, called directly."""
     a = make_inputs(n=4, k=5, m=3, r=2, grad=True)
     t = make_teacher(a)
     names = ("x", "u", "v", "bias")
-    masks = {"mask_u": a["mask_u"], "mask_v": a["mask_v"]}
+    masks = (a["mask_u"], a["mask_v"])
+    teacher = (t["teacher_weight"], t["teacher_bias"])
 
-    def masked(x, u, v, bias):
-        return ops.masked_lowrank_linear(x, u, v, bias, **masks, backend="torch")
+    if route == "eager":
+        def masked(x, u, v, bias):
+            return ops.masked_lowrank_linear(x, u, v, bias, *masks, backend="torch")
 
-    def blended(x, u, v, bias):
-        return ops.blended_lowrank_linear(x, u, v, bias, **masks, **t, alpha=0.4, backend="torch")
+        def blended(x, u, v, bias):
+            return ops.blended_lowrank_linear(x, u, v, bias, *masks, *teacher, alpha=0.4, backend="torch")
+    else:
+        def masked(x, u, v, bias):
+            return torch.ops.tunecomp.masked_lowrank_linear(x, u, v, bias, *masks, "torch")
+
+        def blended(x, u, v, bias):
+            alpha = torch.tensor(0.4, dtype=torch.float32)
+            return torch.ops.tunecomp.blended_lowrank_linear(x, u, v, bias, *masks, *teacher, alpha, "torch")
 
     inputs = tuple(a[n] for n in names)
     assert torch.autograd.gradcheck(masked, inputs)
     assert torch.autograd.gradcheck(blended, inputs)
+
+
+@pytest.mark.parametrize("route", ["eager", "custom_op"])
+def test_double_backward_is_refused(route):
+    """No backend's backward is differentiable; both routes say so instead of returning a
+    silently wrong second derivative."""
+    a = make_inputs(n=4, k=6, m=5, r=2, grad=True)
+    if route == "eager":
+        y = ops.masked_lowrank_linear(a["x"], a["u"], a["v"], backend="torch")
+    else:
+        y = torch.ops.tunecomp.masked_lowrank_linear(a["x"], a["u"], a["v"], None, None, None, "torch")
+    (grad_x,) = torch.autograd.grad(y.pow(2).sum(), a["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
+        grad_x.sum().backward()
 
 
 @pytest.mark.parametrize("blend", [False, True])
@@ -119,24 +145,52 @@ def test_zero_tokens(blend):
         assert a[name].grad.shape == a[name].shape and torch.count_nonzero(a[name].grad) == 0
 
 
-def test_torch_backend_without_autograd_skips_the_custom_op(monkeypatch):
-    """With nothing for autograd to record, backend "torch" runs the eager math directly:
-    the same values, a NaN in a pruned entry still does not leak, zero tokens still give an
-    empty output; with a gradient to record it goes through the custom op."""
+@pytest.mark.parametrize("blend", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_each_mode_takes_its_route(monkeypatch, blend, backend):
+    """With nothing for autograd to record the backend runs directly; with a gradient to
+    record, eagerly, the autograd.Function; under torch.compile the custom op, as one node of
+    the graph. Each route gives the reference's values, a NaN in a pruned entry does not
+    leak, and zero tokens give an empty output."""
+    if ops.available_backends("cpu", torch.float32)[backend] is not None:
+        pytest.skip(f"backend {backend!r} unavailable")
     a = make_inputs(dtype=torch.float32, lead=(2,))
     a["u"][~a["mask_u"]] = float("nan")
-    want = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in a.items()})
-    through_op = []
-    op = ops._masked_lowrank_linear_op
-    monkeypatch.setattr(ops, "_masked_lowrank_linear_op", lambda *args: through_op.append(1) or op(*args))
+    t = make_teacher(a, torch.float32) if blend else {}
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()}
+    if blend:
+        want = reference.blended_lowrank_linear(**dbl, alpha=0.5)
+        fn = lambda **kw: ops.blended_lowrank_linear(**kw, **t, alpha=0.5, backend=backend)  # noqa: E731
+        function, op = ops._BlendedLowRankFunction, "blended_lowrank_linear"
+    else:
+        want = reference.masked_lowrank_linear(**dbl)
+        fn = lambda **kw: ops.masked_lowrank_linear(**kw, backend=backend)  # noqa: E731
+        function, op = ops._MaskedLowRankFunction, "masked_lowrank_linear"
+    applied = []
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *args: applied.append(1) or apply(*args))
+
     for context in (torch.no_grad(), torch.inference_mode()):
         with context:
-            y = ops.masked_lowrank_linear(**a, backend="torch")
+            y = fn(**a)
         assert not y.isnan().any() and rel_error(y, want) < 1e-5
-    assert ops.masked_lowrank_linear(**{**a, "x": torch.randn(2, 0, 13)}, backend="torch").shape == (2, 0, 5)
-    assert through_op == []
-    y = ops.masked_lowrank_linear(**{**a, "x": a["x"].requires_grad_()}, backend="torch")
-    assert through_op == [1] and y.requires_grad and rel_error(y, want) < 1e-5
+    assert fn(**{**a, "x": torch.randn(2, 0, 13)}).shape == (2, 0, 5)
+    assert applied == []
+
+    y = fn(**{**a, "u": a["u"].clone().requires_grad_()})
+    assert applied == [1] and y.requires_grad and rel_error(y, want) < 1e-5
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    y = torch.compile(lambda x: fn(**{**a, "x": x}), backend=record, fullgraph=True)(a["x"])
+    assert applied == [1] and rel_error(y, want) < 1e-5
+    targets = [node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert getattr(torch.ops.tunecomp, op).default in targets
 
 
 def test_one_dim_and_non_contiguous_x():

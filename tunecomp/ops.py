@@ -37,6 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from .reference import apply_mask
@@ -391,7 +392,15 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank
 
 
 # --------------------------------------------------------------------------------------------
-# Custom ops. x is 2-D here; the wrappers flatten leading dims and check everything first.
+# The ops' bodies, and two ways autograd reaches them. x is 2-D here; the public wrappers
+# flatten leading dims and check everything first.
+#
+# Under torch.compile (and torch.export) the calls go through torch.library custom ops, which
+# the compiler treats as opaque nodes with fake-tensor shapes. In eager mode the same bodies
+# run under a plain torch.autograd.Function: the custom op's autograd wrapper costs ~150 us of
+# host time per forward+backward (measured on the CPU; torch re-fills the schema defaults on
+# every call), more than the whole eager math at small token counts. With nothing for
+# autograd to record, the backend runs directly.
 # --------------------------------------------------------------------------------------------
 
 
@@ -399,6 +408,70 @@ def _lowrank_grads_for_no_tokens(x, u, v, has_bias):
     # N == 0: the gradient of a sum over no tokens is zero, not empty.
     grad_b = u.new_zeros(u.shape[0]) if has_bias else u.new_empty(0)
     return x.new_empty(x.shape), torch.zeros_like(u), torch.zeros_like(v), grad_b
+
+
+def _masked_forward(x, u, v, bias, mask_u, mask_v, backend):
+    if x.shape[0] == 0:
+        return x.new_empty((0, u.shape[0]))
+    return _BACKENDS[backend].forward(x, u, v, bias, mask_u, mask_v)
+
+
+def _masked_backward(grad_y, x, u, v, mask_u, mask_v, has_bias, backend):
+    if x.shape[0] == 0:
+        return _lowrank_grads_for_no_tokens(x, u, v, has_bias)
+    return _BACKENDS[backend].backward(grad_y, x, u, v, mask_u, mask_v, has_bias)
+
+
+def _blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, backend):
+    if x.shape[0] == 0:
+        return x.new_empty((0, u.shape[0]))
+    return _BACKENDS[backend].blended_forward(
+        x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
+    )
+
+
+def _blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias, backend):
+    if x.shape[0] == 0:
+        return _lowrank_grads_for_no_tokens(x, u, v, has_bias)
+    return _BACKENDS[backend].blended_backward(
+        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias
+    )
+
+
+# Autograd glue shared by both routes. Inputs are the op's arguments in schema order; the
+# trailing Nones are the masks, teacher, alpha and backend, which get no gradient.
+
+
+def _masked_save(ctx, inputs):
+    x, u, v, bias, mask_u, mask_v, backend = inputs
+    ctx.save_for_backward(x, u, v, mask_u, mask_v)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _masked_grads(ctx, grad_y, backward):
+    x, u, v, mask_u, mask_v = ctx.saved_tensors
+    grad_x, grad_u, grad_v, grad_b = backward(grad_y, x, u, v, mask_u, mask_v, ctx.has_bias, ctx.backend)
+    return grad_x, grad_u, grad_v, (grad_b if ctx.has_bias else None), None, None, None
+
+
+def _blended_save(ctx, inputs):
+    x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, backend = inputs
+    ctx.save_for_backward(x, u, v, mask_u, mask_v, teacher_weight, alpha)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _blended_grads(ctx, grad_y, backward):
+    x, u, v, mask_u, mask_v, teacher_weight, alpha = ctx.saved_tensors
+    grad_x, grad_u, grad_v, grad_b = backward(
+        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, ctx.has_bias, ctx.backend
+    )
+    grad_b = grad_b if ctx.has_bias else None
+    return grad_x, grad_u, grad_v, grad_b, None, None, None, None, None, None
+
+
+# The custom ops (the route under torch.compile).
 
 
 @torch.library.custom_op("tunecomp::masked_lowrank_linear", mutates_args=())
@@ -411,9 +484,7 @@ def _masked_lowrank_linear_op(
     mask_v: Optional[Tensor],
     backend: str,
 ) -> Tensor:
-    if x.shape[0] == 0:
-        return x.new_empty((0, u.shape[0]))
-    return _BACKENDS[backend].forward(x, u, v, bias, mask_u, mask_v)
+    return _masked_forward(x, u, v, bias, mask_u, mask_v, backend)
 
 
 @_masked_lowrank_linear_op.register_fake
@@ -432,9 +503,7 @@ def _masked_lowrank_linear_backward_op(
     has_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if x.shape[0] == 0:
-        return _lowrank_grads_for_no_tokens(x, u, v, has_bias)
-    return _BACKENDS[backend].backward(grad_y, x, u, v, mask_u, mask_v, has_bias)
+    return _masked_backward(grad_y, x, u, v, mask_u, mask_v, has_bias, backend)
 
 
 @_masked_lowrank_linear_backward_op.register_fake
@@ -444,22 +513,10 @@ def _(grad_y, x, u, v, mask_u, mask_v, has_bias, backend):
     return x.new_empty(x.shape), u.new_empty(u.shape), v.new_empty(v.shape), grad_b
 
 
-def _masked_setup_context(ctx, inputs, output):
-    x, u, v, bias, mask_u, mask_v, backend = inputs
-    ctx.save_for_backward(x, u, v, mask_u, mask_v)
-    ctx.has_bias = bias is not None
-    ctx.backend = backend
-
-
-def _masked_backward(ctx, grad_y):
-    x, u, v, mask_u, mask_v = ctx.saved_tensors
-    grad_x, grad_u, grad_v, grad_b = _masked_lowrank_linear_backward_op(
-        grad_y, x, u, v, mask_u, mask_v, ctx.has_bias, ctx.backend
-    )
-    return grad_x, grad_u, grad_v, (grad_b if ctx.has_bias else None), None, None, None
-
-
-_masked_lowrank_linear_op.register_autograd(_masked_backward, setup_context=_masked_setup_context)
+_masked_lowrank_linear_op.register_autograd(
+    lambda ctx, grad_y: _masked_grads(ctx, grad_y, _masked_lowrank_linear_backward_op),
+    setup_context=lambda ctx, inputs, output: _masked_save(ctx, inputs),
+)
 
 
 @torch.library.custom_op("tunecomp::blended_lowrank_linear", mutates_args=())
@@ -475,11 +532,7 @@ def _blended_lowrank_linear_op(
     alpha: Tensor,
     backend: str,
 ) -> Tensor:
-    if x.shape[0] == 0:
-        return x.new_empty((0, u.shape[0]))
-    return _BACKENDS[backend].blended_forward(
-        x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha
-    )
+    return _blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, backend)
 
 
 @_blended_lowrank_linear_op.register_fake
@@ -500,11 +553,7 @@ def _blended_lowrank_linear_backward_op(
     has_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if x.shape[0] == 0:
-        return _lowrank_grads_for_no_tokens(x, u, v, has_bias)
-    return _BACKENDS[backend].blended_backward(
-        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias
-    )
+    return _blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias, backend)
 
 
 @_blended_lowrank_linear_backward_op.register_fake
@@ -514,25 +563,38 @@ def _(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias, backend)
     return x.new_empty(x.shape), u.new_empty(u.shape), v.new_empty(v.shape), grad_b
 
 
-def _blended_setup_context(ctx, inputs, output):
-    x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, backend = inputs
-    ctx.save_for_backward(x, u, v, mask_u, mask_v, teacher_weight, alpha)
-    ctx.has_bias = bias is not None
-    ctx.backend = backend
-
-
-def _blended_backward(ctx, grad_y):
-    x, u, v, mask_u, mask_v, teacher_weight, alpha = ctx.saved_tensors
-    grad_x, grad_u, grad_v, grad_b = _blended_lowrank_linear_backward_op(
-        grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, ctx.has_bias, ctx.backend
-    )
-    grad_b = grad_b if ctx.has_bias else None
-    return grad_x, grad_u, grad_v, grad_b, None, None, None, None, None, None
-
-
 _blended_lowrank_linear_op.register_autograd(
-    _blended_backward, setup_context=_blended_setup_context
+    lambda ctx, grad_y: _blended_grads(ctx, grad_y, _blended_lowrank_linear_backward_op),
+    setup_context=lambda ctx, inputs, output: _blended_save(ctx, inputs),
 )
+
+
+# The eager route. The backward is once_differentiable: no backend's backward is itself
+# differentiable (the custom op route refuses a double backward too).
+
+
+class _MaskedLowRankFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _masked_save(ctx, inputs)
+        return _masked_forward(*inputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _masked_grads(ctx, grad_y, _masked_backward)
+
+
+class _BlendedLowRankFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _blended_save(ctx, inputs)
+        return _blended_forward(*inputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _blended_grads(ctx, grad_y, _blended_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,13 +755,13 @@ def masked_lowrank_linear(
     _check_lowrank_args(x, u, v, bias, mask_u, mask_v)
     name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if name == "torch" and not _records_grad(x, u, v, bias):
-        # Inference: nothing for autograd to record, so the eager math runs directly, without
-        # the custom op's dispatch (about 11 of the 27 us this call took on a 2-core CPU).
-        y = _TorchBackend.forward(x2, u, v, bias, mask_u, mask_v)
+    args = (x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v, name)
+    if torch.compiler.is_compiling():
+        y = _masked_lowrank_linear_op(*args)
+    elif _records_grad(x, u, v, bias):
+        y = _MaskedLowRankFunction.apply(*args)
     else:
-        y = _masked_lowrank_linear_op(x2, u, v, bias, mask_u, mask_v, name)
+        y = _masked_forward(*args)
     return y.reshape(*lead, u.shape[0])
 
 
@@ -739,10 +801,13 @@ def blended_lowrank_linear(
         alpha = torch.full((), float(alpha), dtype=torch.float32, device=x.device)
     name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
-    y = _blended_lowrank_linear_op(
-        x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v,
-        teacher_weight, teacher_bias, alpha, name,
-    )
+    args = (x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, name)
+    if torch.compiler.is_compiling():
+        y = _blended_lowrank_linear_op(*args)
+    elif _records_grad(x, u, v, bias):
+        y = _BlendedLowRankFunction.apply(*args)
+    else:
+        y = _blended_forward(*args)
     return y.reshape(*lead, u.shape[0])
 
 
