@@ -10,6 +10,7 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
    masked beforehand (no masks to load), timed without and with the two ``torch.where`` that
    mask them, on ViT-B/16 layer shapes in bf16;
 2. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead;
+   and per forward+backward, through the public op and through the custom op directly;
 3. every Triton forward config on its own (autotuning bypassed) on the first shape, on masked
    factors and on factors masked beforehand, and beside them the earlier list's pick
    (``EARLIER_PICKS``);
@@ -142,6 +143,21 @@ def blend_times(in_features, out_features, n_tokens, backward=True) -> dict:
     return row
 
 
+def training_host_us(a) -> dict:
+    """Section 2, with gradients: host time of one forward+backward, eager math against the
+    backend "torch" through the public op (eagerly an autograd.Function) and through the
+    custom op that torch.compile sees (its autograd wrapper: the route eager calls took
+    before)."""
+    leaves = {k: (t.detach().requires_grad_() if k in ("x", "u", "v", "bias") else t) for k, t in a.items()}
+    args = [leaves[k] for k in ("x", "u", "v", "bias", "mask_u", "mask_v")]
+    calls = {
+        "eager": lambda: eager(**leaves),
+        "ops_torch": lambda: ops.masked_lowrank_linear(*args, backend="torch"),
+        "custom_op_torch": lambda: torch.ops.tunecomp.masked_lowrank_linear(*args, "torch"),
+    }
+    return {name: host_us(lambda f=fn: f().sum().backward()) for name, fn in calls.items()}
+
+
 def two_launches(x, u, v, bias, mask_u, mask_v):
     t = masked_lowrank._rank_project(x, v, mask_v, None)
     return masked_lowrank._rank_project(t, u.T, mask_u.T, None)
@@ -255,6 +271,8 @@ def main() -> None:
             host[backend] = f"{type(error).__name__}: {error}"[:200]
     result["host_us_per_call_n197"] = host
     print("host µs per call, 197 tokens:", host, flush=True)
+    result["host_us_per_training_call_n197"] = training_host_us(a)
+    print("host µs per forward+backward, 197 tokens:", result["host_us_per_training_call_n197"], flush=True)
     save()
     result["forward_configs"] = each_forward_config(*SHAPES[0])
     save()
