@@ -11,6 +11,8 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
    mask them, on ViT-B/16 layer shapes in bf16;
 2. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead;
    and per forward+backward, through the public op and through the custom op directly;
+   then the GPU time per call of dense, eager and each backend replayed in a CUDA graph
+   (host out of the way), at 197 tokens and at the first shape's;
 3. every Triton forward config on its own (autotuning bypassed) on the first shape, on masked
    factors and on factors masked beforehand, and beside them the earlier list's pick
    (``EARLIER_PICKS``);
@@ -39,7 +41,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from bench_kernels import eager_blended
 from bench_kernels import eager_masked as eager  # the kernel benchmarks' eager baseline
@@ -92,11 +94,11 @@ def rank_alignment() -> list:
     return rows
 
 
-def time_into(row: dict, cases: dict, suffix: str = "_us") -> None:
+def time_into(row: dict, cases: dict, suffix: str = "_us", bench=do_bench) -> None:
     """``row[name + suffix]``: each case's CUDA-event time in µs, or the error it raised."""
     for name, fn in cases.items():
         try:
-            row[name + suffix] = round(do_bench(fn) * 1e3, 1)
+            row[name + suffix] = round(bench(fn) * 1e3, 1)
         except Exception as error:  # a backend missing here still leaves the others' times
             row[name + suffix] = f"{type(error).__name__}: {error}"[:200]
 
@@ -156,6 +158,25 @@ def training_host_us(a) -> dict:
         "custom_op_torch": lambda: torch.ops.tunecomp.masked_lowrank_linear(*args, "torch"),
     }
     return {name: host_us(lambda f=fn: f().sum().backward()) for name, fn in calls.items()}
+
+
+def in_graph_us() -> list:
+    """Section 2b: GPU time per call with the host out of the way (``do_bench_cudagraph``:
+    calls captured in a CUDA graph, replayed). Beside section 1's times, which include the
+    host's where it cannot keep the GPU busy, this says whether a small call is slow on the
+    GPU or on the host."""
+    rows = []
+    for n_tokens in (197, SHAPES[0][2]):
+        a = layer(SHAPES[0][0], SHAPES[0][1], n_tokens)
+        weight = torch.randn(SHAPES[0][1], SHAPES[0][0], device="cuda", dtype=DTYPE)
+        cases = {"dense": lambda: F.linear(a["x"], weight, a["bias"]), "eager": lambda: eager(**a)}
+        for backend in ("torch", "triton", "cuda"):
+            cases[backend] = lambda b=backend: ops.masked_lowrank_linear(**a, backend=b)
+        row = {"shape": f"{SHAPES[0][0]}->{SHAPES[0][1]} n={n_tokens} r={RANK}"}
+        time_into(row, cases, bench=do_bench_cudagraph)
+        rows.append(row)
+        print("in a CUDA graph:", row, flush=True)
+    return rows
 
 
 def two_launches(x, u, v, bias, mask_u, mask_v):
@@ -273,6 +294,8 @@ def main() -> None:
     print("host µs per call, 197 tokens:", host, flush=True)
     result["host_us_per_training_call_n197"] = training_host_us(a)
     print("host µs per forward+backward, 197 tokens:", result["host_us_per_training_call_n197"], flush=True)
+    save()
+    result["in_graph"] = in_graph_us()
     save()
     result["forward_configs"] = each_forward_config(*SHAPES[0])
     save()
