@@ -18,8 +18,9 @@
 // fp32 accumulation); fp32 runs on the FMA units in fp32 (IEEE, like torch's default matmul
 // precision "highest"). Global loads are 16-byte runs along each operand's unit-stride dim
 // where alignment allows. The next K tile is fetched into registers while the current one is
-// multiplied from shared memory (operands whose unit stride runs down the tile's columns are
-// staged transposed, see SharedTiles). The accumulator goes through shared memory for the
+// multiplied from shared memory, as loaded (the masks are applied when it is stored to shared
+// memory, so no instruction waits for those loads before the multiply: see FetchedRun);
+// operands whose unit stride runs down the tile's columns are staged transposed (SharedTiles). The accumulator goes through shared memory for the
 // epilogue, so every output element is written by one thread with plain bounds checks.
 // Split-K (the factor gradients, whose K is the token count) writes fp32 partial tiles
 // [splits, M, N] that the host sums.
@@ -29,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #ifndef TUNECOMP_EMULATE_CUDA
@@ -187,35 +189,75 @@ __device__ __forceinline__ void run_position(int e, int rows, int cols, bool alo
   }
 }
 
-// Elements (i, j) ... (kSize along the run) of the operand; 0 outside [rows, cols) and where
-// the mask is false (a select: a NaN in a pruned entry stays out).
+// A run's 16 bytes as 32-bit words: loaded, held and stored without being split into
+// elements (split, the loaded registers are used at once, which waits for the load).
+struct alignas(16) Words {
+  uint32_t w[4];
+};
+
+// A run as fetched: its 16 bytes as loaded, and which of its elements are kept (byte q of keep
+// nonzero: element q is). The select against zero is left to kept(), called when the run is
+// stored to shared memory after the tensor cores' step. Selecting right after the loads made
+// each run wait for its own data and mask before the next run's loads were issued (sm_90
+// SASS: the loaded registers were used by the next instructions), so the K tile fetched
+// "during" the step arrived one load latency per run, in turn, before the step began.
 template <typename T>
-__device__ __forceinline__ Pack<T> load_run(const Operand& op, RunLayout layout, int64_t i,
-                                            int64_t j, int64_t rows, int64_t cols) {
+struct FetchedRun {
+  static constexpr MaskBits<T> kAllKept = static_cast<MaskBits<T>>(0x0101010101010101ull);
+  Words data;
+  MaskBits<T> keep;
+};
+
+// Elements (i, j) ... (kSize along the run) of the operand; 0 outside [rows, cols) and, once
+// kept() is applied, where the mask is false (a select: a NaN in a pruned entry stays out).
+template <typename T>
+__device__ __forceinline__ FetchedRun<T> load_run(const Operand& op, RunLayout layout, int64_t i,
+                                                  int64_t j, int64_t rows, int64_t cols) {
   constexpr int kSize = Pack<T>::kSize;
   const int di = layout.along_j ? 0 : 1, dj = layout.along_j ? 1 : 0;
   const bool whole = layout.along_j ? (i < rows && j + kSize <= cols) : (j < cols && i + kSize <= rows);
-  Pack<T> out;
+  FetchedRun<T> run;
+  run.keep = FetchedRun<T>::kAllKept;
   if (layout.vector && whole) {
-    const Pack<T> data =
-        *reinterpret_cast<const Pack<T>*>(static_cast<const T*>(op.data) + i * op.stride_i + j * op.stride_j);
-    if (op.mask == nullptr) return data;
+    run.data =
+        *reinterpret_cast<const Words*>(static_cast<const T*>(op.data) + i * op.stride_i + j * op.stride_j);
+    if (op.mask == nullptr) return run;
     // One address for the run's mask bytes, then one load (mask_vector) or kSize at a
-    // constant step; no per-element index arithmetic. The zero is made once: a conversion
-    // per element (inline asm for bf16) would keep the selects from becoming branch-free.
+    // constant step; no per-element index arithmetic.
     const bool* mask = op.mask + i * op.mask_stride_i + j * op.mask_stride_j;
-    const T zero = from_float<T>(0.0f);
     if (layout.mask_vector) {
-      const MaskBits<T> bits = *reinterpret_cast<const MaskBits<T>*>(mask);
-#pragma unroll
-      for (int q = 0; q < kSize; ++q) out.v[q] = ((bits >> (8 * q)) & 0xff) != 0 ? data.v[q] : zero;
+      run.keep = *reinterpret_cast<const MaskBits<T>*>(mask);
     } else {
       const int64_t step = layout.along_j ? op.mask_stride_j : op.mask_stride_i;
+      run.keep = 0;
 #pragma unroll
-      for (int q = 0; q < kSize; ++q) out.v[q] = mask[q * step] ? data.v[q] : zero;
+      for (int q = 0; q < kSize; ++q) run.keep |= static_cast<MaskBits<T>>(mask[q * step]) << (8 * q);
     }
-  } else {
-    for (int q = 0; q < kSize; ++q) out.v[q] = load_element<T>(op, i + q * di, j + q * dj, rows, cols);
+  } else {  // the edges of the problem, odd strides: element by element, masks applied here
+    Pack<T> elements;
+    for (int q = 0; q < kSize; ++q) elements.v[q] = load_element<T>(op, i + q * di, j + q * dj, rows, cols);
+    memcpy(&run.data, &elements, sizeof(Words));
+  }
+  return run;
+}
+
+// The run with its pruned elements zeroed (masked: its operand has a mask), word by word: an
+// element's bits AND all ones or all zeros, the same as selecting it or +0.
+template <typename T>
+__device__ __forceinline__ Words kept(const FetchedRun<T>& run, bool masked) {
+  if (!masked) return run.data;
+  constexpr int kPerWord = 4 / sizeof(T);
+  constexpr uint32_t kElementBits = sizeof(T) == 4 ? 0xffffffffu : 0xffffu;
+  Words out;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t keep_bits = 0;
+#pragma unroll
+    for (int e = 0; e < kPerWord; ++e) {
+      const int q = w * kPerWord + e;
+      keep_bits |= ((run.keep >> (8 * q)) & 0xff) != 0 ? kElementBits << (16 * e) : 0u;
+    }
+    out.w[w] = run.data.w[w] & keep_bits;
   }
   return out;
 }
@@ -375,9 +417,9 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
   constexpr int kSize = Pack<T>::kSize;
   constexpr int kRunsA = kBlockM * kBlockK / kSize / kThreads;  // per thread
   constexpr int kRunsB = kBlockK * kBlockN / kSize / kThreads;
-  Pack<T> a_reg[kRunsA];
-  Pack<T> b_reg[kRunsB];
-  auto fetch = [&](int64_t t) {  // global -> registers, masks and bounds applied
+  FetchedRun<T> a_reg[kRunsA];
+  FetchedRun<T> b_reg[kRunsB];
+  auto fetch = [&](int64_t t) {  // global -> registers, bounds applied (masks: by stash)
     int s;
     int64_t k0, k_end;
     locate(t, s, k0, k_end);
@@ -399,7 +441,7 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
       b_reg[l] = load_run<T>(seg.b, lb, k0 + r, n0 + c, k_end, p.n);
     }
   };
-  auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch
+  auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch, masks applied
     const Segment& seg = p.seg[t < tiles0 ? 0 : 1];
     using Tiles = SharedTiles<T>;
     if (!seg.a_in_shared) {
@@ -408,12 +450,15 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
       for (int l = 0; l < kRunsA; ++l) {
         int r, c;
         run_position<T>(tid + l * kThreads, kBlockM, kBlockK, a_along_j, r, c);
+        const Words run = kept(a_reg[l], seg.a.mask != nullptr);
         if (a_along_j) {  // a 16-byte aligned run along a row of A [m][k]: one store
-          *reinterpret_cast<Pack<T>*>(&tiles.a[r * Tiles::kLdA + c]) = a_reg[l];
+          *reinterpret_cast<Words*>(&tiles.a[r * Tiles::kLdA + c]) = run;
         } else if (Tiles::kTransposedTiles) {  // along m: a row of A [k][m]
-          *reinterpret_cast<Pack<T>*>(&tiles.a[c * Tiles::kLdAT + r]) = a_reg[l];
+          *reinterpret_cast<Words*>(&tiles.a[c * Tiles::kLdAT + r]) = run;
         } else {
-          for (int q = 0; q < kSize; ++q) tiles.a[(r + q) * Tiles::kLdA + c] = a_reg[l].v[q];
+          Pack<T> elements;
+          memcpy(&elements, &run, sizeof(Words));
+          for (int q = 0; q < kSize; ++q) tiles.a[(r + q) * Tiles::kLdA + c] = elements.v[q];
         }
       }
     }
@@ -422,12 +467,15 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
     for (int l = 0; l < kRunsB; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockK, kBlockN, b_along_j, r, c);
+      const Words run = kept(b_reg[l], seg.b.mask != nullptr);
       if (b_along_j) {  // along n: a row of B [k][n]
-        *reinterpret_cast<Pack<T>*>(&tiles.b[r * Tiles::kLdB + c]) = b_reg[l];
+        *reinterpret_cast<Words*>(&tiles.b[r * Tiles::kLdB + c]) = run;
       } else if (Tiles::kTransposedTiles) {  // along k: a row of B [n][k]
-        *reinterpret_cast<Pack<T>*>(&tiles.b[c * Tiles::kLdBT + r]) = b_reg[l];
+        *reinterpret_cast<Words*>(&tiles.b[c * Tiles::kLdBT + r]) = run;
       } else {
-        for (int q = 0; q < kSize; ++q) tiles.b[(r + q) * Tiles::kLdB + c] = b_reg[l].v[q];
+        Pack<T> elements;
+        memcpy(&elements, &run, sizeof(Words));
+        for (int q = 0; q < kSize; ++q) tiles.b[(r + q) * Tiles::kLdB + c] = elements.v[q];
       }
     }
   };
