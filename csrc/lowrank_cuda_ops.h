@@ -188,8 +188,11 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Te
   if (n == 0) return at::empty({0, out}, x.options());
   const float* alpha_ptr = blended ? alpha->data_ptr<float>() : nullptr;
   if (blended && fold) {
-    const at::Tensor a = alpha->reshape({}).to(x.scalar_type());
-    const at::Tensor s = at::sqrt(at::clamp_min(1 - a * a, 0));
+    // s from the float32 alpha, then both rounded: in bf16, alpha = 0.9995 rounds to 1.0,
+    // and s computed from that would be 0 instead of 0.032.
+    const at::Tensor alpha32 = alpha->reshape({});
+    const at::Tensor a = alpha32.to(x.scalar_type());
+    const at::Tensor s = at::sqrt(at::clamp_min(1 - alpha32 * alpha32, 0)).to(x.scalar_type());
     std::optional<at::Tensor> folded_bias;
     if (teacher_bias.has_value()) folded_bias = *teacher_bias * a;
     if (bias.has_value()) folded_bias = folded_bias ? *folded_bias + *bias * s : *bias * s;

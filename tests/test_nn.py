@@ -94,6 +94,17 @@ def test_alpha_stays_float32_when_module_is_cast():
     layer = layer.to(torch.bfloat16)
     assert layer.u.dtype == torch.bfloat16 and layer.alpha_tensor.dtype == torch.float32
     assert layer.alpha_tensor.item() == pytest.approx(0.997, abs=1e-7)
+    # ... and the student is not silenced downstream either: the factors' gradients match the
+    # float64 reference (with the student's weight rounded to 1.0 first, they were zero)
+    x, grad_y = torch.randn(6, 24, dtype=torch.bfloat16), torch.randn(6, 40, dtype=torch.bfloat16)
+    layer(x).backward(grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in (layer.u, layer.v)]
+    want = reference.blended_lowrank_linear(
+        x.double(), *leaves, layer.bias.double(), layer.mask_u, layer.mask_v,
+        layer.teacher_weight.double(), layer.teacher_bias.double(), 0.997)
+    want.backward(grad_y.double())
+    for got, leaf in zip((layer.u.grad, layer.v.grad), leaves):
+        assert rel_error(got, leaf.grad) < 2e-2  # bf16: a few units of 2**-8
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])

@@ -137,8 +137,7 @@ class _TorchBackend:
 
     @staticmethod
     def blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
-        a = alpha.reshape(()).to(x.dtype)
-        s = reference.student_scale(a)
+        a, s = reference.blend_scales(alpha, x.dtype)
         if not folding_pays(*x.shape, u.shape[0]):  # two branches, biases in their GEMMs
             teacher = torch.nn.functional.linear(x, teacher_weight, teacher_bias)
             student = _TorchBackend.forward(x, u, v, bias, mask_u, mask_v)
@@ -148,8 +147,7 @@ class _TorchBackend:
 
     @staticmethod
     def blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
-        a = alpha.reshape(()).to(x.dtype)
-        s = reference.student_scale(a)
+        a, s = reference.blend_scales(alpha, x.dtype)
         u_m, v_m = apply_mask(u, mask_u), apply_mask(v, mask_v)
         t = x @ v_m
         g = (grad_y @ u_m) * s
@@ -242,19 +240,17 @@ class _CpuBackend:
             # the student would run as BLAS GEMMs: fold it into the teacher's (see folding_pays)
             return _TorchBackend.blended_forward(x, u, v, bias, mask_u, mask_v, teacher_weight,
                                                  teacher_bias, alpha)
-        a = alpha.reshape(()).to(x.dtype)
+        a, s = reference.blend_scales(alpha, x.dtype)
         teacher = torch.nn.functional.linear(x, teacher_weight, teacher_bias)
-        return a * teacher + reference.student_scale(a) * self.forward(x, u, v, bias, mask_u, mask_v)
+        return a * teacher + s * self.forward(x, u, v, bias, mask_u, mask_v)
 
     def blended_backward(self, grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias):
         kept, _ = self._pack(u, v, mask_u, mask_v)
         if kept >= self.BACKWARD_SPARSE_BELOW and folding_pays_backward(x.shape[0], u.shape[0]):
             return _TorchBackend.blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight,
                                                   alpha, has_bias)
-        a = alpha.reshape(()).to(x.dtype)
-        grad_x, grad_u, grad_v, grad_b = self.backward(
-            grad_y * reference.student_scale(a), x, u, v, mask_u, mask_v, has_bias
-        )
+        a, s = reference.blend_scales(alpha, x.dtype)
+        grad_x, grad_u, grad_v, grad_b = self.backward(grad_y * s, x, u, v, mask_u, mask_v, has_bias)
         return grad_x + a * (grad_y @ teacher_weight), grad_u, grad_v, grad_b
 
 

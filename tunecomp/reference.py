@@ -52,6 +52,14 @@ def student_scale(alpha: Union[float, Tensor]) -> Union[float, Tensor]:
     return math.sqrt(1.0 - alpha * alpha)
 
 
+def blend_scales(alpha: Tensor, dtype: torch.dtype) -> tuple:
+    """``(alpha, sqrt(1 - alpha**2))`` as 0-dim tensors of ``dtype``, the second computed
+    before either is rounded to ``dtype``: in bf16, alpha = 0.9995 rounds to 1.0, and the
+    student's weight computed from that would be 0 instead of 0.032."""
+    wide = alpha.reshape(()).to(torch.promote_types(dtype, torch.float32))
+    return wide.to(dtype), student_scale(wide).to(dtype)
+
+
 def blended_lowrank_linear(
     x: Tensor,
     u: Tensor,
@@ -71,5 +79,6 @@ def blended_lowrank_linear(
     teacher = torch.nn.functional.linear(x, teacher_weight, teacher_bias)
     student = masked_lowrank_linear(x, u, v, bias, mask_u, mask_v)
     if isinstance(alpha, Tensor):
-        alpha = alpha.reshape(()).to(x.dtype)
+        a, s = blend_scales(alpha, x.dtype)
+        return a * teacher + s * student
     return alpha * teacher + student_scale(alpha) * student
