@@ -26,12 +26,7 @@ def _triton_fp32_tolerance():
 
 
 # Relative Frobenius error bounds ||out - ref|| / ||ref|| against float64 math on the same
-# (already rounded) inputs. Where a result is a sum with heavy cancellation (a handful of
-# kept entries, e.g. rank 1 at 95% pruned), ||ref|| understates the scale of the rounding
-# errors, which is that of the same math on |inputs| (|fl(a·b) - a·b| <= c·u·|a|·|b|): such an
-# output also passes if its error is within a quarter of the bound relative to that
-# magnitude. A real bug (a missing term, a wrong scale or mask) is an error of the size of
-# the result itself and fails both. The kernels accumulate in fp32 and round twice: the rank-r
+# (already rounded) inputs. The kernels accumulate in fp32 and round twice: the rank-r
 # intermediate (T or G, stored/used in the input dtype as eager PyTorch does) and the output.
 # Each rounding is at most the unit roundoff u relative, and random signs keep the Frobenius
 # ratio near u, so the bounds are a few u:
@@ -41,6 +36,13 @@ def _triton_fp32_tolerance():
 #              product -> 5e-3;
 #   fp16:      u = 4.9e-4 -> 2e-3;
 #   bf16:      u = 3.9e-3 -> 1e-2.
+# Where a result is a sum with heavy cancellation (a handful of kept entries, rank 1 at 95%
+# pruned), ||ref|| understates the scale of the rounding errors, and no kernel in that dtype
+# can meet the bound. The yardstick there is eager PyTorch doing the same math in the inputs'
+# dtype on the same device: a result also passes if its error is at most EAGER_FACTOR times
+# eager's. (An earlier escape, error relative to the same math on |inputs|, grew with the sum
+# length: at the GPU tests' ViT sizes it let a bf16 gradient of all zeros pass.)
+EAGER_FACTOR = 4
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -133,38 +135,38 @@ def make_problem(n_tokens, in_f, out_f, rank, dtype, mask_case, device, has_bias
     return p
 
 
-def f64(t):
-    return None if t is None else t.detach().to(torch.float64)
-
-
 class Expected(NamedTuple):
-    value: Optional[torch.Tensor]
-    magnitude: Optional[torch.Tensor]  # the same math on |inputs|: the rounding-error scale
+    value: Optional[torch.Tensor]  # float64
+    eager: Optional[torch.Tensor]  # the same math by eager PyTorch in the inputs' dtype
 
 
 def reference_lowrank(p, alpha: Optional[float] = None):
     """(y, (grad_x, grad_u, grad_v, grad_bias)) of the float64 reference, by autograd, each an
-    ``Expected`` (grad_bias: value None without a bias)."""
-    y, grads = _reference(p, alpha)
-    magnitudes = {k: (t.abs() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-                  for k, t in p.items()}
-    y_mag, grads_mag = _reference(magnitudes, alpha)
-    return Expected(y, y_mag), tuple(Expected(g, m) for g, m in zip(grads, grads_mag))
+    ``Expected`` with eager PyTorch's result in the inputs' dtype beside it (grad_bias: None
+    without a bias)."""
+    y, grads = _reference(p, alpha, torch.float64)
+    y_eager, grads_eager = _reference(p, alpha, p["x"].dtype)
+    return Expected(y, y_eager), tuple(Expected(g, e) for g, e in zip(grads, grads_eager))
 
 
-def _reference(p, alpha):
-    x, u, v = (f64(p[k]).requires_grad_() for k in ("x", "u", "v"))
-    bias = f64(p["bias"])
+def _reference(p, alpha, dtype):
+    def cast(t):
+        return None if t is None else t.detach().to(dtype)
+
+    x, u, v = (cast(p[k]).requires_grad_() for k in ("x", "u", "v"))
+    bias = cast(p["bias"])
     if bias is not None:
         bias.requires_grad_()
     if alpha is None:
         y = reference.masked_lowrank_linear(x, u, v, bias, p["mask_u"], p["mask_v"])
     else:
+        # alpha as the ops get it: a float32 tensor (float64 for the float64 reference)
+        a = torch.tensor(alpha, dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         y = reference.blended_lowrank_linear(
-            x, u, v, bias, p["mask_u"], p["mask_v"], f64(p["teacher_weight"]),
-            f64(p["teacher_bias"]), torch.tensor(alpha, dtype=torch.float64, device=x.device),
+            x, u, v, bias, p["mask_u"], p["mask_v"], cast(p["teacher_weight"]),
+            cast(p.get("teacher_bias")), a,
         )
-    y.backward(f64(p["grad_y"]))
+    y.backward(cast(p["grad_y"]))
     grads = (x.grad, u.grad, v.grad, bias.grad if bias is not None else None)
     return y.detach(), grads
 
@@ -179,11 +181,11 @@ def assert_close(name, out, expected: Expected, dtype, seed, bound):
         # All-pruned factors: zero is exact, not approximately zero.
         assert (out == 0).all(), f"{name}: expected exact zeros (seed {seed})"
         return
-    abs_err = (out.double() - ref).norm().item()
-    err, err_mag = abs_err / ref_norm, abs_err / expected.magnitude.norm().item()
-    assert err <= bound or err_mag <= bound / 4, (
-        f"{name}: rel error {err:.3g} > {bound}, and {err_mag:.3g} > {bound / 4} relative to "
-        f"the magnitude (seed {seed})")
+    err = (out.double() - ref).norm().item() / ref_norm
+    eager_err = (expected.eager.double() - ref).norm().item() / ref_norm
+    assert err <= bound or err <= EAGER_FACTOR * eager_err, (
+        f"{name}: rel error {err:.3g} > {bound}, and > {EAGER_FACTOR} x eager PyTorch's "
+        f"{eager_err:.3g} in {dtype} (seed {seed})")
 
 
 def assert_pruned_grads_zero(grad_u, grad_v, p, seed):

@@ -1,6 +1,7 @@
 """Every kernel backend against tunecomp.reference in float64: one battery, parametrised
 over backends.
 
+  torch          eager PyTorch ("auto"'s pick on CUDA): on the GPU, else the CPU
   triton         the Triton kernels: on the GPU, or on the CPU under Triton's interpreter
                  (slow: shapes stay small; bf16 skipped, the interpreter's tl.dot is wrong)
   cuda           the CUDA C++ kernels (csrc/lowrank_cuda.cu): GPU only
@@ -29,7 +30,7 @@ from kernel_battery import (  # noqa: E402
     needs_cuda, reference_lowrank,
 )
 
-BACKENDS = ["triton", "cuda", "cpu", "cuda-emulator"]
+BACKENDS = ["torch", "triton", "cuda", "cpu", "cuda-emulator"]
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.float16, id="fp16"),
@@ -91,8 +92,7 @@ def test_forward_backward(backend, shape, mask_case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("mask_case", ["none", "zeros", "keep50", "keep5"])
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3]],
-                         ids=[SHAPE_IDS[0], SHAPE_IDS[2], SHAPE_IDS[3]])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
 def test_blended_forward_backward(backend, shape, mask_case, alpha, dtype):
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
@@ -103,6 +103,36 @@ def test_blended_forward_backward(backend, shape, mask_case, alpha, dtype):
     bound = backend.tolerance(dtype)
     assert_close("y", y, ref_y, dtype, seed, bound)
     check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_blend_with_one_bias(backend, which, dtype):
+    """Only the student has a bias, or only the teacher: each bias keeps its own scale."""
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(*SHAPES[3][:4], dtype, "keep50", backend.device, True, teacher=True)
+    p["teacher_bias" if which == "student" else "bias"] = None
+    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
+    y, grads = run_blended(backend, p, 0.3, has_bias=which == "student")
+    bound = backend.tolerance(dtype)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, which == "student", bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blend_with_alpha_near_one(backend, dtype):
+    """alpha = 0.9995, which rounds to 1.0 in bf16: the student's weight sqrt(1 - alpha^2) is
+    0.032, not 0 (computed before alpha is rounded to the inputs' dtype), so its factors still
+    get their gradients."""
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(*SHAPES[2][:4], dtype, "keep50", backend.device, True, teacher=True)
+    ref_y, ref_grads = reference_lowrank(p, alpha=0.9995)
+    y, grads = run_blended(backend, p, 0.9995)
+    bound = backend.tolerance(dtype)
+    assert_close("y", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,6 +242,9 @@ def test_backend_object_has_the_contract(backend):
     for fn in ("unavailable_reason", "forward", "backward", "blended_forward",
                "blended_backward"):
         assert callable(getattr(backend.impl, fn))
+    if backend.name == "torch":  # the reference math: every device and floating dtype
+        assert backend.impl.unavailable_reason(backend.device, torch.float64) is None
+        return
     assert backend.impl.unavailable_reason(backend.device, torch.float64) is not None
     assert backend.impl.unavailable_reason(torch.device("meta"), torch.float32) is not None
 
