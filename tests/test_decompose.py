@@ -58,11 +58,16 @@ def test_rank_deficient_statistics_are_regularised():
     w = torch.randn(24, 32)
     x = anisotropic_inputs(10, 32, dead=4)  # 10 tokens < 32 channels, 4 dead channels
     stats = stats_of(x)
-    for init in ("asvd", "whiten"):
+    errors = {}
+    for init in ("svd", "asvd", "whiten"):
         u, v = init_factors(w, 8, init, stats)
         assert torch.isfinite(u).all() and torch.isfinite(v).all()
-        # on the inputs seen, rank 8 can fit them nearly exactly (they span <= 10 dims)
-        assert output_error(w, u, v, x) < 1.0
+        errors[init] = output_error(w, u, v, x)
+    # The statistics still count: each activation-aware init fits the inputs seen better than
+    # the plain SVD, which ignores them; whitening, exact on their (<= 10-dim) span up to the
+    # regularisation, much better (seen: svd 0.42-0.65, asvd 0.19-0.28, whiten 0.07-0.10).
+    assert errors["asvd"] < errors["svd"], errors
+    assert errors["whiten"] < min(0.2, errors["asvd"]), errors
 
 
 def test_collect_stats_and_activation_aware_surgery():
