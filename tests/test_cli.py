@@ -46,6 +46,13 @@ def test_compress_on_digits(tmp_path):
     assert not any(k.endswith("teacher_weight") for k in state)  # the compact model only
     assert state["blocks.0.mlp.fc1.mask_u"].dtype == torch.bool
 
+    # a finished run is not overwritten by another compress, nor by an export into it
+    result = run_cli("compress", "--dataset", "digits", "--out", str(out), "--steps", "1")
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "--resume" in result.stderr
+    result = run_cli("export", "--run", str(out), "--out", str(out))
+    assert result.returncode == 2 and "would overwrite its model.safetensors" in result.stderr
+    assert load_file(out / "model.safetensors").keys() == state.keys()
+
     # the run exports to the compact format, which loads and benchmarks against the original
     exported = tmp_path / "exported"
     result = run_cli("export", "--run", str(out), "--out", str(exported))
@@ -86,13 +93,28 @@ def test_compress_baseline_method(tmp_path):
 def test_export_and_bench_errors(tmp_path):
     result = run_cli("export", "--run", str(tmp_path), "--out", str(tmp_path / "x"))
     assert result.returncode != 0 and "has no model.json" in result.stderr
-    result = run_cli("bench-model", str(tmp_path), "--batch", "1,a")
-    assert result.returncode == 2 and "--batch must be comma-separated integers" in result.stderr
+    for batch, words in (("1,a", "must be an integer; got 'a'"), ("0", "must be at least 1; got 0")):
+        result = run_cli("bench-model", str(tmp_path), "--batch", batch)
+        assert result.returncode == 2 and f"argument --batch: {words}" in result.stderr, result.stderr
+    result = run_cli("bench-model", str(tmp_path))  # checked before any timing starts
+    assert result.returncode == 2 and "holds no manifest.json" in result.stderr
+    assert "Traceback" not in result.stderr and "TUNECOMP_TRACEBACK=1" in result.stderr
 
 
-def test_compress_bad_arguments():
+def test_compress_bad_arguments(tmp_path):
     result = run_cli("compress", "--dataset", "digits")
     assert result.returncode == 2 and "--out" in result.stderr
+    # each a usage error naming the flag, the expected and the actual, before any work
+    for flags, words in ((("--param-ratio", "0"), "argument --param-ratio: must be in (0, 1]; got 0.0"),
+                         (("--model-kwargs", "{bad"), "argument --model-kwargs: not valid JSON"),
+                         (("--model-kwargs", "[1]"), "argument --model-kwargs: must be a JSON object"),
+                         (("--classes", "5,5,6"), "argument --classes: repeats [5]"),
+                         (("--eval-every", "-1"), "argument --eval-every: must be at least 0; got -1"),
+                         (("--reg-weight", "-1"), "argument --reg-weight: must be in [0, inf]; got -1.0"),
+                         (("--prune-mode", "n:m", "--prune", "0.75"), "prune must be at most 0.5 with prune_mode 'n:m'")):
+        result = run_cli("compress", "--dataset", "digits", "--out", str(tmp_path / "x"), *flags)
+        assert result.returncode == 2 and words in result.stderr, (flags, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
     result = run_cli("compress", "--dataset", "cifar100", "--data-dir", "/nonexistent", "--out", "/tmp/x",
                      "--model", "vit_tiny_patch16_224")
     assert result.returncode != 0 and "CIFAR-100 not found" in result.stderr
@@ -113,3 +135,8 @@ def test_pretrained_file_is_loaded(tmp_path):
     assert torch.equal(loaded.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_timm_model("vit_tiny_patch16_224", str(tmp_path / "missing.pth"))
+    # names that do not match the model's: timm would load nothing (non-strictly, with a
+    # new head) and leave the model random; that is an error, not a warning in a log
+    torch.save({f"backbone.{k}": t for k, t in source.state_dict().items()}, path)
+    with pytest.raises(ValueError, match="none of vit_tiny_patch16_224's weights were loaded"):
+        load_timm_model("vit_tiny_patch16_224", str(path), depth=1, num_classes=3)

@@ -95,3 +95,7 @@ def test_unknown_dataset_and_bad_classes():
         load_dataset("mnist")
     with pytest.raises(ValueError, match=r"classes \[12\] are not labels"):
         load_dataset("digits", image_size=8, classes=[1, 12])
+    with pytest.raises(ValueError, match=r"classes \[5\] are listed more than once in \[5, 5, 6\]"):
+        load_dataset("digits", image_size=8, classes=[5, 5, 6])  # would be an empty class
+    with pytest.raises(ValueError, match="at least one class"):
+        load_dataset("digits", image_size=8, classes=[])

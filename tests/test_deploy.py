@@ -295,6 +295,12 @@ def test_bad_export_and_load_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"not low-rank layers of the model: \['head', 'nowhere'\]"):
         export(model, str(tmp_path / "a"), arch_kwargs=KW, forms={"nowhere": "dense", "head": "dense"})
     export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.attn.qkv": "sparse", "blocks.0.attn.proj": "lowrank"})
+    # load's own arguments, checked before the file is read
+    with pytest.raises(ValueError, match="backend must be one of .* got 'bogus'"):
+        load(str(tmp_path), backend="bogus")
+    for dtype in (torch.int8, "float16"):
+        with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+            load(str(tmp_path), dtype=dtype)
     manifest_path = tmp_path / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps([manifest]))

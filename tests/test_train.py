@@ -1,5 +1,6 @@
 """The joint loop: schedules applied, teacher freed, exact sparsity, logs, crash + resume."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -153,6 +154,39 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     model, data = tiny_setup("svd")
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt in"):
         train(model, data.train, data.test, TrainConfig(steps=2, progress=False), str(tmp_path), resume=True, device="cpu")
+
+
+def test_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path):
+    """A resumed run continues the saved one only with its settings (how often it logs,
+    evaluates and saves aside); a checkpoint that cannot be read or does not fit says so."""
+    cfg = TrainConfig(steps=4, batch_size=16, decay_steps=2, prune=0.3, prune_every=1, progress=False)
+    model, data = tiny_setup("svd")
+    train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
+    changed = dataclasses.replace(cfg, steps=6, prune=0.5)
+    with pytest.raises(ValueError, match=r"other settings \(steps 4 -> 6; prune 0.3 -> 0.5\)"):
+        train(tiny_setup("svd")[0], data.train, data.test, changed, str(tmp_path), resume=True, device="cpu")
+    reporting = dataclasses.replace(cfg, log_every=1, eval_every=2, checkpoint_every=1, num_workers=0)
+    train(tiny_setup("svd")[0], data.train, data.test, reporting, str(tmp_path), resume=True, device="cpu")
+
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8,
+                              patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    prepare(other, param_ratio=0.25, init="svd")  # other ranks than the run's
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(other, data.train, data.test, cfg, str(tmp_path), resume=True, device="cpu")
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match="cannot read checkpoint .*checkpoint.pt"):
+        train(tiny_setup("svd")[0], data.train, data.test, cfg, str(tmp_path), resume=True, device="cpu")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("prune_mode", "n:m", "at most 0.5 with prune_mode 'n:m'"), ("lr", 0.0, "lr must be positive"),
+    ("eval_every", -1, "eval_every must be at least 0"), ("reg_weight", -1.0, "reg_weight must be at least 0"),
+])
+def test_config_checks_before_training(field, value, words):
+    config = TrainConfig(prune=0.75 if field == "prune_mode" else 0.0, **{field: value})
+    with pytest.raises(ValueError, match=words):
+        config.resolved()
 
 
 DDP_SCRIPT = """

@@ -80,9 +80,30 @@ def load_timm_model(name: str, pretrained_file: Optional[str] = None, **kwargs) 
         return timm.create_model(name, pretrained=False, **kwargs)
     if not os.path.isfile(pretrained_file):
         raise FileNotFoundError(f"--pretrained-file {pretrained_file!r} does not exist")
-    return timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file}, **kwargs
-    )
+    # timm loads non-strictly whenever num_classes differs from the file's (the usual case
+    # here), so a file whose names do not match would leave the model random without an
+    # error. Built twice from the same seed, with and without the file, a tensor that came out
+    # the same was not loaded. (The seed is drawn from the global generator: a seeded caller
+    # still gets the same model every time.)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file}, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        initial = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    checked = {k: t for k, t in model.state_dict().items()
+               if t.is_floating_point() and t.numel() > 1 and not k.startswith(head + ".")}
+    missed = [k for k, t in checked.items() if torch.equal(t, initial[k])]
+    if checked and len(missed) == len(checked):
+        raise ValueError(f"--pretrained-file {pretrained_file!r}: none of {name}'s weights were loaded "
+                         f"from it (its tensor names do not match the model's, e.g. {missed[0]!r})")
+    if missed:
+        print(f"warning: --pretrained-file {pretrained_file!r} left {len(missed)} of {len(checked)} tensors "
+              f"at their random init: {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''}",
+              file=sys.stderr)
+    return model
 
 
 def model_input(model: torch.nn.Module) -> dict:
@@ -134,10 +155,25 @@ def compress_baseline(args, data, model_kwargs) -> dict:
     return result
 
 
+RUN_FILES = ("checkpoint.pt", "log.jsonl", "model.json", "summary.json")
+
+
 def compress(args) -> dict:
     """``tunecomp compress``: prepare, train, save, summarise."""
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if found and not args.resume:
+        raise FileExistsError(f"--out {args.out} already holds a run ({', '.join(found)}): add --resume to "
+                              f"continue it, or choose another --out")
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
+        prune=args.prune, prune_mode=args.prune_mode, reg="none" if args.reg_weight == 0 else "l1",
+        reg_weight=args.reg_weight, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        amp=args.amp, seed=args.seed, num_workers=args.num_workers,
+    )
+    config.resolved()  # its checks now, before the data and the model are loaded
+    model_kwargs = dict(args.model_kwargs or {})
+    classes = args.classes
     probe = load_timm_model(args.model, None, **model_kwargs)
     data = load_dataset(args.dataset, args.data_dir, classes=classes, **model_input(probe))
     model_kwargs["num_classes"] = data.num_classes
@@ -145,7 +181,7 @@ def compress(args) -> dict:
         return compress_baseline(args, data, model_kwargs)
     model = load_timm_model(args.model, args.pretrained_file, **model_kwargs)
     params_before = sum(p.numel() for p in model.parameters())
-    rank_spec = {"param_ratio": args.param_ratio} if args.param_ratio else {"rank_ratio": args.rank_ratio}
+    rank_spec = {"param_ratio": args.param_ratio} if args.param_ratio is not None else {"rank_ratio": args.rank_ratio}
     calib = None
     if args.init != "svd":
         calib = calibration_batches(data.train, args.batch_size, args.calib_batches)
@@ -159,13 +195,6 @@ def compress(args) -> dict:
                      calib_batches=calib, backend=args.backend,
                      rank_multiple=GPU_RANK_MULTIPLE if on_gpu else 4 if args.prune_mode == "n:m" else 1)
     print(report)
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
-        prune=args.prune, prune_mode=args.prune_mode, reg="none" if args.reg_weight == 0 else "l1",
-        reg_weight=args.reg_weight, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        amp=args.amp, seed=args.seed, num_workers=args.num_workers,
-    )
     result = train(model, data.train, data.test, config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
@@ -217,6 +246,10 @@ def export_run(run_dir: str, out: str, measure: bool, device: Optional[str],
                dtype: Optional[torch.dtype] = None) -> dict:
     from .deploy import export
 
+    if os.path.realpath(out) == os.path.realpath(run_dir) or any(
+            os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
+        raise FileExistsError(f"--out {out} is a `tunecomp compress` run directory: exporting there would "
+                              f"overwrite its model.safetensors; choose another --out")
     model, meta = rebuild_run(run_dir)
     manifest = export(model, out, arch=meta["model"], arch_kwargs=meta["kwargs"], measure=measure, device=device,
                       dtype=dtype, progress=measure)  # timing the forms of each layer takes a while
@@ -375,6 +408,60 @@ def _dtype(name: Optional[str], device: str) -> torch.dtype:
     return getattr(torch, name or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
+# Argument types: a bad value is argparse's usage error naming the flag, not a traceback.
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"img_size\": 32}}'; got {text!r}")
+    return value
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+        if not ((low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
+            span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {span}; got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _int_list(minimum: int):
+    def parse(text: str) -> list:
+        values = [_int_at_least(minimum)(part.strip()) for part in text.split(",")]
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        if duplicates:
+            raise argparse.ArgumentTypeError(f"repeats {duplicates}: {text!r}")
+        return values
+
+    parse.__name__ = "comma-separated integers"
+    return parse
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tunecomp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,34 +474,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--method", default="tunecomp",
                    choices=METHODS,
                    help="TuneComp, or a baseline pipeline at the same budget (tunecomp.baselines)")
-    p.add_argument("--model-kwargs", default=None, help='JSON of extra timm kwargs, e.g. \'{"img_size": 32}\'')
+    p.add_argument("--model-kwargs", default=None, type=_json_object,
+                   help='JSON of extra timm kwargs, e.g. \'{"img_size": 32}\'')
     p.add_argument("--pretrained-file", default=None, help="local weights (safetensors or state dict)")
     p.add_argument("--dataset", default="cifar100", choices=DATASETS)
     p.add_argument("--data-dir", default=None, help="where the dataset's files are")
-    p.add_argument("--classes", default=None, help="comma-separated class subset, relabelled 0..k-1")
+    p.add_argument("--classes", default=None, type=_int_list(0), help="comma-separated class subset, relabelled 0..k-1")
     p.add_argument("--out", required=True, help="output directory (log, checkpoint, model, summary)")
-    p.add_argument("--rank-ratio", type=float, default=0.25, help="rank as a fraction of full rank")
-    p.add_argument("--param-ratio", type=float, default=None, help="instead: fraction of each layer's weights kept")
+    p.add_argument("--rank-ratio", type=_float_in(0, 1, low_open=True), default=0.25, help="rank as a fraction of full rank")
+    p.add_argument("--param-ratio", type=_float_in(0, 1, low_open=True), default=None,
+                   help="instead: fraction of each layer's weights kept")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated layer name patterns")
     p.add_argument("--init", default="whiten", choices=("svd", "asvd", "whiten"))
-    p.add_argument("--calib-batches", type=int, default=8, help="batches of input statistics for the init")
-    p.add_argument("--prune", type=float, default=0.0, help="final pruning ratio of factor entries")
+    p.add_argument("--calib-batches", type=_int_at_least(1), default=8, help="batches of input statistics for the init")
+    p.add_argument("--prune", type=_float_in(0, 1, high_open=True), default=0.0,
+                   help="final pruning ratio of factor entries (n:m mode: at most 0.5, in steps of 0.25)")
     p.add_argument("--prune-mode", default="unstructured", choices=MODES)
-    p.add_argument("--decay-steps", type=int, default=None, help="T: steps until alpha reaches 0 (default steps/2)")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--reg-weight", type=float, default=1e-2, help="initial lambda of the L1 regulariser (0: off)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--decay-steps", type=_int_at_least(0), default=None,
+                   help="T: steps until alpha reaches 0 (default: half of --steps)")
+    p.add_argument("--steps", type=_int_at_least(1), default=5000, help="optimiser steps")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per step")
+    p.add_argument("--grad-accum", type=_int_at_least(1), default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=_float_in(0, float("inf"), low_open=True), default=5e-4, help="peak learning rate")
+    p.add_argument("--weight-decay", type=_float_in(0, float("inf")), default=0.05, help="AdamW's, on dense weights")
+    p.add_argument("--warmup-steps", type=_int_at_least(0), default=100, help="linear LR warm-up")
+    p.add_argument("--reg-weight", type=_float_in(0, float("inf")), default=1e-2, help="initial lambda of the L1 regulariser (0: off)")
+    p.add_argument("--eval-every", type=_int_at_least(0), default=0, help="steps between evaluations (0: each epoch)")
+    p.add_argument("--checkpoint-every", type=_int_at_least(0), default=500, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there is one)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=_int_at_least(0), default=2, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("export", help="write a compress run's model in the compact inference format")
@@ -428,12 +519,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = sub.add_parser("bench-model", help="exported model vs its dense original: latency, throughput")
     p.add_argument("model_dir")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--batch", default=[1, 8], type=_int_list(1), help="comma-separated batch sizes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile both models first")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=_int_at_least(1), default=10, help="timed calls per point")
 
     p = sub.add_parser("plot", help="a compress run's training curves as a PNG (also during the run)")
     p.add_argument("run", help="a `tunecomp compress` output directory")
@@ -441,9 +532,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = sub.add_parser("demo", help="small offline TuneComp run on real data, prints a table")
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--steps", type=int, default=200, help="optimiser steps per fine-tuning run")
+    p.add_argument("--steps", type=_int_at_least(1), default=200, help="optimiser steps per fine-tuning run")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (ValueError, OSError, KeyError) as error:
+        # A mistake in the arguments or the files named (every such error here says what
+        # and where): the message, not a traceback, unless asked for.
+        if os.environ.get("TUNECOMP_TRACEBACK"):
+            raise
+        message = str(error) if not isinstance(error, KeyError) else f"missing {error}"
+        print(f"tunecomp {args.command}: error: {message}\n(TUNECOMP_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+def _run(parser, args) -> int:
     if args.command == "info":
         print(info())
     elif args.command == "compress":
@@ -456,13 +561,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "plot":
         print(f"wrote {plot_training(args.run, args.out)}")
     elif args.command == "bench-model":
-        dtype = _dtype(args.dtype, args.device)
-        try:
-            batches = [int(b) for b in args.batch.split(",")]
-        except ValueError:
-            parser.error(f"--batch must be comma-separated integers; got {args.batch!r}")
-        _print_bench(bench_model(args.model_dir, batches, args.device, dtype, args.compile, args.repeats,
-                                 progress=True))
+        from .deploy import read_manifest, verify
+
+        verify(args.model_dir, read_manifest(args.model_dir))  # before minutes of timing the dense model
+        _print_bench(bench_model(args.model_dir, args.batch, args.device, _dtype(args.dtype, args.device),
+                                 args.compile, args.repeats, progress=True))
     return 0
 
 

@@ -73,6 +73,11 @@ def _subset(images, labels, classes: Optional[Sequence[int]]):
     if classes is None:
         return images, labels
     classes = list(classes)
+    if not classes:
+        raise ValueError("classes must name at least one class, or be None for all")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ValueError(f"classes {repeated} are listed more than once in {classes}")
     remap = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
     missing = [c for c in classes if not 0 <= c < len(remap)]
     if missing:

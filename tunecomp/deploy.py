@@ -684,6 +684,19 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+def verify(path: str, manifest: dict) -> None:
+    """The export's tensors file is there, whole and unmodified (its size and SHA-256 are the
+    manifest's); ``DeployError`` saying which is not."""
+    tensors_path = os.path.join(path, TENSORS)
+    if not os.path.isfile(tensors_path):
+        raise DeployError(f"{path} has no {TENSORS}")
+    size = os.path.getsize(tensors_path)
+    if size != manifest["bytes"]:
+        raise DeployError(f"{tensors_path} has {size} bytes, the manifest says {manifest['bytes']}: truncated or replaced")
+    if _sha256(tensors_path) != manifest["sha256"]:
+        raise DeployError(f"{tensors_path} does not match the manifest's SHA-256: the file was modified")
+
+
 # Rank padding of the low-rank layers where ``load`` puts them on a GPU: the factors' rows
 # (and a mask's) are then a multiple of 16 elements long. Triton specializes a kernel on
 # strides divisible by 16 and only then copies tiles asynchronously; with rank 307 (ViT-B/16's
@@ -716,16 +729,15 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
     if rank_multiple is not None and (isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int)
                                       or rank_multiple < 1):
         raise ValueError(f"rank_multiple must be a positive int or None; got {rank_multiple!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...) or None; "
+                         f"got {dtype!r}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}; got {backend!r}")
     manifest = read_manifest(path)
     dtype = dtype or getattr(torch, manifest["dtype"])
+    verify(path, manifest)
     tensors_path = os.path.join(path, TENSORS)
-    if not os.path.isfile(tensors_path):
-        raise DeployError(f"{path} has no {TENSORS}")
-    size = os.path.getsize(tensors_path)
-    if size != manifest["bytes"]:
-        raise DeployError(f"{tensors_path} has {size} bytes, the manifest says {manifest['bytes']}: truncated or replaced")
-    if _sha256(tensors_path) != manifest["sha256"]:
-        raise DeployError(f"{tensors_path} does not match the manifest's SHA-256: the file was modified")
     state = load_file(tensors_path)
     missing = [k for k in manifest["tensors"] if k not in state]
     if missing:

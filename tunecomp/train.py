@@ -95,6 +95,17 @@ class TrainConfig:
             raise ValueError(f"prune_start must be in [0, prune_end={c.prune_end}]; got {c.prune_start}")
         if not 0.0 <= c.prune < 1.0:
             raise ValueError(f"prune must be in [0, 1); got {c.prune}")
+        if c.prune_mode == "n:m" and c.prune > 0.5:  # checked now, not when the ramp gets there
+            raise ValueError(f"prune must be at most 0.5 with prune_mode 'n:m' (2 of every 4 "
+                             f"entries); got {c.prune}")
+        if not c.lr > 0:
+            raise ValueError(f"lr must be positive; got {c.lr}")
+        non_negative = {"weight_decay": c.weight_decay, "warmup_steps": c.warmup_steps,
+                        "reg_weight": c.reg_weight, "eval_every": c.eval_every,
+                        "checkpoint_every": c.checkpoint_every, "num_workers": c.num_workers}
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise ValueError(f"{name} must be at least 0; got {value}")
         if c.prune_mode not in MODES or c.prune_scope not in SCOPES:
             raise ValueError(f"prune_mode must be one of {MODES} and prune_scope one of {SCOPES}; "
                              f"got {c.prune_mode!r}, {c.prune_scope!r}")
@@ -184,16 +195,28 @@ def save_checkpoint(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, model: nn.Module) -> dict:
+def load_checkpoint(path: str, model: nn.Module, config: Optional[dict] = None) -> dict:
     """Load a checkpoint's model state into ``model`` (dropping teachers the checkpoint no
-    longer has) and return the whole payload."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    longer has) and return the whole payload. ``config``: the resolved TrainConfig (as a
+    dict) the run continues with, which must be the checkpoint's (``RESUMABLE_CHANGES``
+    aside)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which
+        raise ValueError(f"cannot read checkpoint {path} ({type(error).__name__}: {error})") from error
+    if config is not None:
+        _check_same_config(payload.get("config"), config, path)
     state = payload["model"]
     for name, layer in model.named_modules():
         if isinstance(layer, FusedPrunedLowRankLinear) and layer.has_teacher:
             if f"{name}.teacher_weight" not in state:
                 layer.drop_teacher()
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # other ranks, layers or model than the run that wrote it
+        first = str(error).splitlines()[:4]
+        raise ValueError(f"checkpoint {path} does not fit this model (written with another model, "
+                         f"rank or param ratio, or targets?): {' '.join(line.strip() for line in first)}") from error
     return payload
 
 
@@ -281,7 +304,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
     if resume:
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out_dir}")
-        payload = load_checkpoint(checkpoint_path, model)
+        payload = load_checkpoint(checkpoint_path, model, asdict(cfg))
         optimizer.load_state_dict(payload["optimizer"])
         lr_schedule.load_state_dict(payload["lr_schedule"])
         state = _State(**payload["state"])
@@ -445,6 +468,21 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+# What a resumed run may change: how it reports and saves, not what it computes.
+RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "num_workers", "progress")
+
+
+def _check_same_config(saved: Optional[dict], now: dict, path: str) -> None:
+    """A resumed run continues the saved one bit for bit only with the same settings."""
+    if saved is None:
+        return
+    changed = [f"{k} {saved[k]!r} -> {now.get(k)!r}" for k in saved
+               if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)]
+    if changed:
+        raise ValueError(f"resume: {path} was written with other settings ({'; '.join(changed)}); "
+                         f"resume with the run's own settings, or start a new run elsewhere")
 
 
 def _end_cut_off_line(path: str) -> None:
