@@ -462,6 +462,15 @@ def _int_list(minimum: int):
     return parse
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, where it has one to show (not None or False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tunecomp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -469,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("info", help="versions, devices and available backends")
 
     p = sub.add_parser("compress", help="TuneComp on a timm model and a dataset",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
     p.add_argument("--method", default="tunecomp",
                    choices=METHODS,
@@ -477,19 +486,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--model-kwargs", default=None, type=_json_object,
                    help='JSON of extra timm kwargs, e.g. \'{"img_size": 32}\'')
     p.add_argument("--pretrained-file", default=None, help="local weights (safetensors or state dict)")
-    p.add_argument("--dataset", default="cifar100", choices=DATASETS)
+    p.add_argument("--dataset", default="cifar100", choices=DATASETS, help="downstream task")
     p.add_argument("--data-dir", default=None, help="where the dataset's files are")
     p.add_argument("--classes", default=None, type=_int_list(0), help="comma-separated class subset, relabelled 0..k-1")
     p.add_argument("--out", required=True, help="output directory (log, checkpoint, model, summary)")
     p.add_argument("--rank-ratio", type=_float_in(0, 1, low_open=True), default=0.25, help="rank as a fraction of full rank")
     p.add_argument("--param-ratio", type=_float_in(0, 1, low_open=True), default=None,
                    help="instead: fraction of each layer's weights kept")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated layer name patterns")
-    p.add_argument("--init", default="whiten", choices=("svd", "asvd", "whiten"))
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated nn.Linear names to replace: a name, its tail after a dot "
+                        "(attn.qkv), or a glob on the full name (blocks.1*.mlp.*)")
+    p.add_argument("--init", default="whiten", choices=("svd", "asvd", "whiten"),
+                   help="factor init: plain SVD, or activation-aware from --calib-batches")
     p.add_argument("--calib-batches", type=_int_at_least(1), default=8, help="batches of input statistics for the init")
     p.add_argument("--prune", type=_float_in(0, 1, high_open=True), default=0.0,
                    help="final pruning ratio of factor entries (n:m mode: at most 0.5, in steps of 0.25)")
-    p.add_argument("--prune-mode", default="unstructured", choices=MODES)
+    p.add_argument("--prune-mode", default="unstructured", choices=MODES,
+                   help="entries, whole rank components, or 2 of every 4 entries")
     p.add_argument("--decay-steps", type=_int_at_least(0), default=None,
                    help="T: steps until alpha reaches 0 (default: half of --steps)")
     p.add_argument("--steps", type=_int_at_least(1), default=5000, help="optimiser steps")
@@ -503,10 +516,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--checkpoint-every", type=_int_at_least(0), default=500, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there is one)")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
-    p.add_argument("--backend", default="auto", choices=ops.BACKENDS)
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"), help="auto: bf16 on CUDA")
+    p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="the ops' kernels (tunecomp info)")
     p.add_argument("--num-workers", type=_int_at_least(0), default=2, help="data loader processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order, init and pruning ties")
 
     p = sub.add_parser("export", help="write a compress run's model in the compact inference format")
     p.add_argument("--run", required=True, help="a `tunecomp compress` output directory")
