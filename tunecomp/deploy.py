@@ -785,8 +785,11 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
         except AttributeError:
             target = None
         if not isinstance(target, nn.Linear) or (target.in_features, target.out_features) != shape:
+            found = ("no such submodule" if target is None else
+                     f"Linear {target.in_features} -> {target.out_features}" if isinstance(target, nn.Linear)
+                     else type(target).__name__)
             raise DeployError(f"manifest layer {name!r} (Linear {shape[0]} -> {shape[1]}) is not a layer "
-                              f"of that shape in the model; found {type(target).__name__}")
+                              f"of that shape in the model; found {found}")
         parent_name, _, child = name.rpartition(".")
         rows = {"u": info["out_features"], "v": info["in_features"], "weight": info["out_features"]}
         decoded = {side: decode(state, f"{name}.{side}", encoding,
