@@ -72,6 +72,15 @@ def test_cifar100_from_local_python_files(tmp_path):
 def test_cifar100_missing_says_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         load_dataset("cifar100", str(tmp_path), image_size=32)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="lacks test, meta"):
+        load_dataset("cifar100", str(tmp_path), image_size=32)
+    for name in ("test", "meta"):
+        (folder / name).write_bytes(pickle.dumps({"data": 1})[:5])  # truncated
+    with pytest.raises(ValueError, match="cannot read the train or meta file .* truncated"):
+        load_dataset("cifar100", str(tmp_path), image_size=32)
 
 
 def test_imagefolder(tmp_path):

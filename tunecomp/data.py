@@ -169,10 +169,19 @@ def cifar100(data_dir: Optional[str], image_size: int, classes=None, mean=IMAGEN
             f"holding train, test and meta (the 'CIFAR-100 python version' archive, extracted). "
             f"Nothing is downloaded."
         )
+    folder = os.path.join(data_dir, "cifar-100-python")
+    missing = [name for name in ("train", "test", "meta") if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-100 in {folder} lacks {', '.join(missing)} (the 'CIFAR-100 python "
+                                f"version' archive, extracted, holds train, test and meta). Nothing is downloaded.")
     parts = {}
     for split in ("train", "test"):
-        ds = LocalCIFAR100(data_dir, train=split == "train", download=False,
-                           transform=_torchvision_transforms(image_size, split == "train", mean, std))
+        try:
+            ds = LocalCIFAR100(data_dir, train=split == "train", download=False,
+                               transform=_torchvision_transforms(image_size, split == "train", mean, std))
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+            raise ValueError(f"CIFAR-100 in {folder}: cannot read the {split} or meta file "
+                             f"({type(error).__name__}: {error}); truncated or not the python version?") from None
         if classes is not None:
             labels = torch.tensor(ds.targets)
             keep, new_labels = _subset(torch.arange(len(labels)), labels, classes)
