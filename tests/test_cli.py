@@ -88,6 +88,12 @@ def test_compress_baseline_method(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "svd-ft" and summary["level"] == 0.25 and summary["effective_params"] > 0
+    # the training flags a baseline's own schedule would not use are refused, not dropped
+    result = run_cli("compress", "--method", "ft-svd", "--dataset", "digits", "--param-ratio", "0.5",
+                     "--out", str(tmp_path / "other"), "--resume", "--warmup-steps", "7")
+    assert result.returncode == 2, result.stderr
+    assert "--method ft-svd runs its own schedule (tunecomp.baselines) and would ignore --warmup-steps, --resume" \
+        in result.stderr.replace("\n", " ").replace("  ", " "), result.stderr
 
 
 def test_export_and_bench_errors(tmp_path):

@@ -132,13 +132,28 @@ def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwar
     return path
 
 
+# The flags a baseline pipeline (tunecomp.baselines) takes besides the model and the data;
+# it runs its own schedule, so the other training flags would do nothing there.
+BASELINE_FLAGS = ("steps", "param_ratio", "prune", "lr", "batch_size", "seed", "calib_batches", "targets", "device")
+TRAINING_FLAGS = ("rank_ratio", "init", "prune_mode", "decay_steps", "grad_accum", "weight_decay", "warmup_steps",
+                  "reg_weight", "eval_every", "checkpoint_every", "resume", "amp", "backend", "num_workers")
+
+
+def baseline_ignores(args, parser_defaults: dict) -> list:
+    """The ``--flags`` set to other than their defaults that ``--method`` M would ignore."""
+    return [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS
+            if getattr(args, name) != parser_defaults.get(name)]
+
+
 def compress_baseline(args, data, model_kwargs) -> dict:
     """``tunecomp compress --method M`` for a baseline pipeline (tunecomp.baselines): the
-    same steps, data and parameter count as TuneComp with the same flags."""
+    same steps, data and parameter count as TuneComp with the same flags. It writes
+    summary.json and each phase's log and checkpoint under --out; its model is for the
+    comparison and is not saved for ``export``."""
     from .baselines import Budget, run_method
 
     if args.param_ratio is None:
-        raise SystemExit("--method other than tunecomp needs --param-ratio (the budget is set in parameters)")
+        raise ValueError("--method other than tunecomp needs --param-ratio (the budget is set in parameters)")
     budget = Budget(steps=args.steps, level=args.param_ratio * (1 - args.prune), rho=args.prune, lr=args.lr,
                     batch_size=args.batch_size, seed=args.seed, calib_batches=args.calib_batches,
                     targets=tuple(args.targets.split(",")))
@@ -477,8 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends")
 
-    p = sub.add_parser("compress", help="TuneComp on a timm model and a dataset",
-                       formatter_class=_DefaultsHelp)
+    p = compress_parser = sub.add_parser("compress", help="TuneComp on a timm model and a dataset",
+                                         formatter_class=_DefaultsHelp)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
     p.add_argument("--method", default="tunecomp",
                    choices=METHODS,
@@ -489,7 +504,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dataset", default="cifar100", choices=DATASETS, help="downstream task")
     p.add_argument("--data-dir", default=None, help="where the dataset's files are")
     p.add_argument("--classes", default=None, type=_int_list(0), help="comma-separated class subset, relabelled 0..k-1")
-    p.add_argument("--out", required=True, help="output directory (log, checkpoint, model, summary)")
+    p.add_argument("--out", required=True,
+                   help="output directory (log, checkpoint, model, summary; a baseline --method: summary and "
+                        "each phase's log and checkpoint)")
     p.add_argument("--rank-ratio", type=_float_in(0, 1, low_open=True), default=0.25, help="rank as a fraction of full rank")
     p.add_argument("--param-ratio", type=_float_in(0, 1, low_open=True), default=None,
                    help="instead: fraction of each layer's weights kept")
@@ -548,6 +565,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=_int_at_least(1), default=200, help="optimiser steps per fine-tuning run")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "compress" and args.method != "tunecomp":
+        defaults = {a.dest: a.default for a in compress_parser._actions}
+        ignored = baseline_ignores(args, defaults)
+        if ignored:
+            compress_parser.error(f"--method {args.method} runs its own schedule (tunecomp.baselines) and would "
+                                  f"ignore {', '.join(ignored)}; it takes {', '.join('--' + f.replace('_', '-') for f in BASELINE_FLAGS)}")
     try:
         return _run(parser, args)
     except (ValueError, OSError, KeyError) as error:
