@@ -121,7 +121,7 @@ def test_compress_bad_arguments(tmp_path):
         result = run_cli("compress", "--dataset", "digits", "--out", str(tmp_path / "x"), *flags)
         assert result.returncode == 2 and words in result.stderr, (flags, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
-    result = run_cli("compress", "--dataset", "cifar100", "--data-dir", "/nonexistent", "--out", "/tmp/x",
+    result = run_cli("compress", "--dataset", "cifar100", "--data-dir", "/nonexistent", "--out", str(tmp_path / "y"),
                      "--model", "vit_tiny_patch16_224")
     assert result.returncode != 0 and "CIFAR-100 not found" in result.stderr
 

@@ -131,6 +131,18 @@ def test_opcheck(blend):
         torch.library.opcheck(torch.ops.tunecomp.masked_lowrank_linear.default, args)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("student_grad", [False, True])
+def test_teacher_gets_no_gradient(backend, student_grad):
+    """The teacher is a constant even where it requires grad, whether or not the student
+    does (with only the teacher requiring grad the call still goes through autograd)."""
+    a = make_inputs(dtype=torch.float32, grad=student_grad)
+    t = {k: v.requires_grad_() for k, v in make_teacher(a, torch.float32).items()}
+    y = ops.blended_lowrank_linear(**a, **t, alpha=0.5, backend=backend)
+    y.sum().backward()
+    assert t["teacher_weight"].grad is None and t["teacher_bias"].grad is None
+
+
 @pytest.mark.parametrize("blend", [False, True])
 def test_zero_tokens(blend):
     a = make_inputs(n=0, dtype=torch.float32, lead=(2,), grad=True)

@@ -92,9 +92,12 @@ def load_timm_model(name: str, pretrained_file: Optional[str] = None, **kwargs) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         initial = timm.create_model(name, pretrained=False, **kwargs).state_dict()
-    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)  # distilled models have two
+    # Tensors initialised to a constant (norms' ones, zero biases) are the same loaded or not.
     checked = {k: t for k, t in model.state_dict().items()
-               if t.is_floating_point() and t.numel() > 1 and not k.startswith(head + ".")}
+               if t.is_floating_point() and t.numel() > 1 and not k.startswith(tuple(h + "." for h in heads))
+               and bool(initial[k].min() != initial[k].max())}
     missed = [k for k, t in checked.items() if torch.equal(t, initial[k])]
     if checked and len(missed) == len(checked):
         raise ValueError(f"--pretrained-file {pretrained_file!r}: none of {name}'s weights were loaded "
@@ -177,8 +180,9 @@ def compress(args) -> dict:
     """``tunecomp compress``: prepare, train, save, summarise."""
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
     if found and not args.resume:
-        raise FileExistsError(f"--out {args.out} already holds a run ({', '.join(found)}): add --resume to "
-                              f"continue it, or choose another --out")
+        resume = "add --resume to continue it, or " if args.method == "tunecomp" else ""
+        raise FileExistsError(f"--out {args.out} already holds a run ({', '.join(found)}): {resume}"
+                              f"choose another --out")
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
@@ -481,7 +485,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default after its help, where it has one to show (not None or False)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -573,13 +577,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   f"ignore {', '.join(ignored)}; it takes {', '.join('--' + f.replace('_', '-') for f in BASELINE_FLAGS)}")
     try:
         return _run(parser, args)
-    except (ValueError, OSError, KeyError) as error:
-        # A mistake in the arguments or the files named (every such error here says what
-        # and where): the message, not a traceback, unless asked for.
+    except (ValueError, OSError) as error:
+        # A mistake in the arguments or the files named (such errors here say what and
+        # where): the message, not a traceback, unless asked for.
         if os.environ.get("TUNECOMP_TRACEBACK"):
             raise
-        message = str(error) if not isinstance(error, KeyError) else f"missing {error}"
-        print(f"tunecomp {args.command}: error: {message}\n(TUNECOMP_TRACEBACK=1 shows the traceback)",
+        print(f"tunecomp {args.command}: error: {error}\n(TUNECOMP_TRACEBACK=1 shows the traceback)",
               file=sys.stderr)
         return 2
 

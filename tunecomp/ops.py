@@ -9,9 +9,10 @@ Two public ops (DESIGN.md section 3)::
 Each is a ``torch.library`` custom op (``tunecomp::...``) with a fake implementation and an
 autograd formula whose backward is itself a custom op, so ``torch.compile(fullgraph=True)``
 traces through them and every backend only has to supply plain forward/backward functions.
-One exception: ``masked_lowrank_linear`` on the "torch" backend with nothing for autograd to
-record (inference) runs the eager math directly; the custom op's dispatch would cost about as
-much host time as the rest of the call.
+The custom ops are what the compiler sees (under ``torch.compile`` and ``torch.export``).
+Called eagerly, the same forward and backward run under a plain ``torch.autograd.Function``
+when autograd has something to record, and directly when it has not (inference): the custom
+op's dispatch and autograd wrapper cost about as much host time as the rest of a small call.
 
 The Python wrappers below do the work that must not be repeated by every backend:
 argument checks (a clear ``TypeError``/``ValueError`` naming the argument, the expected and
@@ -393,7 +394,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank
 #
 # Under torch.compile (and torch.export) the calls go through torch.library custom ops, which
 # the compiler treats as opaque nodes with fake-tensor shapes. In eager mode the same bodies
-# run under a plain torch.autograd.Function: the custom op's autograd wrapper costs ~150 us of
+# run under a plain torch.autograd.Function: the custom op's autograd wrapper costs ~70-100 us of
 # host time per forward+backward (measured on the CPU; torch re-fills the schema defaults on
 # every call), more than the whole eager math at small token counts. With nothing for
 # autograd to record, the backend runs directly.
@@ -577,8 +578,9 @@ class _MaskedLowRankFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
-        return _masked_grads(ctx, grad_y, _masked_backward)
+    def backward(ctx, grad_y):  # compiled autograd traces it: the opaque op then
+        return _masked_grads(ctx, grad_y, _masked_lowrank_linear_backward_op
+                             if torch.compiler.is_compiling() else _masked_backward)
 
 
 class _BlendedLowRankFunction(torch.autograd.Function):
@@ -590,7 +592,8 @@ class _BlendedLowRankFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        return _blended_grads(ctx, grad_y, _blended_backward)
+        return _blended_grads(ctx, grad_y, _blended_lowrank_linear_backward_op
+                              if torch.compiler.is_compiling() else _blended_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,7 +803,8 @@ def blended_lowrank_linear(
     args = (x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, name)
     if torch.compiler.is_compiling():
         y = _blended_lowrank_linear_op(*args)
-    elif _records_grad(x, u, v, bias):
+    elif _records_grad(x, u, v, bias, teacher_weight, teacher_bias):
+        # (a teacher that requires grad: through the Function too, which gives it none)
         y = _BlendedLowRankFunction.apply(*args)
     else:
         y = _blended_forward(*args)
