@@ -12,7 +12,7 @@ import torch
 
 from conftest import random_mask, rel_error
 from tunecomp import replace_linear_layers
-from tunecomp.deploy import DeployError, LowRankLinear, SparseLowRankLinear, export, load
+from tunecomp.deploy import DeployError, LowRankLinear, SparseLowRankLinear, export, load, manifest_digest
 from tunecomp.nn import FusedPrunedLowRankLinear
 
 KW = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}
@@ -275,7 +275,7 @@ def test_tampered_truncated_version_missing(tmp_path):
     with pytest.raises(DeployError, match="format_version 99"):
         load(str(tmp_path))
     extra = {"shape": [2], "dtype": "float32"}
-    manifest_path.write_text(json.dumps({**manifest, "tensors": {**manifest["tensors"], "extra.weight": extra}}))
+    manifest_path.write_text(json.dumps(sealed({**manifest, "tensors": {**manifest["tensors"], "extra.weight": extra}})))
     with pytest.raises(DeployError, match="lacks tensors"):
         load(str(tmp_path))
     manifest_path.write_text(json.dumps(manifest)[:50])
@@ -311,7 +311,7 @@ def test_bad_export_and_load_arguments(tmp_path):
     with pytest.raises(DeployError, match=re.escape(f"{tmp_path} has no model.safetensors")):
         load(str(tmp_path))
     (tmp_path / "moved.safetensors").rename(tmp_path / "model.safetensors")
-    manifest_path.write_text(json.dumps({**manifest, "arch": None}))
+    manifest_path.write_text(json.dumps(sealed({**manifest, "arch": None})))
     with pytest.raises(DeployError, match="names no architecture: pass model="):
         load(str(tmp_path))
     skeleton = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**KW, "num_classes": 5})
@@ -323,6 +323,12 @@ def test_bad_export_and_load_arguments(tmp_path):
     assert {"SparseLowRankLinear", "LowRankLinear"} <= set(layers), layers
     assert all("in_features=" in r and "rank=" in r for r in layers.values()), layers
     assert "kept=" in layers["SparseLowRankLinear"]
+
+
+def sealed(manifest: dict) -> dict:
+    """``manifest`` with its manifest_sha256 recomputed: an edit that gets past the digest,
+    to reach the checks behind it (as an export from before the digest would)."""
+    return {**manifest, "manifest_sha256": manifest_digest(manifest)}
 
 
 def edited(manifest: dict, path: str, value) -> dict:
@@ -341,8 +347,9 @@ def edited(manifest: dict, path: str, value) -> dict:
 
 
 def test_edited_manifest_is_refused(tmp_path):
-    """The SHA-256 guards the tensors, not the manifest: every field of the manifest is
-    checked against the file and the architecture instead."""
+    """An edited manifest no longer matches its own digest; and behind that (an edit that
+    recomputes it, an export from before it), every field is checked against the file and
+    the architecture."""
     model = trained_like_model(keep=0.5)
     manifest = export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.mlp.fc1": "sparse"})
     qkv = "layers/blocks.0.attn.qkv"
@@ -369,8 +376,12 @@ def test_edited_manifest_is_refused(tmp_path):
         ("arch_kwargs/num_heads", 0, "timm cannot build"),  # a ZeroDivisionError inside timm
     ]
     manifest_path = tmp_path / "manifest.json"
+    for path, value in (("arch_kwargs/act_layer", "relu"), (f"{qkv}/rank", manifest["layers"]["blocks.0.attn.qkv"]["rank"] + 1)):
+        manifest_path.write_text(json.dumps(edited(manifest, path, value)))  # same shapes, other model
+        with pytest.raises(DeployError, match="was edited after export: its fields no longer match"):
+            load(str(tmp_path))
     for path, value, message in cases:
-        manifest_path.write_text(json.dumps(edited(manifest, path, value)))
+        manifest_path.write_text(json.dumps(sealed(edited(manifest, path, value))))
         with pytest.raises(DeployError, match=message):
             load(str(tmp_path))
     manifest_path.write_bytes(b"\xff\xfe{")

@@ -5,7 +5,8 @@
     model.safetensors   every tensor (never pickle)
     manifest.json       format version, tunecomp/torch versions, the architecture to rebuild
                         (timm name + kwargs), each low-rank layer's form, shapes, storage,
-                        every tensor's shape and dtype, and the SHA-256 of model.safetensors
+                        every tensor's shape and dtype, the SHA-256 of model.safetensors, and
+                        manifest_sha256, that of its own other fields
 
 For each ``FusedPrunedLowRankLinear`` (a teacher still attached is dropped; it must no longer
 count: alpha = 0) the masks are folded into the factors, rank components that are entirely
@@ -46,8 +47,8 @@ With ``measure=True`` the choice is made by timing the forms on the layer's own 
 of by that rule; "semi24" is among the timed forms where it runs sparse.
 
 ``load(path, device=..., dtype=...)`` rebuilds the architecture, swaps in the exported forms,
-loads the tensors and returns the model in eval mode. A tampered or truncated file, a
-manifest of another format version, a missing tensor, or a manifest field that does not
+loads the tensors and returns the model in eval mode. A tampered or truncated file, an
+edited manifest, a manifest of another format version, a missing tensor, or a manifest field that does not
 fit the file or the architecture raises ``DeployError`` naming it. The manifest's
 architecture may not name weights or files to read (``check_arch``): loading reads the two
 files of the export and nothing else.
@@ -605,6 +606,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for k, t in state.items()},
         "sha256": _sha256(tensors_path), "bytes": os.path.getsize(tensors_path),
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -684,9 +686,20 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's fields but ``manifest_sha256`` itself, as canonical JSON."""
+    fields = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify(path: str, manifest: dict) -> None:
-    """The export's tensors file is there, whole and unmodified (its size and SHA-256 are the
-    manifest's); ``DeployError`` saying which is not."""
+    """The export is as written: the manifest unedited (its ``manifest_sha256``; exports
+    from before it was added have none), the tensors file there, whole and unmodified (its
+    size and SHA-256 are the manifest's); ``DeployError`` saying which is not."""
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+        raise DeployError(f"{os.path.join(path, MANIFEST)} was edited after export: its fields no longer match "
+                          f"its manifest_sha256 (an edit that keeps the shapes, say act_layer, would change "
+                          f"what the model computes)")
     tensors_path = os.path.join(path, TENSORS)
     if not os.path.isfile(tensors_path):
         raise DeployError(f"{path} has no {TENSORS}")
