@@ -35,10 +35,13 @@ def double(t):
 def test_forward_and_backward_match_reference(shape, keep, sparse, with_bias):
     x, u, v, bias, mask_u, mask_v = inputs(shape, keep, with_bias, contiguous=shape[0] % 2 == 0)
     y = _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, sparse)
-    expected = reference.masked_lowrank_linear(*map(double, (x, u, v, bias)), mask_u, mask_v)
+    leaves = [None if t is None else t.double().requires_grad_() for t in (x, u, v, bias)]
+    expected = reference.masked_lowrank_linear(*leaves, mask_u, mask_v)
     grad_y = torch.randn_like(y)
     grads = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, with_bias, sparse)
-    expected_grads = ops._TorchBackend.backward(*map(double, (grad_y, x, u, v)), mask_u, mask_v, with_bias)
+    expected.backward(grad_y.double())  # the float64 reference's gradients, by autograd
+    expected = expected.detach()
+    expected_grads = [leaf.grad if leaf is not None else torch.empty(0) for leaf in leaves]
     # fp32 products summed over at most 70 terms: well under 1e-5 relative
     for got, want in [(y, expected), *zip(grads, expected_grads)]:
         if want.numel() == 0:
@@ -337,24 +340,28 @@ def test_cuda_backend_zero_tokens(cuda_entry_points):
 
 @pytest.mark.parametrize("blend", [False, True])
 def test_cuda_backend_through_the_custom_ops(emulator, monkeypatch, blend):
-    """ops -> custom op -> autograd -> the cuda backend's Python glue -> the C++ entry
-    points, with the emulator standing in for the GPU build; against the torch backend."""
+    """ops -> autograd (eager route) -> the cuda backend's Python glue -> the C++ entry
+    points, with the emulator standing in for the GPU build; against the float64 reference."""
     monkeypatch.setitem(ops._BACKENDS, "cuda", ops._CudaBackend(native=emulator, device_type="cpu"))
     x, u, v, bias, mask_u, mask_v = inputs((9, 24, 20, 5), 0.5, True)
     x = x.reshape(3, 3, 24)  # leading dims are flattened by the ops layer
     w0, b0 = torch.randn(20, 24), torch.randn(20)
 
     def run(backend):
-        leaves = [t.clone().requires_grad_() for t in (x, u, v, bias)]
+        cast = torch.float64 if backend == "reference" else torch.float32
+        leaves = [t.detach().to(cast, copy=True).requires_grad_() for t in (x, u, v, bias)]
+        ops_or_reference = reference if backend == "reference" else ops
+        kwargs = {} if backend == "reference" else {"backend": backend}
         if blend:
-            y = ops.blended_lowrank_linear(*leaves, mask_u, mask_v, w0, b0, 0.6, backend=backend)
+            y = ops_or_reference.blended_lowrank_linear(*leaves, mask_u, mask_v, w0.to(cast), b0.to(cast), 0.6,
+                                                        **kwargs)
         else:
-            y = ops.masked_lowrank_linear(*leaves, mask_u, mask_v, backend=backend)
+            y = ops_or_reference.masked_lowrank_linear(*leaves, mask_u, mask_v, **kwargs)
         y.square().sum().backward()
         return y, [t.grad for t in leaves]
 
     y, grads = run("cuda")
-    y_ref, grads_ref = run("torch")
+    y_ref, grads_ref = run("reference")
     assert y.shape == (3, 3, 20)
     assert rel_error(y, y_ref) < 1e-5
     for g, g_ref in zip(grads, grads_ref):

@@ -403,22 +403,27 @@ def _triton_ready():
 @pytest.mark.parametrize("blend", [False, True])
 def test_triton_backend_through_the_custom_ops(blend):
     """The ops layer (checks, flattening, autograd, alpha tensor) over the Triton kernels,
-    against the torch backend. The kernels themselves: tests/test_kernels.py."""
+    against the float64 reference. The kernels themselves: tests/test_kernels.py."""
     a = make_inputs(n=9, k=24, m=20, r=5, dtype=torch.float32, lead=(2,), grad=True)
     t = make_teacher(a, torch.float32)
     grad_y = torch.randn(2, 9, 20)
 
     def run(backend):
-        args = {k: (v.detach().clone().requires_grad_() if v.requires_grad else v) for k, v in a.items()}
-        if blend:
-            y = ops.blended_lowrank_linear(**args, **t, alpha=torch.tensor(0.6), backend=backend)
+        cast = torch.float64 if backend == "reference" else torch.float32
+        args = {k: (v.detach().to(cast).requires_grad_() if v.requires_grad else v) for k, v in a.items()}
+        teacher = {k: v.to(cast) for k, v in t.items()}
+        if backend == "reference":
+            y = (reference.blended_lowrank_linear(**args, **teacher, alpha=0.6) if blend
+                 else reference.masked_lowrank_linear(**args))
+        elif blend:
+            y = ops.blended_lowrank_linear(**args, **teacher, alpha=torch.tensor(0.6), backend=backend)
         else:
             y = ops.masked_lowrank_linear(**args, backend=backend)
-        y.backward(grad_y)
+        y.backward(grad_y.to(cast))
         return y, [args[k].grad for k in ("x", "u", "v", "bias")]
 
     y, grads = run("triton")
-    y_ref, grads_ref = run("torch")
+    y_ref, grads_ref = run("reference")
     assert rel_error(y, y_ref) < 1e-5  # both fp32 with ieee products: rounding order only
     for g, g_ref in zip(grads, grads_ref):
         assert rel_error(g, g_ref) < 1e-5
