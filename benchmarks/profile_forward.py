@@ -83,12 +83,7 @@ def rank_alignment() -> list:
     for rank in ALIGNMENT_RANKS:
         a = layer(*ALIGNMENT_SHAPE, rank=rank)
         row = {"shape": "{}->{} n={}".format(*ALIGNMENT_SHAPE) + f" r={rank}"}
-        for backend in ("torch", "triton"):
-            try:
-                row[backend + "_us"] = round(do_bench(
-                    lambda b=backend: ops.masked_lowrank_linear(**a, backend=b)) * 1e3, 1)
-            except Exception as error:
-                row[backend + "_us"] = f"{type(error).__name__}: {error}"[:200]
+        time_into(row, {b: (lambda b=b: ops.masked_lowrank_linear(**a, backend=b)) for b in ("torch", "triton")})
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -114,7 +109,7 @@ def blend_times(in_features, out_features, n_tokens, backward=True) -> dict:
     teacher = (w0, b0, alpha)
     lowrank = (a["x"], a["u"], a["v"], a["bias"], a["mask_u"], a["mask_v"])
     factors = (a["u"], a["v"], a["mask_u"], a["mask_v"])
-    a16 = alpha.to(DTYPE)
+    a16, s16 = reference.blend_scales(alpha, DTYPE)
     forward = {
         "teacher_dense": lambda: F.linear(a["x"], w0, b0),
         "eager": lambda: eager_blended(*lowrank, *teacher),
@@ -125,7 +120,7 @@ def blend_times(in_features, out_features, n_tokens, backward=True) -> dict:
         "fold_triton": lambda: blended_lowrank.fold(*factors, w0, alpha, a["bias"], b0),
         "fold_torch": lambda: ops._folded_weight(
             reference.apply_mask(a["u"], a["mask_u"]), reference.apply_mask(a["v"], a["mask_v"]),
-            w0, a16, reference.student_scale(a16)),
+            w0, a16, s16),
     }
     row = {"shape": f"{in_features}->{out_features} n={n_tokens} r={RANK} alpha=0.5"}
     time_into(row, forward)
