@@ -142,10 +142,10 @@ TRAINING_FLAGS = ("rank_ratio", "init", "prune_mode", "decay_steps", "grad_accum
                   "reg_weight", "eval_every", "checkpoint_every", "resume", "amp", "backend", "num_workers")
 
 
-def baseline_ignores(args, parser_defaults: dict) -> list:
+def baseline_ignores(args, parser: argparse.ArgumentParser) -> list:
     """The ``--flags`` set to other than their defaults that ``--method`` M would ignore."""
     return [f"--{name.replace('_', '-')}" for name in TRAINING_FLAGS
-            if getattr(args, name) != parser_defaults.get(name)]
+            if getattr(args, name) != parser.get_default(name)]
 
 
 def compress_baseline(args, data, model_kwargs) -> dict:
@@ -570,8 +570,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "compress" and args.method != "tunecomp":
-        defaults = {a.dest: a.default for a in compress_parser._actions}
-        ignored = baseline_ignores(args, defaults)
+        ignored = baseline_ignores(args, compress_parser)
         if ignored:
             compress_parser.error(f"--method {args.method} runs its own schedule (tunecomp.baselines) and would "
                                   f"ignore {', '.join(ignored)}; it takes {', '.join('--' + f.replace('_', '-') for f in BASELINE_FLAGS)}")
