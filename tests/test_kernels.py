@@ -60,6 +60,17 @@ def run_blended(backend, p, alpha, has_bias=True):
     return y, grads
 
 
+def check_against_reference(backend, p, dtype, seed, alpha=None, has_bias=True, run_on=None):
+    """Forward and backward of the plain op (alpha None) or the blend on problem ``p`` (run on
+    ``run_on``, default ``p`` itself), against the float64 reference of ``p``."""
+    ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
+    q = p if run_on is None else run_on
+    y, grads = run_plain(backend, q, has_bias) if alpha is None else run_blended(backend, q, alpha, has_bias)
+    bound = backend.tolerance(dtype)
+    assert_close("y" if alpha is None else f"blended y (alpha={alpha})", y, ref_y, dtype, seed, bound)
+    check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
+
+
 # (tokens, in, out, rank, bias): one token, odd token counts not a multiple of any block,
 # in/out not multiples of 16, ranks 1, 7, 64; 301 tokens: the factor gradients split over
 # tokens in the CUDA backend (the emulator reports few SMs) and the Triton one (the
@@ -82,11 +93,7 @@ def test_forward_backward(backend, shape, mask_case, dtype):
     seed = fresh_seed()
     n, i, o, r, has_bias = shape
     p = make_problem(n, i, o, r, dtype, mask_case, backend.device, has_bias)
-    ref_y, ref_grads = reference_lowrank(p)
-    y, grads = run_plain(backend, p, has_bias)
-    bound = backend.tolerance(dtype)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
+    check_against_reference(backend, p, dtype, seed, has_bias=has_bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -98,11 +105,7 @@ def test_blended_forward_backward(backend, shape, mask_case, alpha, dtype):
     seed = fresh_seed()
     n, i, o, r, has_bias = shape
     p = make_problem(n, i, o, r, dtype, mask_case, backend.device, has_bias, teacher=True)
-    ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
-    y, grads = run_blended(backend, p, alpha, has_bias)
-    bound = backend.tolerance(dtype)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
+    check_against_reference(backend, p, dtype, seed, alpha, has_bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,11 +116,7 @@ def test_blend_with_one_bias(backend, which, dtype):
     seed = fresh_seed()
     p = make_problem(*SHAPES[3][:4], dtype, "keep50", backend.device, True, teacher=True)
     p["teacher_bias" if which == "student" else "bias"] = None
-    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
-    y, grads = run_blended(backend, p, 0.3, has_bias=which == "student")
-    bound = backend.tolerance(dtype)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, which == "student", bound)
+    check_against_reference(backend, p, dtype, seed, 0.3, has_bias=which == "student")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -128,11 +127,7 @@ def test_blend_with_alpha_near_one(backend, dtype):
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
     p = make_problem(*SHAPES[2][:4], dtype, "keep50", backend.device, True, teacher=True)
-    ref_y, ref_grads = reference_lowrank(p, alpha=0.9995)
-    y, grads = run_blended(backend, p, 0.9995)
-    bound = backend.tolerance(dtype)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed, 0.9995)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,11 +136,7 @@ def test_blended_many_tokens(backend, dtype):
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
     p = make_problem(*SHAPES[4][:4], dtype, "keep50", backend.device, True, teacher=True)
-    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
-    y, grads = run_blended(backend, p, 0.3)
-    bound = backend.tolerance(dtype)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed, 0.3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -155,12 +146,7 @@ def test_rank_384(backend, blended, dtype):
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
     p = make_problem(5, 24, 40, 384, dtype, "keep50", backend.device, True, teacher=blended)
-    alpha = 0.3 if blended else None
-    ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
-    y, grads = run_blended(backend, p, alpha) if blended else run_plain(backend, p)
-    bound = backend.tolerance(dtype)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed, 0.3 if blended else None)
 
 
 def _strided_copy(t, how):
@@ -180,8 +166,6 @@ def test_non_contiguous_inputs(backend, how, dtype):
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
     p = make_problem(37, 33, 17, 7, dtype, "keep50", backend.device, True, teacher=True)
-    ref_y, ref_grads = reference_lowrank(p)
-    ref_blend_y, ref_blend_grads = reference_lowrank(p, alpha=0.3)
     q = dict(p)
     for key in ("x", "u", "v", "grad_y", "teacher_weight", "mask_u", "mask_v"):
         q[key] = _strided_copy(p[key], how)
@@ -189,14 +173,8 @@ def test_non_contiguous_inputs(backend, how, dtype):
     for key in ("bias", "teacher_bias"):  # 1-D: every other element of a longer buffer
         q[key] = torch.stack([p[key], torch.zeros_like(p[key])], dim=1)[:, 0]
         assert q[key].stride(0) == 2
-    bound = backend.tolerance(dtype)
-
-    y, grads = run_plain(backend, q)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
-    y, grads = run_blended(backend, q, 0.3)
-    assert_close("blended y", y, ref_blend_y, dtype, seed, bound)
-    check_backward(grads, p, ref_blend_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed, run_on=q)
+    check_against_reference(backend, p, dtype, seed, 0.3, run_on=q)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,15 +190,8 @@ def test_factors_and_masks_in_different_layouts(backend, strided, how, dtype):
     q = dict(p)
     for key in ("mask_u", "mask_v") if strided == "masks" else ("u", "v"):
         q[key] = _strided_copy(p[key], how)
-    bound = backend.tolerance(dtype)
-    ref_y, ref_grads = reference_lowrank(p)
-    y, grads = run_plain(backend, q)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
-    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
-    y, grads = run_blended(backend, q, 0.3)
-    assert_close("blended y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed, run_on=q)
+    check_against_reference(backend, p, dtype, seed, 0.3, run_on=q)
 
 
 def test_alpha_is_read_from_the_tensor_each_call(backend):
@@ -288,11 +259,7 @@ def test_blend_folded_into_the_teacher_weight(folding_backend, route, shape, mas
                                 counting(getattr(backend.impl.native, name)))
     seed = fresh_seed()
     p = make_problem(*shape, dtype, mask_case, backend.device, True, teacher=True)
-    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
-    y, grads = run_blended(backend, p, 0.3)
-    bound = backend.tolerance(dtype)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed, 0.3)
     # the "cpu" backend folds only where its student runs dense (SPARSE_BELOW: not at 0 or 5%
     # kept)
     sparse = backend.name == "cpu" and mask_case in ("zeros", "keep5")
