@@ -34,6 +34,13 @@
 #             factors, ranks 320 against 307 (aligned rows or not); the JSON is rewritten after
 #             each section, so the cap loses only the section in flight
 #                                             -> profile.log, profile-<device>-<date>.json
+#   ncu       benchmarks/ncu_kernels.py under Nsight Compute: one call of each case (the
+#             masked op forward, forward+backward and blend at 768->768, 12608 tokens, rank 192,
+#             per backend, with dense and eager beside them), after a warm-up outside the
+#             profiled range; then its report: per kernel, duration, % of peak of SM, memory,
+#             DRAM and tensor pipes, occupancy, registers, shared memory, top stall reasons,
+#             bank conflicts: why the kernels are slow (a minute or so, estimated)
+#                                 -> ncu.log, ncu-details.log, ncu-raw.log, ncu-<device>-<date>.{json,md}
 #   sanitize  a probe of about a second under memcheck: where compute-sanitizer refuses the
 #             device ("Device not supported", as on gVisor machines) the stage is NOT RUN and
 #             says so, without spending its minutes; else
@@ -51,7 +58,7 @@
 #             time left less 30 s; its sections put every op at one rank first
 #                                                                     -> bench.log, bench.json
 #   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
-# The results files (model-*, profile-*, <device>-*) go to benchmarks/results/ to be
+# The results files (model-*, profile-*, ncu-<device>-*, <device>-*) go to benchmarks/results/ to be
 # committed. Where $OUT ends with more than 8 files (call 1 makes 11), the logs are packed into
 # logs-<time>.tar.gz.
 #
@@ -61,12 +68,13 @@
 # 60 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
 # (2026-11-26, before the profile stage existed): build 52 s, info 15 s, tests-gpu shards
 # 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench 119 s. Estimated:
-# profile ~1.5-2.5 min (cap 150 s), which leaves the bench stage nothing of call 1: a second
-# call GPU_CHECK_STAGES="build bench" runs it (then tests ~1 min, sanitize ~2 min if time is
-# left).
+# profile ~1.5-2.5 min (cap 150 s), ncu ~1-1.5 min (cap 150 s, most of it compiling and
+# autotuning the Triton kernels the profile stage did not run), which leaves the model stage
+# about 1.5 min and the bench stage nothing of call 1: a second call
+# GPU_CHECK_STAGES="build bench" runs it (then tests ~1 min, sanitize ~2 min if time is left).
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
-# tests-gpu profile model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
+# tests-gpu profile ncu model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
 # TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS, TUNECOMP_CUDA_ARCHS (default here: 90, i.e.
 # H100/H200 only).
 set -o pipefail  # not -e: keep going to the benchmarks when a stage fails
@@ -78,7 +86,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
 TOTAL=${GPU_CHECK_TOTAL_S:-550}
-STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu profile model bench} "
+STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu profile ncu model bench} "
 SHARDS=${GPU_CHECK_SHARDS:-8}
 [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_SHARDS must be a positive integer; got '$SHARDS'" >&2; exit 2; }
 MODEL_S=${GPU_CHECK_MODEL_S:-150}
@@ -228,6 +236,27 @@ if wants tests; then
 fi
 if wants profile; then
   stage profile 150 "$OUT/profile.log" "$PY" benchmarks/profile_forward.py --out-dir "$OUT"
+fi
+# ncu: the sections of benchmarks/ncu_kernels.py's SECTIONS that this ncu lists (an unknown
+# one would fail the whole run), the clocks left alone; the report file stays out of $OUT.
+if wants ncu; then
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [[ -z "$NCU" ]]; then
+    SUMMARY+=("ncu           FAILED     ncu (Nsight Compute) not found")
+    FAILED=1
+  else
+    NCU_SECTIONS=()
+    NCU_LISTED=$("$NCU" --list-sections 2>&1)
+    for section in $("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import ncu_kernels; print(*ncu_kernels.SECTIONS)'); do
+      grep -qw -- "$section" <<<"$NCU_LISTED" && NCU_SECTIONS+=(--section "$section")
+    done
+    NCU_REPORT=$(mktemp -d)/kernels
+    stage ncu 150 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
+      --export "$NCU_REPORT" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$OUT" &&
+      stage ncu-report 60 "$OUT/ncu.log" "$PY" benchmarks/ncu_kernels.py report --ncu "$NCU" \
+        --report "$NCU_REPORT.ncu-rep" --out-dir "$OUT"
+    rm -rf "$(dirname "$NCU_REPORT")"
+  fi
 fi
 # sanitizer_takes_device: false when compute-sanitizer refuses this machine's GPU ("Device not
 # supported", seen on gVisor machines), found by a probe of about a second under memcheck (the
