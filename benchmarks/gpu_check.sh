@@ -51,7 +51,8 @@
 #             --tool racecheck (the cuda backend's run: its shared-memory pipeline)
 #                                                                   -> sanitize.log
 #   model     benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end, bf16): eager cases
-#             first, then torch.compile at batch 256, then 1; stops starting cases when its
+#             first (batch 256, 64, 1, 8), then replayed from a CUDA graph at batch 64 and 1
+#             (no host work per call), then torch.compile at batch 256, then 1; stops starting cases when its
 #             budget (GPU_CHECK_MODEL_S, default 150 s, less 40 s for a compile in flight) is
 #             spent, and lists what it left out  -> model.log, model-<device>-<date>.{json,md}
 #   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu"), with the

@@ -7,13 +7,17 @@ tunecomp.deploy), with file sizes on disk. Random weights: speed does not depend
 writes benchmarks/results/model-<device>-<date>.json and .md (or into
 TUNECOMP_RESULTS_DIR). Grids: "cpu" (ViT-B/16, fp32, batch 1 and 8, eager; the 25%-of-
 parameters variants at rho 0 and a 50% variant pruned to rho 0.9), "gpu" (ViT-B/16, bf16,
-batch 1-256 eager, batch 1 and 256 under torch.compile; the 50% variant pruned 2:4 to rho 0.5 is exported twice,
+batch 1-256 eager, batch 64 and 1 replayed from a CUDA graph (mode "graph": no host work per
+call, which tells launch and library overheads from GPU time), batch 1 and 256 under
+torch.compile; the 50% variant pruned 2:4 to rho 0.5 is exported twice,
 forced into the 2:4 form (the export rule gives it the low-rank form) and into the plain
 low-rank form, to measure what the sparse tensor cores add), "smoke" (a tiny ViT, for the test suite).
 
 A time budget (``TUNECOMP_BENCH_BUDGET_S``, set by gpu_check.sh) stops starting cases once
-spent; the results list the cases it left out. Eager cases run first, then torch.compile's,
-batch 256 before batch 1.
+spent; the results list the cases it left out. Eager cases run first (batch 256, 64, 1, then
+8: the targets' batches first), then the CUDA-graph ones, then torch.compile's, batch 256
+before batch 1. A case that fails (a form that cannot be captured in a CUDA graph, say) is
+listed in the results with its error, and fails its test.
 
 The markdown ends with issue #7's targets (``TARGETS``) as PASS / MISS (by how much) / NOT
 MEASURED; they are informational on the smoke grid and on GPUs other than H100/H200.
@@ -62,14 +66,21 @@ GRIDS = {
     # TUNECOMP_MODEL_COMPILE_BATCHES=1,8,64,256 runs them all
     # ranks rounded down to multiples of 16 (768->768 at 50%: 192, qkv 288, MLP 304 instead of
     # 307), still within the parameter ratio: see tunecomp.deploy.GPU_RANK_MULTIPLE
-    "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(1, 8, 64, 256),
-                modes=("eager", "compile"), compile_batches=(256, 1), rounds=10, rank_multiple=16,
+    "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(256, 64, 1, 8),
+                modes=("eager", "graph", "compile"), graph_batches=(64, 1), compile_batches=(256, 1),
+                rounds=10, rank_multiple=16,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
                           ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m", "semi24"),
                           ("params 50%, rho 0.5 2:4 as low-rank", 0.5, 0.5, "n:m", "lowrank"))),
 }
 GRID_NAME = os.environ.get("TUNECOMP_MODEL_GRID", "gpu" if torch.cuda.is_available() else "cpu")
 GRID = GRIDS[GRID_NAME]
+_MODES = os.environ.get("TUNECOMP_MODEL_MODES", "")  # e.g. "graph": only the CUDA-graph cases
+if _MODES:
+    _modes = tuple(m for m in _MODES.split(",") if m)
+    if not _modes or set(_modes) - {"eager", "graph", "compile"}:
+        raise ValueError(f"TUNECOMP_MODEL_MODES must be a comma list of eager, graph, compile; got {_MODES!r}")
+    GRID = {**GRID, "modes": _modes}
 _COMPILE_BATCHES = os.environ.get("TUNECOMP_MODEL_COMPILE_BATCHES", "")
 if _COMPILE_BATCHES:
     try:
@@ -79,6 +90,7 @@ if _COMPILE_BATCHES:
                          f"1,8,64,256; got {_COMPILE_BATCHES!r}") from None
 ROWS = []
 SKIPPED = []  # cases the time budget left out
+FAILED = []  # cases that raised, with the error
 _MODELS = {}
 
 # Issue #7's targets: (name, grids it is checked on (None: all), measure, bound). A measure
@@ -169,9 +181,27 @@ def build(variant):
     return _MODELS[variant]
 
 
-CASES = [(v[0], b, m) for m in GRID["modes"]
-         for b in (GRID.get("compile_batches", GRID["batches"]) if m == "compile" else GRID["batches"])
-         for v in GRID["variants"]]
+def cases(grid: dict) -> list:
+    """(variant, batch, mode) in the order they run: by mode, then batch, then variant; the
+    "graph" and "compile" modes at their own batches."""
+    return [(v[0], b, m) for m in grid["modes"] for b in grid.get(f"{m}_batches", grid["batches"])
+            for v in grid["variants"]]
+
+
+CASES = cases(GRID)
+
+
+def graphed(module, x):
+    """``module(x)`` captured in a CUDA graph (after two warm-up calls: cuBLAS handles and
+    workspaces, autotuning); the returned callable replays it, on the same ``x``."""
+    with torch.inference_mode():
+        for _ in range(2):
+            module(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module(x)
+    return lambda _x: graph.replay()
 
 
 @pytest.mark.parametrize("variant, batch, mode", CASES, ids=[f"{v}-b{b}-{m}" for v, b, m in CASES])
@@ -180,17 +210,28 @@ def test_inference(benchmark, bench_run, variant, batch, mode):
     if budget is not None and time.monotonic() - bench_run["started"] > budget:
         SKIPPED.append({"variant": variant, "batch": batch, "mode": mode})
         pytest.skip(f"time budget spent (TUNECOMP_BENCH_BUDGET_S={budget:g})")
+    try:
+        _measure(benchmark, variant, batch, mode)
+    except Exception as error:
+        FAILED.append({"variant": variant, "batch": batch, "mode": mode,
+                       "error": f"{type(error).__name__}: {error}"[:300]})
+        raise
+
+
+def _measure(benchmark, variant, batch, mode):
     model, params, size, needed = build(variant)
+    image = model_input(model)["image_size"]
+    x = torch.randn(batch, 3, image, image, device=GRID["device"], dtype=GRID["dtype"])
+    cuda = GRID["device"] == "cuda"
     if mode == "compile":
         # A fresh Dynamo cache per case: the ViTs share one forward, and past its recompile
         # limit Dynamo would quietly run the next variant eagerly. One graph per batch size.
         torch._dynamo.reset()
         run = torch.compile(model, dynamic=False)
+    elif mode == "graph":
+        run = graphed(model, x)
     else:
         run = model
-    image = model_input(model)["image_size"]
-    x = torch.randn(batch, 3, image, image, device=GRID["device"], dtype=GRID["dtype"])
-    cuda = GRID["device"] == "cuda"
 
     def runner(module):
         def step():
@@ -204,7 +245,8 @@ def test_inference(benchmark, bench_run, variant, batch, mode):
     for _ in range(2):  # warm-up: compilation, autotuning, allocator
         step()
     forward_memory = None
-    if cuda:  # what one forward needs beyond the resident weights (activations, workspaces)
+    if cuda and mode != "graph":  # what one forward needs beyond the resident weights (activations,
+        # workspaces); a graph's memory was taken at capture
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()  # every variant built so far stays on the device
         step()
@@ -237,10 +279,12 @@ def write_results(bench_run):
     meta = {"device": device, "date": date, "grid": GRID_NAME, "model": GRID["model"][0],
             "dtype": str(GRID["dtype"]).replace("torch.", ""), **versions(),
             "command": f"TUNECOMP_MODEL_GRID={GRID_NAME} "
+                       + (f"TUNECOMP_MODEL_MODES={_MODES} " if _MODES else "")
                        + (f"TUNECOMP_MODEL_COMPILE_BATCHES={_COMPILE_BATCHES} " if _COMPILE_BATCHES else "")
                        + "python -m pytest benchmarks/model_bench.py",
             "compile_batches": list(GRID.get("compile_batches", GRID["batches"])) if "compile" in GRID["modes"] else [],
-            "budget_s": bench_run["budget_s"], "skipped": SKIPPED}
+            "graph_batches": list(GRID.get("graph_batches", GRID["batches"])) if "graph" in GRID["modes"] else [],
+            "budget_s": bench_run["budget_s"], "skipped": SKIPPED, "failed": FAILED}
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"model-{slug(device)}-{date}")
@@ -253,7 +297,8 @@ def write_results(bench_run):
              f"Generated by `{meta['command']}` (grid {GRID_NAME}, {meta['dtype']}, torch {meta['torch']}, "
              f"tunecomp {meta['tunecomp']}); never edited by hand. Median of {GRID['rounds']} timed calls. "
              "× dense: in eager mode the median over rounds of (a round of the dense model / this model's "
-             "round right after it); under torch.compile the ratio of the two cases' medians.", "",
+             "round right after it); under torch.compile and replayed from a CUDA graph (mode graph) the "
+             "ratio of the two cases' medians.", "",
              "| variant | params | file MiB | file / needed | batch | mode | ms | images/s | × dense |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in ROWS:
@@ -264,6 +309,9 @@ def write_results(bench_run):
     if SKIPPED:
         lines += ["", f"Not measured (time budget of {bench_run['budget_s']:g} s spent): "
                   + ", ".join(f"{c['variant']} batch {c['batch']} {c['mode']}" for c in SKIPPED) + "."]
+    if FAILED:
+        lines += ["", "Failed: " + "; ".join(f"{c['variant']} batch {c['batch']} {c['mode']}: {c['error']}"
+                                            for c in FAILED) + "."]
     lines += ["", "## Targets (issue #7, from this one run)", ""]
     if not applies:
         lines += [f"Informational only: the targets are for ViT-B/16 on an H100/H200 (gpu grid) or a CPU "

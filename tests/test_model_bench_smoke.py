@@ -93,3 +93,32 @@ def test_gpu_grid_targets_pass_miss_and_say_by_how_much(monkeypatch):
     # without the cases, NOT MEASURED rather than a pass
     empty = {t["name"]: t["status"] for t in model_bench.check_targets(rows[:2], "gpu")}
     assert set(empty.values()) == {"NOT MEASURED"}
+
+
+def test_gpu_grid_runs_the_targets_batches_first_and_graphs_before_compiling(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    model_bench = pytest.importorskip("model_bench")
+    cases = model_bench.cases(model_bench.GRIDS["gpu"])
+    variants = len(model_bench.GRIDS["gpu"]["variants"])
+    batches_modes = [(b, m) for _, b, m in cases[::variants]]  # every variant at each
+    assert batches_modes == [(256, "eager"), (64, "eager"), (1, "eager"), (8, "eager"),
+                             (64, "graph"), (1, "graph"), (256, "compile"), (1, "compile")]
+    assert len(cases) == len(set(cases)) == 8 * variants
+
+
+def test_a_failing_case_is_listed_with_its_error_and_fails(tmp_path):
+    # on a machine without CUDA, capturing the model in a CUDA graph fails: the eager cases
+    # are still measured and written, the graph ones listed as failed
+    env = dict(os.environ, TUNECOMP_MODEL_GRID="smoke", TUNECOMP_RESULTS_DIR=str(tmp_path),
+               TUNECOMP_MODEL_MODES="eager,graph", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "model_bench.py"),
+                             "-q", "-p", "no:cacheprovider", "-k", "dense-b1"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 1 and "1 failed, 1 passed" in result.stdout, result.stdout[-3000:]
+    (json_file,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(json_file.read_text())
+    assert [(r["variant"], r["batch"], r["mode"]) for r in data["rows"]] == [("dense", 1, "eager")]
+    (failed,) = data["meta"]["failed"]
+    assert (failed["variant"], failed["batch"], failed["mode"]) == ("dense", 1, "graph") and failed["error"]
+    assert "TUNECOMP_MODEL_MODES=eager,graph" in data["meta"]["command"]
+    assert "Failed: dense batch 1 graph: " in json_file.with_suffix(".md").read_text()

@@ -25,7 +25,12 @@ pruned are removed, and one form is chosen:
   only when asked for (``form``/``forms``) or timed fastest (``measure=True``): the rule
   gives such factors the form of any other. On an H200 (bf16, ViT-B/16 at 50% of the
   parameters, benchmarks/results/model-nvidia-h200-2026-11-26.md) the model in this form
-  ran 6-8x slower than the same factors in the low-rank form at batch 1, 8 and 64. In
+  ran 6-8x slower than the same factors in the low-rank form at batch 1, 8 and 64: about
+  0.6 ms more per sparse product at batch 1, which fits torch's cuSPARSELt path building and
+  destroying its matmul plan on every call (host time, ~0.46 ms a call in an upstream report
+  that proposes caching the plan, pytorch/pytorch#177866; whether a given torch has such a
+  cache is not checked here). Unconfirmed: the model benchmark's CUDA-graph cases, which do
+  no host work per call, test it. In
   fp16/bf16 on a CUDA GPU the factors run on the
   sparse tensor cores through ``torch.sparse``'s semi-structured tensors: cuSPARSELt where
   torch has it (sm_80 and newer), else CUTLASS on sm_8x only. In memory the rank is padded
