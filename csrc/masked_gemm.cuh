@@ -17,11 +17,13 @@
 // Tiles are 64 x 64 x 32, four warps. fp16 and bf16 multiply on tensor cores (wmma 16x16x16,
 // fp32 accumulation); fp32 runs on the FMA units in fp32 (IEEE, like torch's default matmul
 // precision "highest"). Global loads are 16-byte runs along each operand's unit-stride dim
-// where alignment allows. The next K tile is fetched into registers while the current one is
-// multiplied from shared memory, as loaded (the masks are applied when it is stored to shared
-// memory, so no instruction waits for those loads before the multiply: see FetchedRun);
-// operands whose unit stride runs down the tile's columns are staged transposed (SharedTiles). The accumulator goes through shared memory for the
-// epilogue, so every output element is written by one thread with plain bounds checks.
+// where alignment allows, copied asynchronously into a ring of shared-memory stages (cp.async):
+// kStages - 1 K tiles are in flight while the tensor cores multiply an earlier one, and the
+// masks, copied beside the tiles, are applied in shared memory once a stage has landed (see
+// mainloop). The problem's edges and odd strides are loaded synchronously, masked on load.
+// Operands whose unit stride runs down the tile's columns are staged transposed
+// (StageTiles). The accumulator goes through shared memory for the epilogue, so every output
+// element is written by one thread with plain bounds checks.
 // Split-K (the factor gradients, whose K is the token count) writes fp32 partial tiles
 // [splits, M, N] that the host sums.
 //
@@ -95,6 +97,33 @@ __device__ __forceinline__ unsigned char* dynamic_shared_memory() {
   extern __shared__ __align__(32) unsigned char tunecomp_dynamic_shared[];
   return tunecomp_dynamic_shared;
 }
+#endif
+
+// Asynchronous global -> shared copies (cp.async, sm_80+): a thread's copies are grouped by
+// commit_async(); wait_async<n>() returns once at most n of its groups are still in flight.
+// Another thread sees the data only after a barrier that follows its writer's wait.
+#ifndef TUNECOMP_EMULATE_CUDA
+template <int kBytes>
+__device__ __forceinline__ void copy_async(void* shared, const void* global) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  if constexpr (kBytes == 16) {  // .cg: bypass L1 (the tiles are read once per block)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(global), "n"(kBytes));
+  }
+}
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wait_async() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+#else  // tests/cuda_emulator/cuda_mock.h: copies land at the wait, not before
+template <int kBytes>
+inline void copy_async(void* shared, const void* global) { emulated_copy_async(shared, global, kBytes); }
+inline void commit_async() { emulated_commit_async(); }
+template <int kPending>
+inline void wait_async() { emulated_wait_async(kPending); }
 #endif
 
 template <typename T>
@@ -195,12 +224,8 @@ struct alignas(16) Words {
   uint32_t w[4];
 };
 
-// A run as fetched: its 16 bytes as loaded, and which of its elements are kept (byte q of keep
-// nonzero: element q is). The select against zero is left to kept(), called when the run is
-// stored to shared memory after the tensor cores' step. Selecting right after the loads made
-// each run wait for its own data and mask before the next run's loads were issued (sm_90
-// SASS: the loaded registers were used by the next instructions), so the K tile fetched
-// "during" the step arrived one load latency per run, in turn, before the step began.
+// A run as loaded: its 16 bytes, and which of its elements are kept (byte q of keep nonzero:
+// element q is); kept() applies the select against zero, word by word.
 template <typename T>
 struct FetchedRun {
   static constexpr MaskBits<T> kAllKept = static_cast<MaskBits<T>>(0x0101010101010101ull);
@@ -368,31 +393,133 @@ struct EngineFor<float> {
   using type = FmaEngine;
 };
 
-// The staged A and B tiles of one K step. An operand whose 16-byte runs go along its tile
-// rows is stored row-major (A [m][k], B [k][n]); one whose runs go down the tile columns
-// (unit stride along m for A, along k for B: dyᵀ, xᵀ, Uᵀ, W0ᵀ, Vᵀ) is stored transposed
-// (A [k][m], B [n][k]) on the tensor-core path, so its runs are contiguous 16-byte stores
-// instead of eight stores down a column hitting the same banks.
+// The pipeline's depth: K tiles in flight (global -> shared, cp.async) while the tensor cores
+// multiply an earlier one is kStages - 1. Three stages of bf16/fp16 tiles (14 KiB each) fit
+// the 48 KiB of static shared memory; fp32's tiles are twice as large, so two.
 template <typename T>
-struct SharedTiles {
+constexpr int kStages = sizeof(T) == 2 ? 3 : 2;
+
+// One pipeline stage: the A and B tiles of a K step and, per run (see run_position), the
+// mask bytes of its kSize elements (MaskBits), applied in shared memory once the stage has
+// landed. An operand whose 16-byte runs go along its tile rows is stored row-major (A [m][k],
+// B [k][n]); one whose runs go down the tile columns (unit stride along m for A, along k for
+// B: dyᵀ, xᵀ, Uᵀ, W0ᵀ, Vᵀ) is stored transposed (A [k][m], B [n][k]) on the tensor-core path,
+// so its runs are contiguous 16-byte copies instead of eight stores down a column hitting the
+// same banks.
+template <typename T>
+struct StageTiles {
   static constexpr bool kTransposedTiles = sizeof(T) == 2;
   static constexpr int kLdA = kBlockK + kPadAB, kLdAT = kBlockM + kPadAB;  // A [m][k], A [k][m]
   static constexpr int kLdB = kBlockN + kPadAB, kLdBT = kBlockK + kPadAB;  // B [k][n], B [n][k]
   static constexpr int kElemsA = kBlockM * kLdA > kBlockK * kLdAT ? kBlockM * kLdA : kBlockK * kLdAT;
   static constexpr int kElemsB = kBlockK * kLdB > kBlockN * kLdBT ? kBlockK * kLdB : kBlockN * kLdBT;
+  static constexpr int kRunsA = kBlockM * kBlockK / Pack<T>::kSize / kThreads;  // per thread
+  static constexpr int kRunsB = kBlockK * kBlockN / Pack<T>::kSize / kThreads;
   T a[kElemsA];
   T b[kElemsB];
-  float c[kBlockM][kBlockN + kPadC];
+  MaskBits<T> keep_a[kRunsA * kThreads];  // run l of thread tid at l * kThreads + tid
+  MaskBits<T> keep_b[kRunsB * kThreads];
 };
+
+// The pipeline's stages, and the accumulator tile of the epilogue in the same bytes (it is
+// written after the last K step and read before the next mainloop's first copy).
+template <typename T>
+struct SharedTiles {
+  using Stage = StageTiles<T>;
+  union {
+    Stage stage[kStages<T>];
+    float c[kBlockM][kBlockN + kPadC];
+  };
+};
+
+// Where run (r, c) of a tile (run_position) goes in its stage: the element offset of its
+// first element, or -1 where its elements are not contiguous there (fp32 runs down a
+// column of a row-major tile: stored one by one).
+template <typename T>
+__device__ __forceinline__ int run_offset(bool along_j, int r, int c, int ld, int ld_transposed) {
+  if (along_j) return r * ld + c;
+  return StageTiles<T>::kTransposedTiles ? c * ld_transposed + r : -1;
+}
+
+// Puts the run of op at (i, j) into tile (offset from run_offset; -1: element by element at
+// rows r.. of column c of the row-major tile with leading dim ld, fp32 only) and its mask
+// bytes into keep. Aligned whole runs are copied asynchronously (fp32 runs down a column as
+// one copy per element), the mask bytes too where they are contiguous and aligned; the rest
+// (the problem's edges, odd strides) is loaded now with the mask applied, and keep says all
+// kept.
+template <typename T>
+__device__ __forceinline__ void put_run(const Operand& op, RunLayout layout, int64_t i, int64_t j,
+                                        int64_t rows, int64_t cols, T* tile, int offset, int r,
+                                        int c, int ld, MaskBits<T>& keep) {
+  constexpr int kSize = Pack<T>::kSize;
+  const bool whole = layout.along_j ? (i < rows && j + kSize <= cols) : (j < cols && i + kSize <= rows);
+  const T* source = static_cast<const T*>(op.data) + (whole ? i * op.stride_i + j * op.stride_j : 0);
+  if (layout.vector && whole) {
+    if (offset >= 0) {
+      copy_async<16>(tile + offset, source);
+    } else if constexpr (sizeof(T) == 4) {  // a run down a column (unit stride along i)
+#pragma unroll
+      for (int q = 0; q < kSize; ++q) copy_async<4>(tile + (r + q) * ld + c, source + q);
+    }
+    if (op.mask == nullptr) return;
+    const bool* mask = op.mask + i * op.mask_stride_i + j * op.mask_stride_j;
+    if (layout.mask_vector) {
+      copy_async<sizeof(MaskBits<T>)>(&keep, mask);
+    } else {
+      const int64_t step = layout.along_j ? op.mask_stride_j : op.mask_stride_i;
+      MaskBits<T> bits = 0;
+#pragma unroll
+      for (int q = 0; q < kSize; ++q) bits |= static_cast<MaskBits<T>>(mask[q * step]) << (8 * q);
+      keep = bits;
+    }
+    return;
+  }
+  const Words run = kept(load_run<T>(op, layout, i, j, rows, cols), op.mask != nullptr);
+  if (offset >= 0) {
+    *reinterpret_cast<Words*>(tile + offset) = run;
+  } else {
+    Pack<T> elements;
+    memcpy(&elements, &run, sizeof(Words));
+    for (int q = 0; q < kSize; ++q) tile[(r + q) * ld + c] = elements.v[q];
+  }
+  if (op.mask != nullptr) keep = FetchedRun<T>::kAllKept;
+}
+
+// Zeroes the pruned elements of a landed run in place (keep: its mask bytes): at offset, or
+// (offset -1, fp32) down column c from row r of the row-major tile with leading dim ld.
+template <typename T>
+__device__ __forceinline__ void mask_run(T* tile, int offset, int r, int c, int ld, MaskBits<T> keep) {
+  if (keep == FetchedRun<T>::kAllKept) return;
+  if (offset >= 0) {
+    FetchedRun<T> run;
+    run.data = *reinterpret_cast<const Words*>(tile + offset);
+    run.keep = keep;
+    *reinterpret_cast<Words*>(tile + offset) = kept(run, true);
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < Pack<T>::kSize; ++q) {
+    if (((keep >> (8 * q)) & 0xff) == 0) tile[(r + q) * ld + c] = from_float<T>(0.0f);
+  }
+}
 
 // Accumulates the output tile (m0, n0) of p over its K segments into engine (zeroed by the
 // caller), the first segment's product scaled by p.scale_first. A segment with a_in_shared
 // reads A from a_shared instead: rows m0.. of a matrix held in shared memory with row stride
-// a_shared_ld (the fused forward's T). Ends with a barrier.
+// a_shared_ld (the fused forward's T). Begins and ends with a barrier (tiles.c shares the
+// stages' bytes).
+//
+// Pipeline: K tile t goes to stage t % kStages. Before the tensor cores take tile t, tile
+// t + kStages - 1 is issued into the stage tile t - 1 used; every thread waits for its own
+// copies of tile t (wait_async), a barrier makes them everyone's, the masks are applied to
+// the landed runs (each thread its own runs, then a barrier; skipped for an unmasked
+// segment), and the step runs from shared memory.
 template <typename T, typename Engine>
 __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_t n0,
                                          int64_t split, const T* a_shared, int a_shared_ld,
                                          SharedTiles<T>& tiles, Engine& engine, float alpha) {
+  using Stage = StageTiles<T>;
+  constexpr int kDepth = kStages<T>;
   const int tid = threadIdx.x;
   // The K range of each segment (scalars, not arrays indexed by segment: those would live
   // in local memory); split-K narrows the first (and then only) one. The second segment
@@ -414,94 +541,88 @@ __device__ __forceinline__ void mainloop(const GemmParams& p, int64_t m0, int64_
     k_end = s == 0 ? end0 : end1;
   };
 
-  constexpr int kSize = Pack<T>::kSize;
-  constexpr int kRunsA = kBlockM * kBlockK / kSize / kThreads;  // per thread
-  constexpr int kRunsB = kBlockK * kBlockN / kSize / kThreads;
-  FetchedRun<T> a_reg[kRunsA];
-  FetchedRun<T> b_reg[kRunsB];
-  auto fetch = [&](int64_t t) {  // global -> registers, bounds applied (masks: by stash)
+  auto issue = [&](int64_t t) {  // K tile t -> its stage (copies in flight), bounds applied
     int s;
     int64_t k0, k_end;
     locate(t, s, k0, k_end);
     const Segment& seg = p.seg[s];
+    Stage& stage = tiles.stage[t % kDepth];
     if (!seg.a_in_shared) {
       const RunLayout la = run_layout<T>(seg.a);
-#pragma unroll  // a_reg and b_reg stay in registers only if every index is a constant
-      for (int l = 0; l < kRunsA; ++l) {
+#pragma unroll
+      for (int l = 0; l < Stage::kRunsA; ++l) {
         int r, c;
         run_position<T>(tid + l * kThreads, kBlockM, kBlockK, la.along_j, r, c);
-        a_reg[l] = load_run<T>(seg.a, la, m0 + r, k0 + c, p.m, k_end);
+        put_run<T>(seg.a, la, m0 + r, k0 + c, p.m, k_end, stage.a,
+                   run_offset<T>(la.along_j, r, c, Stage::kLdA, Stage::kLdAT), r, c, Stage::kLdA,
+                   stage.keep_a[l * kThreads + tid]);
       }
     }
     const RunLayout lb = run_layout<T>(seg.b);
 #pragma unroll
-    for (int l = 0; l < kRunsB; ++l) {
+    for (int l = 0; l < Stage::kRunsB; ++l) {
       int r, c;
       run_position<T>(tid + l * kThreads, kBlockK, kBlockN, lb.along_j, r, c);
-      b_reg[l] = load_run<T>(seg.b, lb, k0 + r, n0 + c, k_end, p.n);
+      put_run<T>(seg.b, lb, k0 + r, n0 + c, k_end, p.n, stage.b,
+                 run_offset<T>(lb.along_j, r, c, Stage::kLdB, Stage::kLdBT), r, c, Stage::kLdB,
+                 stage.keep_b[l * kThreads + tid]);
     }
   };
-  auto stash = [&](int64_t t) {  // registers -> shared, same positions as fetch, masks applied
-    const Segment& seg = p.seg[t < tiles0 ? 0 : 1];
-    using Tiles = SharedTiles<T>;
-    if (!seg.a_in_shared) {
-      const bool a_along_j = run_layout<T>(seg.a).along_j;
+  auto apply_masks = [&](int64_t t, const Segment& seg) {  // on this thread's runs of tile t
+    Stage& stage = tiles.stage[t % kDepth];
+    if (!seg.a_in_shared && seg.a.mask != nullptr) {
+      const bool along_j = run_layout<T>(seg.a).along_j;
 #pragma unroll
-      for (int l = 0; l < kRunsA; ++l) {
+      for (int l = 0; l < Stage::kRunsA; ++l) {
         int r, c;
-        run_position<T>(tid + l * kThreads, kBlockM, kBlockK, a_along_j, r, c);
-        const Words run = kept(a_reg[l], seg.a.mask != nullptr);
-        if (a_along_j) {  // a 16-byte aligned run along a row of A [m][k]: one store
-          *reinterpret_cast<Words*>(&tiles.a[r * Tiles::kLdA + c]) = run;
-        } else if (Tiles::kTransposedTiles) {  // along m: a row of A [k][m]
-          *reinterpret_cast<Words*>(&tiles.a[c * Tiles::kLdAT + r]) = run;
-        } else {
-          Pack<T> elements;
-          memcpy(&elements, &run, sizeof(Words));
-          for (int q = 0; q < kSize; ++q) tiles.a[(r + q) * Tiles::kLdA + c] = elements.v[q];
-        }
+        run_position<T>(tid + l * kThreads, kBlockM, kBlockK, along_j, r, c);
+        mask_run<T>(stage.a, run_offset<T>(along_j, r, c, Stage::kLdA, Stage::kLdAT), r, c, Stage::kLdA,
+                    stage.keep_a[l * kThreads + tid]);
       }
     }
-    const bool b_along_j = run_layout<T>(seg.b).along_j;
+    if (seg.b.mask != nullptr) {
+      const bool along_j = run_layout<T>(seg.b).along_j;
 #pragma unroll
-    for (int l = 0; l < kRunsB; ++l) {
-      int r, c;
-      run_position<T>(tid + l * kThreads, kBlockK, kBlockN, b_along_j, r, c);
-      const Words run = kept(b_reg[l], seg.b.mask != nullptr);
-      if (b_along_j) {  // along n: a row of B [k][n]
-        *reinterpret_cast<Words*>(&tiles.b[r * Tiles::kLdB + c]) = run;
-      } else if (Tiles::kTransposedTiles) {  // along k: a row of B [n][k]
-        *reinterpret_cast<Words*>(&tiles.b[c * Tiles::kLdBT + r]) = run;
-      } else {
-        Pack<T> elements;
-        memcpy(&elements, &run, sizeof(Words));
-        for (int q = 0; q < kSize; ++q) tiles.b[(r + q) * Tiles::kLdB + c] = elements.v[q];
+      for (int l = 0; l < Stage::kRunsB; ++l) {
+        int r, c;
+        run_position<T>(tid + l * kThreads, kBlockK, kBlockN, along_j, r, c);
+        mask_run<T>(stage.b, run_offset<T>(along_j, r, c, Stage::kLdB, Stage::kLdBT), r, c, Stage::kLdB,
+                    stage.keep_b[l * kThreads + tid]);
       }
     }
   };
 
-  if (total_tiles > 0) fetch(0);
+  __syncthreads();  // the previous epilogue has read tiles.c, whose bytes the stages reuse
+  for (int t = 0; t < kDepth - 1; ++t) {
+    if (t < total_tiles) issue(t);
+    commit_async();  // one group per tile, empty ones included: wait_async counts groups
+  }
   for (int64_t t = 0; t < total_tiles; ++t) {
-    stash(t);
-    __syncthreads();
-    if (t + 1 < total_tiles) fetch(t + 1);  // in flight while the tensor cores work
+    wait_async<kDepth - 2>();  // this thread's copies of tile t have landed
+    __syncthreads();           // ... and everyone's; everyone is past step t - 1
     int s;
     int64_t k0, k_end;
     locate(t, s, k0, k_end);
-    using Tiles = SharedTiles<T>;
     const Segment& seg = p.seg[s];
-    const bool b_col = Tiles::kTransposedTiles && !run_layout<T>(seg.b).along_j;
-    const int ldb = b_col ? Tiles::kLdBT : Tiles::kLdB;
+    if ((!seg.a_in_shared && seg.a.mask != nullptr) || seg.b.mask != nullptr) {
+      apply_masks(t, seg);
+      __syncthreads();
+    }
+    if (t + kDepth - 1 < total_tiles) issue(t + kDepth - 1);  // into the stage of tile t - 1
+    commit_async();
+    const Stage& stage = tiles.stage[t % kDepth];
+    const bool b_col = Stage::kTransposedTiles && !run_layout<T>(seg.b).along_j;
+    const int ldb = b_col ? Stage::kLdBT : Stage::kLdB;
     if (!seg.a_in_shared) {
-      const bool a_col = Tiles::kTransposedTiles && !run_layout<T>(seg.a).along_j;
-      engine.step(tiles.a, a_col ? Tiles::kLdAT : Tiles::kLdA, a_col, tiles.b, ldb, b_col);
+      const bool a_col = Stage::kTransposedTiles && !run_layout<T>(seg.a).along_j;
+      engine.step(stage.a, a_col ? Stage::kLdAT : Stage::kLdA, a_col, stage.b, ldb, b_col);
     } else {
-      engine.step(a_shared + k0, a_shared_ld, false, tiles.b, ldb, b_col);
+      engine.step(a_shared + k0, a_shared_ld, false, stage.b, ldb, b_col);
     }
     if (t + 1 == tiles0) engine.scale(scale_value(p.scale_first, alpha));
-    __syncthreads();
   }
-  __syncthreads();  // also when there was no K tile: the caller reuses the tiles
+  wait_async<0>();  // only empty groups are left; none may outlive the loop
+  __syncthreads();  // every step done before tiles.c is written over the stages
 }
 
 // The epilogue of output tile (m0, n0), from the accumulator in tiles.c: biases, output

@@ -10,7 +10,10 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <deque>
 #include <type_traits>
+#include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -42,6 +45,35 @@ inline void emulated_require(bool ok, const char* what) {
 }
 
 inline unsigned char* emulated_dynamic_shared = nullptr;  // set by the launcher per block
+
+// cp.async, emulated so that reading a stage before waiting for it shows: a copy is only
+// recorded when issued and done when its thread waits for its group (the sources, the op's
+// inputs, do not change during a launch). Per thread, like the hardware's groups.
+struct EmulatedCopy {
+  void* shared;
+  const void* global;
+  int bytes;
+};
+inline thread_local std::vector<EmulatedCopy> emulated_open_copies;  // not committed yet
+inline thread_local std::deque<std::vector<EmulatedCopy>> emulated_copy_groups;
+inline void emulated_copy_async(void* shared, const void* global, int bytes) {
+  emulated_require(reinterpret_cast<uintptr_t>(shared) % bytes == 0 &&
+                       reinterpret_cast<uintptr_t>(global) % bytes == 0,
+                   "cp.async: source or destination not aligned to the copy's size");
+  emulated_open_copies.push_back({shared, global, bytes});
+}
+inline void emulated_commit_async() {
+  emulated_copy_groups.push_back(std::move(emulated_open_copies));
+  emulated_open_copies.clear();
+}
+inline void emulated_wait_async(int pending) {
+  while (static_cast<int>(emulated_copy_groups.size()) > pending) {
+    for (const EmulatedCopy& copy : emulated_copy_groups.front()) std::memcpy(copy.shared, copy.global, copy.bytes);
+    emulated_copy_groups.pop_front();
+  }
+}
+// Whether a thread ended with copies it never waited for (checked by the launcher).
+inline bool emulated_copies_outstanding() { return !emulated_open_copies.empty() || !emulated_copy_groups.empty(); }
 inline unsigned char* dynamic_shared_memory() { return emulated_dynamic_shared; }
 
 using __half = c10::Half;

@@ -41,6 +41,7 @@ void emulate(int64_t grid_x, int64_t grid_y, int64_t grid_z, int64_t shared_byte
             blockIdx = {static_cast<unsigned>(x), static_cast<unsigned>(y),
                         static_cast<unsigned>(z)};
             kernel();
+            emulated_require(!emulated_copies_outstanding(), "cp.async copies never waited for");
           });
         }
         for (auto& thread : threads) thread.join();
