@@ -335,8 +335,13 @@ def report(ncu: str, report_path: str, out_dir: str) -> str:
     """``report``: the markdown's path."""
     with open(os.path.join(out_dir, "ncu-cases.json")) as f:
         info = json.load(f)
-    raw = subprocess.run([ncu, "--import", report_path, "--csv", "--page", "raw", "--print-units", "base"],
-                         check=True, capture_output=True, text=True).stdout
+    command = [ncu, "--import", report_path, "--csv", "--page", "raw", "--print-units", "base"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # an ncu without --print-units: its default units (read per column)
+        done = subprocess.run(command[:-2], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"ncu could not read {report_path}: {done.stderr.strip()[-2000:]}")
+    raw = done.stdout
     with open(os.path.join(out_dir, "ncu-raw.log"), "w") as f:
         f.write(raw)
     details = subprocess.run([ncu, "--import", report_path, "--page", "details", "--print-units", "base"],
