@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
 from .masked_lowrank import (
     _cfg,
     chunk_args,
@@ -192,7 +193,7 @@ def fold(u, v, mask_u, mask_v, teacher_weight, alpha, bias=None, teacher_bias=No
     mv, mv_strides = mask_arg(mask_v, v)
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_O"]), triton.cdiv(in_features, meta["BLOCK_I"]))
+        return (cdiv(out_features, meta["BLOCK_O"]), cdiv(in_features, meta["BLOCK_I"]))
 
     _fold_kernel[grid](
         u, v, mu, mv, teacher_weight, alpha, w,
@@ -230,7 +231,7 @@ def two_branch_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bi
     b0_arg = teacher_bias if teacher_bias is not None else y
 
     def grid(meta):
-        return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"]))
+        return (cdiv(n_tokens, meta["BLOCK_M"]), cdiv(out_features, meta["BLOCK_N"]))
 
     _blended_forward_kernel[grid](
         x, u, v, bias_arg, mu, mv, teacher_weight, b0_arg, alpha, y,

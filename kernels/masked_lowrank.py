@@ -102,7 +102,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _env_flag, _interpreting
+from . import _env_flag, _interpreting, cdiv, next_power_of_2
 
 # Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
 BUILT_FOR_INTERPRETER = _interpreting()
@@ -125,7 +125,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def token_bucket(n_tokens: int) -> int:
     """Autotune key for the token count: a new N only re-tunes when it changes power of two."""
-    return triton.next_power_of_2(n_tokens)
+    return next_power_of_2(n_tokens)
 
 
 # Token split of the factor gradients (dU, dV: outputs [d, r], reduced over the N tokens). A
@@ -154,11 +154,11 @@ def tokens_per_split(n_tokens: int, d_dim: int, rank: int, device: torch.device)
     """How many tokens each program of ``_grad_factor_kernel`` reduces over (``n_tokens``:
     no split). See SPLIT_TILE above."""
     sms = _multiprocessor_count(device)
-    tiles = triton.cdiv(d_dim, SPLIT_TILE) * triton.cdiv(rank, SPLIT_TILE)
-    splits = min(triton.cdiv(2 * sms, tiles), triton.cdiv(n_tokens, 4 * SPLIT_ALIGN))
+    tiles = cdiv(d_dim, SPLIT_TILE) * cdiv(rank, SPLIT_TILE)
+    splits = min(cdiv(2 * sms, tiles), cdiv(n_tokens, 4 * SPLIT_ALIGN))
     if tiles >= sms or splits <= 1:
         return n_tokens
-    return triton.cdiv(triton.cdiv(n_tokens, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return cdiv(cdiv(n_tokens, splits), SPLIT_ALIGN) * SPLIT_ALIGN
 
 
 MAX_RANK_CHUNKS = 3
@@ -170,7 +170,7 @@ def rank_chunks(rank: int) -> tuple:
     multiple of 16 at least ``rank`` that is a sum of at most ``MAX_RANK_CHUNKS`` of them.
     192 -> (128, 64), 307 -> (256, 64), 384 -> (256, 128), 200 -> (128, 64, 16),
     240 -> (256,) (four chunks would be needed for 240 itself)."""
-    padded = max(16, triton.cdiv(rank, 16) * 16)
+    padded = max(16, cdiv(rank, 16) * 16)
     while bin(padded // 16).count("1") > MAX_RANK_CHUNKS:
         padded += 16
     return tuple(1 << b for b in range(padded.bit_length() - 1, 3, -1) if padded >> b & 1)
@@ -421,8 +421,8 @@ def forward(x, u, v, bias, mask_u, mask_v):
     bias_arg = bias if bias is not None else y
 
     def grid(meta):
-        return (triton.cdiv(n_tokens, meta["BLOCK_M"]),
-                triton.cdiv(out_features, meta["BLOCK_N"] * meta["OUT_TILES"]))
+        return (cdiv(n_tokens, meta["BLOCK_M"]),
+                cdiv(out_features, meta["BLOCK_N"] * meta["OUT_TILES"]))
 
     _forward_kernel[grid](
         x, u, v, bias_arg, mu, mv, y,
@@ -598,7 +598,7 @@ def _rank_project(a, b, mask, alpha):
     m, m_strides = mask_arg(mask, b)
 
     def grid(meta):
-        return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(rank, meta["BLOCK_R"]))
+        return (cdiv(n_tokens, meta["BLOCK_M"]), cdiv(rank, meta["BLOCK_R"]))
 
     _rank_project_kernel[grid](
         a, b, m, alpha if alpha is not None else c, c,
@@ -616,7 +616,7 @@ def _grad_factor(a, b, mask, alpha, grad_bias: Optional[torch.Tensor]):
     n_tokens, d_dim = a.shape
     rank = b.shape[1]
     per_split = tokens_per_split(n_tokens, d_dim, rank, a.device)
-    splits = triton.cdiv(n_tokens, per_split)
+    splits = cdiv(n_tokens, per_split)
     if splits == 1:  # straight into the result, in a's dtype
         out = torch.empty((1, d_dim, rank), dtype=a.dtype, device=a.device)
         db = grad_bias.view(1, -1) if grad_bias is not None else out[0]
@@ -627,7 +627,7 @@ def _grad_factor(a, b, mask, alpha, grad_bias: Optional[torch.Tensor]):
     m, m_strides = mask_arg(mask, out)
 
     def grid(meta):
-        return (triton.cdiv(d_dim, meta["BLOCK_D"]), triton.cdiv(rank, meta["BLOCK_R"]), splits)
+        return (cdiv(d_dim, meta["BLOCK_D"]), cdiv(rank, meta["BLOCK_R"]), splits)
 
     _grad_factor_kernel[grid](
         a, b, m, alpha if alpha is not None else out, out, db,
@@ -655,7 +655,7 @@ def _grad_x(g, v, mask_v, grad_y, teacher_weight, alpha):
     w = teacher_weight if has_teacher else dx
 
     def grid(meta):
-        return (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(in_features, meta["BLOCK_N"]))
+        return (cdiv(n_tokens, meta["BLOCK_M"]), cdiv(in_features, meta["BLOCK_N"]))
 
     _grad_x_kernel[grid](
         g, v, mv, grad_y, w, alpha if has_teacher else dx, dx,

@@ -29,6 +29,16 @@ def test_unavailable_reason():
         assert kernels.unavailable_reason("cuda", torch.bfloat16) is None
 
 
+def test_host_integer_helpers_match_triton():
+    # the grids, autotune keys and token splits use these instead of Triton's (slow from host code)
+    import triton
+
+    for n in [*range(1, 300), 4095, 4096, 4097, 12608, 50432, 2**31 + 1]:
+        assert kernels.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 64, 128, 1024):
+            assert kernels.cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
 @pytest.mark.parametrize("rank", [1, 7, 64, 128, 200, 256, 384])
 def test_config_pruning_keeps_a_config_for_every_rank(rank):
     """The GPU config sets (checked here without a GPU): large ranks keep only thin tiles, and
