@@ -50,9 +50,9 @@
 #             memcheck (triton and cuda backends) and
 #             --tool racecheck (the cuda backend's run: its shared-memory pipeline)
 #                                                                   -> sanitize.log
-#   model     benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end, bf16): eager cases
-#             first (batch 256, 64, 1, 8), then replayed from a CUDA graph at batch 64 and 1
-#             (no host work per call), then torch.compile at batch 256, then 1; stops starting cases when its
+#   model     benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end, bf16): eager at
+#             batch 256 and 64, replayed from a CUDA graph at 64 (no host work per call), eager
+#             and graph at 1, eager at 8, then torch.compile at 256 and 1; stops starting cases when its
 #             budget (GPU_CHECK_MODEL_S, default 150 s, less 40 s for a compile in flight) is
 #             spent, and lists what it left out  -> model.log, model-<device>-<date>.{json,md}
 #   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu"), with the
@@ -60,7 +60,8 @@
 #                                                                     -> bench.log, bench.json
 #   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
 # The results files (model-*, profile-*, ncu-<device>-*, <device>-*) go to benchmarks/results/ to be
-# committed. Where $OUT ends with more than 8 files (call 1 makes 11), the logs are packed into
+# committed. Where $OUT ends with more than 8 files (every stage of call 1 makes 16: 8 logs,
+# bench.json, 7 results files), the logs and bench.json (the report's input) are packed into
 # logs-<time>.tar.gz.
 #
 # Time: each call is capped at GPU_CHECK_TOTAL_S (default 550 s, for a 600 s call). Each stage
@@ -69,9 +70,9 @@
 # 60 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
 # (2026-11-26, before the profile stage existed): build 52 s, info 15 s, tests-gpu shards
 # 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench 119 s. Estimated:
-# profile ~1.5-2.5 min (cap 150 s), ncu ~1-1.5 min (cap 150 s, most of it compiling and
+# profile ~1.5-2.5 min (cap 150 s), ncu ~1-1.5 min (cap 120 s, most of it compiling and
 # autotuning the Triton kernels the profile stage did not run), which leaves the model stage
-# about 1.5 min and the bench stage nothing of call 1: a second call
+# about 1.5-2 min and the bench stage nothing of call 1: a second call
 # GPU_CHECK_STAGES="build bench" runs it (then tests ~1 min, sanitize ~2 min if time is left).
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
@@ -238,12 +239,25 @@ fi
 if wants profile; then
   stage profile 150 "$OUT/profile.log" "$PY" benchmarks/profile_forward.py --out-dir "$OUT"
 fi
-# ncu: the sections of benchmarks/ncu_kernels.py's SECTIONS that this ncu lists (an unknown
-# one would fail the whole run), the clocks left alone; the report file stays out of $OUT.
+# ncu: first a probe of a few seconds (one small kernel under ncu: where the profiler cannot
+# read the counters, as on gVisor machines, "LibraryNotLoaded", the stage is NOT RUN without
+# spending its minutes); then the sections of benchmarks/ncu_kernels.py's SECTIONS that this
+# ncu lists (an unknown one would fail the whole run), the clocks left alone. The report and
+# the case list stay out of $OUT (a device call brings back at most 8 files).
+ncu_reads_counters() {
+  local out
+  out=$(timeout -k 5 90 "$NCU" --clock-control none --metrics gpu__time_duration.sum "$PY" -c \
+    'import torch; torch.ones(1024, device="cuda").add_(1); torch.cuda.synchronize()' 2>&1)
+  printf '=== ncu probe\n%s\n' "$out" >>"$OUT/ncu.log"
+  [[ "$out" == *"gpu__time_duration.sum"* ]]
+}
 if wants ncu; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   if [[ -z "$NCU" ]]; then
     SUMMARY+=("ncu           FAILED     ncu (Nsight Compute) not found")
+    FAILED=1
+  elif ! ncu_reads_counters; then
+    SUMMARY+=("ncu           NOT RUN    ncu read no counter of a probe kernel here (see ncu.log)")
     FAILED=1
   else
     NCU_SECTIONS=()
@@ -251,12 +265,12 @@ if wants ncu; then
     for section in $("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import ncu_kernels; print(*ncu_kernels.SECTIONS)'); do
       grep -qw -- "$section" <<<"$NCU_LISTED" && NCU_SECTIONS+=(--section "$section")
     done
-    NCU_REPORT=$(mktemp -d)/kernels
-    stage ncu 150 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
-      --export "$NCU_REPORT" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$OUT" &&
+    NCU_TMP=$(mktemp -d)
+    stage ncu 120 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
+      --export "$NCU_TMP/kernels" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$NCU_TMP" &&
       stage ncu-report 60 "$OUT/ncu.log" "$PY" benchmarks/ncu_kernels.py report --ncu "$NCU" \
-        --report "$NCU_REPORT.ncu-rep" --out-dir "$OUT"
-    rm -rf "$(dirname "$NCU_REPORT")"
+        --report "$NCU_TMP/kernels.ncu-rep" --cases "$NCU_TMP/ncu-cases.json" --out-dir "$OUT"
+    rm -rf "$NCU_TMP"
   fi
 fi
 # sanitizer_takes_device: false when compute-sanitizer refuses this machine's GPU ("Device not
@@ -333,7 +347,8 @@ fi
 # A device call brings back at most 8 files: past that, the logs travel as one archive, named
 # per call (a second call into the same $OUT must not replace the first one's).
 if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
-  (cd "$OUT" && tar czf "logs-$(date -u +%H%M%S).tar.gz" -- *.log && rm -f -- *.log)
+  (cd "$OUT" && packed=(*.log $(ls bench.json 2>/dev/null)) && tar czf "logs-$(date -u +%H%M%S).tar.gz" -- "${packed[@]}" &&
+    rm -f -- "${packed[@]}")
 fi
 
 echo

@@ -14,9 +14,10 @@ forced into the 2:4 form (the export rule gives it the low-rank form) and into t
 low-rank form, to measure what the sparse tensor cores add), "smoke" (a tiny ViT, for the test suite).
 
 A time budget (``TUNECOMP_BENCH_BUDGET_S``, set by gpu_check.sh) stops starting cases once
-spent; the results list the cases it left out. Eager cases run first (batch 256, 64, 1, then
-8: the targets' batches first), then the CUDA-graph ones, then torch.compile's, batch 256
-before batch 1. A case that fails (a form that cannot be captured in a CUDA graph, say) is
+spent; the results list the cases it left out. On the gpu grid the cases run in the order of
+its ``schedule``: eager at batch 256 and 64, the CUDA graph at 64, eager and the graph at 1,
+eager at 8, then torch.compile at 256 and 1 (the targets' batches first, each graph case right
+after the eager one it explains). A case that fails (a form that cannot be captured in a CUDA graph, say) is
 listed in the results with its error, and fails its test.
 
 The markdown ends with issue #7's targets (``TARGETS``) as PASS / MISS (by how much) / NOT
@@ -66,8 +67,12 @@ GRIDS = {
     # TUNECOMP_MODEL_COMPILE_BATCHES=1,8,64,256 runs them all
     # ranks rounded down to multiples of 16 (768->768 at 50%: 192, qkv 288, MLP 304 instead of
     # 307), still within the parameter ratio: see tunecomp.deploy.GPU_RANK_MULTIPLE
+    # in this order (a time budget cuts the end): the targets' batches first, each CUDA-graph
+    # case right after the eager one it explains
     "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(256, 64, 1, 8),
-                modes=("eager", "graph", "compile"), graph_batches=(64, 1), compile_batches=(256, 1),
+                modes=("eager", "graph", "compile"),
+                schedule=(("eager", 256), ("eager", 64), ("graph", 64), ("eager", 1), ("graph", 1),
+                          ("eager", 8), ("compile", 256), ("compile", 1)),
                 rounds=10, rank_multiple=16,
                 variants=(("dense", None, 0.0, None), ("params 50%", 0.5, 0.0, None),
                           ("params 25%", 0.25, 0.0, None), ("params 50%, rho 0.5 2:4", 0.5, 0.5, "n:m", "semi24"),
@@ -84,10 +89,13 @@ if _MODES:
 _COMPILE_BATCHES = os.environ.get("TUNECOMP_MODEL_COMPILE_BATCHES", "")
 if _COMPILE_BATCHES:
     try:
-        GRID = {**GRID, "compile_batches": tuple(int(b) for b in _COMPILE_BATCHES.split(","))}
+        _batches = tuple(int(b) for b in _COMPILE_BATCHES.split(","))
     except ValueError:
         raise ValueError("TUNECOMP_MODEL_COMPILE_BATCHES must be comma-separated integers, e.g. "
                          f"1,8,64,256; got {_COMPILE_BATCHES!r}") from None
+    _base = GRID.get("schedule") or tuple((m, b) for m in GRID["modes"] for b in GRID["batches"])
+    _plain = tuple(p for p in _base if p[0] != "compile")
+    GRID = {**GRID, "schedule": _plain + tuple(("compile", b) for b in _batches)}
 ROWS = []
 SKIPPED = []  # cases the time budget left out
 FAILED = []  # cases that raised, with the error
@@ -182,10 +190,13 @@ def build(variant):
 
 
 def cases(grid: dict) -> list:
-    """(variant, batch, mode) in the order they run: by mode, then batch, then variant; the
-    "graph" and "compile" modes at their own batches."""
-    return [(v[0], b, m) for m in grid["modes"] for b in grid.get(f"{m}_batches", grid["batches"])
-            for v in grid["variants"]]
+    """(variant, batch, mode) in the order they run: the grid's schedule of (mode, batch) where
+    it has one (its modes only), else by mode, then batch; every variant at each."""
+    if "schedule" in grid:
+        pairs = [(m, b) for m, b in grid["schedule"] if m in grid["modes"]]
+    else:
+        pairs = [(m, b) for m in grid["modes"] for b in grid["batches"]]
+    return [(v[0], b, m) for m, b in pairs for v in grid["variants"]]
 
 
 CASES = cases(GRID)
@@ -282,8 +293,8 @@ def write_results(bench_run):
                        + (f"TUNECOMP_MODEL_MODES={_MODES} " if _MODES else "")
                        + (f"TUNECOMP_MODEL_COMPILE_BATCHES={_COMPILE_BATCHES} " if _COMPILE_BATCHES else "")
                        + "python -m pytest benchmarks/model_bench.py",
-            "compile_batches": list(GRID.get("compile_batches", GRID["batches"])) if "compile" in GRID["modes"] else [],
-            "graph_batches": list(GRID.get("graph_batches", GRID["batches"])) if "graph" in GRID["modes"] else [],
+            "compile_batches": list(dict.fromkeys(b for _, b, m in CASES if m == "compile")),
+            "graph_batches": list(dict.fromkeys(b for _, b, m in CASES if m == "graph")),
             "budget_s": bench_run["budget_s"], "skipped": SKIPPED, "failed": FAILED}
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)

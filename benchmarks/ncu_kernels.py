@@ -5,8 +5,9 @@ times of ``profile_forward.py`` only say how slow.
 Two steps, both run by ``gpu_check.sh``'s ``ncu`` stage:
 
     ncu --profile-from-start off --clock-control none --section ... --export REPORT \\
-        python benchmarks/ncu_kernels.py run --out-dir DIR
-    python benchmarks/ncu_kernels.py report --ncu NCU --report REPORT.ncu-rep --out-dir DIR
+        python benchmarks/ncu_kernels.py run --out-dir TMP
+    python benchmarks/ncu_kernels.py report --ncu NCU --report REPORT.ncu-rep \\
+        --cases TMP/ncu-cases.json --out-dir DIR
 
 ``run`` builds the cases (``build_cases``: the masked op forward, forward+backward and the
 blend on ViT-B/16's 768->768 layer at 12608 tokens, batch 64, rank 192, half of each mask kept,
@@ -15,7 +16,7 @@ outside the profiled range (Triton autotunes there), then calls each once betwee
 ``cudaProfilerStart`` and ``cudaProfilerStop``, so that ncu profiles one call of each and
 nothing else. Before each case it launches a tiny Triton kernel (``_ncu_case_marker``) that
 tells the report where a case begins; it writes the case names in order to
-``DIR/ncu-cases.json``.
+``TMP/ncu-cases.json``.
 
 ``report`` reads the profile back through ``ncu --import`` (the raw page as CSV, kept as
 ``DIR/ncu-raw.log``; the details page with ncu's rule advice as ``DIR/ncu-details.log``) and
@@ -55,8 +56,8 @@ BACKENDS = ("torch", "triton", "cuda")
 MARKER = "_ncu_case_marker"
 
 # The sections ``gpu_check.sh`` asks ncu for (those its ncu lists), in this order.
-SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "ComputeWorkloadAnalysis",
-            "MemoryWorkloadAnalysis", "MemoryWorkloadAnalysis_Tables")
+SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats",
+            "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "MemoryWorkloadAnalysis_Tables")
 
 
 def _marker_kernel():
@@ -163,7 +164,8 @@ def run(out_dir: str, backends=BACKENDS) -> dict:
 
 _TIME_TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
                "second": 1e6, "s": 1e6}
-_BYTES = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+_BYTES = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9,
+          "Kibyte": 1024, "Mibyte": 2**20}
 _STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)_per_issue_active\.ratio$")
 _TENSOR = re.compile(r"^sm__pipe_tensor\w*_cycles_active\.avg\.pct_of_peak_sustained_active$")
 _BANK = re.compile(r"^l1tex__data_bank_conflicts_pipe_lsu_mem_shared(_op_(?:ld|st))?\.sum$")
@@ -210,15 +212,15 @@ def _value(kernel, name, scale=None):
     value = number(value)
     if value is None:
         return None
-    if scale is not None:
-        factor = scale.get(unit)
+    if scale is not None:  # "byte/block": the unit of the launch__shared_mem_per_block_* metrics
+        factor = scale.get(unit.split("/")[0])
         return None if factor is None else value * factor
     return value
 
 
 def short_name(name: str) -> str:
     """``void ns::masked_gemm_kernel<__nv_bfloat16, 1>(ns::GemmParams)`` -> ``masked_gemm_kernel<bf16,1>``."""
-    name = re.sub(r"^void ", "", name.strip())
+    name = re.sub(r"^void |\(anonymous ?namespace\)::", "", name.strip())
     depth, cut = 0, len(name)
     for i, ch in enumerate(name):  # the argument list: the first "(" outside template brackets
         depth += ch == "<"
@@ -266,7 +268,10 @@ def summarize(kernels: list, case_names: list) -> list:
             "memory_pct": _value(kernel, "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"),
             "dram_pct": _value(kernel, "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
             "tensor_pct": max(tensor) if tensor else None,
-            "issue_pct": _value(kernel, "smsp__issue_active.avg.pct_of_peak_sustained_active"),
+            # SchedulerStats' "one or more eligible"; else ComputeWorkloadAnalysis' "issue slots busy"
+            "issue_pct": next((v for v in (_value(kernel, "smsp__issue_active.avg.pct_of_peak_sustained_active"),
+                                           _value(kernel, "sm__inst_issued.avg.pct_of_peak_sustained_active"))
+                               if v is not None), None),
             "registers": _value(kernel, "launch__registers_per_thread"),
             "shared_kib": None if None in smem else sum(smem) / 1024,
             "waves": _value(kernel, "launch__waves_per_multiprocessor"),
@@ -331,9 +336,9 @@ def markdown(records: list, info: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(ncu: str, report_path: str, out_dir: str) -> str:
+def report(ncu: str, report_path: str, out_dir: str, cases_path: str) -> str:
     """``report``: the markdown's path."""
-    with open(os.path.join(out_dir, "ncu-cases.json")) as f:
+    with open(cases_path) as f:
         info = json.load(f)
     command = [ncu, "--import", report_path, "--csv", "--page", "raw", "--print-units", "base"]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -371,12 +376,14 @@ def main(argv=None) -> int:
     p_rep = sub.add_parser("report", help="tables from the ncu report that `run` produced")
     p_rep.add_argument("--ncu", default="ncu", help="the ncu executable (default: ncu)")
     p_rep.add_argument("--report", required=True, help="the .ncu-rep file ncu wrote (--export)")
-    p_rep.add_argument("--out-dir", default=".", help="where ncu-cases.json is and the results go")
+    p_rep.add_argument("--cases", default=None, help="run's ncu-cases.json (default: in --out-dir)")
+    p_rep.add_argument("--out-dir", default=".", help="where the results go (default: .)")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.out_dir, tuple(b for b in args.backends.split(",") if b))
     else:
-        path = report(args.ncu, args.report, args.out_dir)
+        path = report(args.ncu, args.report, args.out_dir,
+                      args.cases or os.path.join(args.out_dir, "ncu-cases.json"))
         with open(path) as f:
             print(f.read())
     return 0

@@ -95,14 +95,14 @@ def test_gpu_grid_targets_pass_miss_and_say_by_how_much(monkeypatch):
     assert set(empty.values()) == {"NOT MEASURED"}
 
 
-def test_gpu_grid_runs_the_targets_batches_first_and_graphs_before_compiling(monkeypatch):
+def test_gpu_grid_runs_the_targets_batches_first_each_graph_case_after_its_eager_one(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     model_bench = pytest.importorskip("model_bench")
     cases = model_bench.cases(model_bench.GRIDS["gpu"])
     variants = len(model_bench.GRIDS["gpu"]["variants"])
     batches_modes = [(b, m) for _, b, m in cases[::variants]]  # every variant at each
-    assert batches_modes == [(256, "eager"), (64, "eager"), (1, "eager"), (8, "eager"),
-                             (64, "graph"), (1, "graph"), (256, "compile"), (1, "compile")]
+    assert batches_modes == [(256, "eager"), (64, "eager"), (64, "graph"), (1, "eager"), (1, "graph"),
+                             (8, "eager"), (256, "compile"), (1, "compile")]
     assert len(cases) == len(set(cases)) == 8 * variants
 
 
@@ -122,3 +122,19 @@ def test_a_failing_case_is_listed_with_its_error_and_fails(tmp_path):
     assert (failed["variant"], failed["batch"], failed["mode"]) == ("dense", 1, "graph") and failed["error"]
     assert "TUNECOMP_MODEL_MODES=eager,graph" in data["meta"]["command"]
     assert "Failed: dense batch 1 graph: " in json_file.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("grid, expected", [
+    ("gpu", [("eager", 256), ("eager", 64), ("graph", 64), ("eager", 1), ("graph", 1), ("eager", 8),
+             ("compile", 8), ("compile", 64)]),
+    ("cpu", [("eager", 1), ("eager", 8), ("compile", 8), ("compile", 64)]),
+])
+def test_compile_batches_from_the_environment_replace_the_grids_own(grid, expected):
+    code = ("import model_bench as m; v = len(m.GRID['variants']); "
+            "print([(c[2], c[1]) for c in m.CASES[::v]]); print(m.GRID['modes'])")
+    env = dict(os.environ, TUNECOMP_MODEL_GRID=grid, TUNECOMP_MODEL_COMPILE_BATCHES="8,64",
+               TUNECOMP_MODEL_MODES="eager,graph,compile" if grid == "gpu" else "eager,compile")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=os.path.join(ROOT, "benchmarks"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == str(expected)

@@ -56,8 +56,10 @@ METRICS = {
     "sm__throughput.avg.pct_of_peak_sustained_elapsed": "%",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "%",
     "launch__registers_per_thread": "register/thread",
-    "launch__shared_mem_per_block_static": "byte",
-    "launch__shared_mem_per_block_dynamic": "byte",
+    "launch__shared_mem_per_block_static": "byte/block",  # as ncu writes them
+    "launch__shared_mem_per_block_dynamic": "Kbyte/block",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "%",
+    "sm__inst_issued.avg.pct_of_peak_sustained_active": "%",
     "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "%",
     "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": "%",
     "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio": "ratio",
@@ -77,7 +79,9 @@ GEMM = "void tunecomp::cuda_kernels::masked_gemm_kernel<__nv_bfloat16, (int)1>(t
 def _kernels():
     forward = {"gpu__time_duration.sum": "1,234,567", "sm__throughput.avg.pct_of_peak_sustained_elapsed": "12.5",
                "launch__registers_per_thread": "232", "launch__shared_mem_per_block_static": "0",
-               "launch__shared_mem_per_block_dynamic": "98,304",
+               "launch__shared_mem_per_block_dynamic": "98.30",
+               "smsp__issue_active.avg.pct_of_peak_sustained_active": "41.5",
+               "sm__inst_issued.avg.pct_of_peak_sustained_active": "40.1",
                "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "3.1",
                "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": "9.8",
                "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio": "7.25",
@@ -87,7 +91,8 @@ def _kernels():
                "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio": "4",
                "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum": "1,000",
                "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum": "24"}
-    gemm = {"gpu__time_duration.sum": "2000", "dram__throughput.avg.pct_of_peak_sustained_elapsed": "n/a"}
+    gemm = {"gpu__time_duration.sum": "2000", "dram__throughput.avg.pct_of_peak_sustained_elapsed": "n/a",
+            "sm__inst_issued.avg.pct_of_peak_sustained_active": "22.0"}
     return [(MARK, {}), (FORWARD, forward), (MARK, {}), (GEMM, gemm), (GEMM, gemm)]
 
 
@@ -99,7 +104,8 @@ def test_report_assigns_kernels_to_cases_and_reads_ncu_numbers(ncu_kernels, tmp_
     forward, gemm = records[0], records[1]
     assert forward["us"] == pytest.approx(1234.567)
     assert forward["sm_pct"] == 12.5 and forward["registers"] == 232
-    assert forward["shared_kib"] == 96.0
+    assert forward["shared_kib"] == pytest.approx(98300 / 1024)  # byte/block + Kbyte/block
+    assert forward["issue_pct"] == 41.5 and gemm["issue_pct"] == 22.0  # else issue slots busy
     assert forward["tensor_pct"] == 9.8  # the busier of the two tensor pipes
     assert list(forward["stalls"]) == ["long_scoreboard", "wait", "barrier", "mio_throttle"]  # not "selected"
     assert forward["shared_bank_conflicts"] == 1024
@@ -134,3 +140,5 @@ def test_short_kernel_names(ncu_kernels):
     assert ncu_kernels.short_name("void at::native::vectorized_elementwise_kernel<4, at::native::Foo>(int, Foo)") \
         == "vectorized_elementwise_kernel<4,Foo>"
     assert len(ncu_kernels.short_name("nvjet_" + "x" * 100)) == 60
+    assert ncu_kernels.short_name("void at::native::(anonymous namespace)::reduce_kernel<512, 1>(R)") \
+        == "reduce_kernel<512,1>"

@@ -46,9 +46,12 @@ inline void emulated_require(bool ok, const char* what) {
 
 inline unsigned char* emulated_dynamic_shared = nullptr;  // set by the launcher per block
 
-// cp.async, emulated so that reading a stage before waiting for it shows: a copy is only
-// recorded when issued and done when its thread waits for its group (the sources, the op's
-// inputs, do not change during a launch). Per thread, like the hardware's groups.
+// cp.async, emulated so that both orderings a pipeline can get wrong show: the destination is
+// poisoned when the copy is issued (all bits set: NaN in every float type), so a copy issued
+// into bytes another thread still reads breaks that read; and the data lands only when its
+// thread waits for the copy's group, so reading before the wait sees the poison (the
+// sources, the op's inputs, do not change during a launch). Per thread, like the hardware's
+// groups.
 struct EmulatedCopy {
   void* shared;
   const void* global;
@@ -60,6 +63,7 @@ inline void emulated_copy_async(void* shared, const void* global, int bytes) {
   emulated_require(reinterpret_cast<uintptr_t>(shared) % bytes == 0 &&
                        reinterpret_cast<uintptr_t>(global) % bytes == 0,
                    "cp.async: source or destination not aligned to the copy's size");
+  std::memset(shared, 0xff, bytes);
   emulated_open_copies.push_back({shared, global, bytes});
 }
 inline void emulated_commit_async() {
