@@ -70,7 +70,7 @@
 # 60 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
 # (2026-11-26, before the profile stage existed): build 52 s, info 15 s, tests-gpu shards
 # 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench 119 s. Estimated:
-# profile ~1.5-2.5 min (cap 150 s), ncu ~1-1.5 min (cap 120 s, most of it compiling and
+# profile ~1.5-2.5 min (cap 150 s), ncu ~1-1.5 min (cap 150 s, most of it compiling and
 # autotuning the Triton kernels the profile stage did not run), which leaves the model stage
 # about 1.5-2 min and the bench stage nothing of call 1: a second call
 # GPU_CHECK_STAGES="build bench" runs it (then tests ~1 min, sanitize ~2 min if time is left).
@@ -266,7 +266,7 @@ if wants ncu; then
       grep -qw -- "$section" <<<"$NCU_LISTED" && NCU_SECTIONS+=(--section "$section")
     done
     NCU_TMP=$(mktemp -d)
-    stage ncu 120 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
+    stage ncu 150 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
       --export "$NCU_TMP/kernels" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$NCU_TMP" &&
       stage ncu-report 60 "$OUT/ncu.log" "$PY" benchmarks/ncu_kernels.py report --ncu "$NCU" \
         --report "$NCU_TMP/kernels.ncu-rep" --cases "$NCU_TMP/ncu-cases.json" --out-dir "$OUT"
