@@ -39,6 +39,7 @@ import triton.language as tl
 
 from . import cdiv
 from .masked_lowrank import (
+    DISK_CACHE,
     _cfg,
     chunk_args,
     configs,
@@ -76,7 +77,8 @@ _BLENDED_FORWARD_CONFIGS = configs(BLENDED_FORWARD_GPU_CONFIGS,
 @triton.autotune(configs=_BLENDED_FORWARD_CONFIGS,
                  key=["n_bucket", "in_features", "out_features", "R0", "R1", "R2", "N_CHUNKS",
                       "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_registers})
+                 prune_configs_by={"early_config_prune": prune_by_registers},
+                 cache_results=DISK_CACHE)
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _blended_forward_kernel(
     x_ptr, u_ptr, v_ptr, bias_ptr, mask_u_ptr, mask_v_ptr, w_ptr, b0_ptr, alpha_ptr, y_ptr,
@@ -143,7 +145,8 @@ FOLD_GPU_CONFIGS = [
 _FOLD_CONFIGS = configs(FOLD_GPU_CONFIGS, _cfg(BLOCK_O=16, BLOCK_I=16, BLOCK_R=16), one_config=-1)
 
 
-@triton.autotune(configs=_FOLD_CONFIGS, key=["out_features", "in_features", "rank", "DOT_PRECISION"])
+@triton.autotune(configs=_FOLD_CONFIGS, key=["out_features", "in_features", "rank", "DOT_PRECISION"],
+                 cache_results=DISK_CACHE)
 @triton.jit
 def _fold_kernel(
     u_ptr, v_ptr, mask_u_ptr, mask_v_ptr, w0_ptr, alpha_ptr, w_ptr,

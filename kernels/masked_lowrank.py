@@ -81,10 +81,14 @@ shared memory up to the largest rank these kernels take (``max_rank``, which ``t
 enforces when it picks the backend).
 The first call per new key compiles and times every surviving config: compiling one config
 for sm_90 took 0.3-2 s on a 2-core CPU (up to ~7 s for rank 384), timing ~0.1 s each, so
-roughly 5-20 s per kernel and key; then the choice is cached in-process (compiled binaries on
-disk by Triton). A training step uses up to 6 kernels (forward + 5 backward launches), so the
-first step of each new layer shape pays this. Warm up before CUDA-graph capture: autotuning
-cannot run inside a capture.
+roughly 5-20 s per kernel and key. The choice is then cached in-process, and on disk by
+Triton (``cache_results=True``, Triton >= 3.2; compiled binaries always are): keyed on Triton's
+version, the GPU architecture, the kernel's source, the autotune key and the config list, so a
+later process on the same machine (the next training run, gpu_check's next stage) skips the
+timing and runs the same pick. To re-tune, delete Triton's cache directory
+(``TRITON_CACHE_DIR``, default ``~/.triton/cache``). A training step uses up to 6 kernels
+(forward + 5 backward launches), so the first step of each new layer shape pays this once per
+machine. Warm up before CUDA-graph capture: autotuning cannot run inside a capture.
 Under ``TRITON_INTERPRET=1`` a single small config is used (tuning there is meaningless and
 slow), with 16-wide tiles so that tests with tiny shapes still cross tile boundaries.
 ``TUNECOMP_TRITON_ONE_CONFIG=1`` (read at import; the GPU test runs set it) gives each kernel
@@ -107,6 +111,8 @@ from . import _env_flag, _interpreting, cdiv, next_power_of_2
 # Triton chooses interpreter or compiler when a function is decorated, i.e. now, at import.
 BUILT_FOR_INTERPRETER = _interpreting()
 ONE_CONFIG = _env_flag("TUNECOMP_TRITON_ONE_CONFIG")
+# Autotune choices go to Triton's disk cache too (see the module docstring: "Autotune").
+DISK_CACHE = True
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -364,7 +370,8 @@ _FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,
 @triton.autotune(configs=_FORWARD_CONFIGS,
                  key=["n_bucket", "in_features", "out_features", "R0", "R1", "R2", "N_CHUNKS",
                       "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_registers})
+                 prune_configs_by={"early_config_prune": prune_by_registers},
+                 cache_results=DISK_CACHE)
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _forward_kernel(
     x_ptr, u_ptr, v_ptr, bias_ptr, mask_u_ptr, mask_v_ptr, y_ptr,
@@ -453,7 +460,8 @@ PROJECT_GPU_CONFIGS = [
 _PROJECT_CONFIGS = configs(PROJECT_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_R=16, BLOCK_K=16), one_config=-1)
 
 
-@triton.autotune(configs=_PROJECT_CONFIGS, key=["n_bucket", "k_dim", "rank", "DOT_PRECISION"])
+@triton.autotune(configs=_PROJECT_CONFIGS, key=["n_bucket", "k_dim", "rank", "DOT_PRECISION"],
+                 cache_results=DISK_CACHE)
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _rank_project_kernel(
     a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr,
@@ -492,7 +500,8 @@ _GRAD_X_CONFIGS = configs(GRAD_X_GPU_CONFIGS, _cfg(BLOCK_M=16, BLOCK_N=16, BLOCK
 
 
 @triton.autotune(configs=_GRAD_X_CONFIGS,
-                 key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"])
+                 key=["n_bucket", "in_features", "out_features", "rank", "DOT_PRECISION"],
+                 cache_results=DISK_CACHE)
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _grad_x_kernel(
     g_ptr, v_ptr, mask_v_ptr, dy_ptr, w_ptr, alpha_ptr, dx_ptr,
@@ -540,7 +549,8 @@ GRAD_FACTOR_GPU_CONFIGS = [
 _GRAD_FACTOR_CONFIGS = configs(GRAD_FACTOR_GPU_CONFIGS, _cfg(BLOCK_D=16, BLOCK_R=16, BLOCK_T=16), one_config=0)
 
 
-@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["n_bucket", "d_dim", "rank", "DOT_PRECISION"])
+@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["n_bucket", "d_dim", "rank", "DOT_PRECISION"],
+                 cache_results=DISK_CACHE)
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _grad_factor_kernel(
     a_ptr, b_ptr, mask_ptr, alpha_ptr, c_ptr, db_ptr,

@@ -295,6 +295,25 @@ def test_one_config_mode_gives_each_kernel_one_gpu_config():
     assert proc.stdout.count("\n") == 6, proc.stdout
 
 
+def test_every_autotuned_kernel_keeps_its_choice_on_disk():
+    """Compiled (not interpreted), every kernel's autotuner writes its choice to Triton's disk
+    cache, so a later process on the same machine does not time the configs again. Checked
+    in a fresh process: the interpreter turns the cache off."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("from tunecomp.kernels import autotuned\n"
+            "for name, kernel, _ in autotuned():\n"
+            "    assert kernel.cache_results is True, name\n"
+            "    print(name)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TUNECOMP_TRITON_ONE_CONFIG")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("\n") == 6, proc.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, rank", [(torch.bfloat16, 70), (torch.float32, 70), (torch.bfloat16, 300)],
                          ids=["bf16-r70", "fp32-r70", "bf16-r300"])
