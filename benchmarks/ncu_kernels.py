@@ -76,22 +76,17 @@ def build_cases(device="cuda", dtype=DTYPE, shape=SHAPE, rank=RANK, small_tokens
     """{case name: a call that launches that case's kernels}, in the order they are profiled.
     Fresh random inputs (never zeros) from ``seed``."""
     from bench_kernels import eager_masked
+    from profile_forward import layer
     from tunecomp import ops
 
     in_features, out_features, n_tokens = shape
-    g = torch.Generator(device=device).manual_seed(seed)
+    a = layer(in_features, out_features, n_tokens, seed, rank, device, dtype)
+    small = layer(in_features, out_features, small_tokens, seed + 1, rank, device, dtype)
+    g = torch.Generator(device=device).manual_seed(seed + 2)
 
     def randn(*size, scale=1.0):
         return (torch.randn(*size, device=device, generator=g) * scale).to(dtype)
 
-    def layer(n):
-        return dict(x=randn(n, in_features), u=randn(out_features, rank, scale=0.1),
-                    v=randn(in_features, rank, scale=0.1), bias=randn(out_features),
-                    mask_u=torch.rand(out_features, rank, device=device, generator=g) > 0.5,
-                    mask_v=torch.rand(in_features, rank, device=device, generator=g) > 0.5)
-
-    a = layer(n_tokens)
-    small = layer(small_tokens)
     weight = randn(out_features, in_features, scale=in_features ** -0.5)
     teacher = (weight, randn(out_features), torch.tensor(0.5, device=device))
     grad_y = randn(n_tokens, out_features)

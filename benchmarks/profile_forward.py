@@ -61,19 +61,20 @@ ALIGNMENT_SHAPE, ALIGNMENT_RANKS = (768, 3072, 12608), (320, 307)
 BLEND_SHAPES = ((768, 768, 12608), (768, 3072, 12608))
 
 
-def layer(in_features, out_features, n_tokens, seed=0, rank=RANK):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def layer(in_features, out_features, n_tokens, seed=0, rank=RANK, device="cuda", dtype=DTYPE):
+    """The op's inputs (x, u, v, bias, masks keeping half), random from ``seed``."""
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(DTYPE)
+        return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
 
     return dict(
         x=randn(n_tokens, in_features),
         u=randn(out_features, rank, scale=0.1),
         v=randn(in_features, rank, scale=0.1),
         bias=randn(out_features),
-        mask_u=torch.rand(out_features, rank, device="cuda", generator=g) > 0.5,
-        mask_v=torch.rand(in_features, rank, device="cuda", generator=g) > 0.5,
+        mask_u=torch.rand(out_features, rank, device=device, generator=g) > 0.5,
+        mask_v=torch.rand(in_features, rank, device=device, generator=g) > 0.5,
     )
 
 
