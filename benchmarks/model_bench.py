@@ -69,8 +69,7 @@ GRIDS = {
     # 307), still within the parameter ratio: see tunecomp.deploy.GPU_RANK_MULTIPLE
     # in this order (a time budget cuts the end): the targets' batches first, each CUDA-graph
     # case right after the eager one it explains
-    "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, batches=(256, 64, 1, 8),
-                modes=("eager", "graph", "compile"),
+    "gpu": dict(model=VIT_B, device="cuda", dtype=torch.bfloat16, modes=("eager", "graph", "compile"),
                 schedule=(("eager", 256), ("eager", 64), ("graph", 64), ("eager", 1), ("graph", 1),
                           ("eager", 8), ("compile", 256), ("compile", 1)),
                 rounds=10, rank_multiple=16,
