@@ -218,59 +218,33 @@ __device__ __forceinline__ void run_position(int e, int rows, int cols, bool alo
   }
 }
 
-// A run's 16 bytes as 32-bit words: loaded, held and stored without being split into
-// elements (split, the loaded registers are used at once, which waits for the load).
+// A run's 16 bytes as 32-bit words.
 struct alignas(16) Words {
   uint32_t w[4];
 };
 
-// A run as loaded: its 16 bytes, and which of its elements are kept (byte q of keep nonzero:
-// element q is); kept() applies the select against zero, word by word.
+// A run's mask bytes when every element is kept (byte q nonzero: element q is).
 template <typename T>
-struct FetchedRun {
-  static constexpr MaskBits<T> kAllKept = static_cast<MaskBits<T>>(0x0101010101010101ull);
-  Words data;
-  MaskBits<T> keep;
-};
+constexpr MaskBits<T> kAllKept = static_cast<MaskBits<T>>(0x0101010101010101ull);
 
-// Elements (i, j) ... (kSize along the run) of the operand; 0 outside [rows, cols) and, once
-// kept() is applied, where the mask is false (a select: a NaN in a pruned entry stays out).
+// Elements (i, j) ... (kSize along the run) of the operand, one by one: 0 outside
+// [rows, cols) or where the mask is false (a select: a NaN in a pruned entry stays out). The
+// path of the problem's edges and odd strides; whole aligned runs are copied (put_run).
 template <typename T>
-__device__ __forceinline__ FetchedRun<T> load_run(const Operand& op, RunLayout layout, int64_t i,
-                                                  int64_t j, int64_t rows, int64_t cols) {
-  constexpr int kSize = Pack<T>::kSize;
-  const int di = layout.along_j ? 0 : 1, dj = layout.along_j ? 1 : 0;
-  const bool whole = layout.along_j ? (i < rows && j + kSize <= cols) : (j < cols && i + kSize <= rows);
-  FetchedRun<T> run;
-  run.keep = FetchedRun<T>::kAllKept;
-  if (layout.vector && whole) {
-    run.data =
-        *reinterpret_cast<const Words*>(static_cast<const T*>(op.data) + i * op.stride_i + j * op.stride_j);
-    if (op.mask == nullptr) return run;
-    // One address for the run's mask bytes, then one load (mask_vector) or kSize at a
-    // constant step; no per-element index arithmetic.
-    const bool* mask = op.mask + i * op.mask_stride_i + j * op.mask_stride_j;
-    if (layout.mask_vector) {
-      run.keep = *reinterpret_cast<const MaskBits<T>*>(mask);
-    } else {
-      const int64_t step = layout.along_j ? op.mask_stride_j : op.mask_stride_i;
-      run.keep = 0;
-#pragma unroll
-      for (int q = 0; q < kSize; ++q) run.keep |= static_cast<MaskBits<T>>(mask[q * step]) << (8 * q);
-    }
-  } else {  // the edges of the problem, odd strides: element by element, masks applied here
-    Pack<T> elements;
-    for (int q = 0; q < kSize; ++q) elements.v[q] = load_element<T>(op, i + q * di, j + q * dj, rows, cols);
-    memcpy(&run.data, &elements, sizeof(Words));
-  }
+__device__ __forceinline__ Words load_run_elements(const Operand& op, bool along_j, int64_t i, int64_t j,
+                                                   int64_t rows, int64_t cols) {
+  const int di = along_j ? 0 : 1, dj = along_j ? 1 : 0;
+  Pack<T> elements;
+  for (int q = 0; q < Pack<T>::kSize; ++q) elements.v[q] = load_element<T>(op, i + q * di, j + q * dj, rows, cols);
+  Words run;
+  memcpy(&run, &elements, sizeof(Words));
   return run;
 }
 
-// The run with its pruned elements zeroed (masked: its operand has a mask), word by word: an
-// element's bits AND all ones or all zeros, the same as selecting it or +0.
+// The run with the elements its mask bytes (keep) prune zeroed, word by word: an element's
+// bits AND all ones or all zeros, the same as selecting it or +0.
 template <typename T>
-__device__ __forceinline__ Words kept(const FetchedRun<T>& run, bool masked) {
-  if (!masked) return run.data;
+__device__ __forceinline__ Words kept(const Words& data, MaskBits<T> keep) {
   constexpr int kPerWord = 4 / sizeof(T);
   constexpr uint32_t kElementBits = sizeof(T) == 4 ? 0xffffffffu : 0xffffu;
   Words out;
@@ -280,9 +254,9 @@ __device__ __forceinline__ Words kept(const FetchedRun<T>& run, bool masked) {
 #pragma unroll
     for (int e = 0; e < kPerWord; ++e) {
       const int q = w * kPerWord + e;
-      keep_bits |= ((run.keep >> (8 * q)) & 0xff) != 0 ? kElementBits << (16 * e) : 0u;
+      keep_bits |= ((keep >> (8 * q)) & 0xff) != 0 ? kElementBits << (16 * e) : 0u;
     }
-    out.w[w] = run.data.w[w] & keep_bits;
+    out.w[w] = data.w[w] & keep_bits;
   }
   return out;
 }
@@ -474,7 +448,7 @@ __device__ __forceinline__ void put_run(const Operand& op, RunLayout layout, int
     }
     return;
   }
-  const Words run = kept(load_run<T>(op, layout, i, j, rows, cols), op.mask != nullptr);
+  const Words run = load_run_elements<T>(op, layout.along_j, i, j, rows, cols);
   if (offset >= 0) {
     *reinterpret_cast<Words*>(tile + offset) = run;
   } else {
@@ -482,19 +456,16 @@ __device__ __forceinline__ void put_run(const Operand& op, RunLayout layout, int
     memcpy(&elements, &run, sizeof(Words));
     for (int q = 0; q < kSize; ++q) tile[(r + q) * ld + c] = elements.v[q];
   }
-  if (op.mask != nullptr) keep = FetchedRun<T>::kAllKept;
+  if (op.mask != nullptr) keep = kAllKept<T>;
 }
 
 // Zeroes the pruned elements of a landed run in place (keep: its mask bytes): at offset, or
 // (offset -1, fp32) down column c from row r of the row-major tile with leading dim ld.
 template <typename T>
 __device__ __forceinline__ void mask_run(T* tile, int offset, int r, int c, int ld, MaskBits<T> keep) {
-  if (keep == FetchedRun<T>::kAllKept) return;
+  if (keep == kAllKept<T>) return;
   if (offset >= 0) {
-    FetchedRun<T> run;
-    run.data = *reinterpret_cast<const Words*>(tile + offset);
-    run.keep = keep;
-    *reinterpret_cast<Words*>(tile + offset) = kept(run, true);
+    *reinterpret_cast<Words*>(tile + offset) = kept<T>(*reinterpret_cast<const Words*>(tile + offset), keep);
     return;
   }
 #pragma unroll
