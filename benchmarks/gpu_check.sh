@@ -210,7 +210,9 @@ print("pybind11 headers:", [h for d in c.include_paths() for h in glob.glob(d + 
 
 if wants build; then
   # A missing Python.h (no python3-dev on the image) is the likeliest build failure: say so first.
-  "$PY" -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); print('Python.h:', h if os.path.exists(h) else 'MISSING (' + h + ')')"
+  # setuptools: the image's version is unknown, and the metadata forms it accepts differ (README, License).
+  "$PY" -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); print('Python.h:', h if os.path.exists(h) else 'MISSING (' + h + ')')
+import setuptools; print('setuptools', setuptools.__version__)"
   stage build 240 "$OUT/setup.log" \
     "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index --disable-pip-version-check
 fi
