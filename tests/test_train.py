@@ -130,6 +130,46 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     assert [r["step"] for r in evals] == [7, 14, 21, 24]
 
 
+def test_ctrl_c_checkpoints_after_the_step_in_flight_and_resume_reproduces_the_run(tmp_path, capfd):
+    """The first SIGINT lets the step finish, writes the checkpoint there, then raises
+    KeyboardInterrupt; resuming from it gives the uninterrupted run's weights exactly."""
+    import signal
+
+    cfg = TrainConfig(steps=16, batch_size=32, decay_steps=6, prune=0.3, prune_every=2,
+                      checkpoint_every=0, log_every=4, progress=False)
+    straight_model, data = tiny_setup("svd")
+    train(straight_model, data.train, data.test, cfg, str(tmp_path / "straight"), device="cpu")
+
+    def interrupt_at(step):
+        if step == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    model, data = tiny_setup("svd")
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data.train, data.test, cfg, str(tmp_path / "resumed"), device="cpu", step_hook=interrupt_at)
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
+    assert "interrupted after step 10 of 16: checkpoint written" in capfd.readouterr().err
+    payload = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert payload["state"]["step"] == 10
+
+    fresh, data = tiny_setup("svd")
+    train(fresh, data.train, data.test, cfg, str(tmp_path / "resumed"), resume=True, device="cpu")
+    straight, resumed = straight_model.state_dict(), fresh.state_dict()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_a_run_not_resumed_starts_a_fresh_log(tmp_path):
+    model, data = tiny_setup("svd")
+    train(model, data.train, data.test, TrainConfig(steps=6, batch_size=16, log_every=2, progress=False),
+          str(tmp_path), device="cpu")
+    model, data = tiny_setup("svd")
+    train(model, data.train, data.test, TrainConfig(steps=3, batch_size=16, log_every=1, progress=False),
+          str(tmp_path), device="cpu")
+    assert [r["step"] for r in read_log(str(tmp_path)) if "loss" in r] == [1, 2, 3]
+
+
 def test_dense_model_is_plain_fine_tuning(tmp_path):
     data = load_dataset("digits", image_size=8, classes=[0, 1])
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **TINY)

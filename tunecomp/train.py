@@ -13,6 +13,11 @@ rank 0 logs, evaluates and writes). Output directory::
     log.jsonl          one JSON object per logged step / evaluation
     checkpoint.pt      model, masks, optimiser, LR schedule, step, data position, RNG states
                        (written atomically: a crash never leaves a half-written file)
+
+A run that is not resumed starts both afresh in ``out_dir``. Ctrl-C (SIGINT) in a
+single-process run lets the step in flight finish, writes the checkpoint and then raises
+``KeyboardInterrupt``, so ``resume=True`` (``tunecomp compress --resume``) continues exactly
+where it stopped; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import math
 import os
 import random
 import resource
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -311,6 +319,8 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         _set_rng_state(payload["rng"][rank] if rank < len(payload["rng"]) else payload["rng"][0], dev)
         if main_process:
             _end_cut_off_line(os.path.join(out_dir, LOG))
+    elif main_process and os.path.exists(os.path.join(out_dir, LOG)):
+        os.remove(os.path.join(out_dir, LOG))  # a new run: no records of an earlier one in its log
 
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
     # broadcast_buffers=False: masks follow from identical weights on every rank, and the
@@ -390,6 +400,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                         dynamic_ncols=True, disable=None)
     zero = torch.zeros((), device=dev)
     running = {"loss": zero, "task": zero, "correct": zero, "seen": 0}
+    interrupted = _DeferredInterrupt(enabled=world == 1)
     try:
         while state.step < cfg.steps:
             a, rho, lam = apply_schedule(state.step)
@@ -443,7 +454,16 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                 run_eval()
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 checkpoint()
+            if interrupted.requested:
+                checkpoint()
+                if progress is not None:
+                    progress.close()
+                print(f"interrupted after step {state.step} of {cfg.steps}: checkpoint written to "
+                      f"{checkpoint_path}; resume=True (tunecomp compress --resume) continues the run",
+                      file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
     finally:
+        interrupted.restore()
         if progress is not None:
             progress.close()
 
@@ -468,6 +488,32 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+class _DeferredInterrupt:
+    """While enabled (main thread, one process), the first SIGINT only sets ``requested``, so
+    the loop can finish its step and checkpoint at a step boundary; the handler then reverts
+    to the previous one, so a second SIGINT interrupts at once. Under several processes the
+    ranks would see the signal at different steps and the checkpoint's collective would hang:
+    there, and off the main thread (where handlers cannot be set), SIGINT is left alone."""
+
+    def __init__(self, enabled: bool = True):
+        self.requested = False
+        self._installed = enabled and threading.current_thread() is threading.main_thread()
+        if self._installed:
+            # None: a handler set outside Python, which signal.signal cannot put back
+            self._previous = signal.signal(signal.SIGINT, self._handle) or signal.default_int_handler
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.restore()
+        print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
 
 
 # What a resumed run may change: how it reports and saves, not what it computes.
