@@ -146,3 +146,64 @@ def test_pretrained_file_is_loaded(tmp_path):
     torch.save({f"backbone.{k}": t for k, t in source.state_dict().items()}, path)
     with pytest.raises(ValueError, match="none of vit_tiny_patch16_224's weights were loaded"):
         load_timm_model("vit_tiny_patch16_224", str(path), depth=1, num_classes=3)
+
+
+def test_model_and_weights_mistakes_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"'vit_tiny_patch16_22' is not a timm model; did you mean vit_tiny_patch16_224"):
+        load_timm_model("vit_tiny_patch16_22")
+    with pytest.raises(ValueError, match=r"vit_tiny_patch16_224 cannot be built with kwargs \{'foo': 1\}"):
+        load_timm_model("vit_tiny_patch16_224", None, foo=1)
+    not_weights = tmp_path / "weights.safetensors"
+    not_weights.write_bytes(b"\xff" * 64)
+    other_size = tmp_path / "other.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=48).state_dict(), other_size)
+    for path in (not_weights, other_size):
+        with pytest.raises(ValueError, match=f"--pretrained-file '{path}' cannot be loaded into vit_tiny_patch16_224"):
+            load_timm_model("vit_tiny_patch16_224", str(path), depth=1)
+
+
+def test_device_mistakes_are_usage_errors(tmp_path, capsys):
+    flags = ["--dataset", "digits", "--out", str(tmp_path / "x")]
+    cases = [("bogus", "must be a device such as cpu, cuda or cuda:1; got 'bogus'")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "'cuda': CUDA is not available here"))
+    for device, words in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compress", *flags, "--device", device])
+        assert exit_info.value.code == 2
+        assert f"argument --device: {words}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_compress_is_reproducible_and_resume_refuses_other_data(tmp_path, capsys):
+    kwargs = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    flags = ["compress", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs, "--dataset", "digits",
+             "--classes", "0,1,2", "--steps", "3", "--batch-size", "16", "--calib-batches", "1",
+             "--num-workers", "0", "--seed", "3"]
+    assert main([*flags, "--out", str(tmp_path / "a")]) == 0
+    torch.manual_seed(99)  # the global generator elsewhere: --seed alone decides
+    assert main([*flags, "--out", str(tmp_path / "b")]) == 0
+    a, b = ((tmp_path / run / "model.safetensors").read_bytes() for run in ("a", "b"))
+    assert a == b  # the random head and every other init come from --seed
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["classes"] == [0, 1, 2]
+    capsys.readouterr()
+    flags[flags.index("0,1,2")] = "2,1,0"  # the same classes, other labels: another task
+    assert main([*flags, "--out", str(tmp_path / "a"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "--classes [0, 1, 2] -> [2, 1, 0]" in err and "Traceback" not in err
+
+
+def test_export_of_a_damaged_run_names_the_file(tmp_path, capsys):
+    kwargs = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    run = tmp_path / "run"
+    assert main(["compress", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs, "--dataset", "digits",
+                 "--classes", "0,1", "--steps", "2", "--batch-size", "16", "--init", "svd", "--num-workers", "0",
+                 "--out", str(run)]) == 0
+    weights = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "e1")]) == 2
+    assert f"{run / 'model.safetensors'} cannot be loaded into the model" in capsys.readouterr().err
+    (run / "model.json").write_text('{"model": "vit_tiny_patch16_224", "kwargs": {')
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "e2")]) == 2
+    assert f"{run / 'model.json'} does not describe a model that can be rebuilt" in capsys.readouterr().err

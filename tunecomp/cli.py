@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import json
 import os
@@ -71,13 +72,30 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _create_timm_model(name: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, **kwargs)`` without weights; an unknown name or kwargs the
+    model does not take are a ValueError saying so."""
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+        raise ValueError(f"model {name!r} is not a timm model{hint}")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise ValueError(f"{name} cannot be built with kwargs {kwargs} ({type(error).__name__}: {error})") from error
+
+
 def load_timm_model(name: str, pretrained_file: Optional[str] = None, **kwargs) -> torch.nn.Module:
     """A timm model by name, with weights from a local file (safetensors or a torch state
-    dict) when given, else randomly initialised. Never downloads."""
+    dict) when given, else randomly initialised. Never downloads. The classifier head is
+    never taken from the file: it starts afresh for the downstream task (timm drops it when
+    num_classes is not the architecture's default, and it is left out of the check below)."""
     import timm
 
     if pretrained_file is None:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return _create_timm_model(name, **kwargs)
     if not os.path.isfile(pretrained_file):
         raise FileNotFoundError(f"--pretrained-file {pretrained_file!r} does not exist")
     # timm loads non-strictly whenever num_classes differs from the file's (the usual case
@@ -88,10 +106,16 @@ def load_timm_model(name: str, pretrained_file: Optional[str] = None, **kwargs) 
     seed = int(torch.randint(0, 2**62, ()).item())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file}, **kwargs)
+        initial = _create_timm_model(name, **kwargs).state_dict()  # name and kwargs checked here
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        initial = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file},
+                                      **kwargs)
+        except Exception as error:  # noqa: BLE001 - not a weights file, or other shapes: say which file
+            first = str(error).strip().splitlines()[:3]
+            raise ValueError(f"--pretrained-file {pretrained_file!r} cannot be loaded into {name} "
+                             f"({type(error).__name__}: {' '.join(line.strip() for line in first)})") from error
     heads = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
     heads = (heads,) if isinstance(heads, str) else tuple(heads)  # distilled models have two
     # Tensors initialised to a constant (norms' ones, zero biases) are the same loaded or not.
@@ -174,6 +198,31 @@ def compress_baseline(args, data, model_kwargs) -> dict:
 
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "model.json", "summary.json")
+# What else, besides the training config (which train() checks), a resumed run must share with
+# the run it continues: the model, the data and the layers' shapes. Not the paths (a data set
+# or weights file may move; the checkpoint holds the weights) nor where it runs.
+RUN_SETTINGS = ("method", "model", "model_kwargs", "dataset", "classes", "rank_ratio", "param_ratio",
+                "targets", "init", "calib_batches")
+
+
+def check_run_settings(args, write: bool = False) -> None:
+    """``--resume``: refuse other settings than those ``--out/run.json`` holds (a run from
+    before run.json existed is not checked), before minutes of loading and calibrating.
+    ``write``: record them there for a new run (once it is about to train)."""
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    path = os.path.join(args.out, "run.json")
+    if args.resume and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            raise ValueError(f"--resume: {path} was started with other settings ({'; '.join(changed)}); "
+                             f"resume with the run's own settings, or start a new run elsewhere")
+    elif write and not args.resume and int(os.environ.get("RANK", "0")) == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=2)
 
 
 def compress(args) -> dict:
@@ -191,6 +240,8 @@ def compress(args) -> dict:
         amp=args.amp, seed=args.seed, num_workers=args.num_workers,
     )
     config.resolved()  # its checks now, before the data and the model are loaded
+    check_run_settings(args)
+    torch.manual_seed(args.seed)  # the model's random init (the head, or all without weights)
     model_kwargs = dict(args.model_kwargs or {})
     classes = args.classes
     probe = load_timm_model(args.model, None, **model_kwargs)
@@ -214,6 +265,7 @@ def compress(args) -> dict:
                      calib_batches=calib, backend=args.backend,
                      rank_multiple=GPU_RANK_MULTIPLE if on_gpu else 4 if args.prune_mode == "n:m" else 1)
     print(report)
+    check_run_settings(args, write=True)
     result = train(model, data.train, data.test, config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
@@ -249,15 +301,25 @@ def rebuild_run(run_dir: str) -> tuple:
     meta_path = os.path.join(run_dir, "model.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{run_dir} has no model.json: is it a finished `tunecomp compress` run?")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    model = load_timm_model(meta["model"], None, **meta["kwargs"])
-    for name, rank in meta["ranks"].items():
-        linear = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, FusedPrunedLowRankLinear(
-            linear.in_features, linear.out_features, rank, bias=linear.bias is not None))
-    model.load_state_dict(load_file(os.path.join(run_dir, "model.safetensors")))
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        model = load_timm_model(meta["model"], None, **meta["kwargs"])
+        for name, rank in meta["ranks"].items():
+            linear = model.get_submodule(name)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FusedPrunedLowRankLinear(
+                linear.in_features, linear.out_features, rank, bias=linear.bias is not None))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # json's errors are ValueErrors
+        raise ValueError(f"{meta_path} does not describe a model that can be rebuilt "
+                         f"({type(error).__name__}: {error}): was it edited?") from error
+    weights = os.path.join(run_dir, "model.safetensors")
+    try:
+        model.load_state_dict(load_file(weights))
+    except Exception as error:  # noqa: BLE001 - truncated file, or tensors that do not fit model.json
+        first = str(error).strip().splitlines()[:3]
+        raise ValueError(f"{weights} cannot be loaded into the model {meta_path} describes "
+                         f"({type(error).__name__}: {' '.join(line.strip() for line in first)})") from error
     return model.eval(), meta
 
 
@@ -430,6 +492,21 @@ def _dtype(name: Optional[str], device: str) -> torch.dtype:
 # Argument types: a bad value is argparse's usage error naming the flag, not a traceback.
 
 
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be a device such as cpu, cuda or cuda:1; got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (tunecomp info)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N]; got {text!r}")
+    return text
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -504,7 +581,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="TuneComp, or a baseline pipeline at the same budget (tunecomp.baselines)")
     p.add_argument("--model-kwargs", default=None, type=_json_object,
                    help='JSON of extra timm kwargs, e.g. \'{"img_size": 32}\'')
-    p.add_argument("--pretrained-file", default=None, help="local weights (safetensors or state dict)")
+    p.add_argument("--pretrained-file", default=None,
+                   help="local weights (safetensors or state dict); the classifier head starts afresh")
     p.add_argument("--dataset", default="cifar100", choices=DATASETS, help="downstream task")
     p.add_argument("--data-dir", default=None, help="where the dataset's files are")
     p.add_argument("--classes", default=None, type=_int_list(0), help="comma-separated class subset, relabelled 0..k-1")
@@ -536,7 +614,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--eval-every", type=_int_at_least(0), default=0, help="steps between evaluations (0: each epoch)")
     p.add_argument("--checkpoint-every", type=_int_at_least(0), default=500, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there is one)")
+    p.add_argument("--device", default=None, type=_device, help="cpu or cuda (default: cuda if there is one)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"), help="auto: bf16 on CUDA")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="the ops' kernels (tunecomp info)")
     p.add_argument("--num-workers", type=_int_at_least(0), default=2, help="data loader processes")
@@ -546,7 +624,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run", required=True, help="a `tunecomp compress` output directory")
     p.add_argument("--out", required=True, help="directory to write model.safetensors + manifest.json to")
     p.add_argument("--measure", action="store_true", help="choose each layer's form by timing it")
-    p.add_argument("--device", default=None, help="device to time on with --measure (default: cuda if available)")
+    p.add_argument("--device", default=None, type=_device, help="device to time on with --measure (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="dtype to time in with --measure (the one you will load the model in; "
                         "default: bfloat16 on CUDA, float32 on CPU)")
@@ -554,7 +632,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("bench-model", help="exported model vs its dense original: latency, throughput")
     p.add_argument("model_dir")
     p.add_argument("--batch", default=[1, 8], type=_int_list(1), help="comma-separated batch sizes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=_device)
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile both models first")
@@ -576,6 +654,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   f"ignore {', '.join(ignored)}; it takes {', '.join('--' + f.replace('_', '-') for f in BASELINE_FLAGS)}")
     try:
         return _run(parser, args)
+    except KeyboardInterrupt:
+        print(f"tunecomp {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as error:
         # A mistake in the arguments or the files named (such errors here say what and
         # where): the message, not a traceback, unless asked for.
