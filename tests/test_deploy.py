@@ -488,8 +488,8 @@ def test_sparse_form_off_the_cpu_kernel(tmp_path):
         source = model.blocks[0].mlp.fc1
         alive = ((source.u * source.mask_u) != 0).any(0) & ((source.v * source.mask_v) != 0).any(0)
         assert torch.equal(u, (source.u * source.mask_u)[:, alive]) and torch.equal(v, (source.v * source.mask_v)[:, alive])
-    # the packed entries cannot tell a wider x: the layer checks its width
-    with pytest.raises(ValueError, match=f"must be in_features = {layer.in_features}"):
+    # the packed entries cannot tell a wider x: their in_features is checked
+    with pytest.raises(ValueError, match=f"must be the in_features the factors were packed for, {layer.in_features}"):
         layer.float()(torch.randn(3, layer.in_features + 1))
     twin = SparseLowRankLinear(layer.in_features, layer.out_features, layer.rank, layer.v_value.numel(),
                                layer.u_value.numel(), dtype=torch.float32)

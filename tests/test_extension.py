@@ -222,6 +222,8 @@ def test_packed_forward_checks_its_inputs():
         f(x.double(), packed, bias)
     with pytest.raises(TypeError, match="packed must be the 6 tensors"):
         f(x, packed[:3], bias)
+    with pytest.raises(TypeError, match=r"\(a PackedFactors, which also holds in_features\); got list of 6"):
+        f(x, list(packed), bias)
     with pytest.raises(ValueError, match=r"x must have at least 1 dim \[..., in_features\]"):
         f(torch.tensor(1.0), packed, bias)
     with pytest.raises(RuntimeError, match="no gradient"):
@@ -236,15 +238,19 @@ def test_packed_forward_checks_its_inputs():
     with torch.no_grad():
         with pytest.raises(ValueError, match="bias must have shape"):
             f(x, packed, bias[:4])
+        for width in (11, 13):  # x narrower or wider than V: caught before any read
+            with pytest.raises(ValueError, match=rf"in_features the factors were packed for, 12; got x \(9, {width}\)"):
+                f(torch.randn(9, width), packed, bias)
+        # the C++ checks the tensors themselves (here: packed for a narrower x than they index)
         with pytest.raises(ValueError, match=r"packed V .* indices must lie in \[0, 11\)"):
-            f(x[:, :11], packed, bias)  # x narrower than V: caught before any read
+            f(x[:, :11], ops.PackedFactors(packed, 11), bias)
         for slot, change, message in ((1, lambda t: t.fill_(-1), "indices must lie in"),
                                       (4, lambda t: t.fill_(4), r"indices must lie in \[0, 4\)"),
                                       (0, lambda t: t.flip(0), "starts must rise"),
                                       (3, lambda t: t.roll(1), "starts must rise"),
                                       (2, lambda t: t[:-1], "as many indices as values"),
                                       (5, lambda t: t.double(), "must be \\(int64 starts")):
-            bad = [t.clone() for t in packed]
+            bad = ops.PackedFactors([t.clone() for t in packed], packed.in_features)
             bad[slot] = change(bad[slot])
             with pytest.raises((ValueError, TypeError), match=message):
                 f(x, bad, bias)

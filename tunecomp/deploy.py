@@ -160,8 +160,8 @@ class SparseLowRankLinear(nn.Module):
             layer.bias.copy_(bias)
         return layer
 
-    def packed(self) -> list:
-        return [getattr(self, name) for name in self.PACKED]
+    def packed(self) -> ops.PackedFactors:
+        return ops.PackedFactors([getattr(self, name) for name in self.PACKED], self.in_features)
 
     def factors(self) -> tuple:
         """``(u, v)``: the dense factors, zeros where entries were pruned."""
@@ -174,8 +174,6 @@ class SparseLowRankLinear(nn.Module):
                 scatter(self.v_start, self.v_index, self.v_value, (self.in_features, self.rank), False))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:  # the packed entries cannot tell a wider x
-            raise ValueError(f"x.shape[-1] must be in_features = {self.in_features}; got x {tuple(x.shape)}")
         if sparse_runs_packed(self.u_value.device, self.u_value.dtype) and x.device.type == "cpu":
             # in float32 whatever x is (bf16 under CPU autocast), the result in x's dtype
             return ops.packed_lowrank_linear(x.float(), self.packed(), self.bias).to(x.dtype)

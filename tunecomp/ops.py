@@ -811,7 +811,16 @@ def blended_lowrank_linear(
     return y.reshape(*lead, u.shape[0])
 
 
-def pack_kept(u: Tensor, v: Tensor) -> list:
+class PackedFactors(list):
+    """The 6 tensors of ``pack_kept`` and the ``in_features`` they were packed for, which the
+    tensors alone cannot tell (a column of V with no kept entry leaves no trace in them)."""
+
+    def __init__(self, tensors: Sequence[Tensor], in_features: int):
+        super().__init__(tensors)
+        self.in_features = int(in_features)
+
+
+def pack_kept(u: Tensor, v: Tensor) -> PackedFactors:
     """The nonzero entries of ``u [out, r]`` and ``v [in, r]`` (float32, on the CPU) grouped
     as ``packed_lowrank_linear`` reads them: V's by rank component (indices along in), then
     U's by output (indices along r); three tensors each: int64 group starts, int32 indices,
@@ -822,10 +831,10 @@ def pack_kept(u: Tensor, v: Tensor) -> list:
     if reason is not None:
         raise ValueError(f"pack_kept needs u and v as float32 CPU tensors and tunecomp._C: {reason}")
     u, v = u.detach(), v.detach()  # shapes: checked by pack_groups_cpu
-    return list(_C.pack_groups_cpu(u, v, u != 0, v != 0, backward=False))
+    return PackedFactors(_C.pack_groups_cpu(u, v, u != 0, v != 0, backward=False), v.shape[0])
 
 
-def packed_lowrank_linear(x: Tensor, packed: Sequence[Tensor], bias: Optional[Tensor] = None) -> Tensor:
+def packed_lowrank_linear(x: Tensor, packed: PackedFactors, bias: Optional[Tensor] = None) -> Tensor:
     """``y = (x @ v) @ u.T + bias`` from ``packed = pack_kept(u, v)`` alone: the CPU kernel's
     sparse forward (csrc/lowrank_cpu.cpp), whose work is (kept entries) x tokens. Inference
     only (no gradient), float32 on the CPU; ``x [..., in]``, ``bias [out]`` or None. The
@@ -837,9 +846,13 @@ def packed_lowrank_linear(x: Tensor, packed: Sequence[Tensor], bias: Optional[Te
         raise ValueError(f"packed_lowrank_linear runs on float32 CPU tensors only: {reason}")
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dim [..., in_features]; got {_describe(x)}")
-    if not isinstance(packed, (list, tuple)) or len(packed) != 6 or not all(isinstance(t, Tensor) for t in packed):
-        raise TypeError(f"packed must be the 6 tensors of pack_kept(u, v); got {type(packed).__name__}"
+    if not isinstance(packed, PackedFactors) or len(packed) != 6 or not all(isinstance(t, Tensor) for t in packed):
+        raise TypeError(f"packed must be the 6 tensors of pack_kept(u, v) (a PackedFactors, which also holds "
+                        f"in_features); got {type(packed).__name__}"
                         + (f" of {len(packed)}" if isinstance(packed, (list, tuple)) else ""))
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"x.shape[-1] must be the in_features the factors were packed for, "
+                         f"{packed.in_features}; got x {tuple(x.shape)}")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         raise RuntimeError("packed_lowrank_linear has no gradient: call it under torch.no_grad() or "
                            "torch.inference_mode(), or use masked_lowrank_linear to train")
