@@ -706,3 +706,15 @@ def test_time_forward_takes_the_median_round(monkeypatch):
     monkeypatch.setattr(deploy.time, "perf_counter", lambda: now[0])
     assert deploy.time_forward(module, torch.zeros(1), repeats=20) == 1.0
     assert len(calls) == 23
+
+
+def test_files_are_readable_as_any_file_this_process_writes(tmp_path):
+    """safetensors writes owner-only (0600) files: export sets the usual mode (0644 under a
+    022 umask), so another user or a container can load the model."""
+    umask = os.umask(0o022)
+    try:
+        export(trained_like_model(), str(tmp_path), arch_kwargs=KW)
+    finally:
+        os.umask(umask)
+    for name in os.listdir(tmp_path):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name

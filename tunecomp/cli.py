@@ -146,12 +146,12 @@ def model_input(model: torch.nn.Module) -> dict:
 
 def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwargs: dict) -> str:
     """The trained model's tensors as safetensors plus a JSON file to rebuild it."""
-    from safetensors.torch import save_file
+    from .deploy import save_tensors
 
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path = os.path.join(out_dir, "model.safetensors")
-    save_file(state, path)
+    save_tensors(state, path)
     ranks = {name: m.rank for name, m in model.named_modules() if hasattr(m, "mask_u")}
     with open(os.path.join(out_dir, "model.json"), "w") as f:
         json.dump({"model": model_name, "kwargs": model_kwargs, "ranks": ranks,

@@ -114,6 +114,18 @@ class LowRankLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+def save_tensors(tensors: dict, path: str) -> None:
+    """``safetensors.torch.save_file``, then the file's mode set as for any file this process
+    creates (safetensors writes it owner-only, 0600: unreadable to another user or a
+    container's)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def sparse_runs_packed(device, dtype: torch.dtype) -> bool:
     """Whether the "sparse" form runs from its kept entries alone (``SparseLowRankLinear`` on
     the CPU kernel) on ``device`` in ``dtype``."""
@@ -538,8 +550,6 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     ``measure``/``device``/``tokens``/``dtype``: choose forms by timing (``dtype``: the one
     the model will be loaded in; the file keeps the model's own). ``progress``: a progress
     bar over the layers (on stderr)."""
-    from safetensors.torch import save_file
-
     forms = dict(forms or {})
     arch_kwargs = dict(arch_kwargs or {})
     if form is not None and form not in FORMS:
@@ -601,7 +611,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
             state[key] = tensor.detach().contiguous()
     os.makedirs(path, exist_ok=True)
     tensors_path = os.path.join(path, TENSORS)
-    save_file({k: t.cpu() for k, t in state.items()}, tensors_path)
+    save_tensors({k: t.cpu() for k, t in state.items()}, tensors_path)
     manifest = {
         "format_version": FORMAT_VERSION, "tunecomp": __version__, "torch": torch.__version__,
         "arch": arch, "arch_kwargs": arch_kwargs,
