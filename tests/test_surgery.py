@@ -17,7 +17,8 @@ def test_full_rank_vit_gives_the_same_logits(name):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = model(x)
-    report = replace_linear_layers(model, rank_ratio=1.0, keep_teacher=False)
+    with pytest.warns(UserWarning, match=f"{4 * len(model.blocks)} of {4 * len(model.blocks)} layers got factors larger"):
+        report = replace_linear_layers(model, rank_ratio=1.0, keep_teacher=False)  # full rank: larger
     depth = len(model.blocks)
     assert len(report.layers) == 4 * depth
     replaced = [m for m in model.modules() if isinstance(m, FusedPrunedLowRankLinear)]
@@ -105,3 +106,20 @@ def test_any_module_glob_targets_and_head():
 def test_no_match_is_an_error_that_lists_linears():
     with pytest.raises(ValueError, match="no nn.Linear matches targets .* linear layers here: encoder.0, encoder.2, head"):
         replace_linear_layers(Plain(), rank=2)  # the ViT defaults match nothing here
+
+
+def test_factors_larger_than_the_weight_warn_and_bad_inits_fail_first():
+    import warnings
+
+    from tunecomp import prepare
+
+    model = nn.Sequential(nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 8))
+    with pytest.warns(UserWarning, match=r"2 of 2 layers got factors larger than their dense weight.*"
+                                         r"0 \(rank 48: 2,352 -> 4,656\), 2 \(rank 8: 392 -> 456\)"):
+        replace_linear_layers(model, rank=1000, targets=["0", "2"])  # capped at full rank, still larger
+    model = nn.Sequential(nn.Linear(48, 48))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replace_linear_layers(model, rank_ratio=0.25, targets=["0"])  # 24·96 < 48·48: no warning
+    with pytest.raises(ValueError, match=r"init must be one of \('svd', 'asvd', 'whiten'\); got 'foo'"):
+        prepare(nn.Sequential(nn.Linear(4, 4)), rank=2, targets=["0"], init="foo")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from torch import nn
 
-from .decompose import collect_stats
+from .decompose import INITS, collect_stats
 from .nn import FusedPrunedLowRankLinear
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -162,6 +163,8 @@ def prepare(
     with the teacher attached. Returns ``replace_linear_layers``' report."""
     rank_for(8, 8, rank, rank_ratio, param_ratio, rank_multiple)  # bad rank arguments fail before calibration
     calib = None
+    if init not in INITS:  # before the calibration it would otherwise ask for
+        raise ValueError(f"init must be one of {INITS}; got {init!r}")
     if init != "svd":
         if calib_batches is None:
             raise ValueError(f"init={init!r} needs calib_batches (input batches of the model)")
@@ -195,7 +198,9 @@ def replace_linear_layers(
     (``{name: CalibStats}`` from ``tunecomp.decompose.collect_stats``, for the
     activation-aware inits) are passed on to ``from_linear``. Returns a report.
 
-    Raises ``ValueError`` when no linear layer matches, listing the ones that exist.
+    Raises ``ValueError`` when no linear layer matches, listing the ones that exist. Warns
+    when a layer's factors come out larger than its dense weight (a rank at or above
+    ``in·out / (in + out)``, e.g. from capping at full rank or rounding up to ``rank_multiple``).
     """
     rank_for(8, 8, rank, rank_ratio, param_ratio, rank_multiple)  # check the rank arguments before any work
     chosen = select_linear_layers(model, targets, include_head)
@@ -218,4 +223,10 @@ def replace_linear_layers(
         report.layers.append(ReplacedLayer(
             name, linear.in_features, linear.out_features, r, before, layer.num_effective_params()
         ))
+    grown = [f"{x.name} (rank {x.rank}: {x.params_before:,} -> {x.params_after:,})"
+             for x in report.layers if x.params_after > x.params_before]
+    if grown:
+        warnings.warn(f"{len(grown)} of {len(report.layers)} layers got factors larger than their dense "
+                      f"weight, which compresses nothing: {', '.join(grown[:4])}{' ...' if len(grown) > 4 else ''}; "
+                      f"give a lower rank, rank_ratio or param_ratio (or a smaller rank_multiple)", stacklevel=2)
     return report
