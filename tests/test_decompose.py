@@ -95,5 +95,19 @@ def test_init_errors():
         init_factors(w, 2, "asvd", stats_of(torch.randn(4, 5)))
     with pytest.raises(ValueError, match="no calibration tokens"):
         collect_stats(nn.Sequential(nn.Linear(4, 4)), [], ["0"])
+
+
+def test_collect_stats_takes_one_tensor_as_one_batch_in_any_dtype():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(7, 6, dtype=torch.float64)
+    one = collect_stats(model, x, ["0", "2"])  # a tensor: one batch of 7, cast to float32
+    listed = collect_stats(model, [(x.float(), torch.zeros(7))], ["0", "2"])
+    for name in ("0", "2"):
+        assert one[name].tokens == listed[name].tokens == 7
+        assert torch.equal(one[name].gram, listed[name].gram)
+    with pytest.raises(ValueError, match=r"calibration batch 0 of shape \(7, 4\) does not fit the model"):
+        collect_stats(model, torch.randn(7, 4), ["0"])
+    with pytest.raises(TypeError, match="calibration batch 1 must be a tensor"):
+        collect_stats(model, [x, "images"], ["0"])
     with pytest.raises(ValueError, match="calib has no statistics"):
         replace_linear_layers(nn.Sequential(nn.Linear(4, 4)), rank=2, targets=["0"], init="asvd", calib={})

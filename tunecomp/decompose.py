@@ -97,7 +97,8 @@ def collect_stats(
     dtype: torch.dtype = torch.float32,
 ) -> dict:
     """``{name: CalibStats}`` for the ``nn.Linear`` layers ``names`` of ``model``, from
-    forward hooks over ``batches`` (tensors, or tuples whose first item is the input).
+    forward hooks over ``batches`` (tensors, or tuples whose first item is the input, as a
+    DataLoader gives; a single tensor is one batch), cast to the model's device and dtype.
 
     ``dtype`` is the accumulation type of the Gram matrices (float32 by default: a 3072-wide
     layer's Gram matrix is 36 MiB; float64 doubles that for more exact sums).
@@ -113,15 +114,25 @@ def collect_stats(
             torch.zeros(layer.in_features, dtype=dtype, device=device),
         )
         hooks.append(layer.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.update(args[0])))
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]  # iterating would give its images one by one, without a batch dim
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        param = next(model.parameters())
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"calibration batch {i} must be a tensor (or a tuple starting with one); "
+                                f"got {type(x).__name__}")
+            x = x.to(param.device, dtype=param.dtype if x.is_floating_point() else x.dtype)
+            try:
+                model(x)
+            except (RuntimeError, ValueError, AssertionError) as error:
+                raise ValueError(f"calibration batch {i} of shape {tuple(x.shape)} does not fit the model "
+                                 f"({type(error).__name__}: {error})") from error
     finally:
         for hook in hooks:
             hook.remove()
