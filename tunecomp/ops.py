@@ -74,8 +74,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # that one GEMM, y = x·Wᵀ + (alpha·b0 + s·b), instead of the dense GEMM, the student's two
 # rank-r GEMMs and two scaled adds over y. Folding costs r·in·out multiply-adds whatever the
 # token count n, and saves the student's n·r·(in + out): it pays from n·(in + out) > in·out
-# (384 tokens at 768→768, two ViT-B/16 images; folding_pays). In the backward, grad_x = dy·W
-# replaces dy·W0 + G·Vmᵀ: it saves n·r·in for r·in·out, so from n > out
+# (more than 384 tokens at 768→768: from two ViT-B/16 images; folding_pays). In the
+# backward, grad_x = dy·W replaces dy·W0 + G·Vmᵀ: it saves n·r·in for r·in·out, so from n > out
 # (folding_pays_backward); the factor gradients need T and G as before. Same math, rounded
 # differently: W once to x's dtype, as any dense layer's weight, where the two-branch form
 # rounds T and each branch's output. Every backend follows this rule: "torch" and (where its
