@@ -173,6 +173,9 @@ def test_device_mistakes_are_usage_errors(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert f"argument --device: {words}" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
+    (tmp_path / "afile").write_text("")
+    assert main(["compress", "--dataset", "digits", "--out", str(tmp_path / "afile")]) == 2
+    assert f"--out {tmp_path / 'afile'} is a file; give a directory" in capsys.readouterr().err
 
 
 def test_compress_is_reproducible_and_resume_refuses_other_data(tmp_path, capsys):

@@ -67,6 +67,8 @@ def test_plot_training_writes_an_image_of_the_run(tmp_path):
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.pdf")]) == 0
     assert (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
     assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match=f"the image's folder {tmp_path / 'missing'} does not exist"):
+        plot_training(str(tmp_path), str(tmp_path / "missing" / "curves.png"))
 
 
 def test_plotting_leaves_the_callers_matplotlib_backend_alone(tmp_path):

@@ -227,6 +227,8 @@ def check_run_settings(args, write: bool = False) -> None:
 
 def compress(args) -> dict:
     """``tunecomp compress``: prepare, train, save, summarise."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out {args.out} is a file; give a directory")
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
     if found and not args.resume:
         resume = "add --resume to continue it, or " if args.method == "tunecomp" else ""

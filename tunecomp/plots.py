@@ -76,6 +76,9 @@ def _parse(line: str) -> tuple:
 def plot_training(run_dir: str, out: str | None = None) -> str:
     """Draws the run's training curves into ``out`` (default ``run_dir/training.png``) and
     returns its path."""
+    if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise FileNotFoundError(f"the image's folder {os.path.dirname(os.path.abspath(out))} does not exist "
+                                f"(out={out!r})")
     steps, evals, events = read_log(os.path.join(run_dir, LOG))
     if not steps and not evals:
         raise ValueError(f"{os.path.join(run_dir, LOG)} has no training records yet")
