@@ -212,8 +212,11 @@ def check_run_settings(args, write: bool = False) -> None:
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
     path = os.path.join(args.out, "run.json")
     if args.resume and os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except ValueError as error:
+            raise ValueError(f"--resume: {path} is not valid JSON ({error}): was it edited?") from error
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
                    if k in saved and saved[k] != v]
         if changed:
