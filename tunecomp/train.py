@@ -239,6 +239,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, a
     model.eval()
     correct = total = 0
     for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                     worker_init_fn=_ignore_interrupts,
                                      generator=torch.Generator()):
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -373,6 +374,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         # A private generator: creating the loader draws nothing from the global RNG, so a
         # resumed run's random numbers match the uninterrupted run's.
         return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=cfg.num_workers,
+                          worker_init_fn=_ignore_interrupts,
                           generator=torch.Generator().manual_seed(cfg.seed))
 
     batches = None
@@ -488,6 +490,13 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Data loader workers leave Ctrl-C to the main process: it reaches every process of the
+    terminal's group, and a worker that stopped (PyTorch's default) would fail the step the
+    main process finishes before writing its checkpoint (_DeferredInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _DeferredInterrupt:
