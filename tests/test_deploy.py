@@ -109,13 +109,15 @@ def test_file_size_near_kept_bytes(tmp_path, keep, form):
 
 
 def test_dense_form_stores_the_smaller_of_weight_and_factors(tmp_path):
-    model = trained_like_model(keep=1.0, rank_ratio=1.0)  # factors bigger than the weights
+    with pytest.warns(UserWarning, match="8 of 8 layers got factors larger than their dense weight"):
+        model = trained_like_model(keep=1.0, rank_ratio=1.0)  # factors bigger than the weights
     manifest = export(model, str(tmp_path), arch_kwargs=KW, form="dense")
     assert {tuple(i["storage"].items()) for i in manifest["layers"].values()} == {(("weight", "plain"),)}
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert rel_error(load(str(tmp_path))(x), model(x)) < 1e-5
-    pruned = trained_like_model(keep=0.25, rank_ratio=1.0)  # now the kept factor entries are fewer
+    with pytest.warns(UserWarning, match="got factors larger"):  # before pruning
+        pruned = trained_like_model(keep=0.25, rank_ratio=1.0)  # now the kept factor entries are fewer
     manifest = export(pruned, str(tmp_path / "pruned"), arch_kwargs=KW, form="dense")
     assert {tuple(i["storage"]) for i in manifest["layers"].values()} == {("u", "v")}
     with torch.no_grad():
