@@ -193,7 +193,7 @@ def test_compress_is_reproducible_and_resume_refuses_other_data(tmp_path, capsys
     flags[flags.index("0,1,2")] = "2,1,0"  # the same classes, other labels: another task
     assert main([*flags, "--out", str(tmp_path / "a"), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "--resume:" in err and "--classes [0, 1, 2] -> [2, 1, 0]" in err and "Traceback" not in err
+    assert "resume: " in err and "classes [0, 1, 2] -> [2, 1, 0]" in err and "Traceback" not in err
     (tmp_path / "a" / "run.json").write_text("{")
     assert main([*flags, "--out", str(tmp_path / "a"), "--resume"]) == 2
     assert f"--resume: {tmp_path / 'a' / 'run.json'} is not valid JSON" in capsys.readouterr().err

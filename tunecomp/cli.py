@@ -27,7 +27,7 @@ from .data import DATASETS, calibration_batches, load_dataset
 from .plots import plot_training
 from .prune import MODES
 from .surgery import DEFAULT_TARGETS, prepare
-from .train import TrainConfig, effective_params, train
+from .train import TrainConfig, check_same_config, effective_params, train
 
 
 def _version(module_name: str) -> str:
@@ -205,27 +205,18 @@ RUN_SETTINGS = ("method", "model", "model_kwargs", "dataset", "classes", "rank_r
                 "targets", "init", "calib_batches")
 
 
-def check_run_settings(args, write: bool = False) -> None:
+def check_resume_settings(args) -> None:
     """``--resume``: refuse other settings than those ``--out/run.json`` holds (a run from
-    before run.json existed is not checked), before minutes of loading and calibrating.
-    ``write``: record them there for a new run (once it is about to train)."""
-    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    before run.json existed is not checked), before minutes of loading and calibrating."""
     path = os.path.join(args.out, "run.json")
-    if args.resume and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except ValueError as error:
-            raise ValueError(f"--resume: {path} is not valid JSON ({error}): was it edited?") from error
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
-                   if k in saved and saved[k] != v]
-        if changed:
-            raise ValueError(f"--resume: {path} was started with other settings ({'; '.join(changed)}); "
-                             f"resume with the run's own settings, or start a new run elsewhere")
-    elif write and not args.resume and int(os.environ.get("RANK", "0")) == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=2)
+    if not (args.resume and os.path.isfile(path)):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"--resume: {path} is not valid JSON ({error}): was it edited?") from error
+    check_same_config(saved, {name: getattr(args, name) for name in RUN_SETTINGS}, path)
 
 
 def compress(args) -> dict:
@@ -245,7 +236,7 @@ def compress(args) -> dict:
         amp=args.amp, seed=args.seed, num_workers=args.num_workers,
     )
     config.resolved()  # its checks now, before the data and the model are loaded
-    check_run_settings(args)
+    check_resume_settings(args)
     torch.manual_seed(args.seed)  # the model's random init (the head, or all without weights)
     model_kwargs = dict(args.model_kwargs or {})
     classes = args.classes
@@ -270,7 +261,10 @@ def compress(args) -> dict:
                      calib_batches=calib, backend=args.backend,
                      rank_multiple=GPU_RANK_MULTIPLE if on_gpu else 4 if args.prune_mode == "n:m" else 1)
     print(report)
-    check_run_settings(args, write=True)
+    if not args.resume and int(os.environ.get("RANK", "0")) == 0:  # what a resume must match
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "run.json"), "w") as f:
+            json.dump({name: getattr(args, name) for name in RUN_SETTINGS}, f, indent=2)
     result = train(model, data.train, data.test, config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:
         return result

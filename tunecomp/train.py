@@ -213,7 +213,7 @@ def load_checkpoint(path: str, model: nn.Module, config: Optional[dict] = None) 
     except Exception as error:  # a truncated or foreign file: say which
         raise ValueError(f"cannot read checkpoint {path} ({type(error).__name__}: {error})") from error
     if config is not None:
-        _check_same_config(payload.get("config"), config, path)
+        check_same_config(payload.get("config"), config, path)
     state = payload["model"]
     for name, layer in model.named_modules():
         if isinstance(layer, FusedPrunedLowRankLinear) and layer.has_teacher:
@@ -454,10 +454,9 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                 running = {"loss": zero, "task": zero, "correct": zero, "seen": 0}
             if cfg.eval_every and state.step % cfg.eval_every == 0:
                 run_eval()
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or interrupted.requested:
                 checkpoint()
             if interrupted.requested:
-                checkpoint()
                 if progress is not None:
                     progress.close()
                 print(f"interrupted after step {state.step} of {cfg.steps}: checkpoint written to "
@@ -529,7 +528,7 @@ class _DeferredInterrupt:
 RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "num_workers", "progress")
 
 
-def _check_same_config(saved: Optional[dict], now: dict, path: str) -> None:
+def check_same_config(saved: Optional[dict], now: dict, path: str) -> None:
     """A resumed run continues the saved one bit for bit only with the same settings."""
     if saved is None:
         return
