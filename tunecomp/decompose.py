@@ -197,10 +197,14 @@ def whiten_factors(weight: Tensor, stats: CalibStats, rank: int) -> tuple:
     return u.to(weight.dtype), v.to(weight.dtype)
 
 
-def init_factors(weight: Tensor, rank: int, init: str = "svd", calib: Optional[CalibStats] = None) -> tuple:
-    """``(U, V)`` for ``weight`` by ``init`` (one of ``INITS``); asvd/whiten need ``calib``."""
+def check_init(init: str) -> None:
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")
+
+
+def init_factors(weight: Tensor, rank: int, init: str = "svd", calib: Optional[CalibStats] = None) -> tuple:
+    """``(U, V)`` for ``weight`` by ``init`` (one of ``INITS``); asvd/whiten need ``calib``."""
+    check_init(init)
     if init == "svd":
         return svd_factors(weight, rank)
     if not isinstance(calib, CalibStats):

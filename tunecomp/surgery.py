@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 
 from torch import nn
 
-from .decompose import INITS, collect_stats
+from .decompose import check_init, collect_stats
 from .nn import FusedPrunedLowRankLinear
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -163,8 +163,7 @@ def prepare(
     with the teacher attached. Returns ``replace_linear_layers``' report."""
     rank_for(8, 8, rank, rank_ratio, param_ratio, rank_multiple)  # bad rank arguments fail before calibration
     calib = None
-    if init not in INITS:  # before the calibration it would otherwise ask for
-        raise ValueError(f"init must be one of {INITS}; got {init!r}")
+    check_init(init)  # before the calibration it would otherwise ask for
     if init != "svd":
         if calib_batches is None:
             raise ValueError(f"init={init!r} needs calib_batches (input batches of the model)")
