@@ -6,8 +6,10 @@ Inputs are fresh random every run; the seed of a failing case is in its assertio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
+import warnings
 from typing import NamedTuple, Optional
 
 import pytest
@@ -133,6 +135,29 @@ def make_problem(n_tokens, in_f, out_f, rank, dtype, mask_case, device, has_bias
         p["teacher_weight"] = rnd(out_f, in_f, scale=in_f ** -0.5)
         p["teacher_bias"] = rnd(out_f) if has_bias else None
     return p
+
+
+@contextlib.contextmanager
+def unwritten_memory_is_nan():
+    """Every tensor allocated without initialisation inside (``torch.empty`` in Python,
+    ``at::empty`` in the C++ extensions: both go through the same ATen op, on any device)
+    starts as NaN, integers as their largest value. So an output element or intermediate a
+    kernel forgets to write shows as NaN, not as whatever the memory held (often zeros, the
+    right answer for pruned entries). This is torch's deterministic mode, taken only for its
+    fill (``torch.utils.deterministic.fill_uninitialized_memory``): warn-only, its warnings
+    about ops with no deterministic version silenced."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deterministic", category=UserWarning)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 class Expected(NamedTuple):

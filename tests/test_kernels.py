@@ -12,6 +12,7 @@ over backends.
 A backend skips the dtypes and devices it does not support, with its own reason.
 """
 
+import contextlib
 import os
 
 import torch
@@ -26,8 +27,8 @@ import pytest  # noqa: E402
 from tunecomp import ops  # noqa: E402
 
 from kernel_battery import (  # noqa: E402
-    MASK_CASES, assert_close, check_backward, fresh_seed, make_backend, make_problem,
-    needs_cuda, reference_lowrank,
+    MASK_CASES, Backend, assert_close, assert_pruned_grads_zero, check_backward, fresh_seed,
+    make_backend, make_problem, needs_cuda, reference_lowrank, unwritten_memory_is_nan,
 )
 
 BACKENDS = ["torch", "triton", "cuda", "cpu", "cuda-emulator"]
@@ -62,13 +63,37 @@ def run_blended(backend, p, alpha, has_bias=True):
 
 def check_against_reference(backend, p, dtype, seed, alpha=None, has_bias=True, run_on=None):
     """Forward and backward of the plain op (alpha None) or the blend on problem ``p`` (run on
-    ``run_on``, default ``p`` itself), against the float64 reference of ``p``."""
+    ``run_on``, default ``p`` itself), against the float64 reference of ``p``. Memory the
+    backend allocates starts as NaN (``unwritten_memory_is_nan``): every element it returns
+    must have been written."""
     ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
     q = p if run_on is None else run_on
-    y, grads = run_plain(backend, q, has_bias) if alpha is None else run_blended(backend, q, alpha, has_bias)
+    with unwritten_memory_is_nan():
+        y, grads = (run_plain(backend, q, has_bias) if alpha is None
+                    else run_blended(backend, q, alpha, has_bias))
     bound = backend.tolerance(dtype)
     assert_close("y" if alpha is None else f"blended y (alpha={alpha})", y, ref_y, dtype, seed, bound)
     check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
+
+
+@contextlib.contextmanager
+def blend_route(route):
+    """The blend forced onto one route (``ops.folding_pays``): "two-branch" or "folded"."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "folding_pays", lambda *sizes: route == "folded")
+        patch.setattr(ops, "folding_pays_backward", lambda *sizes: route == "folded")
+        yield
+
+
+def check_blend_on_both_routes(backend, p, dtype, seed, alpha, run_on=None, has_bias=True):
+    """The blend on each route, whichever the shape would pick: the two-branch kernels and the
+    fold read the inputs with code of their own."""
+    for route in ("two-branch", "folded"):
+        with blend_route(route):
+            try:
+                check_against_reference(backend, p, dtype, seed, alpha, has_bias, run_on)
+            except AssertionError as error:
+                raise AssertionError(f"blend on the {route} route: {error}") from None
 
 
 # (tokens, in, out, rank, bias): one token, odd token counts not a multiple of any block,
@@ -94,6 +119,51 @@ def test_forward_backward(backend, shape, mask_case, dtype):
     n, i, o, r, has_bias = shape
     p = make_problem(n, i, o, r, dtype, mask_case, backend.device, has_bias)
     check_against_reference(backend, p, dtype, seed, has_bias=has_bias)
+
+
+# in, out and rank of 1 at once, and sizes below one 16-byte run
+TINY_SHAPES = [(3, 1, 1, 1, True), (7, 5, 3, 2, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_case", ["none", "zeros", "keep50"])
+@pytest.mark.parametrize("shape", TINY_SHAPES, ids=[f"N{n}-{i}to{o}-r{r}" for n, i, o, r, _ in TINY_SHAPES])
+def test_tiny_sizes(backend, shape, mask_case, dtype):
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    n, i, o, r, has_bias = shape
+    p = make_problem(n, i, o, r, dtype, mask_case, backend.device, has_bias, teacher=True)
+    check_against_reference(backend, p, dtype, seed, has_bias=has_bias)
+    check_blend_on_both_routes(backend, p, dtype, seed, 0.3, has_bias=has_bias)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_unwritten_memory_is_nan(device):
+    """What the battery's NaN-filled allocations rest on, on each device; and that it leaves
+    torch's settings as they were."""
+    with unwritten_memory_is_nan():
+        assert torch.empty(3, 5, device=device).isnan().all()
+        assert torch.empty_like(torch.ones(4, device=device, dtype=torch.float16)).isnan().all()
+        assert (torch.empty(4, dtype=torch.int32, device=device) == 2 ** 31 - 1).all()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_battery_catches_an_unwritten_output():
+    """A backend that returns its output unwritten where the answer is 0 (every factor entry
+    pruned, no bias) fails the battery, whatever the fresh memory held."""
+    torch_backend = make_backend("torch")
+
+    class Unwritten:
+        def forward(self, x, u, v, bias, mask_u, mask_v):
+            return torch.empty(x.shape[0], u.shape[0], dtype=x.dtype, device=x.device)
+
+        def backward(self, *args):
+            return torch_backend.impl.backward(*args)
+
+    p = make_problem(5, 24, 40, 7, torch.float32, "zeros", torch_backend.device, has_bias=False)
+    backend = Backend("unwritten", Unwritten(), torch_backend.device)
+    with pytest.raises(AssertionError, match="y: non-finite"):
+        check_against_reference(backend, p, torch.float32, fresh_seed(), has_bias=False)
 
 
 # Sizes in whole 16-byte runs and 32-wide K tiles: the CUDA backend's asynchronous tile and
@@ -144,7 +214,7 @@ def test_blend_with_alpha_near_one(backend, dtype):
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
     p = make_problem(*SHAPES[2][:4], dtype, "keep50", backend.device, True, teacher=True)
-    check_against_reference(backend, p, dtype, seed, 0.9995)
+    check_blend_on_both_routes(backend, p, dtype, seed, 0.9995)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,13 +237,19 @@ def test_rank_384(backend, blended, dtype):
 
 
 def _strided_copy(t, how):
-    """The same values as ``t`` in a non-contiguous layout."""
+    """The same values as ``t`` in a non-contiguous layout: ``transposed`` (column-major),
+    ``sliced`` (every other column), ``padded`` (unit stride, rows 8 elements longer),
+    ``offset`` (the same, started one element into the buffer: rows a whole number of 16-byte
+    runs apart where ``t``'s are, the start never 16-byte aligned)."""
+    rows, cols = t.shape
     if how == "transposed":
         return t.T.contiguous().T
-    # every other column of a twice-as-wide buffer
-    wide = torch.empty(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
-    wide[:, ::2] = t
-    return wide[:, ::2]
+    width, start, step = {"sliced": (2 * cols, 0, 2), "offset": (cols + 8, 1, 1),
+                          "padded": (cols + 8, 0, 1)}[how]
+    wide = torch.empty(rows, width, dtype=t.dtype, device=t.device)
+    view = wide[:, start:start + step * cols:step]
+    view.copy_(t)
+    return view
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -191,28 +267,32 @@ def test_non_contiguous_inputs(backend, how, dtype):
         q[key] = torch.stack([p[key], torch.zeros_like(p[key])], dim=1)[:, 0]
         assert q[key].stride(0) == 2
     check_against_reference(backend, p, dtype, seed, run_on=q)
-    check_against_reference(backend, p, dtype, seed, 0.3, run_on=q)
+    check_blend_on_both_routes(backend, p, dtype, seed, 0.3, run_on=q)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("how", ["transposed", "sliced"])
+@pytest.mark.parametrize("how", ["transposed", "sliced", "offset", "padded"])
 @pytest.mark.parametrize("strided", ["masks", "factors"])
 def test_factors_and_masks_in_different_layouts(backend, strided, how, dtype):
     """Contiguous factors with strided masks, and the reverse, at rank 64 and in/out multiples
     of 8, where contiguous rows are whole 16-byte runs: a kernel that takes the data's layout
-    (one vector load, its direction) for the mask's, or the reverse, gets these wrong."""
+    (one vector load, its direction) for the mask's, or the reverse, gets these wrong; one
+    that loads vectors from an ``offset`` start (not 16-byte aligned) faults on the GPU and
+    in the CUDA emulator, which checks the alignment of every asynchronous copy."""
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
     p = make_problem(37, 40, 24, 64, dtype, "keep50", backend.device, True, teacher=True)
     q = dict(p)
     for key in ("mask_u", "mask_v") if strided == "masks" else ("u", "v"):
         q[key] = _strided_copy(p[key], how)
+        assert not q[key].is_contiguous()
     check_against_reference(backend, p, dtype, seed, run_on=q)
-    check_against_reference(backend, p, dtype, seed, 0.3, run_on=q)
+    check_blend_on_both_routes(backend, p, dtype, seed, 0.3, run_on=q)
 
 
 def test_alpha_is_read_from_the_tensor_each_call(backend):
-    """Same alpha tensor object, new value: the result follows (no cached .item())."""
+    """Same alpha tensor object, new value: the result and the gradients follow (no cached
+    .item())."""
     dtype = torch.float32
     backend.skip_unless_available(dtype)
     seed = fresh_seed()
@@ -220,9 +300,11 @@ def test_alpha_is_read_from_the_tensor_each_call(backend):
     a = torch.tensor(0.0, device=backend.device)
     for alpha in (0.0, 0.6, 1.0):
         a.fill_(alpha)
-        ref_y, _ = reference_lowrank(p, alpha=alpha)
-        y, _ = run_blended(backend, p, a)
+        ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
+        with unwritten_memory_is_nan():
+            y, grads = run_blended(backend, p, a)
         assert_close(f"y(alpha={alpha})", y, ref_y, dtype, seed, backend.tolerance(dtype))
+        check_backward(grads, p, ref_grads, dtype, seed, True, backend.tolerance(dtype))
 
 
 def test_backend_object_has_the_contract(backend):
@@ -254,8 +336,6 @@ def test_blend_folded_into_the_teacher_weight(folding_backend, route, shape, mas
     backend = folding_backend
     backend.skip_unless_available(dtype)
     folded = route == "folded"
-    monkeypatch.setattr(ops, "folding_pays", lambda *sizes: folded)
-    monkeypatch.setattr(ops, "folding_pays_backward", lambda *sizes: folded)
     folds = []
     if backend.name in ("torch", "cpu"):
         fold = ops._folded_weight
@@ -276,7 +356,8 @@ def test_blend_folded_into_the_teacher_weight(folding_backend, route, shape, mas
                                 counting(getattr(backend.impl.native, name)))
     seed = fresh_seed()
     p = make_problem(*shape, dtype, mask_case, backend.device, True, teacher=True)
-    check_against_reference(backend, p, dtype, seed, 0.3)
+    with blend_route(route):
+        check_against_reference(backend, p, dtype, seed, 0.3)
     # the "cpu" backend folds only where its student runs dense (SPARSE_BELOW: not at 0 or 5%
     # kept)
     sparse = backend.name == "cpu" and mask_case in ("zeros", "keep5")
@@ -291,7 +372,8 @@ def test_folding_pays_from_the_documented_token_counts():
 
 
 # ------------------------------------------------------------------------------------------
-# GPU only: real model shapes, outputs poisoned with NaN, > 2**31-element inputs.
+# GPU only: real model shapes, outputs poisoned with NaN (check_against_reference), > 2**31-
+# element inputs.
 # ------------------------------------------------------------------------------------------
 
 GPU_SHAPES = [  # ViT-B/16 layers, tokens = batch x 197
@@ -300,17 +382,6 @@ GPU_SHAPES = [  # ViT-B/16 layers, tokens = batch x 197
     (8 * 197, 768, 3072, 256),
     (8 * 197, 3072, 768, 128),
 ]
-
-
-def _poison_allocator(p, dtype):
-    """Fill freed blocks of the caching allocator with NaN in the sizes the kernels' outputs
-    and intermediates take, so an output element a kernel forgets to write stays NaN."""
-    n, i = p["x"].shape
-    o, r = p["u"].shape
-    sizes = [(n, o), (n, i), (n, r), (n, r), (o, r), (i, r), (o,), (64, o, r), (64, i, r)]
-    blocks = [torch.full(s, float("nan"), dtype=d, device="cuda")
-              for s in sizes for d in (dtype, torch.float32)]
-    del blocks
 
 
 @needs_cuda
@@ -323,18 +394,8 @@ def test_gpu_vit_shapes(backend, shape, dtype):
     seed = fresh_seed()
     n, i, o, r = shape
     p = make_problem(n, i, o, r, dtype, "keep50", backend.device, True, teacher=True)
-    bound = backend.tolerance(dtype)
-    ref_y, ref_grads = reference_lowrank(p)
-    _poison_allocator(p, dtype)
-    y, grads = run_plain(backend, p)
-    assert_close("y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
-
-    ref_y, ref_grads = reference_lowrank(p, alpha=0.3)
-    _poison_allocator(p, dtype)
-    y, grads = run_blended(backend, p, 0.3)
-    assert_close("blended y", y, ref_y, dtype, seed, bound)
-    check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed)
+    check_blend_on_both_routes(backend, p, dtype, seed, 0.3)
 
 
 @needs_cuda
@@ -349,31 +410,52 @@ def test_gpu_tokens_filling_every_sm(backend, rank, dtype):
     seed = fresh_seed()
     n = 64 * torch.cuda.get_device_properties(0).multi_processor_count + 37
     p = make_problem(n, 96, 80, rank, dtype, "keep50", backend.device, True, teacher=True)
-    bound = backend.tolerance(dtype)
-    for alpha in (None, 0.3):
-        ref_y, ref_grads = reference_lowrank(p, alpha=alpha)
-        _poison_allocator(p, dtype)
-        y, grads = run_plain(backend, p) if alpha is None else run_blended(backend, p, alpha)
-        assert_close(f"y (alpha={alpha})", y, ref_y, dtype, seed, bound)
-        check_backward(grads, p, ref_grads, dtype, seed, True, bound)
+    check_against_reference(backend, p, dtype, seed)
+    check_blend_on_both_routes(backend, p, dtype, seed, 0.3)
 
 
 @needs_cuda
 def test_gpu_int64_offsets(backend):
-    """N * in > 2**31: element offsets overflow int32. Checks the last rows, which are the
-    ones an int32 offset would send to the wrong address."""
+    """N * in > 2**31: element offsets overflow int32. Checks the last rows of y and grad_x,
+    the ones an int32 offset would send to the wrong address, and the factor gradients, which
+    read every row; for the plain op and for the blend's two-branch kernels."""
     if backend.device.type != "cuda":
         pytest.skip(f"{backend.name} does not run on the GPU")
     backend.skip_unless_available(torch.float16)
     seed = fresh_seed()
     n, i, o, r = 2 ** 21 + 37, 1024, 24, 16
     free, _ = torch.cuda.mem_get_info()
-    if free < 4 * n * i * 2:
+    if free < 6 * n * i * 2:
         pytest.skip("not enough GPU memory for a > 2**31-element x")
-    p = make_problem(n, i, o, r, torch.float16, "keep50", backend.device, True)
-    y, (grad_x, *_) = run_plain(backend, p)
+    p = make_problem(n, i, o, r, torch.float16, "keep50", backend.device, True, teacher=True)
     tail = {k: (p[k][-300:] if k in ("x", "grad_y") else p[k]) for k in p}
-    ref_tail, ref_grads = reference_lowrank(tail)
     bound = backend.tolerance(torch.float16)
-    assert_close("y[-300:]", y[-300:], ref_tail, torch.float16, seed, bound)
-    assert_close("grad_x[-300:]", grad_x[-300:], ref_grads[0], torch.float16, seed, bound)
+    for alpha in (None, 0.3):
+        with blend_route("two-branch"):
+            y, (grad_x, grad_u, grad_v, _) = (run_plain(backend, p) if alpha is None
+                                              else run_blended(backend, p, alpha))
+        ref_tail, ref_grads = reference_lowrank(tail, alpha=alpha)
+        assert_close(f"y[-300:] (alpha={alpha})", y[-300:], ref_tail, torch.float16, seed, bound)
+        assert_close(f"grad_x[-300:] (alpha={alpha})", grad_x[-300:], ref_grads[0],
+                     torch.float16, seed, bound)
+        del y, grad_x
+        student = 1.0 if alpha is None else (1 - alpha ** 2) ** 0.5
+        for name, got, want in zip(("grad_u", "grad_v"), (grad_u, grad_v),
+                                   _factor_grads_float64(p, student)):
+            err = ((got.double() - want).norm() / want.norm()).item()
+            assert err <= bound, f"{name} (alpha={alpha}): rel error {err:.3g} > {bound} (seed {seed})"
+        assert_pruned_grads_zero(grad_u, grad_v, p, seed)
+
+
+def _factor_grads_float64(p, scale, chunk=2 ** 18):
+    """grad_u = scale·grad_yᵀ·(x·Vm) ⊙ Mu and grad_v = scale·xᵀ·(grad_y·Um) ⊙ Mv in float64,
+    summed over chunks of tokens (all of x in float64 would take 17 GB)."""
+    um = torch.where(p["mask_u"], p["u"], 0).double()
+    vm = torch.where(p["mask_v"], p["v"], 0).double()
+    grad_u, grad_v = torch.zeros_like(um), torch.zeros_like(vm)
+    for start in range(0, p["x"].shape[0], chunk):
+        x = p["x"][start:start + chunk].double()
+        g = p["grad_y"][start:start + chunk].double()
+        grad_u += g.T @ (x @ vm)
+        grad_v += x.T @ (g @ um)
+    return grad_u * p["mask_u"] * scale, grad_v * p["mask_v"] * scale
