@@ -215,9 +215,12 @@ def test_measured_forms_and_dtype(tmp_path, timing_dtype, monkeypatch):
     assert {i["form"] for i in manifest["layers"].values()} <= {"lowrank", "sparse", "dense"}
     loaded = load(str(tmp_path), dtype=torch.bfloat16)
     assert next(loaded.parameters()).dtype == torch.bfloat16
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        y = loaded(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+        y = loaded(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16
+        # bf16 (unit roundoff 3.9e-3) through every block: seen up to 5e-3 against fp32
+        assert rel_error(y.double(), model(x).double()) < 3e-2
 
 
 def test_no_pickle(tmp_path):
@@ -250,8 +253,14 @@ def test_teacher_attached_is_refused_while_it_counts(tmp_path):
 def test_load_dtype_defaults_to_the_export_and_cuda_without_gpu(tmp_path):
     model = trained_like_model().to(torch.bfloat16)
     export(model, str(tmp_path), arch_kwargs=KW)
-    assert {p.dtype for p in load(str(tmp_path)).parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in load(str(tmp_path), dtype=torch.float32).parameters()} == {torch.float32}
+    loaded, wider = load(str(tmp_path)), load(str(tmp_path), dtype=torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in wider.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x).double()
+        assert rel_error(loaded(x).double(), want) < 1e-2  # the same bf16 math (seen: exact)
+        assert rel_error(wider(x.float()).double(), want) < 3e-2  # fp32 math (seen: 5e-3 off)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device is cuda, but no CUDA device is available here"):
             load(str(tmp_path), device="cuda")
@@ -648,7 +657,8 @@ def test_2_4_form_on_sparse_tensor_cores(tmp_path, gpu, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_inference_layers_in_cuda_graph_and_compile(tmp_path, gpu, dtype):
-    """The exported forms run under torch.compile and replay in a captured CUDA graph."""
+    """The exported forms run under torch.compile and replay in a captured CUDA graph, and
+    compute what the model did."""
     model, kw, _ = two_four_model(embed_dim=64)
     names = [n for n, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)]
     forms = {n: ("semi24", "lowrank", "dense", "sparse")[i % 4] for i, n in enumerate(names)}
@@ -675,6 +685,11 @@ def test_inference_layers_in_cuda_graph_and_compile(tmp_path, gpu, dtype):
     bound = 1e-5 if dtype == torch.float32 else 3e-2
     assert rel_error(compiled, eager) < bound
     assert rel_error(replayed, fresh) < bound
+    # and the function of the model they came from (fp32, CPU); in fp32 on the GPU the patch
+    # embedding's convolution may run in TF32
+    with torch.no_grad():
+        want = model((x * 2).float().cpu())
+    assert rel_error(fresh.cpu(), want) < (5e-3 if dtype == torch.float32 else 3e-2)
 
 
 @pytest.mark.gpu
