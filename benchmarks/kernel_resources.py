@@ -413,6 +413,20 @@ def markdown(meta, rows, max_shared, found, cuda_rows, calls_list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded_command(argv) -> str:
+    """The command line that makes the results, less ``--out-dir``: where the files go does
+    not change them, and a machine's path does not belong in a committed file."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--out-dir="):
+            skip = False
+            continue
+        skip = arg == "--out-dir"
+        if not skip:
+            kept.append(arg)
+    return " ".join(["python benchmarks/kernel_resources.py", *kept])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90 (H100/H200)")
@@ -449,7 +463,7 @@ def main(argv=None) -> int:
                 cuda=torch.version.cuda,
                 date=datetime.date.today().isoformat(),
                 host=f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
-                command=" ".join(["python benchmarks/kernel_resources.py", *(argv or sys.argv[1:])]),
+                command=recorded_command(sys.argv[1:] if argv is None else argv),
                 seconds=round(time.perf_counter() - start, 1), max_shared=max_shared)
     rows = unique(records)
     calls_list = calls(records, max_shared)

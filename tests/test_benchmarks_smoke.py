@@ -253,3 +253,14 @@ def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):
     pair = benchmark.extra_info["paired"]["eager"]
     assert pair["speedup"] == pytest.approx(2.0)  # median of 2/1, 6/2, 30/20
     assert pair["median_s"] == pytest.approx(6.0)  # median of 2, 6, 30 per call
+
+
+def test_resources_file_records_its_command_without_the_output_folder(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import kernel_resources
+
+    command = kernel_resources.recorded_command
+    assert command([]) == "python benchmarks/kernel_resources.py"
+    assert command(["--out-dir", "/some/dir", "--quick"]) == "python benchmarks/kernel_resources.py --quick"
+    assert command(["--ranks", "64", "--out-dir=/some/dir", "--print"]) == \
+        "python benchmarks/kernel_resources.py --ranks 64 --print"
