@@ -137,6 +137,21 @@ def make_problem(n_tokens, in_f, out_f, rank, dtype, mask_case, device, has_bias
     return p
 
 
+def force_blend_route(monkeypatch, route):
+    """The blend forced onto one route (``ops.folding_pays``), "two-branch" or "folded",
+    whichever its shape would take."""
+    monkeypatch.setattr(ops, "folding_pays", lambda *sizes: route == "folded")
+    monkeypatch.setattr(ops, "folding_pays_backward", lambda *sizes: route == "folded")
+
+
+@contextlib.contextmanager
+def blend_route(route):
+    """``force_blend_route`` while inside."""
+    with pytest.MonkeyPatch.context() as patch:
+        force_blend_route(patch, route)
+        yield
+
+
 @contextlib.contextmanager
 def unwritten_memory_is_nan():
     """Every tensor allocated without initialisation inside (``torch.empty`` in Python,

@@ -12,7 +12,6 @@ over backends.
 A backend skips the dtypes and devices it does not support, with its own reason.
 """
 
-import contextlib
 import os
 
 import torch
@@ -27,8 +26,8 @@ import pytest  # noqa: E402
 from tunecomp import ops  # noqa: E402
 
 from kernel_battery import (  # noqa: E402
-    MASK_CASES, Backend, assert_close, assert_pruned_grads_zero, check_backward, fresh_seed,
-    make_backend, make_problem, needs_cuda, reference_lowrank, unwritten_memory_is_nan,
+    MASK_CASES, Backend, assert_close, assert_pruned_grads_zero, blend_route, check_backward,
+    fresh_seed, make_backend, make_problem, needs_cuda, reference_lowrank, unwritten_memory_is_nan,
 )
 
 BACKENDS = ["torch", "triton", "cuda", "cpu", "cuda-emulator"]
@@ -74,15 +73,6 @@ def check_against_reference(backend, p, dtype, seed, alpha=None, has_bias=True, 
     bound = backend.tolerance(dtype)
     assert_close("y" if alpha is None else f"blended y (alpha={alpha})", y, ref_y, dtype, seed, bound)
     check_backward(grads, p, ref_grads, dtype, seed, has_bias, bound)
-
-
-@contextlib.contextmanager
-def blend_route(route):
-    """The blend forced onto one route (``ops.folding_pays``): "two-branch" or "folded"."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ops, "folding_pays", lambda *sizes: route == "folded")
-        patch.setattr(ops, "folding_pays_backward", lambda *sizes: route == "folded")
-        yield
 
 
 def check_blend_on_both_routes(backend, p, dtype, seed, alpha, run_on=None, has_bias=True):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import random_mask, rel_error
+from kernel_battery import force_blend_route
 from tunecomp import ops, reference
 
 CPU_BACKENDS = ["torch", "cpu", "auto"]
@@ -327,19 +328,13 @@ def test_ops_on_gpu_match_reference(gpu, dtype, backend):
     assert rel_error(y, reference.blended_lowrank_linear(**dbl, alpha=0.4)) < bound
 
 
-def _force_blend_route(monkeypatch, route):
-    """The blend on one route (ops.folding_pays), whichever its shape would take."""
-    monkeypatch.setattr(ops, "folding_pays", lambda *sizes: route == "folded")
-    monkeypatch.setattr(ops, "folding_pays_backward", lambda *sizes: route == "folded")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("route", ["two-branch", "folded"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_blend_in_cuda_graph_reads_new_alpha(gpu, backend, route, monkeypatch):
     """alpha lives in a tensor: a captured graph replays with a new value, no recapture."""
     _gpu_backend(backend, torch.float32)
-    _force_blend_route(monkeypatch, route)
+    force_blend_route(monkeypatch, route)
     a = {k: t.to(gpu) for k, t in make_inputs(n=64, k=32, m=48, r=8, dtype=torch.float32).items()}
     a["backend"] = backend
     t = {k: v.to(gpu) for k, v in make_teacher(a, torch.float32).items()}
@@ -366,7 +361,7 @@ def test_training_step_in_cuda_graph(gpu, backend, route, monkeypatch):
     tokens into a [64, 8] factor: the factor gradients split over tokens, so their partial-sum
     buffers are allocated in the capture."""
     _gpu_backend(backend, torch.float32)
-    _force_blend_route(monkeypatch, route)
+    force_blend_route(monkeypatch, route)
     if backend == "triton":
         from tunecomp.kernels import masked_lowrank
 
