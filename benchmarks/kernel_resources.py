@@ -270,8 +270,8 @@ def compile_all(target: str, ranks, dtypes, layers=LAYERS, log=print, forward_on
 class _SkipDenseMatmuls(TorchDispatchMode):
     """The ops' own dense matmuls (cuBLAS on a GPU: the folded blend's x·Wᵀ and grad_y·W)
     return uninitialised results of the right shape, uncomputed. Only the Triton kernels'
-    compiles matter here, and no kernel is given such a result. Computed on these 2 CPU cores
-    in bfloat16 at 12608 tokens, they took 40 s of the 45 s of each shape and rank."""
+    compiles matter here, and no kernel is given such a result. Computed on a 2-core CPU in
+    bfloat16 at 12608 tokens, they took 40 of the 45 s per shape and rank."""
 
     SKIPPED = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 
