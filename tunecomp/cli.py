@@ -205,6 +205,11 @@ RUN_SETTINGS = ("method", "model", "model_kwargs", "dataset", "classes", "rank_r
                 "targets", "init", "calib_batches")
 
 
+def run_settings(args) -> dict:
+    """What ``run.json`` records and ``--resume`` must match."""
+    return {name: getattr(args, name) for name in RUN_SETTINGS}
+
+
 def check_resume_settings(args) -> None:
     """``--resume``: refuse other settings than those ``--out/run.json`` holds (a run from
     before run.json existed is not checked), before minutes of loading and calibrating."""
@@ -216,7 +221,7 @@ def check_resume_settings(args) -> None:
             saved = json.load(f)
     except ValueError as error:
         raise ValueError(f"--resume: {path} is not valid JSON ({error}): was it edited?") from error
-    check_same_config(saved, {name: getattr(args, name) for name in RUN_SETTINGS}, path)
+    check_same_config(saved, run_settings(args), path)
 
 
 def compress(args) -> dict:
@@ -264,7 +269,7 @@ def compress(args) -> dict:
     if not args.resume and int(os.environ.get("RANK", "0")) == 0:  # what a resume must match
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "run.json"), "w") as f:
-            json.dump({name: getattr(args, name) for name in RUN_SETTINGS}, f, indent=2)
+            json.dump(run_settings(args), f, indent=2)
     result = train(model, data.train, data.test, config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
