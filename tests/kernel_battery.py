@@ -177,7 +177,7 @@ def unwritten_memory_is_nan():
 
 class Expected(NamedTuple):
     value: Optional[torch.Tensor]  # float64
-    eager: Optional[torch.Tensor]  # the same math by eager PyTorch in the inputs' dtype
+    eager: Optional[torch.Tensor]  # the same math by eager PyTorch in the inputs' dtype; None: the bound alone
 
 
 def reference_lowrank(p, alpha: Optional[float] = None):
@@ -222,6 +222,9 @@ def assert_close(name, out, expected: Expected, dtype, seed, bound):
         assert (out == 0).all(), f"{name}: expected exact zeros (seed {seed})"
         return
     err = (out.double() - ref).norm().item() / ref_norm
+    if expected.eager is None:  # no eager result to excuse an error above the bound
+        assert err <= bound, f"{name}: rel error {err:.3g} > {bound} (seed {seed})"
+        return
     eager_err = (expected.eager.double() - ref).norm().item() / ref_norm
     assert err <= bound or err <= EAGER_FACTOR * eager_err, (
         f"{name}: rel error {err:.3g} > {bound}, and > {EAGER_FACTOR} x eager PyTorch's "
