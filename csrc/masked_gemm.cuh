@@ -150,7 +150,8 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) 
 
 __device__ __forceinline__ float scale_value(int kind, float alpha) {
   if (kind == kScaleAlpha) return alpha;
-  if (kind == kScaleStudent) return sqrtf(fmaxf(1.0f - alpha * alpha, 0.0f));
+  // s as sqrt((1 - alpha)(1 + alpha)): 1 - alpha is exact near alpha = 1, 1 - alpha² is not.
+  if (kind == kScaleStudent) return sqrtf(fmaxf((1.0f - alpha) * (1.0f + alpha), 0.0f));
   return 1.0f;
 }
 

@@ -62,6 +62,19 @@ def test_blended_matches_dense_math(alpha):
     assert rel_error(y_tensor_alpha, expected) < 1e-12
 
 
+def test_student_scale_is_accurate_near_alpha_one():
+    """sqrt(1 - alpha²) of a float32 alpha, in float32, within 2 units of float32 roundoff of
+    the float64 value for the same alpha, up to alpha = 1 - 2**-20. Computed as
+    1 - alpha*alpha it is off by up to u/(1 - alpha²): 5.8e-6 of itself at alpha = 0.9995."""
+    alpha = 1.0 - torch.logspace(-1, -20, 200, base=2.0, dtype=torch.float32)
+    assert alpha.dtype == torch.float32 and (alpha < 1).all()
+    exact = torch.sqrt(1.0 - alpha.double() ** 2)
+    got = reference.student_scale(alpha)
+    assert got.dtype == torch.float32
+    worst = ((got.double() - exact) / exact).abs().max().item()
+    assert worst <= 2 * 2.0 ** -24, worst
+    assert reference.student_scale(0.9995) == pytest.approx(math.sqrt(1 - 0.9995 ** 2), rel=1e-15)
+
 def test_gradcheck_masked_and_blended():
     n, k, m, r = 5, 6, 4, 3
     opts = {"dtype": torch.float64, "requires_grad": True}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .decompose import check_rank, init_factors
-from .reference import apply_mask
+from .reference import apply_mask, student_scale
 
 
 class FusedPrunedLowRankLinear(nn.Module):
@@ -193,7 +193,7 @@ class FusedPrunedLowRankLinear(nn.Module):
         weight = apply_mask(self.u, self.mask_u) @ apply_mask(self.v, self.mask_v).T
         bias = None if self.bias is None else self.bias.clone()
         if self._blend:
-            a, s = self._alpha, math.sqrt(1.0 - self._alpha**2)
+            a, s = self._alpha, student_scale(self._alpha)
             weight = a * self.teacher_weight + s * weight
             if self.teacher_bias is not None or bias is not None:
                 zero = weight.new_zeros(self.out_features)
