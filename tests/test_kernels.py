@@ -23,11 +23,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tunecomp import ops  # noqa: E402
+from tunecomp import ops, reference  # noqa: E402
 
 from kernel_battery import (  # noqa: E402
-    MASK_CASES, Backend, Expected, assert_close, assert_pruned_grads_zero, blend_route, check_backward,
-    fresh_seed, make_backend, make_problem, needs_cuda, reference_lowrank, unwritten_memory_is_nan,
+    MASK_CASES, TOLERANCE, Backend, Expected, assert_close, assert_pruned_grads_zero, blend_route,
+    check_backward, fresh_seed, make_backend, make_problem, needs_cuda, reference_lowrank,
+    unwritten_memory_is_nan,
 )
 
 BACKENDS = ["torch", "triton", "cuda", "cpu", "cuda-emulator"]
@@ -155,6 +156,31 @@ def test_the_battery_catches_an_unwritten_output():
     with pytest.raises(AssertionError, match="y: non-finite"):
         check_against_reference(backend, p, torch.float32, fresh_seed(), has_bias=False)
 
+
+def test_the_battery_allows_for_cancellation_but_not_a_wrong_result():
+    """grad_u of a rank-1 fp16 blend keeping 2 entries of U (the draw on which a correct
+    kernel once failed CI): each entry is a sum over 37 tokens that cancels to ~1/40 of its
+    terms, so rounding T to fp16, as the kernels and eager PyTorch do, moves it by twice the
+    fp16 bound relative to itself. The battery accepts that, measuring against the terms, and
+    still rejects a result that misses one token's term."""
+    seed = 57173130366388733
+    torch.manual_seed(seed)
+    p = make_problem(37, 33, 17, 1, torch.float16, "keep5", torch.device("cpu"), False, teacher=True)
+    _, (_, want, _, _) = reference_lowrank(p, alpha=0.3)
+    s = reference.student_scale(float(torch.tensor(0.3)))  # the float32 alpha the ops get
+    t = (p["x"].float() @ reference.apply_mask(p["v"], p["mask_v"]).float()).half()
+
+    def grad_u(tokens):  # fp32 sums of the rounded T, rounded once: the kernels' contract
+        got = s * p["grad_y"][tokens].double().T @ t[tokens].double()
+        return reference.apply_mask(got, p["mask_u"]).half()
+
+    bound = TOLERANCE[torch.float16]
+    rounded = grad_u(slice(None))
+    assert p["mask_u"].sum() == 2 and want.rounded_terms > 20 * want.value.norm()
+    assert (rounded.double() - want.value).norm() > bound * want.value.norm()
+    assert_close("grad_u", rounded, want, torch.float16, seed, bound)
+    with pytest.raises(AssertionError, match="grad_u: error"):
+        assert_close("grad_u", grad_u(slice(1, None)), want, torch.float16, seed, bound)
 
 # Sizes in whole 16-byte runs and 32-wide K tiles: the CUDA backend's asynchronous tile and
 # mask copies and its multi-stage ring carry the problem (8 K tiles of x·Vm, 10 of each factor
