@@ -299,7 +299,7 @@ def load_masked_tile(ptr, mask_ptr, rows, cols, n_rows, n_cols, stride_r, stride
 def student_scale(alpha_ptr):
     """(a, s) with s = sqrt(1 - a^2), read from device memory so that a changing alpha needs
     neither a host sync nor a recompile (CUDA graphs replay with the new value). s as
-    sqrt((1 - a)(1 + a)), exact-er near a = 1 (see ``tunecomp.reference.student_scale``)."""
+    sqrt((1 - a)(1 + a)), accurate near a = 1 (see ``tunecomp.reference.student_scale``)."""
     a = tl.load(alpha_ptr).to(tl.float32)
     return a, tl.sqrt(tl.maximum((1.0 - a) * (1.0 + a), 0.0))
 

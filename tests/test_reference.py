@@ -75,6 +75,7 @@ def test_student_scale_is_accurate_near_alpha_one():
     assert worst <= 2 * 2.0 ** -24, worst
     assert reference.student_scale(0.9995) == pytest.approx(math.sqrt(1 - 0.9995 ** 2), rel=1e-15)
 
+
 def test_gradcheck_masked_and_blended():
     n, k, m, r = 5, 6, 4, 3
     opts = {"dtype": torch.float64, "requires_grad": True}
