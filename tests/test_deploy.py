@@ -143,7 +143,8 @@ def test_needed_bytes_by_hand():
 def test_storage_encodings_round_trip_and_refuse_bad_tensors():
     from tunecomp.deploy import decode, encode
 
-    t = torch.randn(7, 5) * (torch.rand(7, 5) < 0.3)  # 35 entries: a bitmask of 5 bytes
+    # 35 entries (a bitmask of 5 bytes), exactly 10 kept: the tamperings below need two or more
+    t = torch.randn(7, 5) * (torch.randperm(35).reshape(7, 5) < 10)
     for encoding in ("plain", "bitmask", "positions"):
         stored = encode("w", t, encoding)
         decoded, support = decode(stored, "w", encoding, (7, 5))
