@@ -705,8 +705,8 @@ def test_load_into_a_skeleton_on_the_gpu_keeps_every_layer_there(tmp_path, gpu):
     places = {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]}
     assert places == {"cuda"}, places
     x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert rel_error(loaded(x.to(gpu)).cpu(), model(x)) < 1e-4
+    with torch.no_grad():  # fp32, but the patch embedding's convolution may run in TF32 there
+        assert rel_error(loaded(x.to(gpu)).cpu(), model(x)) < 5e-3
 
 
 def test_time_forward_takes_the_median_round(monkeypatch):
