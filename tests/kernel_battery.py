@@ -201,12 +201,13 @@ def reference_lowrank(p, alpha: Optional[float] = None):
         None if g is None else Expected(g, size) for g, size in zip(grads, sizes[1:]))
 
 
-def _reference(p, alpha):
-    def cast(t):
-        return None if t is None else t.detach().double()
+def _f64(t):
+    return None if t is None else t.detach().double()
 
-    x, u, v = (cast(p[k]).requires_grad_() for k in ("x", "u", "v"))
-    bias = cast(p["bias"])
+
+def _reference(p, alpha):
+    x, u, v = (_f64(p[k]).requires_grad_() for k in ("x", "u", "v"))
+    bias = _f64(p["bias"])
     if bias is not None:
         bias.requires_grad_()
     if alpha is None:
@@ -214,10 +215,10 @@ def _reference(p, alpha):
     else:
         a = torch.tensor(alpha, dtype=torch.float64, device=x.device)
         y = reference.blended_lowrank_linear(
-            x, u, v, bias, p["mask_u"], p["mask_v"], cast(p["teacher_weight"]),
-            cast(p.get("teacher_bias")), a,
+            x, u, v, bias, p["mask_u"], p["mask_v"], _f64(p["teacher_weight"]),
+            _f64(p.get("teacher_bias")), a,
         )
-    y.backward(cast(p["grad_y"]))
+    y.backward(_f64(p["grad_y"]))
     grads = (x.grad, u.grad, v.grad, bias.grad if bias is not None else None)
     return y.detach(), grads
 
@@ -231,12 +232,9 @@ def rounded_terms(p, alpha: Optional[float] = None):
     the student's). Each rounding moves its term by at most u of it, so the rounding error of
     a result is about u times this size, however much the terms cancel. grad_bias: 0 (the
     bound alone): a sum of grad_y, accumulated in fp32 by every backend."""
-    def f64(t):
-        return None if t is None else t.detach().double()
-
-    x, dy = (f64(p[k]).flatten(0, -2) for k in ("x", "grad_y"))  # [tokens, features]
-    um = reference.apply_mask(f64(p["u"]), p["mask_u"])
-    vm = reference.apply_mask(f64(p["v"]), p["mask_v"])
+    x, dy = (_f64(p[k]).flatten(0, -2) for k in ("x", "grad_y"))  # [tokens, features]
+    um = reference.apply_mask(_f64(p["u"]), p["mask_u"])
+    vm = reference.apply_mask(_f64(p["v"]), p["mask_v"])
     a, s = (0.0, 1.0) if alpha is None else (alpha, reference.student_scale(alpha))
     t, g = s * (x @ vm), s * (dy @ um)
     y_sq = t.square() @ um.square().T + (t @ um.T).square()
@@ -244,10 +242,10 @@ def rounded_terms(p, alpha: Optional[float] = None):
     gu_sq = dy.square().T @ t.square()  # dU = dyᵀ·T, T already scaled by s
     gv_sq = x.square().T @ g.square()
     if p["bias"] is not None:
-        y_sq = y_sq + (s * f64(p["bias"])).square()
+        y_sq = y_sq + (s * _f64(p["bias"])).square()
     if alpha is not None:
-        w0 = f64(p["teacher_weight"])
-        teacher = x @ w0.T if p.get("teacher_bias") is None else x @ w0.T + f64(p["teacher_bias"])
+        w0 = _f64(p["teacher_weight"])
+        teacher = x @ w0.T if p.get("teacher_bias") is None else x @ w0.T + _f64(p["teacher_bias"])
         w_sq = (a * w0).square() + (s * um @ vm.T).square()
         y_sq = y_sq + (a * teacher).square() + x.square() @ w_sq.T
         gx_sq = gx_sq + (a * dy @ w0).square() + dy.square() @ w_sq
