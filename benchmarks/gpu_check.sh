@@ -15,8 +15,8 @@
 #             and a check that the torch, triton and cuda backends all run on the GPU, and
 #             that an argument error raised in tunecomp._C reaches Python as a ValueError (on
 #             an H200, 2026-11-26, every such error ended the process with a segfault: where
-#             it still does, the log gets cuda-gdb's stack of the crash and the toolchain,
-#             and the test stages leave out tests/test_extension.py; without the info stage
+#             it still does, the log gets cuda-gdb's stack of the crash, the toolchain and
+#             the unwinder and C++ runtime the throw binds to, and the test stages leave out tests/test_extension.py; without the info stage
 #             the probe runs before the test stages)
 #   tests-gpu the GPU tests: pytest -k "gpu or (cuda and not emulator)" -> tests.log
 #             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4,
@@ -198,6 +198,17 @@ else:
     "$PY" -c 'import glob, torch.utils.cpp_extension as c
 print("pybind11 headers:", [h for d in c.include_paths() for h in glob.glob(d + "/pybind11/detail/common.h")])'
     "$PY" -m pip list 2>/dev/null | grep -i pybind
+    # Which unwinder and C++ runtime the throw goes through: a second unwinder loaded into
+    # the process (libunwind.so.8 taking _Unwind_RaiseException from libgcc_s) crashes C++
+    # throws in this way elsewhere. The dynamic linker's bindings of _C's throw symbols, and
+    # every runtime library the process maps.
+    echo "=== raise-probe: _C's exception symbols as the dynamic linker binds them"
+    LD_DEBUG=bindings "$PY" -c "$probe" 2>&1 | grep -E "_C\..*(_Unwind_|__cxa_throw|__gxx_personality)|libstdc\+\+[^ ]* \[0\] to .*_Unwind_RaiseException" | sed 's/^ *[0-9]*://' | sort -u | head -n 20
+    echo "=== raise-probe: runtime libraries mapped after importing _C"
+    "$PY" -c 'import torch
+from tunecomp import _C
+libs = {line.split()[-1] for line in open("/proc/self/maps") if ".so" in line}
+print(*sorted(l for l in libs if any(k in l for k in ("unwind", "gcc_s", "stdc++", "c++", "gomp", "omp", "_C."))), sep="\n")'
     local gdb
     gdb=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -n 1)
     echo "=== raise-probe under ${gdb:-cuda-gdb (not found)}"
