@@ -16,8 +16,9 @@
 #             that an argument error raised in tunecomp._C reaches Python as a ValueError (on
 #             an H200, 2026-11-26, every such error ended the process with a segfault: where
 #             it still does, the log gets cuda-gdb's stack of the crash, the toolchain and
-#             the unwinder and C++ runtime the throw binds to, and the test stages leave out tests/test_extension.py; without the info stage
-#             the probe runs before the test stages)
+#             the unwinder and C++ runtime the throw binds to, and the test stages leave out
+#             tests/test_extension.py; without the info stage the probe runs before the test
+#             stages)
 #   tests-gpu the GPU tests: pytest -k "gpu or (cuda and not emulator)" -> tests.log
 #             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4,
 #             the deploy forms on the GPU)
