@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU validation of tunecomp, sized for a session's 15 minutes of device time (the machine's
 # start counted in): one call of at most 600 s that does what resolving the kernel and deploy
-# issues needs, and an optional second one, run at once while the machine is warm, if at
-# least 4 minutes are left:
+# issues needs most (GPU tests, kernel benchmarks, ncu, the model benchmark), and an optional
+# second one, run at once while the machine is warm, for the rest:
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh                                  # 1: build, GPU tests, benchmarks
-#   OUT=/some/dir GPU_CHECK_STAGES="build tests sanitize" GPU_CHECK_TOTAL_S=200 \
-#     bash benchmarks/gpu_check.sh                                              # 2: the rest
+#   OUT=/some/dir bash benchmarks/gpu_check.sh                                  # 1
+#   OUT=/some/dir GPU_CHECK_STAGES="build sanitize profile" GPU_CHECK_TOTAL_S=200 \
+#     bash benchmarks/gpu_check.sh                                              # 2
 #
 # Stages, in order; a failing stage does not stop the later ones (the exit code says it):
 #   build     pip install -e . --no-build-isolation --no-deps      -> setup.log (tail on failure)
@@ -28,19 +28,18 @@
 #             Both run in GPU_CHECK_SHARDS pytest processes at once (default 8; tests/conftest.py's
 #             TUNECOMP_TEST_SHARD): compiling Triton kernels, one CPU core per process, is most
 #             of their time (~170 binaries for the every-config test, ~360 for the battery).
-#   profile   benchmarks/profile_forward.py: CUDA-event times of the masked forward (dense, eager,
-#             each backend, Triton as two launches and on factors masked beforehand), the
-#             blend folded and not, host
-#             time per call, every Triton forward config on its own on masked and premasked
-#             factors, ranks 320 against 307 (aligned rows or not); the JSON is rewritten after
-#             each section, so the cap loses only the section in flight
-#                                             -> profile.log, profile-<device>-<date>.json
+#   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu"), capped
+#             at GPU_CHECK_BENCH_S (default 150 s); its sections put every op at one rank
+#             first, and it stops starting cases 45 s before its cap
+#                                                                     -> bench.log, bench.json
+#   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed
 #   ncu       benchmarks/ncu_kernels.py under Nsight Compute: one call of each case (the
 #             masked op forward, forward+backward and blend at 768->768, 12608 tokens, rank 192,
 #             per backend, with dense and eager beside them), after a warm-up outside the
 #             profiled range; then its report: per kernel, duration, % of peak of SM, memory,
 #             DRAM and tensor pipes, occupancy, registers, shared memory, top stall reasons,
-#             bank conflicts: why the kernels are slow (a minute or so, estimated)
+#             bank conflicts: why the kernels are slow (a minute or so, estimated; the bench
+#             stage's autotuning picks are in Triton's disk cache by then)
 #                                 -> ncu.log, ncu-details.log, ncu-raw.log, ncu-<device>-<date>.{json,md}
 #   sanitize  a probe of about a second under memcheck: where compute-sanitizer refuses the
 #             device ("Device not supported", as on gVisor machines) the stage is NOT RUN and
@@ -53,31 +52,36 @@
 #                                                                   -> sanitize.log
 #   model     benchmarks/model_bench.py's gpu grid (ViT-B/16 end to end, bf16): eager at
 #             batch 256 and 64, replayed from a CUDA graph at 64 (no host work per call), eager
-#             and graph at 1, eager at 8, then torch.compile at 256 and 1; stops starting cases when its
-#             budget (GPU_CHECK_MODEL_S, default 150 s, less 40 s for a compile in flight) is
-#             spent, and lists what it left out  -> model.log, model-<device>-<date>.{json,md}
-#   bench     python -m pytest benchmarks/ (grid TUNECOMP_BENCH_GRID, default "gpu"), with the
-#             time left less 30 s; its sections put every op at one rank first
-#                                                                     -> bench.log, bench.json
-#   report    benchmarks/report.py: <device>-<date>.json and .md in $OUT, the .md printed last
-# The results files (model-*, profile-*, ncu-<device>-*, <device>-*) go to benchmarks/results/ to be
-# committed. Where $OUT ends with more than 8 files (every stage of call 1 makes 16: 8 logs,
-# bench.json, 7 results files), the logs and bench.json (the report's input) are packed into
-# logs-<time>.tar.gz.
+#             and graph at 1, eager at 8, then torch.compile at 256 and 1; stops starting
+#             cases when its budget (GPU_CHECK_MODEL_S, default 120 s, less 40 s for a compile
+#             in flight) is spent, and lists what it left out
+#                                                 -> model.log, model-<device>-<date>.{json,md}
+#   profile   benchmarks/profile_forward.py: CUDA-event times of the masked forward (dense,
+#             eager, each backend, Triton as two launches and on factors masked beforehand),
+#             the blend folded and not, host time per call, every Triton forward config on its
+#             own on masked and premasked factors, ranks 320 against 307 (aligned rows or
+#             not); the JSON is rewritten after each section, so the cap loses only the
+#             section in flight            -> profile.log, profile-<device>-<date>.json
+# The results files (<device>-*, ncu-<device>-*, model-*, profile-*) go to benchmarks/results/
+# to be committed. Where $OUT ends with more than 8 files (every stage of call 1 makes 16:
+# 8 logs, bench.json, 7 results files), the logs and bench.json (the report's input) are
+# packed into logs-<time>.tar.gz.
 #
 # Time: each call is capped at GPU_CHECK_TOTAL_S (default 550 s, for a 600 s call). Each stage
 # has a cap (timeout sends SIGINT first, so an interrupted pytest still writes its log and
 # benchmark JSON); pytest dumps every thread's stack into the log when one test runs past
 # 60 s (faulthandler_timeout), so a hung test shows where it hangs. Seen on an H200
-# (2026-11-26, before the profile stage existed): build 52 s, info 15 s, tests-gpu shards
-# 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench 119 s. Estimated:
-# profile ~1.5-2.5 min (cap 150 s), ncu ~1-1.5 min (cap 150 s, most of it compiling and
-# autotuning the Triton kernels the profile stage did not run), which leaves the model stage
-# about 1.5-2 min and the bench stage nothing of call 1: a second call
-# GPU_CHECK_STAGES="build bench" runs it (then tests ~1 min, sanitize ~2 min if time is left).
+# (2026-11-26, gVisor, before the profile and ncu stages existed): build 52 s, info 15 s,
+# tests-gpu shards 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench
+# 119 s. So call 1 is about build 1 min, info 0.5, tests-gpu 1-2.5, bench 2.5, ncu 1-2,
+# model 2, which leaves the profile stage little or nothing: that order puts first what the
+# issues' targets are read from (the benchmarks; ncu says why a target is missed). A second
+# call in the ~3 min a 15-minute session has left: sanitize (~2-5 min, as much as fits),
+# then profile.
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
-# tests-gpu profile ncu model bench"), GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_MODEL_S,
+# tests-gpu bench ncu model profile"; the stages always run in the order above),
+# GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_BENCH_S, GPU_CHECK_MODEL_S,
 # TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS, TUNECOMP_CUDA_ARCHS (default here: 90, i.e.
 # H100/H200 only).
 set -o pipefail  # not -e: keep going to the benchmarks when a stage fails
@@ -89,11 +93,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
 TOTAL=${GPU_CHECK_TOTAL_S:-550}
-STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu profile ncu model bench} "
+STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu bench ncu model profile} "
 SHARDS=${GPU_CHECK_SHARDS:-8}
 [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_SHARDS must be a positive integer; got '$SHARDS'" >&2; exit 2; }
-MODEL_S=${GPU_CHECK_MODEL_S:-150}
+MODEL_S=${GPU_CHECK_MODEL_S:-120}
 [[ "$MODEL_S" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_MODEL_S must be a positive integer; got '$MODEL_S'" >&2; exit 2; }
+BENCH_S=${GPU_CHECK_BENCH_S:-150}
+[[ "$BENCH_S" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_BENCH_S must be a positive integer; got '$BENCH_S'" >&2; exit 2; }
 START=$SECONDS
 SUMMARY=()
 FAILED=0
@@ -250,8 +256,25 @@ fi
 if wants tests; then
   pstage tests 180 "$OUT/tests.log" "${PYTEST[@]}" -q -k "not ($GPU_TESTS)"
 fi
-if wants profile; then
-  stage profile 150 "$OUT/profile.log" "$PY" benchmarks/profile_forward.py --out-dir "$OUT"
+if wants bench; then
+  rm -f "$OUT/bench.json"
+  cap=$(( $(left) - 30 ))  # the report and the final printout
+  (( cap > BENCH_S )) && cap=$BENCH_S
+  # The suite stops starting cases 45 s before the hard cap (a new rank padding's compile and
+  # autotuning can take ~30 s), so it normally ends on its own and writes its JSON.
+  stage bench "$cap" "$OUT/bench.log" env TUNECOMP_BENCH_BUDGET_S=$(( cap > 90 ? cap - 45 : cap / 2 )) \
+    "$PY" -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
+    --benchmark-columns=median,rounds
+  if [[ -s "$OUT/bench.json" ]]; then
+    stage report 60 "$OUT/bench.log" "$PY" benchmarks/report.py "$OUT/bench.json" --out-dir "$OUT"
+    for md in "$OUT"/*.md; do  # the report's table (model-* is printed by its own stage)
+      [[ -f "$md" && "$(basename "$md")" != model-* && "$(basename "$md")" != ncu-* ]] &&
+        { echo; echo "=== $(basename "$md")"; cat "$md"; }
+    done
+  else
+    SUMMARY+=("report        NOT RUN (no bench.json)")
+    FAILED=1
+  fi
 fi
 # ncu: first a probe of a few seconds (one small kernel under ncu: where the profiler cannot
 # read the counters, as on gVisor machines, "LibraryNotLoaded", the stage is NOT RUN without
@@ -280,7 +303,7 @@ if wants ncu; then
       grep -qw -- "$section" <<<"$NCU_LISTED" && NCU_SECTIONS+=(--section "$section")
     done
     NCU_TMP=$(mktemp -d)
-    stage ncu 150 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
+    stage ncu 120 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
       --export "$NCU_TMP/kernels" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$NCU_TMP" &&
       stage ncu-report 60 "$OUT/ncu.log" "$PY" benchmarks/ncu_kernels.py report --ncu "$NCU" \
         --report "$NCU_TMP/kernels.ncu-rep" --cases "$NCU_TMP/ncu-cases.json" --out-dir "$OUT"
@@ -314,7 +337,7 @@ if wants sanitize; then
     # One config per kernel (no autotuning: under memcheck every config's timing launch would
     # be slowed by orders of magnitude), compiled once here into Triton's disk cache, which
     # the sanitized runs reuse.
-    # (Set per command: the model and bench stages after this one must autotune.)
+    # (Set per command: the model and profile stages after this one must autotune.)
     stage sanitize-warm 90 "$OUT/sanitize.log" env TUNECOMP_TRITON_ONE_CONFIG=1 "$PY" benchmarks/sanitize_kernels.py
     # No caching allocator: every tensor its own allocation, so out-of-bounds accesses show.
     stage sanitize 120 "$OUT/sanitize.log" env TUNECOMP_TRITON_ONE_CONFIG=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
@@ -339,23 +362,8 @@ if wants model; then
     for md in "$OUT"/model-*.md; do [[ -f "$md" ]] && cat "$md"; done
   fi
 fi
-if wants bench; then
-  rm -f "$OUT/bench.json"
-  cap=$(( $(left) - 30 ))  # the report and the final printout
-  # The suite stops starting cases 45 s before the hard cap (a new rank padding's compile and
-  # autotuning can take ~30 s), so it normally ends on its own and writes its JSON.
-  stage bench "$cap" "$OUT/bench.log" env TUNECOMP_BENCH_BUDGET_S=$(( cap > 90 ? cap - 45 : cap / 2 )) \
-    "$PY" -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
-    --benchmark-columns=median,rounds
-  if [[ -s "$OUT/bench.json" ]]; then
-    stage report 60 "$OUT/bench.log" "$PY" benchmarks/report.py "$OUT/bench.json" --out-dir "$OUT"
-    for md in "$OUT"/*.md; do  # the model table was printed by its stage
-      [[ -f "$md" && "$(basename "$md")" != model-* ]] && { echo; echo "=== $(basename "$md")"; cat "$md"; }
-    done
-  else
-    SUMMARY+=("report        NOT RUN (no bench.json)")
-    FAILED=1
-  fi
+if wants profile; then
+  stage profile 150 "$OUT/profile.log" "$PY" benchmarks/profile_forward.py --out-dir "$OUT"
 fi
 
 # A device call brings back at most 8 files: past that, the logs travel as one archive, named
