@@ -99,19 +99,21 @@ def _full_sections():
 # Triton kernel per autotune key (token bucket, in, out, rank) times its 5-10 configs, ~1-2 s,
 # plus compiling each config once per rank padding and input alignment, ~1 s each; the first
 # call of torch.compile per shape, ~1.5-3 s; a timed case ~0.1-0.2 s. Sections, in order:
-#   1. masked fwd, 4 shapes x 4 token counts x rank 192, rho 0.5: 16 points, 16 autotune
-#      keys, 16 compiled shapes                                                    ~100 s
-#   2. masked fwd+bwd, 4 shapes x 12608 tokens x rank 192, rho 0.5: 4 points, the
-#      backward's 4 kernels compiled and tuned (5 keys per point)                  ~55 s
+#   1. masked fwd, 4 shapes x 12608 tokens (batch 64) x rank 192, rho 0.5: 4 points, 4
+#      autotune keys, 4 compiled shapes                                            ~25 s
+#   2. masked fwd+bwd, the same 4 points, the backward's 4 kernels compiled and tuned
+#      (5 keys per point)                                                          ~55 s
 #   3. blended fwd and fwd+bwd, same 4 points (triton vs eager)                    ~45 s
-#   4. masked fwd as 1. at rho 0 and 0.9: 32 points, nothing new to tune, but the
+#   4. masked fwd as 1. at 197, 1576 and 50432 tokens: 12 points                  ~75 s
+#   5. masked fwd as 1. and 4. at rho 0 and 0.9: 32 points, nothing new to tune, but the
 #      torch.compile baseline (one compiled shape at a time) compiles the 16 again    ~45-70 s
-#   5. masked fwd, ranks 64 and 384 at rho 0.5, 4 shapes x 4 token counts: 32 points,
+#   6. masked fwd, ranks 64 and 384 at rho 0.5, 4 shapes x 4 token counts: 32 points,
 #      two more rank paddings to compile for, 32 keys, 32 compiled shapes           ~115 s
 # About 6 min in all. Token counts in fwd+bwd are multiples of 16 only, so the backward
 # kernels compile for one alignment. Sections run in this order so that a time budget
-# (TUNECOMP_BENCH_BUDGET_S, set by gpu_check.sh) cuts the least important points first:
-# every op at one rank and rho comes before the other rhos and ranks.
+# (TUNECOMP_BENCH_BUDGET_S, set by gpu_check.sh: ~105 s) cuts the least important points
+# first: every op at one point (batch 64, rank 192, rho 0.5) comes before the other token
+# counts, rhos and ranks.
 GRIDS = {
     "smoke": Grid(
         sections=(
@@ -125,12 +127,13 @@ GRIDS = {
     ),
     "gpu": Grid(
         sections=(
-            Section("masked", "fwd", VIT_SHAPES, VIT_TOKENS, ((192, 0.5),)),
+            Section("masked", "fwd", VIT_SHAPES, (12608,), ((192, 0.5),)),
             Section("masked", "fwd+bwd", VIT_SHAPES, (12608,), ((192, 0.5),)),
             # "torch": auto's pick on CUDA, whose blend folds the student into the teacher's
             # weight at these token counts (ops.folding_pays), as the triton forward does
             Section("blended", "fwd", VIT_SHAPES, (12608,), ((192, 0.5),), backends=("torch",)),
             Section("blended", "fwd+bwd", VIT_SHAPES, (12608,), ((192, 0.5),), backends=("torch",)),
+            Section("masked", "fwd", VIT_SHAPES, (197, 1576, 50432), ((192, 0.5),)),
             Section("masked", "fwd", VIT_SHAPES, VIT_TOKENS, ((192, 0.0), (192, 0.9))),
             Section("masked", "fwd", VIT_SHAPES, VIT_TOKENS, ((64, 0.5), (384, 0.5))),
         ),
