@@ -3,6 +3,7 @@ import math
 import pytest
 
 from tunecomp import schedule
+from tunecomp.reference import student_scale
 
 
 def test_alpha_shape():
@@ -14,7 +15,7 @@ def test_alpha_shape():
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone
     assert schedule.alpha(5, 0) == 0.0  # no distillation: student from the start
     for a in values:
-        assert a**2 + schedule.student_weight(a) ** 2 == pytest.approx(1.0)
+        assert a**2 + student_scale(a) ** 2 == pytest.approx(1.0)
 
 
 def test_prune_ratio_cubic_ramp():

@@ -2,9 +2,9 @@
 
 - ``alpha(t, T)``: the teacher's weight in each layer's blend, ``1 − sin(π·t / 2T)`` for
   ``t ≤ T`` and 0 after. It leaves 1 with zero slope (the student joins gently) and reaches 0
-  with slope −π/2T; the student's weight is ``student_weight(alpha) = sqrt(1 − alpha²)``, so
-  the two weights stay on the unit circle and the output's scale is kept for uncorrelated
-  branches.
+  with slope −π/2T; the student's weight is ``sqrt(1 − alpha²)``
+  (``reference.student_scale``), so the two weights stay on the unit circle and the output's
+  scale is kept for uncorrelated branches.
 - ``prune_ratio(t, target, start, end)``: the fraction of factor entries pruned at step t,
   the cubic ramp of Zhu & Gupta (2017): ``target·(1 − (1 − p)³)`` with ``p`` the progress
   from ``start`` to ``end``. It prunes fast while many redundant weights remain, slowly near
@@ -32,11 +32,6 @@ def alpha(step: int, decay_steps: int) -> float:
     if decay_steps <= 0 or step >= decay_steps:
         return 0.0
     return 1.0 - math.sin(math.pi * max(step, 0) / (2 * decay_steps))
-
-
-def student_weight(alpha_value: float) -> float:
-    """``sqrt(1 − alpha²)``: the student's weight in the blend."""
-    return math.sqrt(max(0.0, 1.0 - alpha_value * alpha_value))
 
 
 def prune_ratio(step: int, target: float, start: int, end: int) -> float:
