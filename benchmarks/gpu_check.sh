@@ -15,10 +15,11 @@
 #             and a check that the torch, triton and cuda backends all run on the GPU, and
 #             that an argument error raised in tunecomp._C reaches Python as a ValueError (on
 #             an H200, 2026-11-26, every such error ended the process with a segfault: where
-#             it still does, the log gets cuda-gdb's stack of the crash, the toolchain and
-#             the unwinder and C++ runtime the throw binds to, and the test stages leave out
-#             tests/test_extension.py; without the info stage the probe runs before the test
-#             stages)
+#             it still does, the log gets cuda-gdb's stack of the crash, the toolchain, the
+#             unwinder and C++ runtime the throw binds to, and whether minimal torch
+#             extensions raising the same way crash too (benchmarks/raise_probe.py, ~1 min);
+#             and the test stages leave out tests/test_extension.py; without the info stage
+#             the probe runs before the test stages)
 #   tests-gpu the GPU tests: pytest -k "gpu or (cuda and not emulator)" -> tests.log
 #             (the CUDA backend's battery, every Triton config on its own, CUDA graphs, 2:4,
 #             the deploy forms on the GPU)
@@ -220,6 +221,9 @@ print(*sorted(l for l in libs if any(k in l for k in ("unwind", "gcc_s", "stdc++
     gdb=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -n 1)
     echo "=== raise-probe under ${gdb:-cuda-gdb (not found)}"
     [[ -n "$gdb" ]] && timeout -k 5 90 "$gdb" -q -batch -ex run -ex bt --args "$PY" -c "$probe"
+    # The machine or the extension: minimal torch extensions that raise the same way (~1 min)
+    echo "=== raise-probe: minimal torch extensions (benchmarks/raise_probe.py)"
+    timeout -k 5 150 "$PY" benchmarks/raise_probe.py
   } >>"$OUT/setup.log" 2>&1
   tail -n 60 "$OUT/setup.log"
   IGNORE=(--ignore=tests/test_extension.py)

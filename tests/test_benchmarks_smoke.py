@@ -264,3 +264,23 @@ def test_resources_file_records_its_command_without_the_output_folder(monkeypatc
     assert command(["--out-dir", "/some/dir", "--quick"]) == "python benchmarks/kernel_resources.py --quick"
     assert command(["--ranks", "64", "--out-dir=/some/dir", "--print"]) == \
         "python benchmarks/kernel_resources.py --ranks 64 --print"
+
+
+def test_raise_probe_tells_a_crash_from_an_exception():
+    """benchmarks/raise_probe.py (gpu_check's diagnosis of a crashing C++ throw) reports a
+    child killed by a signal as such, and an exception by its Python type and message."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import raise_probe
+    finally:
+        sys.path.pop(0)
+
+    def run(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    crash = run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert raise_probe.outcome(crash) == "killed by SIGSEGV"
+    raised = run("print('building'); print('ValueError: n must be positive')")
+    assert raised.returncode == 0 and raise_probe.outcome(raised) == "ValueError: n must be positive"
+    failed = run("raise SystemExit('no compiler')")
+    assert raise_probe.outcome(failed) == "exit 1: no compiler"
