@@ -1,23 +1,25 @@
 """Where an argument error raised in tunecomp._C kills the process instead of reaching Python
 (seen on an H200 machine, 2026-11-26: a segfault), tell whether it is the machine or the
 extension: build two minimal torch extensions, one with tunecomp's flags (-O3 -fopenmp) and
-one with none, each with a function that raises through TORCH_CHECK_VALUE (c10::ValueError,
-translated by torch's pybind11 handler) and one that throws std::invalid_argument (translated
-by pybind11 alone), and call each in a child process of its own.
+one with none, each with a function that raises through TORCH_CHECK_VALUE (a c10::ValueError,
+which records a stack trace when it is made) and one that throws a plain
+std::invalid_argument, and call each in a child process of its own.
 
     python benchmarks/raise_probe.py        # gpu_check.sh runs it where its raise-probe fails
 
 Prints one line per variant and call: the Python exception it raised (ValueError for
 TORCH_CHECK_VALUE; torch's handler turns std::invalid_argument into RuntimeError), or how the
-child died; exits 1 if one died.
+child died; exits 1 if one died or a build failed.
 If every variant crashes, the cause is in the machine's toolchain or libraries (gpu_check's
 log has the linker bindings and cuda-gdb's stack); if none does, in what tunecomp._C adds
-(its CUDA objects, its own code).
+(its CUDA objects, its own code). If only the TORCH_CHECK_VALUE calls crash, it is in
+recording c10::Error's stack trace, not in the throw.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,25 +69,28 @@ def outcome(done: subprocess.CompletedProcess) -> str:
 
 def main() -> int:
     root = tempfile.mkdtemp(prefix="raise_probe_")
-    builds = {v: os.path.join(root, v) for v in VARIANTS}
-    for path in builds.values():
-        os.makedirs(path)
-    # Each variant compiles in its own process, all at once (one translation unit each).
-    with ThreadPoolExecutor(len(VARIANTS)) as pool:
-        built = dict(zip(VARIANTS, pool.map(
-            lambda v: child(f"raise_probe_{v}", builds[v], VARIANTS[v], "build"), VARIANTS)))
-    crashed = False
-    for variant, flags in VARIANTS.items():
-        if built[variant].returncode != 0:
-            print(f"{variant:15s} build failed: {outcome(built[variant])}")
-            print(built[variant].stderr[-2000:])
-            crashed = True
-            continue
-        for call in ("torch_check", "std_throw"):
-            done = child(f"raise_probe_{variant}", builds[variant], flags, call)
-            crashed |= done.returncode != 0
-            print(f"{variant:15s} {call:12s} {outcome(done)}")
-    return 1 if crashed else 0
+    try:
+        builds = {v: os.path.join(root, v) for v in VARIANTS}
+        for path in builds.values():
+            os.makedirs(path)
+        # Each variant compiles in its own process, all at once (one translation unit each).
+        with ThreadPoolExecutor(len(VARIANTS)) as pool:
+            built = dict(zip(VARIANTS, pool.map(
+                lambda v: child(f"raise_probe_{v}", builds[v], VARIANTS[v], "build"), VARIANTS)))
+        failed = False
+        for variant, flags in VARIANTS.items():
+            if built[variant].returncode != 0:
+                print(f"{variant:15s} build failed: {outcome(built[variant])}")
+                print(built[variant].stderr[-2000:])
+                failed = True
+                continue
+            for call in ("torch_check", "std_throw"):
+                done = child(f"raise_probe_{variant}", builds[variant], flags, call)
+                failed |= done.returncode != 0
+                print(f"{variant:15s} {call:12s} {outcome(done)}")
+        return 1 if failed else 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
