@@ -29,6 +29,17 @@ def double(t):
     return None if t is None else (t.double() if t.is_floating_point() else t)
 
 
+def assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y):
+    """y and [grad_x, grad_u, grad_v, grad_b] of the fp32 kernels against the float64 reference
+    (by autograd), with the kernel battery's yardstick: fp32 sums of at most 70 products stay
+    well under 1e-5 of the larger of the result and its rounded terms (a one-element result,
+    say at size 1 or with one kept factor entry, can cancel far below its terms)."""
+    p = dict(x=x, u=u, v=v, bias=bias, mask_u=mask_u, mask_v=mask_v, grad_y=grad_y)
+    want_y, want_grads = reference_lowrank(p)
+    assert_close("y", y.detach(), want_y, torch.float32, seed, 1e-5)
+    check_backward(grads, p, want_grads, torch.float32, seed, bias is not None, 1e-5)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("keep", [0.0, 0.05, 0.5, 1.0])
 @pytest.mark.parametrize("sparse", [False, True])
@@ -39,13 +50,7 @@ def test_forward_and_backward_match_reference(shape, keep, sparse, with_bias):
     y = _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, sparse)
     grad_y = torch.randn_like(y)
     grads = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, with_bias, sparse)
-    p = dict(x=x, u=u, v=v, bias=bias, mask_u=mask_u, mask_v=mask_v, grad_y=grad_y)
-    want_y, want_grads = reference_lowrank(p)  # float64, by autograd
-    # fp32 sums of at most 70 products: well under 1e-5 of the larger of the result and its
-    # rounded terms (the kernel battery's yardstick: a one-element result, say at size 1 or
-    # with one kept factor entry, can cancel far below its terms)
-    assert_close("y", y, want_y, torch.float32, seed, 1e-5)
-    check_backward(grads, p, want_grads, torch.float32, seed, with_bias, 1e-5)
+    assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -66,10 +71,7 @@ def test_cpu_backend_through_ops_with_autograd(keep):
     y = ops.masked_lowrank_linear(*leaves, mask_u, mask_v, backend="cpu")
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
-    p = dict(x=x, u=u, v=v, bias=bias, mask_u=mask_u, mask_v=mask_v, grad_y=grad_y)
-    want_y, want_grads = reference_lowrank(p)
-    assert_close("y", y.detach(), want_y, torch.float32, seed, 1e-5)
-    check_backward([t.grad for t in leaves], p, want_grads, torch.float32, seed, True, 1e-5)
+    assert_matches_float64(y, [t.grad for t in leaves], seed, x, u, v, bias, mask_u, mask_v, grad_y)
 
 
 def test_cpu_backend_refuses_other_dtypes_and_devices():
@@ -159,10 +161,8 @@ def test_backend_packs_the_backward_groupings_only_where_the_backward_is_sparse(
     assert abs(kept - keep) < 0.01 and len(packed) == packed_tensors
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
-    p = dict(x=x, u=u, v=v, bias=bias, mask_u=mask_u, mask_v=mask_v, grad_y=grad_y)
-    want_y, want_grads = reference_lowrank(p)
-    assert_close("y", y.detach(), want_y, torch.float32, seed, 1e-5)
-    check_backward([t.grad for t in (x, u, v, bias)], p, want_grads, torch.float32, seed, True, 1e-5)
+    grads = [t.grad for t in (x, u, v, bias)]
+    assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
 
 
 def test_backend_forgets_the_packing_of_deleted_factors():
