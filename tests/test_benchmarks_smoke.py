@@ -5,6 +5,7 @@ Checks the plumbing, not the speed: the suite runs under pytest-benchmark and wr
 relies on, and the numbers are sane (finite, positive, the byte floor and FLOPs as defined).
 """
 
+import importlib
 import json
 import math
 import os
@@ -22,6 +23,15 @@ def _run(args, env, timeout):
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{args}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
+
+
+def _benchmarks_module(name):
+    """A module of benchmarks/ (not a package), imported with that folder on the path."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def _positive(x) -> bool:
@@ -135,11 +145,7 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
 def test_a_grid_records_the_baselines_it_times():
     """The results list the baselines each op was planned against: a grid's own, not the
     defaults (the cpu grid leaves torch.compile out)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_kernels
-    finally:
-        sys.path.pop(0)
+    bench_kernels = _benchmarks_module("bench_kernels")
     cpu = bench_kernels.GRIDS["cpu"]
     assert bench_kernels.grid_baselines(cpu) == {"masked": ("eager", "dense"), "blended": ("eager",)}
     timed = {c.impl for c in bench_kernels.grid_cases(cpu, ("cpu",)) if c.role == "baseline"}
@@ -147,20 +153,11 @@ def test_a_grid_records_the_baselines_it_times():
     assert bench_kernels.grid_baselines(bench_kernels.GRIDS["gpu"]) == bench_kernels.BASELINES
 
 
-def _report_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import report
-    finally:
-        sys.path.pop(0)
-    return report
-
-
 def test_cpu_grid_report_checks_the_cpu_targets_on_paired_ratios():
     """A "cpu" grid run (synthetic timings): the ratios come from the backend case's paired
     baseline rounds, not the baselines' separate cases; the CPU kernels' targets are checked
     at their own rho only, and the per-point cells below them are bold."""
-    report = _report_module()
+    report = _benchmarks_module("report")
 
     def entry(impl, role, rho, median, paired=None):
         info = dict(op="masked", direction="fwd", impl=impl, role=role, in_features=768,
@@ -212,12 +209,7 @@ def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):
     baseline round just before it, the warm-up round's pair is dropped, and the ratio is the
     median of the per-round ratios (here 2), not the ratio of the medians (3). Timings come
     from a fake clock that the steps advance by a per-round cost."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_kernels
-        import pairing
-    finally:
-        sys.path.pop(0)
+    bench_kernels, pairing = _benchmarks_module("bench_kernels"), _benchmarks_module("pairing")
     clock, phase = [0.0], [0]
     # per-call cost (backend, baseline) in each phase: 0 = before the rounds (warm-up and
     # probes), 1 = the warm-up round, then the three timed rounds
@@ -268,11 +260,7 @@ def test_resources_file_records_its_command_without_the_output_folder(monkeypatc
 def test_raise_probe_tells_a_crash_from_an_exception():
     """benchmarks/raise_probe.py (gpu_check's diagnosis of a crashing C++ throw) reports a
     child killed by a signal as such, and an exception by its Python type and message."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import raise_probe
-    finally:
-        sys.path.pop(0)
+    raise_probe = _benchmarks_module("raise_probe")
 
     def run(code):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
