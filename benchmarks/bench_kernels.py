@@ -418,6 +418,7 @@ def _record_run(bench_run):
         backends=list(BACKENDS), unavailable_backends=UNAVAILABLE,
         baselines={op: list(impls) for op, impls in grid_baselines(GRID).items()},
         sections=[asdict(s) for s in GRID.sections],
+        timed_ops=sorted({(c.impl, c.op, c.direction) for c in CASES if c.role == "backend"}),
     )
 
 

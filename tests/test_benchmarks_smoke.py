@@ -130,6 +130,10 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
                 c["stats"] = {k: v * slower for k, v in b["stats"].items() if k in ("median", "min")} | {"rounds": b["stats"]["rounds"]}
                 extra.append(c)
     data["benchmarks"] += extra
+    run = data["tunecomp"]
+    assert sorted(map(tuple, run["timed_ops"])) == [("torch", op, d) for op in ("blended", "masked")
+                                                    for d in ("fwd", "fwd+bwd")]
+    run["timed_ops"] += [[impl, op, d] for impl in ("triton", "cuda") for _, op, d in run["timed_ops"]]
     bench.write_text(json.dumps(data))
     _run([sys.executable, "benchmarks/report.py", str(bench), "--out-dir", str(tmp_path / "two")],
          env, timeout=60)
@@ -140,6 +144,19 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
     assert {t["backend"] for t in versus_triton} == {"cuda"} and len(versus_triton) == 3
     assert all(t["status"] == "MISS" and "short by 11.1%" in t["detail"] for t in versus_triton)
     assert "×triton" in next((tmp_path / "two").glob("*.md")).read_text()
+
+    # A backend that the grid timed on the blend alone (as "torch" on the gpu and cpu grids)
+    # gets the blend's target and no rows for the masked op it was never run on.
+    data = json.loads(bench.read_text())
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["impl"] == "torch"]
+    data["tunecomp"]["timed_ops"] = [["torch", "blended", "fwd"], ["torch", "blended", "fwd+bwd"]]
+    bench.write_text(json.dumps(data))
+    _run([sys.executable, "benchmarks/report.py", str(bench), "--out-dir", str(tmp_path / "blend")],
+         env, timeout=60)
+    results = json.loads(next((tmp_path / "blend").glob("*.json")).read_text())
+    assert [(t["backend"], t["name"]) for t in results["targets"]] == [
+        ("torch", "blended fwd+bwd: geometric-mean speedup over eager blended")]
+    assert results["targets"][0]["status"] in ("PASS", "MISS")
 
 
 def test_a_grid_records_the_baselines_it_times():
