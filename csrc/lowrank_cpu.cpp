@@ -267,15 +267,24 @@ at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& g
   // (one column at a time, every store hit the same L1 set: rows of y are 4 KiB multiples
   // apart for ViT widths).
   constexpr int64_t kBlock = 16;
+  // x's transpose reads its kChunk rows side by side, one cache line of each per block: more
+  // streams than the hardware prefetcher follows, so each row's line kPrefetch floats ahead
+  // is prefetched by hand. With the zero fill left to a short last chunk, measured on 2
+  // cores (1576 tokens, rank 192, 10% kept, paired with the previous code in one process):
+  // 1.24x faster at 3072->768, 1.09x at 768->768, 1.06x at 768->3072.
+  constexpr int64_t kPrefetch = 32;
   at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xt(in * kChunk), tt(rank * kChunk), yt(kBlock * kChunk);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t n0 = c * kChunk, len = std::min(kChunk, n - n0);
-      std::fill(xt.begin(), xt.end(), 0.0f);  // a short last chunk is padded with zeros
+      if (len < kChunk) std::fill(xt.begin(), xt.end(), 0.0f);  // a short last chunk: zero padding
       for (int64_t k0 = 0; k0 < in; k0 += kBlock) {
         const int64_t kn = std::min(kBlock, in - k0);
-        for (int64_t i = 0; i < len; ++i)
-          for (int64_t k = k0; k < k0 + kn; ++k) xt[k * kChunk + i] = xp[(n0 + i) * in + k];
+        for (int64_t i = 0; i < len; ++i) {
+          const float* row = xp + (n0 + i) * in;
+          if (k0 + kPrefetch < in) __builtin_prefetch(row + k0 + kPrefetch);
+          for (int64_t k = k0; k < k0 + kn; ++k) xt[k * kChunk + i] = row[k];
+        }
       }
       std::fill(tt.begin(), tt.end(), 0.0f);
       const int64_t* sv = gv.starts;
