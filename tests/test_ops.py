@@ -219,6 +219,29 @@ def test_one_dim_and_non_contiguous_x():
     assert rel_error(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_backend_masking_is_the_reference_bit_for_bit(dtype, keep):
+    """ops.apply_mask (an integer multiply of the bits) gives reference.apply_mask's (where's)
+    tensor exactly: kept entries unchanged, NaN and inf included, pruned ones +0.0 whatever
+    they held; on a transposed view too. Where autograd records, the result is differentiable
+    and its gradient is the mask."""
+    weight = torch.randn(37, 11, dtype=dtype)
+    weight.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-30])
+    mask = random_mask(weight.shape, keep)
+    mask.view(-1)[:6] = torch.tensor([True, False, True, False, True, False]) if keep == 0.5 else keep == 1.0
+    for w, m in ((weight, mask), (weight.T, mask.T)):
+        got, want = ops.apply_mask(w, m), reference.apply_mask(w, m)
+        assert got.dtype == dtype and got.shape == w.shape
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+        assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits))
+    assert ops.apply_mask(weight, None) is weight
+    leaf = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+    mask = random_mask(leaf.shape, 0.5)
+    ops.apply_mask(leaf, mask).sum().backward()
+    assert torch.equal(leaf.grad, mask.to(dtype))
+
+
 def test_autocast_casts_inputs():
     a = make_inputs(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

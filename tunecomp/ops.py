@@ -41,7 +41,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from .reference import apply_mask
 
 try:  # the native extension; tunecomp still works (backend "torch") without it
     from . import _C
@@ -67,6 +66,22 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # --------------------------------------------------------------------------------------------
 # Backends. Each one works on a 2-D x [N, in] with N >= 1 and returns fresh tensors.
 # --------------------------------------------------------------------------------------------
+
+
+# The "torch" backend's masking: ``reference.apply_mask``'s result, bit for bit, as an integer
+# multiply of the factor's bits by the mask (kept: bits * 1; pruned: 0, which is +0.0, as
+# where gives; a NaN stored in a pruned entry goes too). ATen's CPU ``torch.where`` is a scalar
+# loop with a branch per element: on 2 cores, a [768, 192] float32 factor at half kept took
+# 360-490 us against 60 us this way. It records nothing for autograd, so where autograd
+# would record, the reference's where runs; inside the ops' forward and backward it never does.
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def apply_mask(weight: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``weight`` with pruned entries (``mask == False``) set to exactly zero."""
+    if mask is None or (weight.requires_grad and torch.is_grad_enabled()):
+        return reference.apply_mask(weight, mask)
+    return (weight.view(_SAME_SIZE_INT[weight.element_size()]) * mask).view(weight.dtype)
 
 
 # The blend with the student folded into the teacher's weight. While alpha > 0 the blend runs
