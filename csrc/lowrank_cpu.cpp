@@ -316,14 +316,21 @@ at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const a
                                const std::optional<at::Tensor>& mask_u,
                                const std::optional<at::Tensor>& mask_v, bool sparse,
                                const std::optional<std::vector<at::Tensor>>& packed) {
+  if (!sparse) return lowrank_forward_with_t_cpu(x, u, v, bias, mask_u, mask_v)[0];
   check_inputs(x, u, v, bias, mask_u, mask_v);
-  if (!sparse) {
-    const at::Tensor t = at::mm(x, masked(v, mask_v));
-    const at::Tensor u_kept = masked(u, mask_u);
-    return bias.has_value() ? at::addmm(*bias, t, u_kept.t()) : at::mm(t, u_kept.t());
-  }
   return sparse_forward(x, grouping(packed, kVByCol, v, mask_v, false),  // per rank j: kept k
                         grouping(packed, kUByRow, u, mask_u, true), bias);  // per output o: kept j
+}
+
+std::vector<at::Tensor> lowrank_forward_with_t_cpu(const at::Tensor& x, const at::Tensor& u,
+                                                   const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& mask_u,
+                                                   const std::optional<at::Tensor>& mask_v) {
+  check_inputs(x, u, v, bias, mask_u, mask_v);
+  const at::Tensor t = at::mm(x, masked(v, mask_v));
+  const at::Tensor u_kept = masked(u, mask_u);
+  return {bias.has_value() ? at::addmm(*bias, t, u_kept.t()) : at::mm(t, u_kept.t()), t};
 }
 
 at::Tensor lowrank_forward_packed_cpu(const at::Tensor& x, const std::vector<at::Tensor>& packed,
@@ -351,13 +358,22 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
                                              const std::optional<at::Tensor>& mask_u,
                                              const std::optional<at::Tensor>& mask_v,
                                              bool has_bias, bool sparse,
-                                             const std::optional<std::vector<at::Tensor>>& packed) {
+                                             const std::optional<std::vector<at::Tensor>>& packed,
+                                             const std::optional<at::Tensor>& saved_t) {
   check_inputs(x, u, v, std::nullopt, mask_u, mask_v);
   checks::check_grad_y(grad_y, x, u);
+  if (saved_t.has_value()) {
+    TORCH_CHECK_VALUE(!sparse, "t is taken by the dense path only (sparse=False)");
+    checks::check_same(*saved_t, "t", x, 2);
+    TORCH_CHECK_VALUE(saved_t->size(0) == x.size(0) && saved_t->size(1) == u.size(1),
+                      "t must have shape (tokens, rank) = (", x.size(0), ", ", u.size(1),
+                      "); got ", saved_t->sizes());
+  }
   const at::Tensor grad_b = has_bias ? grad_y.sum(0) : at::empty({0}, x.options());
   if (!sparse) {
     const at::Tensor u_m = masked(u, mask_u), v_m = masked(v, mask_v);
-    const at::Tensor t = at::mm(x, v_m), g = at::mm(grad_y, u_m);
+    const at::Tensor t = saved_t.has_value() ? *saved_t : at::mm(x, v_m);
+    const at::Tensor g = at::mm(grad_y, u_m);
     return {at::mm(g, v_m.t()), masked(at::mm(grad_y.t(), t), mask_u),
             masked(at::mm(x.t(), g), mask_v), grad_b};
   }

@@ -18,6 +18,14 @@ at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const a
                                const std::optional<at::Tensor>& mask_v, bool sparse,
                                const std::optional<std::vector<at::Tensor>>& packed);
 
+// lowrank_forward_cpu's dense path, returning {y, t} with t = x @ where(mask_v, v, 0) [N, r],
+// which lowrank_backward_cpu's dense path then takes instead of computing it again.
+std::vector<at::Tensor> lowrank_forward_with_t_cpu(const at::Tensor& x, const at::Tensor& u,
+                                                   const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& mask_u,
+                                                   const std::optional<at::Tensor>& mask_v);
+
 // The kept entries of the factors grouped as the sparse forward needs them (V by column,
 // U by row) and, with backward, also as the sparse backward does (U by column, V by row);
 // three tensors each: group starts (int64), indices (int32), values (float).
@@ -32,13 +40,16 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
 at::Tensor lowrank_forward_packed_cpu(const at::Tensor& x, const std::vector<at::Tensor>& packed,
                                       const std::optional<at::Tensor>& bias);
 
-// {grad_x, grad_u, grad_v, grad_b} of the op; grad_b is empty unless has_bias.
+// {grad_x, grad_u, grad_v, grad_b} of the op; grad_b is empty unless has_bias. t: the
+// forward's x @ where(mask_v, v, 0) (lowrank_forward_with_t_cpu), dense path only; computed
+// here when absent.
 std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& u, const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask_u,
                                              const std::optional<at::Tensor>& mask_v,
                                              bool has_bias, bool sparse,
-                                             const std::optional<std::vector<at::Tensor>>& packed);
+                                             const std::optional<std::vector<at::Tensor>>& packed,
+                                             const std::optional<at::Tensor>& t);
 
 #ifdef TUNECOMP_WITH_CUDA
 // The SM architectures this build compiled device code for (e.g. {80, 90}).

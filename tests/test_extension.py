@@ -63,6 +63,40 @@ def test_nan_in_pruned_entries_does_not_leak(sparse):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_forward_with_t_and_backward_taking_it(shape, keep):
+    """lowrank_forward_with_t_cpu: the dense path's y and t = x·Vm; the backward given that t
+    returns what it computes without it, and matches the float64 reference."""
+    seed = fresh_seed()
+    x, u, v, bias, mask_u, mask_v = inputs(shape, keep, True, contiguous=shape[0] % 2 == 1)
+    y, t = _C.lowrank_forward_with_t_cpu(x, u, v, bias, mask_u, mask_v)
+    assert torch.equal(y, _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, False))
+    assert rel_error(t, double(x) @ reference.apply_mask(double(v), mask_v)) < 1e-5
+    grad_y = torch.randn_like(y)
+    grads = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, False, None, t)
+    for got, want in zip(grads, _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, False)):
+        assert torch.equal(got, want)
+    assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
+    # the t given is the one used: a zero t gives a zero grad_u
+    zero_t = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, False, None, torch.zeros_like(t))
+    assert not zero_t[1].any() and torch.equal(zero_t[0], grads[0])
+
+
+def test_backward_checks_t():
+    x, u, v, bias, mask_u, mask_v = inputs((9, 6, 5, 3), 0.5, True)
+    grad_y = torch.randn(9, 5)
+    backward = _C.lowrank_backward_cpu
+    with pytest.raises(ValueError, match=r"t must have shape \(tokens, rank\) = \(9, 3\); got \[9, 4\]"):
+        backward(grad_y, x, u, v, mask_u, mask_v, True, False, None, torch.randn(9, 4))
+    with pytest.raises(TypeError, match="t must have x's dtype"):
+        backward(grad_y, x, u, v, mask_u, mask_v, True, False, None, torch.randn(9, 3).double())
+    with pytest.raises(ValueError, match="t must be 2-D"):
+        backward(grad_y, x, u, v, mask_u, mask_v, True, False, None, torch.randn(27))
+    with pytest.raises(ValueError, match=r"t is taken by the dense path only \(sparse=False\)"):
+        backward(grad_y, x, u, v, mask_u, mask_v, True, True, None, torch.randn(9, 3))
+
+
 @pytest.mark.parametrize("keep", [0.05, 1.0])
 def test_cpu_backend_through_ops_with_autograd(keep):
     seed = fresh_seed()

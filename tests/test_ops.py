@@ -206,6 +206,65 @@ def test_each_mode_takes_its_route(monkeypatch, blend, backend):
     assert getattr(torch.ops.tunecomp, op).default in targets
 
 
+@pytest.mark.parametrize("op", ["masked", "two-branch", "folded"])
+@pytest.mark.parametrize("backend,keep", [("torch", 0.5), ("cpu", 0.5), ("cpu", 0.05)])
+def test_eager_route_keeps_t_for_the_backward(monkeypatch, op, backend, keep):
+    """ops "Saved T": where the backend's forward makes T = x·Vm (torch; cpu on its dense
+    path; the blend where it does not fold), the eager route saves it and the backward uses
+    it (a T zeroed between the passes zeroes grad_u); elsewhere nothing [N, r] is saved. The
+    gradients equal the custom-op route's, which always recomputes T, and the reference's."""
+    if ops.available_backends("cpu", torch.float32)[backend] is not None:
+        pytest.skip(f"backend {backend!r} unavailable")
+    if op != "masked":
+        force_blend_route(monkeypatch, op)
+    a = make_inputs(n=7, k=13, m=5, r=3, dtype=torch.float32, keep=keep)
+    teacher = make_teacher(a, torch.float32) if op != "masked" else {}
+    grad_y = torch.randn(7, 5)
+    kept = backend == "torch" or keep > ops._CpuBackend.SPARSE_BELOW
+    t_kept = kept and op != "folded"
+    t_want = a["x"] @ reference.apply_mask(a["v"], a["mask_v"])
+
+    def grads(route, zero_t=False):
+        leaves = {k: a[k].clone().requires_grad_() for k in ("x", "u", "v", "bias")}
+        masks = (a["mask_u"], a["mask_v"])
+        saved = []
+
+        def unpack(t):  # the saved [N, r] tensor, zeroed if asked
+            return torch.zeros_like(t) if zero_t and t.shape == t_want.shape else t
+
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, unpack):
+            if route == "eager" and op == "masked":
+                y = ops.masked_lowrank_linear(*leaves.values(), *masks, backend=backend)
+            elif route == "eager":
+                y = ops.blended_lowrank_linear(*leaves.values(), *masks, **teacher, alpha=0.6, backend=backend)
+            elif op == "masked":
+                y = torch.ops.tunecomp.masked_lowrank_linear(*leaves.values(), *masks, backend)
+            else:
+                y = torch.ops.tunecomp.blended_lowrank_linear(*leaves.values(), *masks, *teacher.values(),
+                                                              torch.tensor(0.6), backend)
+            y.backward(grad_y)
+        return [t for t in saved if t.shape == t_want.shape], {k: t.grad for k, t in leaves.items()}
+
+    saved_t, eager = grads("eager")
+    assert len(saved_t) == int(t_kept)
+    if t_kept:
+        assert rel_error(saved_t[0], t_want.double()) < 1e-5
+        assert not grads("eager", zero_t=True)[1]["u"].any()
+    saved_t, custom = grads("custom_op")
+    assert saved_t == []
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **teacher}.items()}
+    with torch.enable_grad():
+        leaves = {k: dbl[k].clone().requires_grad_() for k in ("x", "u", "v", "bias")}
+        if op == "masked":
+            y = reference.masked_lowrank_linear(**{**dbl, **leaves})
+        else:
+            y = reference.blended_lowrank_linear(**{**dbl, **leaves}, alpha=0.6)
+        y.backward(grad_y.double())
+    for name, leaf in leaves.items():
+        assert rel_error(eager[name], custom[name]) < 1e-6, name
+        assert rel_error(eager[name], leaf.grad) < 1e-5, name
+
+
 def test_one_dim_and_non_contiguous_x():
     a = make_inputs(dtype=torch.float32)
     x_1d = torch.randn(13)
