@@ -211,7 +211,10 @@ class _CpuBackend:
     # slower at 50% kept, 1.7x faster at 10% kept; the crossover lies near 30%.
     SPARSE_BELOW = 0.25
     # The backward's sparse path (sampled dot products for dU, dV) pays off later: at 20%
-    # kept it measured 2x slower than BLAS, at 10% kept 1.8x faster.
+    # kept it measured 2x slower than BLAS, at 10% kept 1.8x faster. Measured again paired
+    # (2026-11-27, 4 ViT-B shapes, 197 and 1576 tokens, rank 192): at 10% kept the dense path
+    # took 0.80-1.07x the sparse one's time (faster at 1576 tokens, slower at 197), at 7%
+    # 0.87-1.38x, at 5% 1.18-1.45x: the crossover lies near 7-10%, depending on the tokens.
     BACKWARD_SPARSE_BELOW = 0.12
 
     @staticmethod
