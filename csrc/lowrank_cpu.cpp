@@ -5,8 +5,8 @@
 // dense  : the masked factors are formed once and the chain runs as two BLAS GEMMs
 //          (at::mm), the fastest way while most entries are kept.
 // sparse : for high pruning ratios. Work in token-minor ("transposed") layout, where every
-//          operation is an axpy or a dot product over a contiguous row of N tokens:
-//            xt [in, N] = xᵀ                       (one transpose copy)
+//          operation is an axpy or a dot product over a contiguous row of tokens:
+//            xt [in, N] = xᵀ
 //            tt [r, N]  : tt[j] = Σ_{k kept in V[:, j]} V[k, j]·xt[k]
 //            yt [out, N]: yt[o] = b[o] + Σ_{j kept in U[o, :]} U[o, j]·tt[j]
 //          so the cost is (kept entries)·N multiply-adds instead of r·(in+out)·N, and
@@ -16,8 +16,10 @@
 //            dU[o, j]   = dot(dyt[o], tt[j]) for kept (o, j) only, 0 elsewhere
 //            dV[k, j]   = dot(xt[k], gt[j])  for kept (k, j) only
 //            db[o]      = Σ dyt[o]
-// Token chunks (or rows, for the factor gradients) are spread over threads with
-// at::parallel_for (OpenMP); the inner loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and baseline x86-64, and picked at load time.
+//          Both passes run a chunk of kChunk tokens at a time: each chunk of x (and grad_y)
+//          is transposed into a thread's buffers, the whole chain runs there, and results
+//          go back token-major, so no [N, features] operand is transposed whole.
+// Token chunks are spread over threads with at::parallel_for (OpenMP); the inner loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and baseline x86-64, and picked at load time.
 #include "tunecomp.h"
 
 #include "checks.h"
@@ -52,42 +54,47 @@ typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));
 inline Vec8 load8(const float* p) { return *reinterpret_cast<const Vec8*>(p); }
 inline void store8(float* p, Vec8 v) { *reinterpret_cast<Vec8*>(p) = v; }
 
-// out[0:len] += Σ_e value[e]·src[index[e]·stride : +len]
+// out[0:kChunk] += Σ_e value[e]·src[index[e]·kChunk : +kChunk]: every buffer the sparse path
+// reads this way is a chunk of kChunk tokens (zero padded), so the output stays in 8 vector
+// registers.
 TUNECOMP_CLONES void gather_axpy(const float* __restrict value, const int32_t* __restrict index,
-                                 int64_t count, const float* __restrict src, int64_t stride,
-                                 float* __restrict out, int64_t len) {
-  if (len == kChunk) {  // the common case: the output chunk stays in 8 vector registers
-    Vec8 acc[kChunk / 8];
-    for (int k = 0; k < kChunk / 8; ++k) acc[k] = load8(out + 8 * k);
-    for (int64_t e = 0; e < count; ++e) {
-      const float a = value[e];
-      const Vec8 scale = {a, a, a, a, a, a, a, a};
-      const float* row = src + static_cast<int64_t>(index[e]) * stride;
-#pragma GCC unroll 8
-      for (int k = 0; k < kChunk / 8; ++k) acc[k] += scale * load8(row + 8 * k);
-    }
-    for (int k = 0; k < kChunk / 8; ++k) store8(out + 8 * k, acc[k]);
-    return;
-  }
+                                 int64_t count, const float* __restrict src,
+                                 float* __restrict out) {
+  Vec8 acc[kChunk / 8];
+  for (int k = 0; k < kChunk / 8; ++k) acc[k] = load8(out + 8 * k);
   for (int64_t e = 0; e < count; ++e) {
     const float a = value[e];
-    const float* row = src + static_cast<int64_t>(index[e]) * stride;
-    for (int64_t i = 0; i < len; ++i) out[i] += a * row[i];
+    const Vec8 scale = {a, a, a, a, a, a, a, a};
+    const float* row = src + static_cast<int64_t>(index[e]) * kChunk;
+#pragma GCC unroll 8
+    for (int k = 0; k < kChunk / 8; ++k) acc[k] += scale * load8(row + 8 * k);
   }
+  for (int k = 0; k < kChunk / 8; ++k) store8(out + 8 * k, acc[k]);
 }
 
-TUNECOMP_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  Vec8 acc0 = {0, 0, 0, 0, 0, 0, 0, 0}, acc1 = acc0;  // two chains hide the FMA latency
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 += load8(a + i) * load8(b + i);
-    acc1 += load8(a + i + 8) * load8(b + i + 8);
+// sums[e] += dot(left[q], right[index[e]]) over a chunk, for every entry e of every group q:
+// the factor gradients at kept entries, a chunk of tokens at a time (left and right hold
+// kChunk-token rows). Entries are independent, so their dots overlap in the pipeline.
+TUNECOMP_CLONES void accumulate_dots(const int64_t* __restrict start,
+                                     const int32_t* __restrict index, int64_t groups,
+                                     const float* __restrict left, const float* __restrict right,
+                                     float* __restrict sums) {
+  for (int64_t q = 0; q < groups; ++q) {
+    const float* a = left + q * kChunk;
+    for (int64_t e = start[q]; e < start[q + 1]; ++e) {
+      const float* b = right + static_cast<int64_t>(index[e]) * kChunk;
+      Vec8 acc0 = load8(a) * load8(b), acc1 = load8(a + 8) * load8(b + 8);
+#pragma GCC unroll 4
+      for (int k = 16; k < kChunk; k += 16) {
+        acc0 += load8(a + k) * load8(b + k);
+        acc1 += load8(a + k + 8) * load8(b + k + 8);
+      }
+      acc0 += acc1;
+      float total = 0;
+      for (int l = 0; l < 8; ++l) total += acc0[l];
+      sums[e] += total;
+    }
   }
-  acc0 += acc1;
-  float total = 0;
-  for (int l = 0; l < 8; ++l) total += acc0[l];
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
 }
 
 // The kept entries of a masked [rows, cols] matrix, grouped by row (by_row) or by column:
@@ -191,20 +198,6 @@ Groups grouping(const std::optional<std::vector<at::Tensor>>& packed, Slot slot,
                         "packed does not match these factors (pack them again):");
 }
 
-// out[q] += Σ value·src[index] over group q, for every group; rows of length n.
-void grouped_axpy(const Groups& g, const float* src, float* out, int64_t n) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t* start = g.starts;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t offset = c * kChunk, len = std::min(kChunk, n - offset);
-      for (int64_t q = 0; q < g.groups; ++q)
-        gather_axpy(g.values + start[q], g.indices + start[q], start[q + 1] - start[q],
-                    src + offset, n, out + q * n + offset, len);
-    }
-  });
-}
-
 // out[i] = keep[i] ? w[i] : +0.0, as a bit mask: no branch to mispredict on a mask that is
 // half kept at random, and a NaN in a pruned entry still never leaks.
 TUNECOMP_CLONES void select_kept(const float* __restrict w, const bool* __restrict keep,
@@ -241,21 +234,65 @@ void check_inputs(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
   checks::check_lowrank_args(x, u, v, bias, mask_u, mask_v);
 }
 
-// tt [r, N] = (x·Vm)ᵀ from xt [in, N].
-at::Tensor project(const at::Tensor& xt, const Groups& v_by_col, int64_t rank) {
-  const int64_t n = xt.size(1);
-  at::Tensor tt = at::zeros({rank, n}, xt.options());
-  grouped_axpy(v_by_col, xt.data_ptr<float>(), tt.data_ptr<float>(), n);
-  return tt;
+// The sparse path works on chunks of kChunk tokens, each in buffers that stay in a thread's
+// L2: the operands' chunks transposed to [features, kChunk] rows (a [768, 64] float slice is
+// 192 KiB), and results written back transposed. Transposes go through blocks of kBlock
+// features: whole cache lines on the strided side (one feature at a time, every store hit
+// the same L1 set: rows are 4 KiB multiples apart for ViT widths).
+constexpr int64_t kBlock = 16;
+// The transpose in reads its kChunk rows side by side, one cache line of each per block:
+// more streams than the hardware prefetcher follows, so each row's line kPrefetch floats
+// ahead is prefetched by hand. With the zero fill left to a short last chunk, measured on 2
+// cores (sparse forward, 1576 tokens, rank 192, 10% kept, paired with the previous code in
+// one process): 1.24x faster at 3072->768, 1.09x at 768->768, 1.06x at 768->3072.
+constexpr int64_t kPrefetch = 32;
+
+// buf[k·kChunk + i] = src[(n0 + i)·width + k] for i < len, 0 for len <= i < kChunk.
+void load_transposed(const float* src, int64_t width, int64_t n0, int64_t len, float* buf) {
+  if (len < kChunk) std::fill(buf, buf + width * kChunk, 0.0f);  // a short last chunk
+  for (int64_t k0 = 0; k0 < width; k0 += kBlock) {
+    const int64_t kn = std::min(kBlock, width - k0);
+    for (int64_t i = 0; i < len; ++i) {
+      const float* row = src + (n0 + i) * width;
+      if (k0 + kPrefetch < width) __builtin_prefetch(row + k0 + kPrefetch);
+      for (int64_t k = k0; k < k0 + kn; ++k) buf[k * kChunk + i] = row[k];
+    }
+  }
+}
+
+// dst[q] = Σ_{(j, a) in group q} a·src[j] for every group q, on kChunk-token rows.
+void grouped_rows(const Groups& g, const float* src, float* dst) {
+  std::fill(dst, dst + g.groups * kChunk, 0.0f);
+  for (int64_t q = 0; q < g.groups; ++q)
+    gather_axpy(g.values + g.starts[q], g.indices + g.starts[q], g.starts[q + 1] - g.starts[q],
+                src, dst + q * kChunk);
+}
+
+// dst[(n0 + i)·g.groups + q] = (bias[q] or 0) + Σ_{(j, a) in group q} a·src[j][i] for i < len:
+// grouped_rows written straight back to token-major rows, kBlock groups at a time through
+// `block` ([kBlock, kChunk]; the chunk's len rows of dst are len cache lines, filled in turn).
+void store_grouped(const Groups& g, const float* src, const float* bias, float* dst,
+                   int64_t n0, int64_t len, float* block) {
+  const int64_t width = g.groups;
+  for (int64_t q0 = 0; q0 < width; q0 += kBlock) {
+    const int64_t qn = std::min(kBlock, width - q0);
+    for (int64_t b = 0; b < qn; ++b) {
+      const int64_t q = q0 + b;
+      float* acc = block + b * kChunk;
+      std::fill(acc, acc + kChunk, bias ? bias[q] : 0.0f);
+      gather_axpy(g.values + g.starts[q], g.indices + g.starts[q], g.starts[q + 1] - g.starts[q],
+                  src, acc);
+    }
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t b = 0; b < qn; ++b) dst[(n0 + i) * width + q0 + b] = block[b * kChunk + i];
+  }
 }
 
 // The sparse forward from the groupings of V's kept entries by rank component (gv) and of
-// U's by output (gu).
+// U's by output (gu). Per chunk: xt = x's chunk transposed, tt[j] = Σ V[k, j]·xt[k],
+// y = b + Σ U[o, j]·tt[j].
 at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& gu,
                           const std::optional<at::Tensor>& bias) {
-  // Each thread takes chunks of kChunk tokens and does the whole chain for them in buffers
-  // that stay in its L2: x's chunk transposed, t's chunk, and y written in place (the
-  // 64 tokens' rows of y are 64 cache lines, filled one column o at a time).
   const int64_t n = x.size(0), in = x.size(1), out = gu.groups, rank = gv.groups;
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -263,50 +300,72 @@ at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& g
   const float* xp = xc.data_ptr<float>();
   const float* bp = bias.has_value() ? bc.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  // Transposes go through blocks of kBlock columns: whole cache lines on the strided side
-  // (one column at a time, every store hit the same L1 set: rows of y are 4 KiB multiples
-  // apart for ViT widths).
-  constexpr int64_t kBlock = 16;
-  // x's transpose reads its kChunk rows side by side, one cache line of each per block: more
-  // streams than the hardware prefetcher follows, so each row's line kPrefetch floats ahead
-  // is prefetched by hand. With the zero fill left to a short last chunk, measured on 2
-  // cores (1576 tokens, rank 192, 10% kept, paired with the previous code in one process):
-  // 1.24x faster at 3072->768, 1.09x at 768->768, 1.06x at 768->3072.
-  constexpr int64_t kPrefetch = 32;
   at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xt(in * kChunk), tt(rank * kChunk), yt(kBlock * kChunk);
+    std::vector<float> xt(in * kChunk), tt(rank * kChunk), block(kBlock * kChunk);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t n0 = c * kChunk, len = std::min(kChunk, n - n0);
-      if (len < kChunk) std::fill(xt.begin(), xt.end(), 0.0f);  // a short last chunk: zero padding
-      for (int64_t k0 = 0; k0 < in; k0 += kBlock) {
-        const int64_t kn = std::min(kBlock, in - k0);
-        for (int64_t i = 0; i < len; ++i) {
-          const float* row = xp + (n0 + i) * in;
-          if (k0 + kPrefetch < in) __builtin_prefetch(row + k0 + kPrefetch);
-          for (int64_t k = k0; k < k0 + kn; ++k) xt[k * kChunk + i] = row[k];
-        }
-      }
-      std::fill(tt.begin(), tt.end(), 0.0f);
-      const int64_t* sv = gv.starts;
-      for (int64_t j = 0; j < rank; ++j)
-        gather_axpy(gv.values + sv[j], gv.indices + sv[j], sv[j + 1] - sv[j], xt.data(),
-                    kChunk, tt.data() + j * kChunk, kChunk);
-      const int64_t* su = gu.starts;
-      for (int64_t o0 = 0; o0 < out; o0 += kBlock) {
-        const int64_t on = std::min(kBlock, out - o0);
-        for (int64_t q = 0; q < on; ++q) {
-          const int64_t o = o0 + q;
-          float* acc = yt.data() + q * kChunk;
-          std::fill(acc, acc + kChunk, bp ? bp[o] : 0.0f);
-          gather_axpy(gu.values + su[o], gu.indices + su[o], su[o + 1] - su[o], tt.data(),
-                      kChunk, acc, kChunk);
-        }
-        for (int64_t i = 0; i < len; ++i)
-          for (int64_t q = 0; q < on; ++q) yp[(n0 + i) * out + o0 + q] = yt[q * kChunk + i];
-      }
+      load_transposed(xp, in, n0, len, xt.data());
+      grouped_rows(gv, xt.data(), tt.data());
+      store_grouped(gu, tt.data(), bp, yp, n0, len, block.data());
     }
   });
   return y;
+}
+
+// The sparse backward, in one pass over the tokens with the forward's chunks. Per chunk:
+//   xt, dyt : x's and grad_y's chunks transposed
+//   tt[j] = Σ_{k kept in V[:, j]} V[k, j]·xt[k]     (the forward's T again, by gv)
+//   gt[j] = Σ_{o kept in U[:, j]} U[o, j]·dyt[o]    (by gu_col)
+//   dx    = Σ_{j kept in V[k, :]} V[k, j]·gt[j]     (by gv_row, written back token-major)
+// and the chunk's share of dU[o, j] = dyt[o]·tt[j] and dV[k, j] = xt[k]·gt[j], at kept
+// entries only, in one sum per kept entry (in gu_row's and gv_row's entry order). So no
+// [N, features] operand is ever transposed whole, and no [r, N] intermediate is stored.
+// Each of P slices of the chunks (P = threads) sums its own shares; the slices' sums are
+// added in slice order, so the result does not depend on the scheduling.
+std::vector<at::Tensor> sparse_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                        const Groups& gv, const Groups& gu_row,
+                                        const Groups& gu_col, const Groups& gv_row) {
+  const int64_t n = x.size(0), in = x.size(1), out = gu_row.groups, rank = gv.groups;
+  const at::Tensor xc = x.contiguous(), dyc = grad_y.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const float* dyp = dyc.data_ptr<float>();
+  at::Tensor dx = at::empty({n, in}, x.options());
+  float* dxp = dx.data_ptr<float>();
+  const int64_t kept_u = gu_row.index.numel(), kept_v = gv_row.index.numel();
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t slices = std::min<int64_t>(chunks, at::get_num_threads());
+  std::vector<std::vector<float>> sums(slices);  // per slice: dU's kept entries, then dV's
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xt(in * kChunk), dyt(out * kChunk), tt(rank * kChunk), gt(rank * kChunk),
+        block(kBlock * kChunk);
+    for (int64_t s = begin; s < end; ++s) {
+      sums[s].assign(kept_u + kept_v, 0.0f);
+      for (int64_t c = s * chunks / slices; c < (s + 1) * chunks / slices; ++c) {
+        const int64_t n0 = c * kChunk, len = std::min(kChunk, n - n0);
+        load_transposed(xp, in, n0, len, xt.data());
+        load_transposed(dyp, out, n0, len, dyt.data());
+        grouped_rows(gv, xt.data(), tt.data());
+        grouped_rows(gu_col, dyt.data(), gt.data());
+        accumulate_dots(gu_row.starts, gu_row.indices, gu_row.groups, dyt.data(), tt.data(), sums[s].data());
+        accumulate_dots(gv_row.starts, gv_row.indices, gv_row.groups, xt.data(), gt.data(),
+                        sums[s].data() + kept_u);
+        store_grouped(gv_row, gt.data(), nullptr, dxp, n0, len, block.data());
+      }
+    }
+  });
+  // Scatter the kept entries' sums into the gradients: pruned entries stay exactly 0.
+  auto scatter = [&](const Groups& g, int64_t offset) {
+    at::Tensor grad = at::zeros({g.groups, rank}, x.options());
+    float* gp = grad.data_ptr<float>();
+    for (int64_t q = 0; q < g.groups; ++q)
+      for (int64_t e = g.starts[q]; e < g.starts[q + 1]; ++e) {
+        float total = 0;
+        for (int64_t s = 0; s < slices; ++s) total += sums[s][offset + e];
+        gp[q * rank + g.indices[e]] = total;
+      }
+    return grad;
+  };
+  return {dx, scatter(gu_row, 0), scatter(gv_row, kept_u)};
 }
 
 }  // namespace
@@ -377,34 +436,11 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
     return {at::mm(g, v_m.t()), masked(at::mm(grad_y.t(), t), mask_u),
             masked(at::mm(x.t(), g), mask_v), grad_b};
   }
-  const int64_t n = x.size(0), in = v.size(0), out = u.size(0), rank = u.size(1);
-  const at::Tensor xt = x.t().contiguous(), dyt = grad_y.t().contiguous();
-  const at::Tensor tt = project(xt, grouping(packed, kVByCol, v, mask_v, false), rank);
-  at::Tensor gt = at::zeros({rank, n}, x.options());
-  grouped_axpy(grouping(packed, kUByCol, u, mask_u, false), dyt.data_ptr<float>(),
-               gt.data_ptr<float>(), n);
-  at::Tensor dxt = at::zeros({in, n}, x.options());
-  grouped_axpy(grouping(packed, kVByRow, v, mask_v, true), gt.data_ptr<float>(),
-               dxt.data_ptr<float>(), n);
-
-  // Gradients of the factors at kept entries only: pruned ones stay exactly 0.
-  auto sampled = [n](const at::Tensor& left, const at::Tensor& right,
-                     const std::optional<at::Tensor>& mask, int64_t rows, int64_t cols) {
-    at::Tensor grad = at::zeros({rows, cols}, left.options());
-    at::Tensor mc = mask.has_value() ? mask->contiguous() : at::Tensor();
-    const bool* mp = mask.has_value() ? mc.data_ptr<bool>() : nullptr;
-    const float* lp = left.data_ptr<float>();
-    const float* rp = right.data_ptr<float>();
-    float* gp = grad.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        for (int64_t j = 0; j < cols; ++j)
-          if (!mp || mp[i * cols + j]) gp[i * cols + j] = dot(lp + i * n, rp + j * n, n);
-    });
-    return grad;
-  };
-  return {dxt.t().contiguous(), sampled(dyt, tt, mask_u, out, rank),
-          sampled(xt, gt, mask_v, in, rank), grad_b};
+  std::vector<at::Tensor> grads = sparse_backward(
+      grad_y, x, grouping(packed, kVByCol, v, mask_v, false), grouping(packed, kUByRow, u, mask_u, true),
+      grouping(packed, kUByCol, u, mask_u, false), grouping(packed, kVByRow, v, mask_v, true));
+  grads.push_back(grad_b);
+  return grads;
 }
 
 }  // namespace tunecomp
