@@ -147,8 +147,8 @@ GRIDS = {
     "cpu": Grid(
         sections=(Section("masked", "fwd", VIT_SHAPES, (197, 1576),
                           tuple((192, rho) for rho in (0.0, 0.5, 0.9, 0.95))),
-                  # training once alpha is 0: the backward's dense path to 88% pruned, its
-                  # sparse path beyond (ops._CpuBackend.BACKWARD_SPARSE_BELOW)
+                  # training once alpha is 0: both passes' dense path to 75% pruned, their
+                  # sparse path beyond (ops._CpuBackend.SPARSE_BELOW)
                   Section("masked", "fwd+bwd", VIT_SHAPES, (197, 1576),
                           tuple((192, rho) for rho in (0.0, 0.5, 0.9))),
                   # the blend (training while alpha > 0): folded into the teacher's weight

@@ -199,12 +199,17 @@ def test_packed_groups_match_and_follow_in_place_changes():
     assert torch.allclose(y3, bias.expand_as(y3))
 
 
-@pytest.mark.parametrize("keep, packed_tensors", [(0.05, 12), (0.18, 6)])
-def test_backend_packs_the_backward_groupings_only_where_the_backward_is_sparse(keep, packed_tensors):
-    """Between the two thresholds the forward runs sparse and the backward dense: packing the
-    backward's groupings there would be wasted work on every training step."""
+@pytest.mark.parametrize("keep, sparse", [(0.05, True), (0.2, True), (0.5, False)])
+def test_backend_switches_both_passes_at_one_threshold(monkeypatch, keep, sparse):
+    """Forward and backward run sparse below the same kept fraction (SPARSE_BELOW): there the
+    forward packs all four groupings and the backward runs sparse from them, with no T (the
+    sparse forward makes none); above it, nothing is packed and the backward gets the
+    forward's T."""
     backend = ops._BACKENDS["cpu"]
-    assert backend.BACKWARD_SPARSE_BELOW < 0.18 < backend.SPARSE_BELOW
+    assert 0.2 < backend.SPARSE_BELOW < 0.5
+    calls = []
+    real_backward = _C.lowrank_backward_cpu
+    monkeypatch.setattr(_C, "lowrank_backward_cpu", lambda *args: calls.append(args) or real_backward(*args))
     seed = fresh_seed()
     x, u, v, bias, _, _ = inputs((70, 48, 40, 24), keep, True)
     # exactly `keep` of the entries: the backend's choice must not depend on the draw
@@ -212,9 +217,14 @@ def test_backend_packs_the_backward_groupings_only_where_the_backward_is_sparse(
     x, u, v, bias = (t.requires_grad_() for t in (x, u, v, bias))
     y = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
     kept, packed = backend._pack(u, v, mask_u, mask_v)
-    assert abs(kept - keep) < 0.01 and len(packed) == packed_tensors
+    assert abs(kept - keep) < 0.01
+    assert (len(packed) == 12) if sparse else (packed is None)
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
+    (args,) = calls
+    assert args[7] is sparse  # lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, has_bias, sparse, packed, t)
+    assert args[8] is packed
+    assert (args[9] is None) == sparse
     grads = [t.grad for t in (x, u, v, bias)]
     assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
 

@@ -206,16 +206,14 @@ class _CpuBackend:
     """
 
     name = "cpu"
-    # Kept fraction of factor entries under which skipping pruned entries beats BLAS.
-    # Measured on 2 cores (ViT-B fc1, 1576 tokens, rank 192): the sparse forward is 1.4x
-    # slower at 50% kept, 1.7x faster at 10% kept; the crossover lies near 30%.
+    # Kept fraction of factor entries under which skipping pruned entries beats BLAS, in the
+    # forward and the backward alike. Measured on 2 cores (ViT-B fc1, 1576 tokens, rank 192):
+    # the sparse forward is 1.4x slower at 50% kept, 1.7x faster at 10% kept; the crossover
+    # lies near 30%. A training step's work once the forward runs sparse (packing, forward,
+    # backward), measured paired (2026-11-27, 4 ViT-B shapes, 197 and 1576 tokens, rank 192),
+    # backward sparse against dense: 1.15-2.04x faster at 12% kept, 0.91-1.53x at 20%,
+    # 0.89-1.19x at 24% (geometric means 1.47, 1.19, 1.04; slower only at 197 tokens).
     SPARSE_BELOW = 0.25
-    # The backward's sparse path (sampled dot products for dU, dV) pays off later: at 20%
-    # kept it measured 2x slower than BLAS, at 10% kept 1.8x faster. Measured again paired
-    # (2026-11-27, 4 ViT-B shapes, 197 and 1576 tokens, rank 192): at 10% kept the dense path
-    # took 0.80-1.07x the sparse one's time (faster at 1576 tokens, slower at 197), at 7%
-    # 0.87-1.38x, at 5% 1.18-1.45x: the crossover lies near 7-10%, depending on the tokens.
-    BACKWARD_SPARSE_BELOW = 0.12
 
     @staticmethod
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -244,9 +242,8 @@ class _CpuBackend:
             return entry[1], entry[2]
         kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
         packed = None
-        if kept < self.SPARSE_BELOW:  # the backward's groupings only where it runs sparse too
-            packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v,
-                                        backward=kept < self.BACKWARD_SPARSE_BELOW)
+        if kept < self.SPARSE_BELOW:  # the backward's groupings too: it runs sparse as well
+            packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v, backward=True)
         # an entry goes when any of its tensors does: a deleted model's packing is not kept
         drop = functools.partial(_forget, weakref.ref(self._packed), key)
         self._packed[key] = ([(weakref.ref(t, drop), t._version) for t in tensors], kept, packed)
@@ -265,10 +262,9 @@ class _CpuBackend:
 
     def backward(self, grad_y, x, u, v, mask_u, mask_v, has_bias, t=None):
         kept, packed = self._pack(u, v, mask_u, mask_v)
-        sparse = kept < self.BACKWARD_SPARSE_BELOW
+        sparse = kept < self.SPARSE_BELOW  # then the forward kept no t
         return tuple(_C.lowrank_backward_cpu(grad_y.contiguous(), x, u, v, mask_u, mask_v, has_bias,
-                                             sparse, packed if sparse else None,
-                                             None if sparse else t))
+                                             sparse, packed, None if sparse else t))
 
     def blended_forward(self, x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha):
         return self.blended_forward_with_t(x, u, v, bias, mask_u, mask_v, teacher_weight,
@@ -289,7 +285,7 @@ class _CpuBackend:
     def blended_backward(self, grad_y, x, u, v, mask_u, mask_v, teacher_weight, alpha, has_bias,
                          t=None):
         kept, _ = self._pack(u, v, mask_u, mask_v)
-        if kept >= self.BACKWARD_SPARSE_BELOW and folding_pays_backward(x.shape[0], u.shape[0]):
+        if kept >= self.SPARSE_BELOW and folding_pays_backward(x.shape[0], u.shape[0]):
             return _TorchBackend.blended_backward(grad_y, x, u, v, mask_u, mask_v, teacher_weight,
                                                   alpha, has_bias, t)
         a, s = reference.blend_scales(alpha, x.dtype)
