@@ -309,6 +309,10 @@ def markdown(results: dict) -> str:
                   "before each of its own rounds; its ratios are the median over rounds of "
                   "(baseline round / backend round), so that load drifting between separately "
                   "timed cases on a shared machine cancels.", ""]
+    if any(p.get("params_change") for p in results["points"]):
+        lines += ["fwd+bwd steps update the parameters in place first (multiplied by 1), as an "
+                  "optimiser step does: work redone whenever they change (the cpu backend's "
+                  "packing of the kept entries) is timed as training pays it.", ""]
     for backend in results["backends"]:
         for op, direction in _tables(results["points"], backend):
             rows = sorted((p for p in results["points"]

@@ -219,6 +219,10 @@ def test_cpu_grid_report_checks_the_cpu_targets_on_paired_ratios():
     assert rows["0.9"].endswith("| 3.00 | 5.00 |"), rows["0.9"]
     assert "## Targets (CPU kernels" in md and "Informational only" not in md
     assert "Paired timing" in md and "(target >= 0.909x)" in md
+    # fwd+bwd timed with the parameters changing each step (the cpu grid): said once
+    assert "update the parameters in place" not in md
+    benchmarks[0]["extra_info"]["params_change"] = True
+    assert report.markdown(report.build(bench)).count("update the parameters in place") == 1
 
 
 def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):
