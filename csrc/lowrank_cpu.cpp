@@ -19,7 +19,8 @@
 //          Both passes run a chunk of kChunk tokens at a time: each chunk of x (and grad_y)
 //          is transposed into a thread's buffers, the whole chain runs there, and results
 //          go back token-major, so no [N, features] operand is transposed whole.
-// Token chunks are spread over threads with at::parallel_for (OpenMP); the inner loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and baseline x86-64, and picked at load time.
+// Token chunks are spread over threads with at::parallel_for (OpenMP); the inner loops are
+// compiled twice, for x86-64-v3 (AVX2 + FMA) and baseline x86-64, and picked at load time.
 #include "tunecomp.h"
 
 #include "checks.h"
@@ -129,7 +130,8 @@ Groups kept_entries(const at::Tensor& w, const std::optional<at::Tensor>& mask, 
   const at::Tensor mc = mask.has_value() ? mask->contiguous() : at::Tensor();
   const int64_t rows = wc.size(0), cols = wc.size(1), groups = by_row ? rows : cols;
   const float* wp = wc.data_ptr<float>();
-  const uint8_t* mp = mask.has_value() ? reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>()) : nullptr;
+  const uint8_t* mp =  // the mask's bytes, 0 or 1
+      mask.has_value() ? reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>()) : nullptr;
   at::Tensor start = at::zeros({groups + 1}, wc.options().dtype(at::kLong));
   int64_t* sp = start.data_ptr<int64_t>();
   if (!mp) {
@@ -374,7 +376,8 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& grad_y, const at::Tens
         load_transposed(dyp, out, n0, len, dyt.data());
         grouped_rows(gv, xt.data(), tt.data());
         grouped_rows(gu_col, dyt.data(), gt.data());
-        accumulate_dots(gu_row.starts, gu_row.indices, gu_row.groups, dyt.data(), tt.data(), sums[s].data());
+        accumulate_dots(gu_row.starts, gu_row.indices, gu_row.groups, dyt.data(), tt.data(),
+                        sums[s].data());
         accumulate_dots(gv_row.starts, gv_row.indices, gv_row.groups, xt.data(), gt.data(),
                         sums[s].data() + kept_u);
         store_grouped(gv_row, gt.data(), nullptr, dxp, n0, len, block.data());
@@ -464,9 +467,11 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
     return {at::mm(g, v_m.t()), masked(at::mm(grad_y.t(), t), mask_u),
             masked(at::mm(x.t(), g), mask_v), grad_b};
   }
-  std::vector<at::Tensor> grads = sparse_backward(
-      grad_y, x, grouping(packed, kVByCol, v, mask_v, false), grouping(packed, kUByRow, u, mask_u, true),
-      grouping(packed, kUByCol, u, mask_u, false), grouping(packed, kVByRow, v, mask_v, true));
+  std::vector<at::Tensor> grads =
+      sparse_backward(grad_y, x, grouping(packed, kVByCol, v, mask_v, false),
+                      grouping(packed, kUByRow, u, mask_u, true),
+                      grouping(packed, kUByCol, u, mask_u, false),
+                      grouping(packed, kVByRow, v, mask_v, true));
   grads.push_back(grad_b);
   return grads;
 }
