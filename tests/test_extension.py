@@ -199,6 +199,28 @@ def test_packed_groups_match_and_follow_in_place_changes():
     assert torch.allclose(y3, bias.expand_as(y3))
 
 
+def test_backend_packs_again_when_the_data_is_swapped():
+    """Module.to()/.half()/.float() and `.data =` give a tensor new data without bumping its
+    version: the packing must follow the data, not the version alone."""
+    x, u, v, bias, mask_u, mask_v = inputs((70, 24, 20, 6), 0.1, True)
+    u, v = torch.nn.Parameter(u), torch.nn.Parameter(v)
+    layer = torch.nn.Module()
+    layer.u, layer.v = u, v
+    with torch.no_grad():
+        y1 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+        version = u._version
+        layer.half().float()  # u and v rounded to half precision, in the same Parameters
+        assert layer.u is u and u._version == version
+        y2 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+        want = reference.masked_lowrank_linear(x.double(), u.double(), v.double(), bias.double(),
+                                               mask_u, mask_v)
+        assert not torch.equal(y1, y2)
+        assert rel_error(y2, want) < 1e-6
+        u.data = 2 * u.data
+        y3 = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+    assert rel_error(y3 - bias, 2 * (y2 - bias)) < 1e-6
+
+
 @pytest.mark.parametrize("keep, sparse", [(0.05, True), (0.2, True), (0.5, False)])
 def test_backend_switches_both_passes_at_one_threshold(monkeypatch, keep, sparse):
     """Forward and backward run sparse below the same kept fraction (SPARSE_BELOW): there the

@@ -227,8 +227,10 @@ class _CpuBackend:
 
     def __init__(self):
         # (kept fraction, packed groups) per factor set, reused while none of u, v and the
-        # masks is replaced or modified in place (tensor identity + version counter), so an
-        # inference model packs once and a training step packs once for forward and backward.
+        # masks is replaced or modified in place, so an inference model packs once and a
+        # training step packs once for forward and backward. Each tensor's identity, version
+        # counter and data pointer are checked: an in-place change bumps the version, while
+        # Module.to()/.half() and `.data =` swap the data under the same tensor and version.
         self._packed = collections.OrderedDict()
 
     def _pack(self, u, v, mask_u, mask_v) -> tuple:
@@ -237,7 +239,8 @@ class _CpuBackend:
         tensors = (u, v, mask_u, mask_v)
         key = tuple(id(t) for t in tensors)
         entry = self._packed.get(key)
-        if entry is not None and all(r() is t and t._version == ver for (r, ver), t in zip(entry[0], tensors)):
+        if entry is not None and all(r() is t and (t._version, t.data_ptr()) == state
+                                     for (r, state), t in zip(entry[0], tensors)):
             self._packed.move_to_end(key)
             return entry[1], entry[2]
         kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
@@ -246,7 +249,8 @@ class _CpuBackend:
             packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v, backward=True)
         # an entry goes when any of its tensors does: a deleted model's packing is not kept
         drop = functools.partial(_forget, weakref.ref(self._packed), key)
-        self._packed[key] = ([(weakref.ref(t, drop), t._version) for t in tensors], kept, packed)
+        self._packed[key] = ([(weakref.ref(t, drop), (t._version, t.data_ptr())) for t in tensors],
+                             kept, packed)
         while len(self._packed) > 256:  # one entry per layer in use is enough
             self._packed.popitem(last=False)
         return kept, packed
