@@ -20,6 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "backward=True, also for the sparse backward (12 tensors)",
         py::arg("u"), py::arg("v"), py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(),
         py::arg("backward") = true);
+  m.def("pack_values_cpu", &tunecomp::pack_values_cpu,
+        "pack_groups_cpu's result with the values read again from u and v (the same kept "
+        "entries)", py::arg("u"), py::arg("v"), py::arg("packed"));
   m.def("lowrank_forward_packed_cpu", &tunecomp::lowrank_forward_packed_cpu,
         "lowrank_forward_cpu's sparse path from the kept entries alone: packed is "
         "pack_groups_cpu(..., backward=False)", py::arg("x"), py::arg("packed"),

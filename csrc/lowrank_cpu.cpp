@@ -480,9 +480,9 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
 
 namespace tunecomp {
 
-std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v,
-                                        const std::optional<at::Tensor>& mask_u,
-                                        const std::optional<at::Tensor>& mask_v, bool backward) {
+namespace {
+
+void check_factors(const at::Tensor& u, const at::Tensor& v) {
   TORCH_CHECK_TYPE(u.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
                    "u and v must be float32");
   TORCH_CHECK_VALUE(u.device().is_cpu() && v.device().is_cpu(), "u and v must be CPU tensors; got ",
@@ -493,22 +493,61 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
   // int32 indices: every dim must fit
   TORCH_CHECK_VALUE(std::max({u.size(0), v.size(0), u.size(1)}) <= INT32_MAX,
                     "u and v dims must fit int32 indices; got ", u.sizes(), " and ", v.sizes());
+}
+
+bool of_u(Slot slot) { return slot == kUByRow || slot == kUByCol; }
+bool by_row(Slot slot) { return slot == kUByRow || slot == kVByRow; }
+
+}  // namespace
+
+std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v,
+                                        const std::optional<at::Tensor>& mask_u,
+                                        const std::optional<at::Tensor>& mask_v, bool backward) {
+  check_factors(u, v);
   checks::check_mask(mask_u, u, "mask_u");
   checks::check_mask(mask_v, v, "mask_v");
   // in the order of enum Slot; the groupings are independent, so threads build them apart
   const int64_t count = backward ? 4 : 2;
   std::vector<at::Tensor> packed(3 * count);
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t slot = begin; slot < end; ++slot) {
-      const bool of_u = slot == kUByRow || slot == kUByCol;
-      const Groups g = kept_entries(of_u ? u : v, of_u ? mask_u : mask_v,
-                                    slot == kUByRow || slot == kVByRow);
-      packed[3 * slot] = g.start;
-      packed[3 * slot + 1] = g.index;
-      packed[3 * slot + 2] = g.value;
+    for (int64_t s = begin; s < end; ++s) {
+      const Slot slot = static_cast<Slot>(s);
+      const Groups g = kept_entries(of_u(slot) ? u : v, of_u(slot) ? mask_u : mask_v, by_row(slot));
+      packed[3 * s] = g.start;
+      packed[3 * s + 1] = g.index;
+      packed[3 * s + 2] = g.value;
     }
   });
   return packed;
+}
+
+std::vector<at::Tensor> pack_values_cpu(const at::Tensor& u, const at::Tensor& v,
+                                        const std::vector<at::Tensor>& packed) {
+  check_factors(u, v);
+  const at::Tensor uc = u.contiguous(), vc = v.contiguous();
+  // every grouping checked against these factors before any index is used
+  std::vector<Groups> groups;
+  for (int64_t s = 0; s < static_cast<int64_t>(packed.size()) / 3; ++s) {
+    const Slot slot = static_cast<Slot>(s);
+    groups.push_back(grouping(packed, slot, of_u(slot) ? uc : vc, std::nullopt, by_row(slot)));
+  }
+  std::vector<at::Tensor> fresh(packed);
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const Slot slot = static_cast<Slot>(s);
+      const Groups& g = groups[s];
+      const at::Tensor& w = of_u(slot) ? uc : vc;
+      const float* wp = w.data_ptr<float>();
+      const int64_t cols = w.size(1);
+      at::Tensor value = at::empty_like(g.value);
+      float* vp = value.data_ptr<float>();
+      for (int64_t q = 0; q < g.groups; ++q)
+        for (int64_t e = g.starts[q]; e < g.starts[q + 1]; ++e)
+          vp[e] = by_row(slot) ? wp[q * cols + g.indices[e]] : wp[g.indices[e] * cols + q];
+      fresh[3 * s + 2] = value;
+    }
+  });
+  return fresh;
 }
 
 }  // namespace tunecomp

@@ -33,6 +33,12 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
                                         const std::optional<at::Tensor>& mask_u,
                                         const std::optional<at::Tensor>& mask_v, bool backward);
 
+// pack_groups_cpu's result for factors whose values changed but whose kept entries did not
+// (a training step between two prunings): the same starts and indices, the values read
+// again from u and v. O(kept entries), against packing's two passes over whole factors.
+std::vector<at::Tensor> pack_values_cpu(const at::Tensor& u, const at::Tensor& v,
+                                        const std::vector<at::Tensor>& packed);
+
 // The sparse forward from the kept entries alone: packed is pack_groups_cpu's forward half
 // (V's and U's starts, indices, values), checked here (sizes, order, index ranges);
 // out_features and the rank come from it, in_features from x. For models whose pruned

@@ -199,6 +199,61 @@ def test_packed_groups_match_and_follow_in_place_changes():
     assert torch.allclose(y3, bias.expand_as(y3))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("keep", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("backward", [False, True])
+def test_pack_values_reads_the_new_values_of_the_same_entries(shape, keep, backward):
+    _, k, m, r = shape
+    u, v = torch.randn(m, r), torch.randn(k, r)
+    mask_u, mask_v = random_mask(u.shape, keep), random_mask(v.shape, keep)
+    packed = _C.pack_groups_cpu(u, v, mask_u, mask_v, backward=backward)
+    u2, v2 = torch.randn(m, r), torch.randn(k, r).T.contiguous().T  # v2 not contiguous
+    fresh = _C.pack_values_cpu(u2, v2, packed)
+    want = _C.pack_groups_cpu(u2, v2, mask_u, mask_v, backward=backward)
+    assert len(fresh) == len(want) == (12 if backward else 6)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, want))
+    assert all(fresh[i] is packed[i] for i in range(len(packed)) if i % 3 != 2)  # starts, indices
+    assert all(torch.equal(a, b) for a, b in zip(packed, _C.pack_groups_cpu(u, v, mask_u, mask_v, backward)))
+
+
+def test_pack_values_checks_its_inputs():
+    u, v = torch.randn(20, 6), torch.randn(24, 6)
+    packed = _C.pack_groups_cpu(u, v, random_mask(u.shape, 0.3), random_mask(v.shape, 0.3))
+    with pytest.raises(ValueError, match="packed does not match these factors"):
+        _C.pack_values_cpu(torch.randn(19, 6), v, packed)
+    with pytest.raises(ValueError, match="packed must hold the 6 or 12 tensors"):
+        _C.pack_values_cpu(u, v, packed[:3])
+    with pytest.raises(TypeError, match="u and v must be float32"):
+        _C.pack_values_cpu(u.double(), v, packed)
+
+
+def test_backend_reads_new_values_only_while_the_masks_stay(monkeypatch):
+    """Training steps between two prunings change u and v in place, not the masks: the
+    backend reads the kept entries' new values (pack_values_cpu) instead of packing anew;
+    a changed mask packs anew. Each step's output and gradients match the reference."""
+    calls = []
+    for name in ("pack_groups_cpu", "pack_values_cpu"):
+        real = getattr(_C, name)
+        monkeypatch.setattr(_C, name, lambda *a, _real=real, _name=name, **kw:
+                            calls.append(_name) or _real(*a, **kw))
+    x, u, v, bias, mask_u, mask_v = inputs((70, 48, 40, 24), 0.1, True)
+    leaves = [t.requires_grad_() for t in (x, u, v, bias)]
+    optimizer = torch.optim.SGD([u, v], lr=0.1)
+    for step in range(4):
+        seed = fresh_seed()
+        if step == 2:
+            mask_v[0] = False  # a pruning step
+        y = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+        grad_y = torch.randn_like(y)
+        y.backward(grad_y)
+        assert_matches_float64(y, [t.grad for t in leaves], seed, x, u, v, bias, mask_u, mask_v,
+                               grad_y)
+        optimizer.step()
+        for t in leaves:
+            t.grad = None
+    assert calls == ["pack_groups_cpu", "pack_values_cpu", "pack_groups_cpu", "pack_values_cpu"]
+
+
 def test_backend_packs_again_when_the_data_is_swapped():
     """Module.to()/.half()/.float() and `.data =` give a tensor new data without bumping its
     version: the packing must follow the data, not the version alone."""

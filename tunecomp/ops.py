@@ -226,11 +226,14 @@ class _CpuBackend:
         return None
 
     def __init__(self):
-        # (kept fraction, packed groups) per factor set, reused while none of u, v and the
-        # masks is replaced or modified in place, so an inference model packs once and a
-        # training step packs once for forward and backward. Each tensor's identity, version
-        # counter and data pointer are checked: an in-place change bumps the version, while
-        # Module.to()/.half() and `.data =` swap the data under the same tensor and version.
+        # [refs, states, kept fraction, packed groups] per factor set, reused while none of u,
+        # v and the masks is replaced or modified in place, so an inference model packs once
+        # and a training step packs once for forward and backward. Each tensor's identity,
+        # version counter and data pointer are checked: an in-place change bumps the version,
+        # while Module.to()/.half() and `.data =` swap the data under the same tensor and
+        # version. Where only u or v changed (every training step between two prunings), the
+        # same entries are kept: their values alone are read again (pack_values_cpu, a
+        # gather of the kept entries instead of two passes over the whole factors).
         self._packed = collections.OrderedDict()
 
     def _pack(self, u, v, mask_u, mask_v) -> tuple:
@@ -238,19 +241,23 @@ class _CpuBackend:
             return 1.0, None
         tensors = (u, v, mask_u, mask_v)
         key = tuple(id(t) for t in tensors)
+        states = [(t._version, t.data_ptr()) for t in tensors]
         entry = self._packed.get(key)
-        if entry is not None and all(r() is t and (t._version, t.data_ptr()) == state
-                                     for (r, state), t in zip(entry[0], tensors)):
-            self._packed.move_to_end(key)
-            return entry[1], entry[2]
+        if entry is not None and all(r() is t for r, t in zip(entry[0], tensors)):
+            refs, old_states, kept, packed = entry
+            if old_states[2:] == states[2:]:  # the masks did not change: nor did the kept entries
+                if old_states[:2] != states[:2] and packed is not None:
+                    packed = _C.pack_values_cpu(u.detach(), v.detach(), packed)
+                self._packed[key] = [refs, states, kept, packed]
+                self._packed.move_to_end(key)
+                return kept, packed
         kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
         packed = None
         if kept < self.SPARSE_BELOW:  # the backward's groupings too: it runs sparse as well
             packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v, backward=True)
         # an entry goes when any of its tensors does: a deleted model's packing is not kept
         drop = functools.partial(_forget, weakref.ref(self._packed), key)
-        self._packed[key] = ([(weakref.ref(t, drop), (t._version, t.data_ptr())) for t in tensors],
-                             kept, packed)
+        self._packed[key] = [[weakref.ref(t, drop) for t in tensors], states, kept, packed]
         while len(self._packed) > 256:  # one entry per layer in use is enough
             self._packed.popitem(last=False)
         return kept, packed
