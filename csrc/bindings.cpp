@@ -11,10 +11,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask_u") = py::none(), py::arg("mask_v") = py::none(), py::arg("sparse") = false,
         py::arg("packed") = py::none());
   m.def("lowrank_forward_with_t_cpu", &tunecomp::lowrank_forward_with_t_cpu,
-        "[y, t]: lowrank_forward_cpu's dense path and t = x @ where(mask_v, v, 0), which "
+        "[y, t]: lowrank_forward_cpu's y and t = x @ where(mask_v, v, 0), which "
         "lowrank_backward_cpu takes", py::arg("x"), py::arg("u"), py::arg("v"),
         py::arg("bias") = py::none(), py::arg("mask_u") = py::none(),
-        py::arg("mask_v") = py::none());
+        py::arg("mask_v") = py::none(), py::arg("sparse") = false, py::arg("packed") = py::none());
   m.def("pack_groups_cpu", &tunecomp::pack_groups_cpu,
         "the factors' kept entries grouped for the sparse forward (6 tensors) and, with "
         "backward=True, also for the sparse backward (12 tensors)",

@@ -290,6 +290,15 @@ void load_transposed(const float* src, int64_t width, int64_t n0, int64_t len, f
   }
 }
 
+// dst[(n0 + i)·width + k] = buf[k·kChunk + i] for i < len: load_transposed's inverse.
+void store_transposed(const float* buf, int64_t width, int64_t n0, int64_t len, float* dst) {
+  for (int64_t k0 = 0; k0 < width; k0 += kBlock) {
+    const int64_t kn = std::min(kBlock, width - k0);
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t k = k0; k < k0 + kn; ++k) dst[(n0 + i) * width + k] = buf[k * kChunk + i];
+  }
+}
+
 // dst[q] = Σ_{(j, a) in group q} a·src[j] for every group q, on kChunk-token rows.
 void grouped_rows(const Groups& g, const float* src, float* dst) {
   std::fill(dst, dst + g.groups * kChunk, 0.0f);
@@ -320,9 +329,9 @@ void store_grouped(const Groups& g, const float* src, const float* bias, float* 
 
 // The sparse forward from the groupings of V's kept entries by rank component (gv) and of
 // U's by output (gu). Per chunk: xt = x's chunk transposed, tt[j] = Σ V[k, j]·xt[k],
-// y = b + Σ U[o, j]·tt[j].
+// y = b + Σ U[o, j]·tt[j]. With tp, T = x·Vm [N, r] is also written there, for the backward.
 at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& gu,
-                          const std::optional<at::Tensor>& bias) {
+                          const std::optional<at::Tensor>& bias, float* tp = nullptr) {
   const int64_t n = x.size(0), in = x.size(1), out = gu.groups, rank = gv.groups;
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -336,6 +345,7 @@ at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& g
       const int64_t n0 = c * kChunk, len = std::min(kChunk, n - n0);
       load_transposed(xp, in, n0, len, xt.data());
       grouped_rows(gv, xt.data(), tt.data());
+      if (tp) store_transposed(tt.data(), rank, n0, len, tp);
       store_grouped(gu, tt.data(), bp, yp, n0, len, block.data());
     }
   });
@@ -344,7 +354,8 @@ at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& g
 
 // The sparse backward, in one pass over the tokens with the forward's chunks. Per chunk:
 //   xt, dyt : x's and grad_y's chunks transposed
-//   tt[j] = Σ_{k kept in V[:, j]} V[k, j]·xt[k]     (the forward's T again, by gv)
+//   tt[j] = Σ_{k kept in V[:, j]} V[k, j]·xt[k]     (the forward's T again, by gv; or
+//                                                    read from tp, the forward's T [N, r])
 //   gt[j] = Σ_{o kept in U[:, j]} U[o, j]·dyt[o]    (by gu_col)
 //   dx    = Σ_{j kept in V[k, :]} V[k, j]·gt[j]     (by gv_row, written back token-major)
 // and the chunk's share of dU[o, j] = dyt[o]·tt[j] and dV[k, j] = xt[k]·gt[j], at kept
@@ -354,7 +365,8 @@ at::Tensor sparse_forward(const at::Tensor& x, const Groups& gv, const Groups& g
 // added in slice order, so the result does not depend on the scheduling.
 std::vector<at::Tensor> sparse_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                         const Groups& gv, const Groups& gu_row,
-                                        const Groups& gu_col, const Groups& gv_row) {
+                                        const Groups& gu_col, const Groups& gv_row,
+                                        const float* tp) {
   const int64_t n = x.size(0), in = x.size(1), out = gu_row.groups, rank = gv.groups;
   const at::Tensor xc = x.contiguous(), dyc = grad_y.contiguous();
   const float* xp = xc.data_ptr<float>();
@@ -374,7 +386,10 @@ std::vector<at::Tensor> sparse_backward(const at::Tensor& grad_y, const at::Tens
         const int64_t n0 = c * kChunk, len = std::min(kChunk, n - n0);
         load_transposed(xp, in, n0, len, xt.data());
         load_transposed(dyp, out, n0, len, dyt.data());
-        grouped_rows(gv, xt.data(), tt.data());
+        if (tp)
+          load_transposed(tp, rank, n0, len, tt.data());
+        else
+          grouped_rows(gv, xt.data(), tt.data());
         grouped_rows(gu_col, dyt.data(), gt.data());
         accumulate_dots(gu_row.starts, gu_row.indices, gu_row.groups, dyt.data(), tt.data(),
                         sums[s].data());
@@ -406,7 +421,8 @@ at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const a
                                const std::optional<at::Tensor>& mask_u,
                                const std::optional<at::Tensor>& mask_v, bool sparse,
                                const std::optional<std::vector<at::Tensor>>& packed) {
-  if (!sparse) return lowrank_forward_with_t_cpu(x, u, v, bias, mask_u, mask_v)[0];
+  if (!sparse)
+    return lowrank_forward_with_t_cpu(x, u, v, bias, mask_u, mask_v, false, std::nullopt)[0];
   check_inputs(x, u, v, bias, mask_u, mask_v);
   return sparse_forward(x, grouping(packed, kVByCol, v, mask_v, false),  // per rank j: kept k
                         grouping(packed, kUByRow, u, mask_u, true), bias);  // per output o: kept j
@@ -416,8 +432,18 @@ std::vector<at::Tensor> lowrank_forward_with_t_cpu(const at::Tensor& x, const at
                                                    const at::Tensor& v,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& mask_u,
-                                                   const std::optional<at::Tensor>& mask_v) {
+                                                   const std::optional<at::Tensor>& mask_v,
+                                                   bool sparse,
+                                                   const std::optional<std::vector<at::Tensor>>&
+                                                       packed) {
   check_inputs(x, u, v, bias, mask_u, mask_v);
+  if (sparse) {
+    at::Tensor t = at::empty({x.size(0), u.size(1)}, x.options());
+    at::Tensor y = sparse_forward(x, grouping(packed, kVByCol, v, mask_v, false),
+                                  grouping(packed, kUByRow, u, mask_u, true), bias,
+                                  t.data_ptr<float>());
+    return {y, t};
+  }
   const at::Tensor t = at::mm(x, masked(v, mask_v));
   const at::Tensor u_kept = masked(u, mask_u);
   return {bias.has_value() ? at::addmm(*bias, t, u_kept.t()) : at::mm(t, u_kept.t()), t};
@@ -453,7 +479,6 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
   check_inputs(x, u, v, std::nullopt, mask_u, mask_v);
   checks::check_grad_y(grad_y, x, u);
   if (saved_t.has_value()) {
-    TORCH_CHECK_VALUE(!sparse, "t is taken by the dense path only (sparse=False)");
     checks::check_same(*saved_t, "t", x, 2);
     TORCH_CHECK_VALUE(saved_t->size(0) == x.size(0) && saved_t->size(1) == u.size(1),
                       "t must have shape (tokens, rank) = (", x.size(0), ", ", u.size(1),
@@ -467,11 +492,13 @@ std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at:
     return {at::mm(g, v_m.t()), masked(at::mm(grad_y.t(), t), mask_u),
             masked(at::mm(x.t(), g), mask_v), grad_b};
   }
+  const at::Tensor tc = saved_t.has_value() ? saved_t->contiguous() : at::Tensor();
   std::vector<at::Tensor> grads =
       sparse_backward(grad_y, x, grouping(packed, kVByCol, v, mask_v, false),
                       grouping(packed, kUByRow, u, mask_u, true),
                       grouping(packed, kUByCol, u, mask_u, false),
-                      grouping(packed, kVByRow, v, mask_v, true));
+                      grouping(packed, kVByRow, v, mask_v, true),
+                      saved_t.has_value() ? tc.data_ptr<float>() : nullptr);
   grads.push_back(grad_b);
   return grads;
 }

@@ -18,13 +18,16 @@ at::Tensor lowrank_forward_cpu(const at::Tensor& x, const at::Tensor& u, const a
                                const std::optional<at::Tensor>& mask_v, bool sparse,
                                const std::optional<std::vector<at::Tensor>>& packed);
 
-// lowrank_forward_cpu's dense path, returning {y, t} with t = x @ where(mask_v, v, 0) [N, r],
-// which lowrank_backward_cpu's dense path then takes instead of computing it again.
+// lowrank_forward_cpu, returning {y, t} with t = x @ where(mask_v, v, 0) [N, r], which
+// lowrank_backward_cpu then takes instead of computing it again.
 std::vector<at::Tensor> lowrank_forward_with_t_cpu(const at::Tensor& x, const at::Tensor& u,
                                                    const at::Tensor& v,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& mask_u,
-                                                   const std::optional<at::Tensor>& mask_v);
+                                                   const std::optional<at::Tensor>& mask_v,
+                                                   bool sparse,
+                                                   const std::optional<std::vector<at::Tensor>>&
+                                                       packed);
 
 // The kept entries of the factors grouped as the sparse forward needs them (V by column,
 // U by row) and, with backward, also as the sparse backward does (U by column, V by row);
@@ -47,8 +50,8 @@ at::Tensor lowrank_forward_packed_cpu(const at::Tensor& x, const std::vector<at:
                                       const std::optional<at::Tensor>& bias);
 
 // {grad_x, grad_u, grad_v, grad_b} of the op; grad_b is empty unless has_bias. t: the
-// forward's x @ where(mask_v, v, 0) (lowrank_forward_with_t_cpu), dense path only; computed
-// here when absent.
+// forward's x @ where(mask_v, v, 0) (lowrank_forward_with_t_cpu), either path; computed here
+// when absent.
 std::vector<at::Tensor> lowrank_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                              const at::Tensor& u, const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask_u,

@@ -84,23 +84,35 @@ def test_sparse_backward_across_threads(threads):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
-def test_forward_with_t_and_backward_taking_it(shape, keep):
-    """lowrank_forward_with_t_cpu: the dense path's y and t = x·Vm; the backward given that t
-    returns what it computes without it, and matches the float64 reference."""
+@pytest.mark.parametrize("keep", [0.0, 0.05, 0.5, 1.0])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_forward_with_t_and_backward_taking_it(shape, keep, sparse):
+    """lowrank_forward_with_t_cpu: either path's y and t = x·Vm; the backward given that t
+    returns what it computes without it (the dense path: exactly; the sparse path, which
+    writes t out of the same fp32 sums it would make again: exactly too), and matches the
+    float64 reference."""
     seed = fresh_seed()
     x, u, v, bias, mask_u, mask_v = inputs(shape, keep, True, contiguous=shape[0] % 2 == 1)
-    y, t = _C.lowrank_forward_with_t_cpu(x, u, v, bias, mask_u, mask_v)
-    assert torch.equal(y, _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, False))
-    assert rel_error(t, double(x) @ reference.apply_mask(double(v), mask_v)) < 1e-5
+    packed = _C.pack_groups_cpu(u, v, mask_u, mask_v) if sparse else None
+    y, t = _C.lowrank_forward_with_t_cpu(x, u, v, bias, mask_u, mask_v, sparse, packed)
+    assert torch.equal(y, _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, sparse, packed))
+    assert t.shape == (x.shape[0], u.shape[1])
+    want_t = double(x) @ reference.apply_mask(double(v), mask_v)
+    assert rel_error(t, want_t) < 1e-5 if want_t.any() else not t.any()
     grad_y = torch.randn_like(y)
-    grads = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, False, None, t)
-    for got, want in zip(grads, _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, False)):
+    grads = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, sparse, packed, t)
+    for got, want in zip(grads, _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, sparse, packed)):
         assert torch.equal(got, want)
     assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
     # the t given is the one used: a zero t gives a zero grad_u
-    zero_t = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, False, None, torch.zeros_like(t))
+    zero_t = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, sparse, packed, torch.zeros_like(t))
     assert not zero_t[1].any() and torch.equal(zero_t[0], grads[0])
+    # a strided t is read as well (the sparse path makes it contiguous once; BLAS may sum a
+    # transposed operand in another order)
+    strided = torch.empty(t.shape[1], t.shape[0]).T.copy_(t)
+    for got, want in zip(_C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, sparse, packed, strided),
+                         grads):
+        assert torch.equal(got, want) if sparse else rel_error(got, want) < 1e-6
 
 
 def test_backward_checks_t():
@@ -113,8 +125,8 @@ def test_backward_checks_t():
         backward(grad_y, x, u, v, mask_u, mask_v, True, False, None, torch.randn(9, 3).double())
     with pytest.raises(ValueError, match="t must be 2-D"):
         backward(grad_y, x, u, v, mask_u, mask_v, True, False, None, torch.randn(27))
-    with pytest.raises(ValueError, match=r"t is taken by the dense path only \(sparse=False\)"):
-        backward(grad_y, x, u, v, mask_u, mask_v, True, True, None, torch.randn(9, 3))
+    with pytest.raises(ValueError, match=r"t must have shape \(tokens, rank\) = \(9, 3\); got \[8, 3\]"):
+        backward(grad_y, x, u, v, mask_u, mask_v, True, True, None, torch.randn(8, 3))
 
 
 @pytest.mark.parametrize("keep", [0.05, 1.0])
@@ -279,9 +291,8 @@ def test_backend_packs_again_when_the_data_is_swapped():
 @pytest.mark.parametrize("keep, sparse", [(0.05, True), (0.2, True), (0.5, False)])
 def test_backend_switches_both_passes_at_one_threshold(monkeypatch, keep, sparse):
     """Forward and backward run sparse below the same kept fraction (SPARSE_BELOW): there the
-    forward packs all four groupings and the backward runs sparse from them, with no T (the
-    sparse forward makes none); above it, nothing is packed and the backward gets the
-    forward's T."""
+    forward packs all four groupings and the backward runs sparse from them; above it,
+    nothing is packed. Either way the backward gets the forward's T."""
     backend = ops._BACKENDS["cpu"]
     assert 0.2 < backend.SPARSE_BELOW < 0.5
     calls = []
@@ -301,7 +312,7 @@ def test_backend_switches_both_passes_at_one_threshold(monkeypatch, keep, sparse
     (args,) = calls
     assert args[7] is sparse  # lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, has_bias, sparse, packed, t)
     assert args[8] is packed
-    assert (args[9] is None) == sparse
+    assert args[9].shape == (70, 24)  # the forward's T, from either path
     grads = [t.grad for t in (x, u, v, bias)]
     assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
 

@@ -209,9 +209,9 @@ def test_each_mode_takes_its_route(monkeypatch, blend, backend):
 @pytest.mark.parametrize("op", ["masked", "two-branch", "folded"])
 @pytest.mark.parametrize("backend,keep", [("torch", 0.5), ("cpu", 0.5), ("cpu", 0.05)])
 def test_eager_route_keeps_t_for_the_backward(monkeypatch, op, backend, keep):
-    """ops "Saved T": where the backend's forward makes T = x·Vm (torch; cpu on its dense
-    path; the blend where it does not fold), the eager route saves it and the backward uses
-    it (a T zeroed between the passes zeroes grad_u); elsewhere nothing [N, r] is saved. The
+    """ops "Saved T": where the backend's forward makes T = x·Vm (torch; cpu on either path;
+    the blend where it does not fold), the eager route saves it and the backward uses it (a T
+    zeroed between the passes zeroes grad_u); elsewhere nothing [N, r] is saved. The
     gradients equal the custom-op route's, which always recomputes T, and the reference's."""
     if ops.available_backends("cpu", torch.float32)[backend] is not None:
         pytest.skip(f"backend {backend!r} unavailable")
@@ -220,8 +220,9 @@ def test_eager_route_keeps_t_for_the_backward(monkeypatch, op, backend, keep):
     a = make_inputs(n=7, k=13, m=5, r=3, dtype=torch.float32, keep=keep)
     teacher = make_teacher(a, torch.float32) if op != "masked" else {}
     grad_y = torch.randn(7, 5)
-    kept = backend == "torch" or keep > ops._CpuBackend.SPARSE_BELOW
-    t_kept = kept and op != "folded"
+    # "cpu" folds only where its student runs dense
+    folds = op == "folded" and (backend == "torch" or keep >= ops._CpuBackend.SPARSE_BELOW)
+    t_kept = not folds
     t_want = a["x"] @ reference.apply_mask(a["v"], a["mask_v"])
 
     def grads(route, zero_t=False):
