@@ -474,13 +474,12 @@ def _masked_forward(x, u, v, bias, mask_u, mask_v, backend):
 
 # Saved T. The factor gradients need T = x·Vm [N, r]. A backend whose forward makes T on the
 # way ("torch"; "cpu", whose sparse path then also writes it out; the blend where it does not
-# fold) offers
-# ``forward_with_t`` / ``blended_forward_with_t``, and the eager route saves that T for the
-# backward, which then skips one of its GEMMs: the forward and backward of the masked op are 6
-# GEMMs instead of 7 (on 2 CPU cores, float32, rank 192: 1.02-1.30x faster, from 0.80-0.96x
-# of eager autograd, which saves T too, to 0.95-1.11x; the cpu sparse path, at 5-20% kept:
-# geometric mean 1.09x, up to 1.46x where in_features is large). It costs the memory eager autograd
-# spends: N·r per layer while the graph lives. The fused GPU kernels never hold T in memory
+# fold) offers ``forward_with_t`` / ``blended_forward_with_t``, and the eager route saves that
+# T for the backward, which then skips one of its GEMMs: the forward and backward of the
+# masked op are 6 GEMMs instead of 7 (on 2 CPU cores, float32, rank 192: 1.02-1.30x faster,
+# from 0.80-0.96x of eager autograd, which saves T too, to 0.95-1.11x; the cpu sparse path,
+# at 5-20% kept: geometric mean 1.09x, up to 1.46x where in_features is large). It costs the
+# memory eager autograd spends: N·r per layer while the graph lives. The fused GPU kernels never hold T in memory
 # and recompute it; so does the custom-op route (torch.compile), whose forward returns y alone.
 # Only a backend with ``forward_with_t`` ever gets a T in its backward.
 
