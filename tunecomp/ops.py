@@ -39,6 +39,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import reference
 
@@ -229,19 +230,28 @@ class _CpuBackend:
         # [refs, states, kept fraction, packed groups] per factor set, reused while none of u,
         # v and the masks is replaced or modified in place, so an inference model packs once
         # and a training step packs once for forward and backward. Each tensor's identity,
-        # version counter and data pointer are checked: an in-place change bumps the version,
-        # while Module.to()/.half() and `.data =` swap the data under the same tensor and
-        # version. Where only u or v changed (every training step between two prunings), the
-        # same entries are kept: their values alone are read again (pack_values_cpu, a
-        # gather of the kept entries instead of two passes over the whole factors).
+        # version counter, data pointer and storage are checked (_states): an in-place change
+        # bumps the version, while Module.to()/.half() and `.data =` swap the storage under the
+        # same tensor and version. Where only u or v changed (every training step between two
+        # prunings), the same entries are kept: their values alone are read again
+        # (pack_values_cpu, a gather of the kept entries instead of two passes over the whole
+        # factors).
         self._packed = collections.OrderedDict()
+
+    @staticmethod
+    def _states(tensors) -> list:
+        """(version, data pointer, storage) of each tensor. The storage is held by a weak
+        reference, which frees its data but keeps its address from being reused while the
+        cache holds it: a data pointer alone can be (after `.half().float()`, the new data
+        lay at the old address in 1% of tries)."""
+        return [(t._version, t.data_ptr(), StorageWeakRef(t.untyped_storage())) for t in tensors]
 
     def _pack(self, u, v, mask_u, mask_v) -> tuple:
         if mask_u is None or mask_v is None:
             return 1.0, None
         tensors = (u, v, mask_u, mask_v)
         key = tuple(id(t) for t in tensors)
-        states = [(t._version, t.data_ptr()) for t in tensors]
+        states = self._states(tensors)
         entry = self._packed.get(key)
         if entry is not None and all(r() is t for r, t in zip(entry[0], tensors)):
             refs, old_states, kept, packed = entry
