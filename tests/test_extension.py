@@ -1,8 +1,12 @@
 """The native extension tunecomp._C: the C++ CPU kernels (both paths) against the float64
 reference, and their checks raising Python errors."""
 
+import gc
 import os
 import shutil
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -166,6 +170,102 @@ def test_checks_raise_python_errors():
         f(x.double(), u.double(), v.double())
     with pytest.raises(ValueError, match="grad_y must have shape"):
         _C.lowrank_backward_cpu(torch.randn(4, 4), x, u, v)
+
+
+def _cpu_kernel_calls():
+    """One call of each CPU entry point of _C, on inputs big enough to take milliseconds."""
+    x, u, v, bias, mask_u, mask_v = inputs((1024, 1024, 1024, 256), 0.5, True)
+    packed = _C.pack_groups_cpu(u, v, mask_u, mask_v, backward=True)
+    grad_y = torch.randn(1024, 1024)
+    return {
+        "lowrank_forward_cpu": lambda: _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v),
+        "lowrank_forward_with_t_cpu": lambda: _C.lowrank_forward_with_t_cpu(
+            x, u, v, bias, mask_u, mask_v, True, packed),
+        "pack_groups_cpu": lambda: _C.pack_groups_cpu(u, v, mask_u, mask_v, backward=True),
+        "pack_values_cpu": lambda: _C.pack_values_cpu(u, v, packed),
+        "lowrank_forward_packed_cpu": lambda: _C.lowrank_forward_packed_cpu(x, packed[:6], bias),
+        "lowrank_backward_cpu": lambda: _C.lowrank_backward_cpu(
+            grad_y, x, u, v, mask_u, mask_v, True, True, packed),
+    }
+
+
+@pytest.mark.parametrize("name", ["lowrank_forward_cpu", "lowrank_forward_with_t_cpu", "pack_groups_cpu",
+                                  "pack_values_cpu", "lowrank_forward_packed_cpu",
+                                  "lowrank_backward_cpu"])
+def test_kernels_let_other_python_threads_run(name):
+    """While a kernel runs, another Python thread runs too: the bindings let go of the GIL.
+
+    With the switch interval raised far beyond the test, the thread holding the GIL keeps it
+    until it blocks. A second thread wakes every millisecond and notes the time. A kernel
+    holding the GIL lets it go, if at all, only around the call (converting and freeing
+    tensors: measured at 97-100% of the call's time); so no note falls in the middle half of
+    the call, whatever the timing. Released, a note lands there within a few calls (each
+    takes milliseconds). The garbage collector is off meanwhile: a collection between the
+    two clock reads could take long enough to blur "around"."""
+    call = _cpu_kernel_calls()[name]
+    notes, started, done = [], threading.Event(), threading.Event()
+
+    def note():
+        started.set()
+        while not done.is_set():
+            notes.append(time.perf_counter())
+            time.sleep(0.001)  # blocks: lets go of the GIL
+
+    interval, collecting = sys.getswitchinterval(), gc.isenabled()
+    sys.setswitchinterval(1000.0)
+    gc.disable()
+    thread = threading.Thread(target=note, daemon=True)
+    try:
+        thread.start()
+        started.wait()
+        inside = 0
+        for _ in range(50):
+            t0 = time.perf_counter()
+            call()
+            t1 = time.perf_counter()
+            quarter = (t1 - t0) / 4
+            inside += sum(t0 + quarter < t < t1 - quarter for t in list(notes))
+            if inside:
+                break
+    finally:
+        done.set()
+        sys.setswitchinterval(interval)
+        if collecting:
+            gc.enable()
+        thread.join()
+    assert inside > 0, f"{name} held the GIL in all 50 calls: no other thread ran in their middle"
+
+
+def test_threads_share_the_cpu_backend():
+    """Python threads running the same layers at once (the kernels let go of the GIL), sparse
+    and dense, packing anew and reading the packing cache together, each get what one thread
+    gets alone."""
+    layers = [inputs((97, 40, 36, 8), keep, True)[1:] for keep in (0.05, 0.1, 0.6)]
+    xs = [torch.randn(97, 40) for _ in range(4)]
+    with torch.no_grad():
+        want = [[ops.masked_lowrank_linear(x, *layer, backend="cpu") for layer in layers]
+                for x in xs]
+    ops._BACKENDS["cpu"]._packed.clear()  # the threads pack anew, together
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                got[i] = [[ops.masked_lowrank_linear(xs[i], *layer, backend="cpu")
+                           for layer in layers] for _ in range(20)]
+        except Exception as error:  # raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i, rounds in got.items():
+        for ys in rounds:
+            for y, y_alone in zip(ys, want[i]):
+                assert rel_error(y, y_alone) < 1e-6
 
 
 def test_cuda_part_built_when_toolkit_present():

@@ -258,8 +258,9 @@ class _CpuBackend:
             if old_states[2:] == states[2:]:  # the masks did not change: nor did the kept entries
                 if old_states[:2] != states[:2] and packed is not None:
                     packed = _C.pack_values_cpu(u.detach(), v.detach(), packed)
+                # put back last (not move_to_end: another thread may have dropped the key)
+                self._packed.pop(key, None)
                 self._packed[key] = [refs, states, kept, packed]
-                self._packed.move_to_end(key)
                 return kept, packed
         kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
         packed = None
