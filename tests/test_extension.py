@@ -421,6 +421,31 @@ def test_backend_switches_both_passes_at_one_threshold(monkeypatch, keep, sparse
     assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.99])
+def test_backend_applies_masks_only_where_an_entry_is_pruned(monkeypatch, keep):
+    """All-one masks (no pruning yet, or rho 0) reach neither kernel: selecting by them would
+    copy the factors for nothing. One pruned entry and both passes apply them."""
+    seen = []
+    for name in ("lowrank_forward_with_t_cpu", "lowrank_backward_cpu"):
+        real = getattr(_C, name)
+        monkeypatch.setattr(_C, name, lambda *args, real=real: seen.append(args[4:6]) or real(*args))
+    seed = fresh_seed()
+    x, u, v, bias, _, _ = inputs((37, 24, 40, 16), 1.0, True)
+    mask_u, mask_v = torch.ones_like(u, dtype=torch.bool), torch.ones_like(v, dtype=torch.bool)
+    if keep < 1:
+        mask_u[3, 5] = False
+    x, u, v, bias = (t.requires_grad_() for t in (x, u, v, bias))
+    y = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert len(seen) == 2  # forward (mask_u, mask_v), backward (mask_u, mask_v)
+    for masks in seen:
+        assert (masks == (None, None)) if keep == 1 else (masks[0] is mask_u and masks[1] is mask_v)
+    grads = [t.grad for t in (x, u, v, bias)]
+    assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
+    assert (u.grad[3, 5] == 0) == (keep < 1)
+
+
 def test_backend_forgets_the_packing_of_deleted_factors():
     backend = ops._BACKENDS["cpu"]
     x, u, v, bias, mask_u, mask_v = inputs((70, 48, 40, 24), 0.05, True)

@@ -203,7 +203,9 @@ class _CpuBackend:
     Dense factors run as BLAS GEMMs; once few entries are kept, a path that skips the pruned
     ones (see csrc/lowrank_cpu.cpp). The blend adds the teacher's GEMM in eager PyTorch, or,
     where the student runs dense and enough tokens come, folds the student into it
-    (``folding_pays``).
+    (``folding_pays``). All-one masks (before the first pruning, or at rho 0) are not applied:
+    selecting by them only copied the factors (at 197 tokens, rank 192, the forward ran
+    1.07-1.15x and the backward 1.12-1.17x faster without; at 1576 tokens, within noise).
     """
 
     name = "cpu"
@@ -277,6 +279,8 @@ class _CpuBackend:
         """(y, T or None). Without with_t the sparse path stores no T (the dense one makes it
         on the way anyway)."""
         kept, packed = self._pack(u, v, mask_u, mask_v)
+        if kept == 1.0:
+            mask_u = mask_v = None  # nothing pruned (yet): selecting by the masks is a copy
         sparse = kept < self.SPARSE_BELOW
         if with_t:
             return tuple(_C.lowrank_forward_with_t_cpu(x, u, v, bias, mask_u, mask_v, sparse, packed))
@@ -290,6 +294,8 @@ class _CpuBackend:
 
     def backward(self, grad_y, x, u, v, mask_u, mask_v, has_bias, t=None):
         kept, packed = self._pack(u, v, mask_u, mask_v)
+        if kept == 1.0:
+            mask_u = mask_v = None
         return tuple(_C.lowrank_backward_cpu(grad_y.contiguous(), x, u, v, mask_u, mask_v, has_bias,
                                              kept < self.SPARSE_BELOW, packed, t))
 
