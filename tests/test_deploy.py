@@ -170,9 +170,15 @@ def test_storage_encodings_round_trip_and_refuse_bad_tensors():
         decode({"w": torch.zeros(7, 5, dtype=torch.long)}, "w", "plain", (7, 5))
 
 
-def test_load_builds_on_the_cpu_where_timm_cannot_build_on_meta(tmp_path, monkeypatch):
-    """Some timm versions call .item() in a model's constructor, which the meta device refuses."""
-    model = trained_like_model()
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_load_builds_on_the_cpu_where_timm_cannot_build_on_meta(tmp_path, monkeypatch, dtype, bound):
+    """Some timm versions call .item() in a model's constructor, which the meta device refuses.
+    The skeleton built instead (float32) takes the file's tensors as they are: a float64
+    export stays exact (copied into the skeleton first, it came back 3e-8 off)."""
+    model = trained_like_model().to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():  # values float32 cannot hold, where the dtype is wider
+            p.add_(1e-6 * torch.randn_like(p))
     export(model, str(tmp_path), arch_kwargs=KW)
     create = timm.create_model
     built_on = []
@@ -185,10 +191,14 @@ def test_load_builds_on_the_cpu_where_timm_cannot_build_on_meta(tmp_path, monkey
         return create(*args, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", create_model)
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
     with torch.no_grad():
-        assert rel_error(load(str(tmp_path))(x), model(x)) < 1e-5
+        assert rel_error(load(str(tmp_path))(x), model(x)) < bound
     assert built_on == ["meta", "cpu"]
+    skeleton = create(  # a skeleton of the caller's, float32, for a file that may be float64
+        "vit_tiny_patch16_224", pretrained=False, **KW)
+    with torch.no_grad():
+        assert rel_error(load(str(tmp_path), model=skeleton)(x), model(x)) < bound
 
 
 def test_float64_export_round_trips_exactly(tmp_path):
@@ -290,6 +300,9 @@ def test_tampered_truncated_version_missing(tmp_path):
     manifest_path.write_text(json.dumps(sealed({**manifest, "tensors": {**manifest["tensors"], "extra.weight": extra}})))
     with pytest.raises(DeployError, match="lacks tensors"):
         load(str(tmp_path))
+    manifest_path.write_text(json.dumps(edited(manifest, "manifest_sha256", ...)))
+    with pytest.raises(DeployError, match="no 'manifest_sha256'"):  # not a way around the digest
+        load(str(tmp_path))
     manifest_path.write_text(json.dumps(manifest)[:50])
     with pytest.raises(DeployError, match="not valid JSON"):
         load(str(tmp_path))
@@ -306,6 +319,19 @@ def test_bad_export_and_load_arguments(tmp_path):
         export(model, str(tmp_path / "a"), arch_kwargs=KW, forms={"blocks.0.attn.qkv": "csr"})
     with pytest.raises(ValueError, match=r"not low-rank layers of the model: \['head', 'nowhere'\]"):
         export(model, str(tmp_path / "a"), arch_kwargs=KW, forms={"nowhere": "dense", "head": "dense"})
+    for kwargs, message in (
+            ({"arch_kwargs": {**KW, "act_layer": torch.nn.ReLU}}, r"arch_kwargs must be JSON values .*ReLU"),
+            ({"arch_kwargs": {**KW, "drop_rate": float("nan")}}, r"arch_kwargs must be JSON values .*nan"),
+            ({"measure": True, "dtype": "bfloat16"}, "dtype must be a floating torch.dtype .* got 'bfloat16'"),
+            ({"measure": True, "dtype": torch.int8}, "dtype must be a floating torch.dtype .* got torch.int8"),
+            ({"measure": True, "tokens": 0}, "tokens must be a positive int .* got 0"),
+            ({"measure": True, "tokens": 2.5}, "tokens must be a positive int .* got 2.5")):
+        with pytest.raises(ValueError, match=message):
+            export(model, str(tmp_path / "refused"), **{"arch_kwargs": KW, **kwargs})
+        assert not (tmp_path / "refused").exists()  # refused before anything is written
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device is cuda, but no CUDA device is available here"):
+            export(model, str(tmp_path / "refused"), arch_kwargs=KW, measure=True, device="cuda")
     export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.attn.qkv": "sparse", "blocks.0.attn.proj": "lowrank"})
     # load's own arguments, checked before the file is read
     with pytest.raises(ValueError, match="backend must be one of .* got 'bogus'"):
@@ -339,7 +365,7 @@ def test_bad_export_and_load_arguments(tmp_path):
 
 def sealed(manifest: dict) -> dict:
     """``manifest`` with its manifest_sha256 recomputed: an edit that gets past the digest,
-    to reach the checks behind it (as an export from before the digest would)."""
+    to reach the checks behind it."""
     return {**manifest, "manifest_sha256": manifest_digest(manifest)}
 
 
@@ -360,8 +386,7 @@ def edited(manifest: dict, path: str, value) -> dict:
 
 def test_edited_manifest_is_refused(tmp_path):
     """An edited manifest no longer matches its own digest; and behind that (an edit that
-    recomputes it, an export from before it), every field is checked against the file and
-    the architecture."""
+    recomputes it), every field is checked against the file and the architecture."""
     model = trained_like_model(keep=0.5)
     manifest = export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.mlp.fc1": "sparse"})
     qkv = "layers/blocks.0.attn.qkv"
@@ -404,6 +429,46 @@ def test_edited_manifest_is_refused(tmp_path):
     with pytest.raises(DeployError, match="must not load weights"):
         export(model, str(tmp_path / "other"), arch_kwargs={**KW, "pretrained_cfg_overlay": {"file": "x"}})
     export(model, str(tmp_path / "other"), arch_kwargs={**KW, "drop_path_rate": 0.1})  # a plain kwarg
+
+
+def rewritten(path, manifest: dict, state: dict) -> None:
+    """The export in ``path`` rewritten whole with the tensors ``state``: its listing, size,
+    SHA-256 and digest all made to agree, so that only what load checks beyond them is off."""
+    from safetensors.torch import save_file
+
+    tensors_path = os.path.join(path, "model.safetensors")
+    save_file(state, tensors_path)
+    with open(tensors_path, "rb") as f:
+        data = f.read()
+    manifest = {**manifest, "sha256": __import__("hashlib").sha256(data).hexdigest(), "bytes": len(data),
+                "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                            for k, t in state.items()}}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(sealed(manifest), f)
+
+
+@pytest.mark.parametrize("form", ["sparse", "lowrank", "dense"])
+def test_bias_must_be_as_the_manifest_says(tmp_path, form):
+    """A layer's bias is in the file exactly when its manifest entry says so, with out_features
+    entries, whatever the form (the sparse form once dropped a missing bias silently)."""
+    from safetensors.torch import load_file
+
+    model = trained_like_model(keep=0.5)
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, form=form)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    name = "blocks.0.mlp.fc1"
+    assert manifest["layers"][name]["form"] == form and manifest["layers"][name]["bias"]
+    without = {k: t for k, t in state.items() if k != f"{name}.bias"}
+    rewritten(tmp_path, manifest, without)
+    with pytest.raises(DeployError, match=f"layer '{name}' has bias True .* holds no bias for it"):
+        load(str(tmp_path))
+    rewritten(tmp_path, manifest, {**state, f"{name}.bias": torch.zeros(3)})
+    with pytest.raises(DeployError, match=re.escape("holds a bias of shape [3] for it")):
+        load(str(tmp_path))
+    rewritten(tmp_path, manifest, state)  # the same tensors again: loads
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(load(str(tmp_path))(x), model(x)) < 1e-5
 
 
 @pytest.mark.parametrize("form, cls", [("lowrank", LowRankLinear), ("sparse", SparseLowRankLinear)])

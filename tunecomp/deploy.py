@@ -61,7 +61,6 @@ files of the export and nothing else.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -527,6 +526,18 @@ _UNSAFE_KWARG_ENDS = ("path", "dir", "file", "files")  # checkpoint_path, not dr
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
+def _check_device_dtype(device, dtype) -> Optional[torch.device]:
+    """``device`` as a torch.device (None stays None); ``ValueError`` naming the argument
+    where ``device`` is CUDA with none here, or ``dtype`` is not a floating torch.dtype."""
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {device}, but no CUDA device is available here")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...) or None; "
+                         f"got {dtype!r}")
+    return device
+
+
 def check_arch(arch: Optional[str], arch_kwargs: dict) -> None:
     """``DeployError`` unless ``arch``/``arch_kwargs`` build a timm model from nothing but
     themselves (no hub or local-dir names, no checkpoint paths or pretrained weights)."""
@@ -557,9 +568,18 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     unknown = {n: f for n, f in forms.items() if f not in FORMS}
     if unknown:
         raise ValueError(f"forms must be one of {FORMS}; got {unknown}")
+    if measure:
+        device = _check_device_dtype(device, dtype)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens must be a positive int (the token count to time forms at); got {tokens!r}")
     if arch is None:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     check_arch(arch, arch_kwargs)
+    try:  # checked before anything is written: the manifest holds them as JSON
+        json.dumps(arch_kwargs, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"arch_kwargs must be JSON values (numbers, strings, lists, dicts); got "
+                         f"{arch_kwargs!r} ({error})") from None
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)}
     blending = [f"{name} (alpha={m.alpha:g})" for name, m in layers.items() if m.has_teacher and m.alpha > 0]
     if blending:
@@ -671,7 +691,7 @@ def read_manifest(path: str) -> dict:
         return type(x) is int and x >= low
 
     for key, kind in (("arch", (str, type(None))), ("arch_kwargs", dict), ("dtype", str), ("layers", dict),
-                      ("tensors", dict), ("sha256", str), ("bytes", int)):
+                      ("tensors", dict), ("sha256", str), ("bytes", int), ("manifest_sha256", str)):
         need(key in manifest, f"no {key!r}")
         need(isinstance(manifest[key], kind), f"{key!r} is a {type(manifest[key]).__name__}")
     need(manifest["dtype"] in DTYPES, f"'dtype' is {manifest['dtype']!r}, not one of {DTYPES}")
@@ -706,10 +726,11 @@ def manifest_digest(manifest: dict) -> str:
 
 
 def verify(path: str, manifest: dict) -> None:
-    """The export is as written: the manifest unedited (its ``manifest_sha256``; exports
-    from before it was added have none), the tensors file there, whole and unmodified (its
-    size and SHA-256 are the manifest's); ``DeployError`` saying which is not."""
-    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+    """The export is as written: the manifest unedited (its ``manifest_sha256``), the tensors
+    file there, whole and unmodified (its size and SHA-256 are the manifest's); ``DeployError``
+    saying which is not. Checksums against damage and stray edits, not a signature: whoever
+    edits a file on purpose can recompute them."""
+    if manifest["manifest_sha256"] != manifest_digest(manifest):
         raise DeployError(f"{os.path.join(path, MANIFEST)} was edited after export: its fields no longer match "
                           f"its manifest_sha256 (an edit that keeps the shapes, say act_layer, would change "
                           f"what the model computes)")
@@ -749,15 +770,10 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
     else 1: no padding). Same outputs; aligned factor rows for the GPU kernels."""
     from safetensors.torch import load_file
 
-    device = None if device is None else torch.device(device)
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device is {device}, but no CUDA device is available here")
+    device = _check_device_dtype(device, dtype)
     if rank_multiple is not None and (isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int)
                                       or rank_multiple < 1):
         raise ValueError(f"rank_multiple must be a positive int or None; got {rank_multiple!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...) or None; "
-                         f"got {dtype!r}")
     if backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}; got {backend!r}")
     manifest = read_manifest(path)
@@ -798,7 +814,6 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             model = None
         if model is None or {name for name, _ in model.named_buffers()} - set(model.state_dict()):
             model = build()
-    on_meta = any(t.is_meta for t in model.state_dict().values())
     if device is None:  # a skeleton given on a device keeps the swapped-in layers there too
         device = next((t.device for t in model.state_dict().values() if not t.is_meta), None)
     packed_here = backend in ("auto", "cpu") and sparse_runs_packed(device or "cpu", dtype)
@@ -816,6 +831,11 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
                      else type(target).__name__)
             raise DeployError(f"manifest layer {name!r} (Linear {shape[0]} -> {shape[1]}) is not a layer "
                               f"of that shape in the model; found {found}")
+        bias = state.get(f"{name}.bias")
+        if (bias is not None) != info["bias"] or (bias is not None and list(bias.shape) != [shape[1]]):
+            raise DeployError(f"manifest layer {name!r} has bias {info['bias']} and out_features {shape[1]}, but "
+                              f"{TENSORS} holds {'no bias' if bias is None else f'a bias of shape {list(bias.shape)}'} "
+                              f"for it")
         parent_name, _, child = name.rpartition(".")
         rows = {"u": info["out_features"], "v": info["in_features"], "weight": info["out_features"]}
         decoded = {side: decode(state, f"{name}.{side}", encoding,
@@ -826,7 +846,7 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             for leaf in _LEAVES[encoding]:
                 del state[f"{name}.{side}{leaf}"]
         if info["form"] == "dense":
-            with torch.device("meta") if on_meta else contextlib.nullcontext():
+            with torch.device("meta"):  # filled by load_state_dict(assign=True) below
                 module = nn.Linear(*shape, bias=info["bias"])
             if "weight" in decoded:
                 weight = decoded["weight"][0]
@@ -847,13 +867,14 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
             rank = info["rank"]
             if cls[info["form"]] is LowRankLinear:  # the 2:4 form keeps its packed layout
                 rank = -(-rank // rank_multiple) * rank_multiple
-            with torch.device("meta") if on_meta else contextlib.nullcontext():
+            with torch.device("meta"):  # filled by load_state_dict(assign=True) below
                 module = cls[info["form"]](*shape, rank, bias=info["bias"], backend=backend)
             for side, (factor, _) in decoded.items():
                 state[f"{name}.{side}"] = _pad_rank(factor, rank)
         setattr(model.get_submodule(parent_name), child, module)
     try:
-        model.load_state_dict(state, strict=True, assign=on_meta)
+        # assigned, not copied: a copy into the skeleton would round through its dtype first
+        model.load_state_dict({key: t.contiguous() for key, t in state.items()}, strict=True, assign=True)
     except RuntimeError as error:
         raise DeployError(f"the tensors do not fit the architecture: {error}") from None
     model.requires_grad_(False)
