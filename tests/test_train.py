@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -128,6 +129,12 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
         steps, evals, _ = read_records(str(log))
     assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24]
     assert [r["step"] for r in evals] == [7, 14, 21, 24]
+    # and the records say what the uninterrupted run's say: the step-12 record sums steps
+    # 9-12 across the resume at 10 (the sums since the last record are in the checkpoint)
+    straight_steps, straight_evals, _ = read_records(str(tmp_path / "straight" / "log.jsonl"))
+    timeless = [[{k: v for k, v in r.items() if k != "seconds"} for r in records]
+                for records in (steps, straight_steps, evals, straight_evals)]
+    assert timeless[0] == timeless[1] and timeless[2] == timeless[3]
 
 
 def test_ctrl_c_checkpoints_after_the_step_in_flight_and_resume_reproduces_the_run(tmp_path, capfd):
@@ -161,13 +168,46 @@ def test_ctrl_c_checkpoints_after_the_step_in_flight_and_resume_reproduces_the_r
 
 
 def test_a_run_not_resumed_starts_a_fresh_log(tmp_path):
+    """...and has no checkpoint of the earlier run, which a crash before its own first one
+    would have let a resume continue."""
     model, data = tiny_setup("svd")
-    train(model, data.train, data.test, TrainConfig(steps=6, batch_size=16, log_every=2, progress=False),
-          str(tmp_path), device="cpu")
+    train(model, data.train, data.test, TrainConfig(steps=6, batch_size=16, log_every=2, checkpoint_every=3,
+                                                    progress=False), str(tmp_path), device="cpu")
+    assert (tmp_path / "checkpoint.pt").exists()
     model, data = tiny_setup("svd")
+    found = []
     train(model, data.train, data.test, TrainConfig(steps=3, batch_size=16, log_every=1, progress=False),
-          str(tmp_path), device="cpu")
+          str(tmp_path), device="cpu", step_hook=lambda step: found.append((tmp_path / "checkpoint.pt").exists()))
     assert [r["step"] for r in read_log(str(tmp_path)) if "loss" in r] == [1, 2, 3]
+    assert found[0] is False
+
+
+def test_logged_lr_is_the_one_each_step_used(tmp_path):
+    """Warm-up then cosine (TrainConfig.lr times the factor of the step): the record of step
+    s gives the rate step s ran with, not the next one."""
+    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=2, log_every=1, progress=False)
+    model, data = tiny_setup("svd")
+    train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
+    factors = [(s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(6)]
+    logged = [r["lr"] for r in read_log(str(tmp_path)) if "loss" in r]
+    assert logged == pytest.approx([1e-3 * f for f in factors], rel=1e-12)
+    assert logged[0] == pytest.approx(5e-4) and logged[-1] > 0  # the last step's rate is not yet 0
+
+
+def test_sigint_handler_put_back_as_it_was(tmp_path):
+    """SIG_DFL (0, falsy) and SIG_IGN come back as they were, not as Python's default."""
+    import signal
+
+    model, data = tiny_setup("svd")
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        for handler in (signal.SIG_DFL, signal.SIG_IGN):
+            signal.signal(signal.SIGINT, handler)
+            train(model, data.train, data.test, TrainConfig(steps=1, batch_size=16, progress=False),
+                  str(tmp_path / str(int(handler))), device="cpu")
+            assert signal.getsignal(signal.SIGINT) == handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_dense_model_is_plain_fine_tuning(tmp_path):
@@ -183,6 +223,11 @@ def test_dense_model_is_plain_fine_tuning(tmp_path):
     (dict(batch_size=0), "batch_size must be at least 1"),
     (dict(prune_mode="blocks"), "prune_mode must be one of"),
     (dict(prune_start=15, prune_end=10), "prune_start must be in [0, prune_end=10]"),
+    (dict(log_every=0), "log_every must be at least 1"),
+    (dict(kd_temperature=0.0), "kd_temperature must be positive"),
+    (dict(kd_weight=1.5), "kd_weight in [0, 1]"),
+    (dict(prune_mode="n:m", prune_scope="global"), "prune_scope must be 'layer'; got 'global'"),
+    (dict(prune_mode="rank", prune_scope="global"), "prune_mode 'rank' prunes each layer on its own"),
 ])
 def test_config_checks(change, words):
     with pytest.raises(ValueError) as info:

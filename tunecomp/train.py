@@ -11,13 +11,16 @@ Runs on one device or under ``torchrun`` (DistributedDataParallel, one process p
 rank 0 logs, evaluates and writes). Output directory::
 
     log.jsonl          one JSON object per logged step / evaluation
-    checkpoint.pt      model, masks, optimiser, LR schedule, step, data position, RNG states
-                       (written atomically: a crash never leaves a half-written file)
+    checkpoint.pt      model, masks, optimiser, LR schedule, step, data position, RNG states,
+                       the sums behind the next log record (written atomically: a crash never
+                       leaves a half-written file)
 
 A run that is not resumed starts both afresh in ``out_dir``. Ctrl-C (SIGINT) in a
 single-process run lets the step in flight finish, writes the checkpoint and then raises
 ``KeyboardInterrupt``, so ``resume=True`` (``tunecomp compress --resume``) continues exactly
-where it stopped; a second Ctrl-C stops at once.
+where it stopped; a second Ctrl-C stops at once. Exactly with ``num_workers=0``: data-loading
+workers seed their random draws (augmentations) when their loader starts, so with workers
+those draws restart where a run resumes.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ class TrainConfig:
         c.decay_steps = c.steps // 2 if c.decay_steps is None else c.decay_steps
         c.prune_end = c.decay_steps if c.prune_end is None else c.prune_end
         c.reg_end = c.prune_end if c.reg_end is None else c.reg_end
-        positive = {"steps": c.steps, "batch_size": c.batch_size, "grad_accum": c.grad_accum, "prune_every": c.prune_every}
+        positive = {"steps": c.steps, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
+                    "prune_every": c.prune_every, "log_every": c.log_every}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1; got {value}")
@@ -117,6 +121,12 @@ class TrainConfig:
         if c.prune_mode not in MODES or c.prune_scope not in SCOPES:
             raise ValueError(f"prune_mode must be one of {MODES} and prune_scope one of {SCOPES}; "
                              f"got {c.prune_mode!r}, {c.prune_scope!r}")
+        if c.prune_mode in ("n:m", "rank") and c.prune_scope != "layer":  # prune.prune_ refuses it
+            raise ValueError(f"prune_mode {c.prune_mode!r} prunes each layer on its own: prune_scope must "
+                             f"be 'layer'; got {c.prune_scope!r}")
+        if not c.kd_temperature > 0 or not 0 <= c.kd_weight <= 1:
+            raise ValueError(f"kd_temperature must be positive and kd_weight in [0, 1]; got "
+                             f"{c.kd_temperature}, {c.kd_weight}")
         if c.reg not in ("l1", "none") or c.amp not in ("auto", "bf16", "none"):
             raise ValueError(f"reg must be 'l1' or 'none' and amp 'auto', 'bf16' or 'none'; got {c.reg!r}, {c.amp!r}")
         return c
@@ -309,6 +319,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     state = _State()
+    saved_running = None  # the sums of the steps since the last log line, where a run resumes
     checkpoint_path = os.path.join(out_dir, CHECKPOINT)
     if resume:
         if not os.path.isfile(checkpoint_path):
@@ -317,11 +328,14 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         optimizer.load_state_dict(payload["optimizer"])
         lr_schedule.load_state_dict(payload["lr_schedule"])
         state = _State(**payload["state"])
+        saved_running = payload.get("running")
         _set_rng_state(payload["rng"][rank] if rank < len(payload["rng"]) else payload["rng"][0], dev)
         if main_process:
             _end_cut_off_line(os.path.join(out_dir, LOG))
-    elif main_process and os.path.exists(os.path.join(out_dir, LOG)):
-        os.remove(os.path.join(out_dir, LOG))  # a new run: no records of an earlier one in its log
+    elif main_process:  # a new run: no records of an earlier one in its log, nor its checkpoint
+        for earlier in (LOG, CHECKPOINT):  # (which a crash before this run's first would resume)
+            if os.path.exists(os.path.join(out_dir, earlier)):
+                os.remove(os.path.join(out_dir, earlier))
 
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
     # broadcast_buffers=False: masks follow from identical weights on every rank, and the
@@ -343,7 +357,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(), "state": asdict(state),
-                "rng": rng, "config": asdict(cfg),
+                "rng": rng, "config": asdict(cfg), "running": {k: float(v) for k, v in running.items()},
             })
 
     def run_eval() -> float:
@@ -402,6 +416,8 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                         dynamic_ncols=True, disable=None)
     zero = torch.zeros((), device=dev)
     running = {"loss": zero, "task": zero, "correct": zero, "seen": 0}
+    if saved_running:  # float32 sums saved as Python floats: restored exactly
+        running = {k: zero + v if k != "seen" else int(v) for k, v in saved_running.items()}
     interrupted = _DeferredInterrupt(enabled=world == 1)
     try:
         while state.step < cfg.steps:
@@ -431,6 +447,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                 running["task"] = running["task"] + task.detach()
                 running["correct"] = running["correct"] + (logits.argmax(-1) == labels).sum()
                 running["seen"] += len(labels)
+            lr = lr_schedule.get_last_lr()[0]  # the step's own, logged below
             optimizer.step()
             lr_schedule.step()
             state.step += 1
@@ -443,7 +460,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                     "loss": float(running["loss"]) / micro_steps,
                     "task_loss": float(running["task"]) / micro_steps,
                     "train_accuracy": float(running["correct"]) / max(1, running["seen"]),
-                    "alpha": a, "rho": rho, "lambda": lam, "lr": lr_schedule.get_last_lr()[0],
+                    "alpha": a, "rho": rho, "lambda": lam, "lr": lr,
                     "sparsity": _factor_sparsity(layers), "seconds": time.perf_counter() - start_time,
                 })
                 if progress is not None:
@@ -509,8 +526,10 @@ class _DeferredInterrupt:
         self.requested = False
         self._installed = enabled and threading.current_thread() is threading.main_thread()
         if self._installed:
-            # None: a handler set outside Python, which signal.signal cannot put back
-            self._previous = signal.signal(signal.SIGINT, self._handle) or signal.default_int_handler
+            previous = signal.signal(signal.SIGINT, self._handle)
+            # None: a handler set outside Python, which signal.signal cannot put back (SIG_DFL
+            # is 0, falsy, and put back as it is)
+            self._previous = signal.default_int_handler if previous is None else previous
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
