@@ -309,6 +309,106 @@ def test_autocast_casts_inputs():
     assert y.dtype == torch.bfloat16
     want = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in a.items()})
     assert rel_error(y, want) < 2e-2  # bf16 operands: 8-bit mantissa
+    a = make_inputs(dtype=torch.float64)  # left alone, as torch's autocast leaves F.linear's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.masked_lowrank_linear(**a, backend="torch")
+        assert torch.nn.functional.linear(a["x"], a["u"] @ a["v"].T).dtype == torch.float64
+    assert y.dtype == torch.float64 and rel_error(y, reference.masked_lowrank_linear(**a)) < 1e-14
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("which", ["mask_u", "mask_v"])
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.05])
+def test_one_mask_given(backend, which, keep):
+    """A mask left out keeps its factor whole; the one given still prunes, exactly (values,
+    gradients, a NaN in a pruned entry), on every path: in 96 -> 8 at rank 4 a v kept at 5%
+    is 12% of all entries, which the cpu backend runs sparse."""
+    a = make_inputs(n=9, k=96, m=8, r=4, dtype=torch.float32, keep=keep, grad=True)
+    a["mask_u" if which == "mask_v" else "mask_v"] = None
+    mask = a[which]
+    factor = a["u" if which == "mask_u" else "v"]
+    with torch.no_grad():
+        factor[~mask] = float("nan")
+    y = ops.masked_lowrank_linear(**a, backend=backend)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    dbl = {k: (t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+           for k, t in a.items()}
+    want = reference.masked_lowrank_linear(**dbl)
+    want.backward(grad_y.double())
+    assert rel_error(y, want) < 1e-5
+    for name in ("x", "u", "v", "bias"):
+        assert rel_error(a[name].grad, dbl[name].grad) < 1e-5, name
+    assert torch.all(factor.grad[~mask] == 0)
+
+
+def test_cpu_backend_reads_values_written_without_a_version_bump():
+    """Fused optimizers (fused=True) change the factors without bumping their version: the
+    sparse path reads their values again after any optimiser step. In-place ops on `.data`
+    are not seen until clear_cache()."""
+    a = make_inputs(n=9, k=40, m=30, r=6, dtype=torch.float32, keep=0.1)
+    u, v = (torch.nn.Parameter(a[k]) for k in ("u", "v"))
+    rest = {k: a[k] for k in ("x", "bias", "mask_u", "mask_v")}
+
+    def check():
+        with torch.no_grad():
+            y = ops.masked_lowrank_linear(u=u, v=v, **rest, backend="cpu")
+        want = reference.masked_lowrank_linear(u=u.detach().double(), v=v.detach().double(),
+                                               **{k: (t.double() if t.is_floating_point() else t) for k, t in rest.items()})
+        assert rel_error(y, want) < 1e-5
+
+    check()
+    version = u._version
+    u.data.mul_(2)
+    v.data.add_(1)
+    assert u._version == version
+    ops.clear_cache()
+    check()
+    try:
+        optimizer = torch.optim.SGD([u, v], lr=0.5, fused=True)
+    except (RuntimeError, ValueError):  # no fused CPU SGD in this torch
+        return
+    for _ in range(2):
+        y = ops.masked_lowrank_linear(u=u, v=v, **rest, backend="cpu")
+        y.square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        check()
+
+
+def test_cpu_backend_takes_inference_tensors():
+    """Tensors made under torch.inference_mode have no version counter: not cached, still
+    right (sparse and dense)."""
+    for keep in (0.05, 0.6):
+        with torch.inference_mode():
+            a = make_inputs(n=9, k=40, m=30, r=6, dtype=torch.float32, keep=keep)
+            y = ops.masked_lowrank_linear(**a, backend="cpu")
+        want = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in a.items()})
+        assert rel_error(y, want) < 1e-5
+
+
+def test_float64_blend_keeps_alpha_in_float64():
+    """alpha, a float or a float64 tensor, is not rounded to float32 for float64 inputs."""
+    a = make_inputs(grad=True)
+    t = make_teacher(a)
+    for alpha in (0.6, torch.tensor(0.6, dtype=torch.float64)):
+        y = ops.blended_lowrank_linear(**a, **t, alpha=alpha, backend="torch")
+        want = reference.blended_lowrank_linear(**{k: v.detach() for k, v in a.items()}, **t, alpha=0.6)
+        assert rel_error(y, want) < 1e-14
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_zero_in_features(blend):
+    """in_features 0: x·V is [N, r] of zeros, so y is the bias (and the teacher's)."""
+    a = make_inputs(k=0, dtype=torch.float32, lead=(2,))
+    if blend:
+        t = make_teacher(a, torch.float32)
+        y = ops.blended_lowrank_linear(**a, **t, alpha=0.5)
+        want = reference.blended_lowrank_linear(**a, **t, alpha=0.5)
+    else:
+        y = ops.masked_lowrank_linear(**a)
+        want = reference.masked_lowrank_linear(**a)
+    assert y.shape == (2, 7, 5) and torch.allclose(y, want.float())
 
 
 def test_backend_resolution():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import numbers
 import weakref
 from typing import Optional, Sequence, Union
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
 
@@ -190,6 +192,20 @@ class _TorchBackend:
         return grad_x, grad_u, grad_v, grad_b
 
 
+# torch.optim steps taken in this process. A fused optimizer (`fused=True`) writes the
+# parameters without bumping their version counters, so the cpu backend's packing cache also
+# reads the kept values again once this has moved.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _forget(cache_ref, key, _dead_ref) -> None:
     """Weakref callback: drop ``key`` from the cache (if both still exist)."""
     cache = cache_ref()
@@ -229,15 +245,18 @@ class _CpuBackend:
         return None
 
     def __init__(self):
-        # [refs, states, kept fraction, packed groups] per factor set, reused while none of u,
-        # v and the masks is replaced or modified in place, so an inference model packs once
-        # and a training step packs once for forward and backward. Each tensor's identity,
-        # version counter, data pointer and storage are checked (_states): an in-place change
-        # bumps the version, while Module.to()/.half() and `.data =` swap the storage under the
-        # same tensor and version. Where only u or v changed (every training step between two
-        # prunings), the same entries are kept: their values alone are read again
-        # (pack_values_cpu, a gather of the kept entries instead of two passes over the whole
-        # factors).
+        # [refs, states, optimizer steps, kept fraction, packed groups] per factor set, reused
+        # while none of u, v and the masks is replaced or modified in place, so an inference
+        # model packs once and a training step packs once for forward and backward. Each
+        # tensor's identity, version counter, data pointer and storage are checked (_states):
+        # an in-place change bumps the version, while Module.to()/.half() and `.data =` swap
+        # the storage under the same tensor and version. Where only u or v changed (every
+        # training step between two prunings), the same entries are kept: their values alone
+        # are read again (pack_values_cpu, a gather of the kept entries instead of two passes
+        # over the whole factors). Some writes bump no version: fused optimizers (`fused=True`)
+        # and in-place ops on `.data`. So the values are also read again after any torch.optim
+        # step (_optimizer_steps); an edit through `.data` is not seen (edit the tensor itself,
+        # as prune.py does with the masks, or call clear_cache()).
         self._packed = collections.OrderedDict()
 
     @staticmethod
@@ -249,20 +268,25 @@ class _CpuBackend:
         return [(t._version, t.data_ptr(), StorageWeakRef(t.untyped_storage())) for t in tensors]
 
     def _pack(self, u, v, mask_u, mask_v) -> tuple:
-        if mask_u is None or mask_v is None:
-            return 1.0, None
+        """(kept fraction, packed groups or None) of the factors under their masks (a mask
+        left out keeps every entry)."""
         tensors = (u, v, mask_u, mask_v)
+        if mask_u is None or mask_v is None or any(t.is_inference() for t in tensors):
+            # not cached: None has no weak reference, an inference tensor no version (the
+            # sparse kernels then find the kept entries themselves)
+            kept = sum(t.numel() if m is None else int(m.sum()) for t, m in ((u, mask_u), (v, mask_v)))
+            return kept / (u.numel() + v.numel()), None
         key = tuple(id(t) for t in tensors)
         states = self._states(tensors)
         entry = self._packed.get(key)
         if entry is not None and all(r() is t for r, t in zip(entry[0], tensors)):
-            refs, old_states, kept, packed = entry
+            refs, old_states, steps, kept, packed = entry
             if old_states[2:] == states[2:]:  # the masks did not change: nor did the kept entries
-                if old_states[:2] != states[:2] and packed is not None:
+                if packed is not None and (old_states[:2] != states[:2] or steps != _optimizer_steps):
                     packed = _C.pack_values_cpu(u.detach(), v.detach(), packed)
                 # put back last (not move_to_end: another thread may have dropped the key)
                 self._packed.pop(key, None)
-                self._packed[key] = [refs, states, kept, packed]
+                self._packed[key] = [refs, states, _optimizer_steps, kept, packed]
                 return kept, packed
         kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
         packed = None
@@ -270,7 +294,7 @@ class _CpuBackend:
             packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v, backward=True)
         # an entry goes when any of its tensors does: a deleted model's packing is not kept
         drop = functools.partial(_forget, weakref.ref(self._packed), key)
-        self._packed[key] = [[weakref.ref(t, drop) for t in tensors], states, kept, packed]
+        self._packed[key] = [[weakref.ref(t, drop) for t in tensors], states, _optimizer_steps, kept, packed]
         while len(self._packed) > 256:  # one entry per layer in use is enough
             self._packed.popitem(last=False)
         return kept, packed
@@ -414,6 +438,14 @@ _BACKENDS = {
     "cuda": _CudaBackend(),
     "cpu": _CpuBackend(),
 }
+
+
+
+def clear_cache() -> None:
+    """Forget the cpu backend's packings of kept entries: needed only after factors or masks
+    were edited through ``.data`` (which no version counter sees)."""
+    _BACKENDS["cpu"]._packed.clear()
+
 
 # Preference order of "auto", per device type; the first available backend wins. On CUDA
 # tensors that is eager PyTorch (cuBLAS): on an H200 in bf16 it was faster than the triton and
@@ -821,7 +853,8 @@ def _autocast(x: Tensor, tensors: Sequence[Optional[Tensor]]):
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
-        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+        # as torch's autocast: float64 is left as it is
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
 
     return cast(x), [cast(t) for t in tensors]
 
@@ -867,7 +900,7 @@ def masked_lowrank_linear(
     _check_lowrank_args(x, u, v, bias, mask_u, mask_v)
     name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
-    args = (x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v, name)
+    args = (x.reshape(math.prod(lead), x.shape[-1]), u, v, bias, mask_u, mask_v, name)
     if torch.compiler.is_compiling():
         y = _masked_lowrank_linear_op(*args)
     elif _records_grad(x, u, v, bias):
@@ -906,14 +939,15 @@ def blended_lowrank_linear(
     )
     _check_lowrank_args(x, u, v, bias, mask_u, mask_v)
     _check_teacher_args(x, u, teacher_weight, teacher_bias, alpha)
+    alpha_dtype = torch.promote_types(x.dtype, torch.float32)  # float64 inputs: not rounded
     if isinstance(alpha, Tensor):
-        alpha = alpha.detach().reshape(()).to(device=x.device, dtype=torch.float32)
+        alpha = alpha.detach().reshape(()).to(device=x.device, dtype=alpha_dtype)
     else:
         # a fill, not torch.tensor(): no host-to-device copy, so no sync and capturable
-        alpha = torch.full((), float(alpha), dtype=torch.float32, device=x.device)
+        alpha = torch.full((), float(alpha), dtype=alpha_dtype, device=x.device)
     name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
-    args = (x.reshape(-1, x.shape[-1]), u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, name)
+    args = (x.reshape(math.prod(lead), x.shape[-1]), u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, name)
     if torch.compiler.is_compiling():
         y = _blended_lowrank_linear_op(*args)
     elif _records_grad(x, u, v, bias, teacher_weight, teacher_bias):
@@ -970,5 +1004,5 @@ def packed_lowrank_linear(x: Tensor, packed: PackedFactors, bias: Optional[Tenso
         raise RuntimeError("packed_lowrank_linear has no gradient: call it under torch.no_grad() or "
                            "torch.inference_mode(), or use masked_lowrank_linear to train")
     lead = x.shape[:-1]
-    y = _packed_lowrank_linear_op(x.reshape(-1, x.shape[-1]), list(packed), bias)
+    y = _packed_lowrank_linear_op(x.reshape(math.prod(lead), x.shape[-1]), list(packed), bias)
     return y.reshape(*lead, y.shape[-1])
