@@ -42,6 +42,19 @@ def test_fashion_mnist_missing_and_truncated(tmp_path):
         f.write(data[:-10])
     with pytest.raises(ValueError, match="truncated"):
         load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(data[:9])  # inside the header (4 + 4 * 3 bytes)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is truncated: 9 bytes, less than its header"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+
+
+def test_fashion_mnist_images_and_labels_that_do_not_belong_together(tmp_path):
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((30, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(28) % 10)
+    for classes in (None, [1, 2]):
+        with pytest.raises(ValueError, match="30 images but 28 labels"):
+            load_dataset("fashion_mnist", str(tmp_path), image_size=28, classes=classes)
 
 
 def test_digits_split_and_range():

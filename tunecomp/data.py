@@ -70,6 +70,8 @@ class TensorImageDataset(Dataset):
 
 
 def _subset(images, labels, classes: Optional[Sequence[int]]):
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels: the files do not belong together")
     if classes is None:
         return images, labels
     classes = list(classes)
@@ -95,6 +97,8 @@ def _read_idx(path: str) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an idx file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: {len(data)} bytes, less than its header")
     dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
