@@ -106,6 +106,26 @@ def test_any_module_glob_targets_and_head():
 def test_no_match_is_an_error_that_lists_linears():
     with pytest.raises(ValueError, match="no nn.Linear matches targets .* linear layers here: encoder.0, encoder.2, head"):
         replace_linear_layers(Plain(), rank=2)  # the ViT defaults match nothing here
+    with pytest.raises(ValueError, match=r"targets \['encoder.3'\] match no nn.Linear .* here: encoder.0, encoder.2"):
+        replace_linear_layers(Plain(), rank=2, targets=["encoder.0", "encoder.3"])  # one of two: still an error
+    model = Plain()
+    report = replace_linear_layers(model, rank=2, targets="encoder.0, encoder.2".split(","))  # spaces as typed
+    assert [l.name for l in report.layers] == ["encoder.0", "encoder.2"]
+
+
+def test_shared_or_tied_linear_layers_are_refused():
+    """named_modules() names a module once: one reached under two names was replaced under
+    the first only, the dense layer still running under the second; tied weights would
+    each get their own factors. Both are refused, naming the layers."""
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict({"enc": nn.Sequential(shared), "dec": nn.Sequential(shared)})
+    with pytest.raises(ValueError, match=r"share one weight .*\['enc.0, dec.0'\]"):
+        replace_linear_layers(model, rank=2, targets=["*"])
+    assert model["dec"][0] is shared and model["enc"][0] is shared  # nothing replaced
+    tied = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
+    tied["b"].weight = tied["a"].weight
+    with pytest.raises(ValueError, match=r"share one weight .*\['a, b'\]"):
+        replace_linear_layers(tied, rank=2, targets=["a"])
 
 
 def test_factors_larger_than_the_weight_warn_and_bad_inits_fail_first():

@@ -126,20 +126,33 @@ def _classifier_names(model: nn.Module) -> set:
 def select_linear_layers(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
                          include_head: bool = False) -> list:
     """``[(name, nn.Linear)]`` matching ``targets``; a ``ValueError`` listing the model's
-    linear layers when none does."""
+    linear layers when none does or a target given matches none, and one naming them when a
+    chosen weight is reached under several names (shared or tied)."""
+    named = targets is not DEFAULT_TARGETS  # the defaults may name layers a model lacks
     if isinstance(targets, str):
         targets = (targets,)
+    targets = tuple(p.strip() for p in targets)  # "attn.qkv, mlp.fc1" as typed
     skip = set() if include_head else _classifier_names(model)
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    # every name (named_modules skips a module's second one): a layer reached twice is refused
+    linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if type(m) is nn.Linear]
     chosen = [(name, m) for name, m in linears
               if name not in skip and any(name_matches(name, p) for p in targets)]
+    shown = ", ".join(name for name, _ in linears[:8]) or "none"
+    shown += " ..." if len(linears) > 8 else ""
+    where = f"(classifier head {'included' if include_head else 'excluded'}); linear layers here: {shown}"
     if not chosen:
-        shown = ", ".join(name for name, _ in linears[:8]) or "none"
-        raise ValueError(
-            f"no nn.Linear matches targets {tuple(targets)} (classifier head "
-            f"{'included' if include_head else 'excluded'}); linear layers here: {shown}"
-            f"{' ...' if len(linears) > 8 else ''}"
-        )
+        raise ValueError(f"no nn.Linear matches targets {targets} {where}")
+    unmatched = [p for p in targets if named and not any(name_matches(name, p) for name, _ in chosen)]
+    if unmatched:
+        raise ValueError(f"targets {unmatched} match no nn.Linear {where}")
+    by_weight = {}  # the names under which each weight is reached
+    for name, m in linears:
+        by_weight.setdefault(id(m.weight), []).append(name)
+    shared = sorted({", ".join(by_weight[id(m.weight)]) for _, m in chosen if len(by_weight[id(m.weight)]) > 1})
+    if shared:  # one student per name would untie them
+        raise ValueError(f"these nn.Linear names share one weight (one layer reached twice, or tied "
+                         f"weights), which separate low-rank layers would untie: {shared}; leave them "
+                         f"out of targets")
     return chosen
 
 
