@@ -153,6 +153,14 @@ def test_model_and_weights_mistakes_are_clear_errors(tmp_path):
         load_timm_model("vit_tiny_patch16_22")
     with pytest.raises(ValueError, match=r"vit_tiny_patch16_224 cannot be built with kwargs \{'foo': 1\}"):
         load_timm_model("vit_tiny_patch16_224", None, foo=1)
+    for kwargs in ({"num_heads": 0}, {"embed_dim": -1}):  # ZeroDivisionError, RuntimeError in timm
+        with pytest.raises(ValueError, match=r"vit_tiny_patch16_224 cannot be built with kwargs"):
+            load_timm_model("vit_tiny_patch16_224", None, **kwargs)
+    from tunecomp.cli import model_input
+
+    model = load_timm_model("vit_tiny_patch16_224", None, img_size=(8, 16), patch_size=4, depth=1)
+    with pytest.raises(ValueError, match=r"img_size must be square.*got \(8, 16\) \(from --model-kwargs\)"):
+        model_input(model)
     not_weights = tmp_path / "weights.safetensors"
     not_weights.write_bytes(b"\xff" * 64)
     other_size = tmp_path / "other.pth"
@@ -213,3 +221,16 @@ def test_export_of_a_damaged_run_names_the_file(tmp_path, capsys):
     (run / "model.json").write_text('{"model": "vit_tiny_patch16_224", "kwargs": {')
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "e2")]) == 2
     assert f"{run / 'model.json'} does not describe a model that can be rebuilt" in capsys.readouterr().err
+
+
+def test_json_outputs_are_replaced_whole(tmp_path):
+    """run.json, model.json and summary.json go through a temporary file and a rename: a
+    failure while writing leaves the old file whole and no temporary behind."""
+    from tunecomp.cli import _write_json
+
+    path = tmp_path / "summary.json"
+    _write_json(str(path), {"accuracy": 0.5})
+    with pytest.raises(TypeError):
+        _write_json(str(path), {"accuracy": 0.9, "bad": {1, 2}})  # a set: json.dump fails midway
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert os.listdir(tmp_path) == ["summary.json"]

@@ -27,7 +27,7 @@ from .data import DATASETS, calibration_batches, load_dataset
 from .plots import plot_training
 from .prune import MODES
 from .surgery import DEFAULT_TARGETS, prepare
-from .train import TrainConfig, check_same_config, effective_params, train
+from .train import TrainConfig, check_same_config, effective_params, save_checkpoint, train
 
 
 def _version(module_name: str) -> str:
@@ -83,7 +83,7 @@ def _create_timm_model(name: str, **kwargs) -> torch.nn.Module:
         raise ValueError(f"model {name!r} is not a timm model{hint}")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as error:
+    except Exception as error:  # timm raises all kinds (RuntimeError, ZeroDivisionError, ...)
         raise ValueError(f"{name} cannot be built with kwargs {kwargs} ({type(error).__name__}: {error})") from error
 
 
@@ -140,8 +140,24 @@ def model_input(model: torch.nn.Module) -> dict:
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None):
         size = patch_embed.img_size[-1]  # follows an img_size override
+        if patch_embed.img_size[-2] != size:
+            raise ValueError(f"img_size must be square: the data loaders make square images; got "
+                             f"{tuple(patch_embed.img_size)} (from --model-kwargs)")
     return {"image_size": int(size), "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
             "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
+
+
+def _write_json(path: str, obj) -> None:
+    """``obj`` as JSON in ``path``, through a temporary file and an atomic rename: a crash
+    leaves the old file or the new one, never part of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # (a failed dump)
+            os.remove(tmp)
 
 
 def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwargs: dict) -> str:
@@ -153,9 +169,8 @@ def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwar
     path = os.path.join(out_dir, "model.safetensors")
     save_tensors(state, path)
     ranks = {name: m.rank for name, m in model.named_modules() if hasattr(m, "mask_u")}
-    with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump({"model": model_name, "kwargs": model_kwargs, "ranks": ranks,
-                   "tunecomp": __version__, "torch": torch.__version__}, f, indent=2)
+    _write_json(os.path.join(out_dir, "model.json"), {"model": model_name, "kwargs": model_kwargs, "ranks": ranks,
+                                                      "tunecomp": __version__, "torch": torch.__version__})
     return path
 
 
@@ -190,8 +205,7 @@ def compress_baseline(args, data, model_kwargs) -> dict:
     result.update(model=args.model, dataset=args.dataset,
                   versions={"tunecomp": __version__, "torch": torch.__version__})
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    _write_json(os.path.join(args.out, "summary.json"), result)
     print(f"{args.method}: accuracy {result['accuracy']:.4f}, {result['effective_params']:,} parameters, "
           f"{result['seconds']:.0f}s; written to {args.out}")
     return result
@@ -268,8 +282,7 @@ def compress(args) -> dict:
     print(report)
     if not args.resume and int(os.environ.get("RANK", "0")) == 0:  # what a resume must match
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "run.json"), "w") as f:
-            json.dump(run_settings(args), f, indent=2)
+        _write_json(os.path.join(args.out, "run.json"), run_settings(args))
     result = train(model, data.train, data.test, config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
@@ -284,8 +297,7 @@ def compress(args) -> dict:
         "model": args.model, "dataset": args.dataset, "versions": {"tunecomp": __version__, "torch": torch.__version__},
         "train": result["config"],
     }
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(os.path.join(args.out, "summary.json"), summary)
     try:
         plot_training(args.out)
     except Exception as error:  # noqa: BLE001 - the run's results are saved; a picture must not fail it
@@ -463,7 +475,7 @@ def demo(out_dir: str, steps: int = 200, seed: int = 0) -> list:
     pretrained = load_timm_model(DEMO_MODEL, None, num_classes=5, **DEMO_KWARGS)
     run("pretrain-source", pretrained, TrainConfig(steps=2 * steps, lr=2e-3, warmup_steps=20, **common), source)
     weights = os.path.join(out_dir, "pretrained.pth")
-    torch.save(pretrained.state_dict(), weights)
+    save_checkpoint(weights, pretrained.state_dict())  # atomic, as every file a run writes
 
     rows = []
     dense = load_timm_model(DEMO_MODEL, weights, num_classes=5, **DEMO_KWARGS)
