@@ -7,7 +7,7 @@ from torch import nn
 
 from conftest import rel_error
 from tunecomp import FusedPrunedLowRankLinear, replace_linear_layers
-from tunecomp.surgery import rank_for
+from tunecomp.surgery import DEFAULT_TARGETS, rank_for
 
 
 @pytest.mark.slow
@@ -108,6 +108,11 @@ def test_no_match_is_an_error_that_lists_linears():
         replace_linear_layers(Plain(), rank=2)  # the ViT defaults match nothing here
     with pytest.raises(ValueError, match=r"targets \['encoder.3'\] match no nn.Linear .* here: encoder.0, encoder.2"):
         replace_linear_layers(Plain(), rank=2, targets=["encoder.0", "encoder.3"])  # one of two: still an error
+    mlp_only = nn.Sequential(nn.Module(), nn.Linear(8, 8))  # the defaults, as the CLI gives them
+    mlp_only[0].mlp = nn.Module()
+    mlp_only[0].mlp.fc1 = nn.Linear(8, 8)
+    report = replace_linear_layers(mlp_only, rank=2, targets=list(DEFAULT_TARGETS))
+    assert [l.name for l in report.layers] == ["0.mlp.fc1"]
     model = Plain()
     report = replace_linear_layers(model, rank=2, targets="encoder.0, encoder.2".split(","))  # spaces as typed
     assert [l.name for l in report.layers] == ["encoder.0", "encoder.2"]

@@ -128,10 +128,10 @@ def select_linear_layers(model: nn.Module, targets: Sequence[str] = DEFAULT_TARG
     """``[(name, nn.Linear)]`` matching ``targets``; a ``ValueError`` listing the model's
     linear layers when none does or a target given matches none, and one naming them when a
     chosen weight is reached under several names (shared or tied)."""
-    named = targets is not DEFAULT_TARGETS  # the defaults may name layers a model lacks
     if isinstance(targets, str):
         targets = (targets,)
     targets = tuple(p.strip() for p in targets)  # "attn.qkv, mlp.fc1" as typed
+    named = targets != DEFAULT_TARGETS  # the defaults may name layers a model lacks (no attn)
     skip = set() if include_head else _classifier_names(model)
     # every name (named_modules skips a module's second one): a layer reached twice is refused
     linears = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if type(m) is nn.Linear]
