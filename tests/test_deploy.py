@@ -1,5 +1,6 @@
 """Export / load of the compact inference model."""
 
+import hashlib
 import json
 import math
 import os
@@ -440,7 +441,7 @@ def rewritten(path, manifest: dict, state: dict) -> None:
     save_file(state, tensors_path)
     with open(tensors_path, "rb") as f:
         data = f.read()
-    manifest = {**manifest, "sha256": __import__("hashlib").sha256(data).hexdigest(), "bytes": len(data),
+    manifest = {**manifest, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                 "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                             for k, t in state.items()}}
     with open(os.path.join(path, "manifest.json"), "w") as f:
