@@ -95,6 +95,11 @@ def test_init_errors():
         init_factors(w, 2, "asvd", stats_of(torch.randn(4, 5)))
     with pytest.raises(ValueError, match="no calibration tokens"):
         collect_stats(nn.Sequential(nn.Linear(4, 4)), [], ["0"])
+    batch = torch.randn(3, 4)
+    batch[1, 2] = float("nan")  # would fail in the factorisation (asvd: LinAlgError)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"calibration inputs of \['0', '2'\] hold NaN or inf"):
+        collect_stats(model, [batch], ["0", "2"])
 
 
 def test_collect_stats_takes_one_tensor_as_one_batch_in_any_dtype():

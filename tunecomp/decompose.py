@@ -140,6 +140,10 @@ def collect_stats(
     empty = [name for name, s in stats.items() if s.tokens == 0]
     if empty:
         raise ValueError(f"no calibration tokens reached {empty[:4]}: is batches empty?")
+    broken = [name for name, s in stats.items() if not (s.gram.isfinite().all() and s.abs_sum.isfinite().all())]
+    if broken:  # the inits would fail in a factorisation (LinAlgError) or give NaN factors
+        raise ValueError(f"the calibration inputs of {broken[:4]} hold NaN or inf: check the batches and the "
+                         f"model's weights")
     return stats
 
 
