@@ -802,3 +802,18 @@ def test_files_are_readable_as_any_file_this_process_writes(tmp_path):
         os.umask(umask)
     for name in os.listdir(tmp_path):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+
+
+def test_a_failed_tensor_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors raises its own error on a full disk; the CLI reports OSErrors in one line."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from tunecomp.deploy import save_tensors
+
+    def full(tensors, path):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(tmp_path))}/m.safetensors: No space left"):
+        save_tensors({"w": torch.zeros(2)}, str(tmp_path / "m.safetensors"))

@@ -117,9 +117,13 @@ def save_tensors(tensors: dict, path: str) -> None:
     """``safetensors.torch.save_file``, then the file's mode set as for any file this process
     creates (safetensors writes it owner-only, 0600: unreadable to another user or a
     container's)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, path)
+    try:
+        save_file(tensors, path)
+    except SafetensorError as error:  # a full disk, say: an OSError, as a failed write is
+        raise OSError(f"cannot write {path}: {error}") from error
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
