@@ -124,6 +124,11 @@ def test_compress_bad_arguments(tmp_path):
     result = run_cli("compress", "--dataset", "cifar100", "--data-dir", "/nonexistent", "--out", str(tmp_path / "y"),
                      "--model", "vit_tiny_patch16_224")
     assert result.returncode != 0 and "CIFAR-100 not found" in result.stderr
+    tiny = {"img_size": 8, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
+    result = run_cli("compress", "--dataset", "digits", "--out", str(tmp_path / "z"), "--model", "vit_tiny_patch16_224",
+                     "--model-kwargs", json.dumps(tiny))  # was silently replaced by the data's 10
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # a usage error, as the others
+    assert "num_classes comes from the data (10 classes of digits); got 3 in --model-kwargs" in result.stderr
 
 
 def test_demo_runs_and_prints_the_table(tmp_path, capsys):

@@ -261,6 +261,10 @@ def compress(args) -> dict:
     classes = args.classes
     probe = load_timm_model(args.model, None, **model_kwargs)
     data = load_dataset(args.dataset, args.data_dir, classes=classes, **model_input(probe))
+    if model_kwargs.get("num_classes", data.num_classes) != data.num_classes:
+        raise ValueError(f"num_classes comes from the data ({data.num_classes} classes of {args.dataset}"
+                         f"{' under --classes' if classes else ''}); got {model_kwargs['num_classes']} in "
+                         f"--model-kwargs")
     model_kwargs["num_classes"] = data.num_classes
     if args.method != "tunecomp":
         return compress_baseline(args, data, model_kwargs)
