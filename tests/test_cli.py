@@ -229,13 +229,14 @@ def test_export_of_a_damaged_run_names_the_file(tmp_path, capsys):
 
 
 def test_json_outputs_are_replaced_whole(tmp_path):
-    """run.json, model.json and summary.json go through a temporary file and a rename: a
-    failure while writing leaves the old file whole and no temporary behind."""
-    from tunecomp.cli import _write_json
+    """run.json, model.json, summary.json (and an export's manifest) go through a temporary
+    file and a rename: a failure while writing leaves the old file whole and no temporary
+    behind."""
+    from tunecomp.deploy import write_json
 
     path = tmp_path / "summary.json"
-    _write_json(str(path), {"accuracy": 0.5})
+    write_json(str(path), {"accuracy": 0.5})
     with pytest.raises(TypeError):
-        _write_json(str(path), {"accuracy": 0.9, "bad": {1, 2}})  # a set: json.dump fails midway
+        write_json(str(path), {"accuracy": 0.9, "bad": {1, 2}})  # a set: json.dump fails midway
     assert json.loads(path.read_text()) == {"accuracy": 0.5}
     assert os.listdir(tmp_path) == ["summary.json"]

@@ -24,6 +24,7 @@ import torch
 from . import __version__, ops
 from .baselines import METHODS
 from .data import DATASETS, calibration_batches, load_dataset
+from .deploy import write_json
 from .plots import plot_training
 from .prune import MODES
 from .surgery import DEFAULT_TARGETS, prepare
@@ -147,19 +148,6 @@ def model_input(model: torch.nn.Module) -> dict:
             "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
 
 
-def _write_json(path: str, obj) -> None:
-    """``obj`` as JSON in ``path``, through a temporary file and an atomic rename: a crash
-    leaves the old file or the new one, never part of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # (a failed dump)
-            os.remove(tmp)
-
-
 def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwargs: dict) -> str:
     """The trained model's tensors as safetensors plus a JSON file to rebuild it."""
     from .deploy import save_tensors
@@ -169,7 +157,7 @@ def save_model(model: torch.nn.Module, out_dir: str, model_name: str, model_kwar
     path = os.path.join(out_dir, "model.safetensors")
     save_tensors(state, path)
     ranks = {name: m.rank for name, m in model.named_modules() if hasattr(m, "mask_u")}
-    _write_json(os.path.join(out_dir, "model.json"), {"model": model_name, "kwargs": model_kwargs, "ranks": ranks,
+    write_json(os.path.join(out_dir, "model.json"), {"model": model_name, "kwargs": model_kwargs, "ranks": ranks,
                                                       "tunecomp": __version__, "torch": torch.__version__})
     return path
 
@@ -205,7 +193,7 @@ def compress_baseline(args, data, model_kwargs) -> dict:
     result.update(model=args.model, dataset=args.dataset,
                   versions={"tunecomp": __version__, "torch": torch.__version__})
     os.makedirs(args.out, exist_ok=True)
-    _write_json(os.path.join(args.out, "summary.json"), result)
+    write_json(os.path.join(args.out, "summary.json"), result)
     print(f"{args.method}: accuracy {result['accuracy']:.4f}, {result['effective_params']:,} parameters, "
           f"{result['seconds']:.0f}s; written to {args.out}")
     return result
@@ -286,7 +274,7 @@ def compress(args) -> dict:
     print(report)
     if not args.resume and int(os.environ.get("RANK", "0")) == 0:  # what a resume must match
         os.makedirs(args.out, exist_ok=True)
-        _write_json(os.path.join(args.out, "run.json"), run_settings(args))
+        write_json(os.path.join(args.out, "run.json"), run_settings(args))
     result = train(model, data.train, data.test, config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
@@ -301,7 +289,7 @@ def compress(args) -> dict:
         "model": args.model, "dataset": args.dataset, "versions": {"tunecomp": __version__, "torch": torch.__version__},
         "train": result["config"],
     }
-    _write_json(os.path.join(args.out, "summary.json"), summary)
+    write_json(os.path.join(args.out, "summary.json"), summary)
     try:
         plot_training(args.out)
     except Exception as error:  # noqa: BLE001 - the run's results are saved; a picture must not fail it

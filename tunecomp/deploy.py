@@ -129,6 +129,19 @@ def save_tensors(tensors: dict, path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def write_json(path: str, obj, indent: int = 2) -> None:
+    """``obj`` as JSON in ``path``, through a temporary file and an atomic rename: a crash
+    leaves the old file or the new one, never part of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # (a failed dump)
+            os.remove(tmp)
+
+
 def sparse_runs_packed(device, dtype: torch.dtype) -> bool:
     """Whether the "sparse" form runs from its kept entries alone (``SparseLowRankLinear`` on
     the CPU kernel) on ``device`` in ``dtype``."""
@@ -644,10 +657,7 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         "sha256": _sha256(tensors_path), "bytes": os.path.getsize(tensors_path),
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(path, MANIFEST))
+    write_json(os.path.join(path, MANIFEST), manifest, indent=1)
     return manifest
 
 
