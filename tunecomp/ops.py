@@ -267,6 +267,12 @@ class _CpuBackend:
         lay at the old address in 1% of tries)."""
         return [(t._version, t.data_ptr(), StorageWeakRef(t.untyped_storage())) for t in tensors]
 
+    @staticmethod
+    def _kept(u, v, mask_u, mask_v) -> float:
+        """The fraction of factor entries kept (a mask left out keeps all of its factor's)."""
+        kept = sum(t.numel() if m is None else int(m.sum()) for t, m in ((u, mask_u), (v, mask_v)))
+        return kept / (u.numel() + v.numel())
+
     def _pack(self, u, v, mask_u, mask_v) -> tuple:
         """(kept fraction, packed groups or None) of the factors under their masks (a mask
         left out keeps every entry)."""
@@ -274,8 +280,7 @@ class _CpuBackend:
         if mask_u is None or mask_v is None or any(t.is_inference() for t in tensors):
             # not cached: None has no weak reference, an inference tensor no version (the
             # sparse kernels then find the kept entries themselves)
-            kept = sum(t.numel() if m is None else int(m.sum()) for t, m in ((u, mask_u), (v, mask_v)))
-            return kept / (u.numel() + v.numel()), None
+            return self._kept(u, v, mask_u, mask_v), None
         key = tuple(id(t) for t in tensors)
         states = self._states(tensors)
         entry = self._packed.get(key)
@@ -288,7 +293,7 @@ class _CpuBackend:
                 self._packed.pop(key, None)
                 self._packed[key] = [refs, states, _optimizer_steps, kept, packed]
                 return kept, packed
-        kept = (int(mask_u.sum()) + int(mask_v.sum())) / (u.numel() + v.numel())
+        kept = self._kept(u, v, mask_u, mask_v)
         packed = None
         if kept < self.SPARSE_BELOW:  # the backward's groupings too: it runs sparse as well
             packed = _C.pack_groups_cpu(u.detach(), v.detach(), mask_u, mask_v, backward=True)
@@ -438,7 +443,6 @@ _BACKENDS = {
     "cuda": _CudaBackend(),
     "cpu": _CpuBackend(),
 }
-
 
 
 def clear_cache() -> None:
