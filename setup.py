@@ -7,7 +7,10 @@ TUNECOMP_CUDA_ARCHS (default "80;90": A100 and H100/H200).
 
 import glob
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -31,6 +34,33 @@ def _find_cuda_home():
     return None
 
 
+def _shared_cxx_runtime_flags():
+    """["-l:libstdc++.so.6"] where the link would otherwise put a static copy of libstdc++ in
+    the extension, else [].
+
+    Seen on an H200 machine (2026-11-27; g++ 13, Ubuntu 24.04): every torch extension built
+    there, this one and a ten-line one alike, had its own copy of libstdc++ (__cxa_throw
+    defined in it, no libstdc++.so.6 among its needed libraries). Two copies of the C++
+    runtime in one process keep separate locale facet tables, so writing an integer to a
+    stream in the extension (every TORCH_CHECK message with a shape in it) crashed the process
+    there; on this kind of machine, made to link the same way with -static-libstdc++, the
+    number is silently left out of the message instead. Naming the shared runtime before the
+    driver's own -lstdc++ makes the linker take every C++ runtime symbol from it. Only where
+    needed: elsewhere the driver's -lstdc++ may name a newer runtime than the system's .so.6.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    if "-static-libstdc++" in shlex.split(os.environ.get("LDFLAGS", "")):
+        return ["-l:libstdc++.so.6"]
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    try:  # the full path where the driver finds a shared libstdc++, the bare name where not
+        found = subprocess.run(cxx + ["-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []  # no such compiler: the build itself will say so
+    return [] if os.path.isabs(found) and os.path.exists(found) else ["-l:libstdc++.so.6"]
+
+
 _cuda_home = _find_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home  # read by torch.utils.cpp_extension at import
@@ -50,7 +80,7 @@ with_cuda = (
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need. -fopenmp:
 # at::parallel_for is inlined from ATen's headers and runs serially without it.
 cxx_flags = ["-O3", "-fopenmp"]
-link_flags = ["-fopenmp"]
+link_flags = ["-fopenmp"] + _shared_cxx_runtime_flags()
 if with_cuda:
     archs = os.environ.get("TUNECOMP_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

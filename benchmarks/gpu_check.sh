@@ -237,6 +237,14 @@ if wants build; then
 import setuptools; print('setuptools', setuptools.__version__)"
   stage build 240 "$OUT/setup.log" \
     "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index --disable-pip-version-check
+  # How the C++ runtime was linked (setup.py's _shared_cxx_runtime_flags): a static copy of
+  # libstdc++ in _C crashed every error message with a number in it (H200, 2026-11-27).
+  {
+    echo "=== link: c++ -print-file-name=libstdc++.so -> $(${CXX:-c++} -print-file-name=libstdc++.so 2>&1); LDFLAGS='${LDFLAGS:-}'"
+    for so in tunecomp/_C*.so; do
+      echo "$so needs: $(readelf -d "$so" 2>&1 | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+    done
+  } | tee -a "$OUT/setup.log"
 fi
 if wants info; then
   stage info 60 "$OUT/setup.log" "$PY" -m tunecomp info >/dev/null  # printed whole below

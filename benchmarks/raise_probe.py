@@ -1,7 +1,9 @@
 """Where an argument error raised in tunecomp._C kills the process instead of reaching Python
 (seen on an H200 machine, 2026-11-26: a segfault), tell whether it is the machine or the
-extension: build two minimal torch extensions, one with tunecomp's flags (-O3 -fopenmp) and
-one with none, each with a function that raises through TORCH_CHECK_VALUE (a c10::ValueError,
+extension: build three minimal torch extensions, one with tunecomp's compile flags (-O3
+-fopenmp), one with none, and one linking libstdc++.so.6 by name (as setup.py does where the
+compiler would put a static copy of libstdc++ in the extension; on that machine in 2026-11-27
+the first two crashed), each with a function that raises through TORCH_CHECK_VALUE (a c10::ValueError,
 which records a stack trace when it is made) and one that throws a plain
 std::invalid_argument, and call each in a child process of its own.
 
@@ -34,15 +36,18 @@ void torch_check(int64_t n) { TORCH_CHECK_VALUE(n > 0, "n must be positive; got 
 void std_throw(int64_t n) { if (n <= 0) throw std::invalid_argument("n must be positive"); }
 """
 
-VARIANTS = {"plain": [], "tunecomp_flags": ["-O3", "-fopenmp"]}
+# name: (compile flags, link flags). "shared_runtime" links libstdc++.so.6 by name, as
+# setup.py does where the compiler driver would link libstdc++ statically.
+VARIANTS = {"plain": ([], []), "tunecomp_flags": (["-O3", "-fopenmp"], ["-fopenmp"]),
+            "shared_runtime": ([], ["-l:libstdc++.so.6"])}
 
 CHILD = r"""
 import sys, torch
 from torch.utils.cpp_extension import load_inline
-name, build, flags, call = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4]
+name, build, call = sys.argv[1], sys.argv[2], sys.argv[5]
+cflags, ldflags = sys.argv[3].split(), sys.argv[4].split()
 module = load_inline(name, cpp_sources=sys.stdin.read(), functions=["torch_check", "std_throw"],
-                     extra_cflags=flags, extra_ldflags=[f for f in flags if f == "-fopenmp"],
-                     build_directory=build)
+                     extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build)
 if call == "build":
     raise SystemExit(0)
 try:
@@ -54,8 +59,9 @@ else:
 """
 
 
-def child(name: str, build: str, flags: list, call: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CHILD, name, build, " ".join(flags), call],
+def child(name: str, build: str, flags: tuple, call: str) -> subprocess.CompletedProcess:
+    cflags, ldflags = flags
+    return subprocess.run([sys.executable, "-c", CHILD, name, build, " ".join(cflags), " ".join(ldflags), call],
                           input=SOURCE, capture_output=True, text=True, timeout=240)
 
 

@@ -277,6 +277,25 @@ def test_cuda_part_built_when_toolkit_present():
     assert set(_C.cuda_compiled_archs()) == {int(a) * 10 for a in archs}  # __CUDA_ARCH__ style
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects only")
+def test_extension_uses_the_shared_cxx_runtime():
+    """tunecomp._C takes the C++ runtime from libstdc++.so.6 rather than holding a copy of it:
+    with its own copy (seen on an H200 machine, 2026-11-27: every extension built there had
+    one), an integer written into an error message crashed the process there and was silently
+    dropped here (see setup.py, _shared_cxx_runtime_flags)."""
+    import subprocess
+
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) not found")
+    listing = subprocess.run(["readelf", "--dynamic", "--dyn-syms", "--wide", _C.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[")[-1].rstrip("]") for line in listing.splitlines() if "(NEEDED)" in line]
+    assert "libstdc++.so.6" in needed, f"{_C.__file__} needs {needed}: libstdc++ was linked statically"
+    defined = {line.split()[-1] for line in listing.splitlines()
+               if line.split()[-1:] and " UND " not in line and "FUNC" in line}
+    assert "__cxa_throw" not in defined, f"{_C.__file__} defines __cxa_throw: it holds a copy of libstdc++"
+
+
 def test_packed_groups_match_and_follow_in_place_changes():
     x, u, v, bias, mask_u, mask_v = inputs((70, 24, 20, 6), 0.1, True)
     packed = _C.pack_groups_cpu(u, v, mask_u, mask_v)
