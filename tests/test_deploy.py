@@ -708,7 +708,7 @@ def test_2_4_form_on_sparse_tensor_cores(tmp_path, gpu, dtype):
     if reason is not None:
         pytest.skip(reason)
     model, kw, _ = two_four_model(embed_dim=64)  # feature sizes multiples of 64
-    export(model, str(tmp_path), arch_kwargs=kw)
+    export(model, str(tmp_path), arch_kwargs=kw, form="semi24")  # the rule gives them "lowrank"
     loaded = load(str(tmp_path), device=gpu, dtype=dtype)
     semi = [m for m in loaded.modules() if isinstance(m, SemiStructuredLowRankLinear)]
     assert semi and all(m.semi_structured for m in semi)
