@@ -29,10 +29,11 @@ pruned are removed, and one form is chosen:
   0.6 ms more per sparse product at batch 1, which fits torch's cuSPARSELt path building and
   destroying its matmul plan on every call (host time, ~0.46 ms a call in an upstream report
   that proposes caching the plan, pytorch/pytorch#177866; whether a given torch has such a
-  cache is not checked here). Unconfirmed: the model benchmark's CUDA-graph cases, which do
-  no host work per call, test it. In
-  fp16/bf16 on a CUDA GPU the factors run on the
-  sparse tensor cores through ``torch.sparse``'s semi-structured tensors: cuSPARSELt where
+  cache is not checked here). Host time is not all of it: replayed from a CUDA graph, with
+  no host work per call, the 2:4 model still took 2.6x (batch 1) and 3.5x (batch 64) the
+  time of the same factors in low-rank form (H200, 2026-11-27,
+  benchmarks/results/model-nvidia-h200-2026-11-27.md). In fp16/bf16 on a CUDA GPU the
+  factors run on the sparse tensor cores through ``torch.sparse``'s semi-structured tensors: cuSPARSELt where
   torch has it (sm_80 and newer), else CUTLASS on sm_8x only. In memory the rank is padded
   with zero components to that backend's minimum (16 for cuSPARSELt, 64 for CUTLASS); a
   layer whose feature sizes the backend cannot take, and every layer elsewhere, runs as the
