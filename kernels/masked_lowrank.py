@@ -238,17 +238,35 @@ def _within_budget(cfg, r_pad) -> bool:
             and cfg.kwargs["BLOCK_M"] * r_pad <= _T_PER_THREAD * 32 * cfg.num_warps)
 
 
+def chained_chunks_ok(cfg, rank) -> bool:
+    """False for a config whose output tiles would chain more than one rank chunk's ``tl.dot``
+    through one accumulator (``times_um_t``) in tiles of 64 rows or more.
+
+    Measured on an H200 (Triton 3.6, bf16, 2026-11-27, ``test_every_gpu_config_on_the_gpu``):
+    two such configs gave wrong outputs, errors of 0.16 and 1.7 times the result (BLOCK_M 64:
+    BLOCK_N 64 / OUT_TILES 4 / 4 warps at rank 70 = chunks 64 + 16; BLOCK_N 128 / OUT_TILES 1 /
+    8 warps at rank 300 = 256 + 32 + 16), while the 16-row configs gave the right ones at both
+    ranks. 64-row tiles and more are where Triton lowers ``tl.dot`` to Hopper's wgmma, and
+    Triton has a known miscompile of dots chained through one accumulator on that kind of path
+    (Blackwell's, triton-lang/triton#10821). The cause on Hopper is not established: this
+    keeps the configs that computed right, and the GPU test still runs the ones it removes and
+    reports whether they compute right there."""
+    return len(rank_chunks(rank)) == 1 or cfg.kwargs["BLOCK_M"] < 64
+
+
 def prune_by_registers(configs_list, named_args, **kwargs):
-    """The configs within the register budget, and always the list's last one: both forward
-    lists end with their smallest single-stage config (ONE_CONFIG's pick), the one that fits
-    shared memory up to ``max_rank`` on every GPU from sm_80 on; at large ranks every config
-    within the budget may need more (fp32, rank 1024: more than an H100 has;
-    benchmarks/kernel_resources.py --ranks 768 --dtypes float32)."""
+    """The configs within the register budget and, where the rank takes several chunks, with
+    tiles of fewer than 64 rows (``chained_chunks_ok``); and always the list's last one: both
+    forward lists end with their smallest single-stage config (ONE_CONFIG's pick, 16 rows),
+    the one that fits shared memory up to ``max_rank`` on every GPU from sm_80 on; at large
+    ranks every config within the budget may need more (fp32, rank 1024: more than an H100
+    has; benchmarks/kernel_resources.py --ranks 768 --dtypes float32)."""
     if len(configs_list) == 1:
         return configs_list
     # rank is a positional argument, which every Triton 3.x passes in named_args.
-    r_pad = rank_pad(named_args["rank"])
-    kept = [c for c in configs_list[:-1] if _within_budget(c, r_pad)]
+    rank = named_args["rank"]
+    r_pad = rank_pad(rank)
+    kept = [c for c in configs_list[:-1] if _within_budget(c, r_pad) and chained_chunks_ok(c, rank)]
     return kept + configs_list[-1:]
 
 
@@ -360,6 +378,8 @@ FORWARD_GPU_CONFIGS = [
     _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, OUT_TILES=16, num_warps=8, num_stages=4),
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, OUT_TILES=16, num_warps=8, num_stages=4),
     _cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, OUT_TILES=32, num_warps=8, num_stages=3),
+    # T held in 32-row tiles, the kind ranks of several chunks keep (``chained_chunks_ok``)
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, OUT_TILES=16, num_warps=4, num_stages=3),
     # large ranks with few tokens: thin K steps keep the V tile small
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, OUT_TILES=4, num_warps=8, num_stages=2),
     _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, OUT_TILES=1, num_warps=4, num_stages=1),

@@ -2,6 +2,7 @@
 numerical battery, shared with the other backends, is tests/test_kernels.py."""
 
 import os
+import warnings
 
 import torch
 
@@ -54,6 +55,13 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
         # tiles at rank 384 did not fit an H100's shared memory: benchmarks/kernel_resources.py)
         for c in kept[:-1]:
             assert c.kwargs["BLOCK_M"] * r_pad <= 160 * 32 * c.num_warps, (rank, c)
+        # Ranks of several chunks keep only tiles under 64 rows (chained_chunks_ok: two
+        # 64-row configs computed wrong outputs on an H200); one-chunk ranks keep the others.
+        wide = [c for c in kept if c.kwargs["BLOCK_M"] >= 64]
+        if len(masked_lowrank.rank_chunks(rank)) > 1:
+            assert not wide, (rank, wide)
+        elif rank <= 128:
+            assert wide, rank
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
@@ -314,19 +322,31 @@ def test_every_autotuned_kernel_keeps_its_choice_on_disk():
     assert proc.stdout.count("\n") == 6, proc.stdout
 
 
+# kernels.autotuned()'s names (checked below), one test each so that gpu_check's shards share
+# the compiling: all six in one test ran past a shard's 150 s cap in fp32 (H200, 2026-11-27).
+AUTOTUNED = ("forward", "rank projection", "grad x", "grad factor", "blended forward", "fold")
+
+
+def test_autotuned_names():
+    assert tuple(name for name, _, _ in kernels.autotuned()) == AUTOTUNED
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel_name", AUTOTUNED)
 @pytest.mark.parametrize("dtype, rank", [(torch.bfloat16, 70), (torch.float32, 70), (torch.bfloat16, 300)],
                          ids=["bf16-r70", "fp32-r70", "bf16-r300"])
-def test_every_gpu_config_on_the_gpu(dtype, rank):
-    """Each GPU config of each kernel that autotuning would consider at this rank, forced on
+def test_every_gpu_config_on_the_gpu(dtype, rank, kernel_name):
+    """Each GPU config of the kernel that autotuning would consider at this rank, forced on
     its own (no timing), computes the op: masked and blended, forward and backward, against
     float64, on shapes no block size divides (77 and 1077 tokens, 200 -> 300; rank 70 or 300,
-    padded to 128 or 512, where only the thin tiles are kept; at 1077 tokens the factor
+    held as 64 + 16 or 256 + 32 + 16, where only thin tiles are kept; at 1077 tokens the factor
     gradients split over tokens, at 77 they do not) with half the entries pruned. The rest
     of the GPU battery runs one config per kernel (TUNECOMP_TRITON_ONE_CONFIG, set by
     conftest.py), and autotuning in normal use only ever runs the configs it picks. A config
-    too big for the shared memory is skipped, as the autotuner skips it; every kernel must
-    have configs that run."""
+    too big for the shared memory is skipped, as the autotuner skips it; the kernel must
+    have configs that run. Every config is tried before the test fails, and those that
+    ``chained_chunks_ok`` removes at this rank are run too, to report in a warning whether
+    they compute right here (a failure among them does not fail the test)."""
     if not CUDA:
         pytest.skip("needs a CUDA GPU")
     from triton.runtime.errors import OutOfResources
@@ -345,15 +365,24 @@ def test_every_gpu_config_on_the_gpu(dtype, rank):
         problems.append((n, p, reference_lowrank(p), reference_lowrank(p, alpha)))
     a = torch.tensor(alpha, device=DEVICE)
     bound = 1e-2 if dtype == torch.bfloat16 else (1e-5 if masked_lowrank.dot_precision(dtype) == "ieee" else 5e-3)
-    too_big, ran = [], {}
+    too_big, ran, wrong, removed_wrong, removed_right = [], {}, [], [], []
     for name, kernel, gpu_configs in kernels.autotuned():
+        if name != kernel_name:
+            continue
+        removed = []
         if kernel.early_config_prune is not None:  # as the autotuner would at this rank
-            gpu_configs = kernel.early_config_prune(gpu_configs, {"rank": rank})
+            kept = kernel.early_config_prune(gpu_configs, {"rank": rank})
+            # and, only to report them, the configs removed for chaining rank chunks in wide tiles
+            r_pad = masked_lowrank.rank_pad(rank)
+            removed = [c for c in gpu_configs
+                       if c not in kept and masked_lowrank._within_budget(c, r_pad)]
+            gpu_configs = kept
         saved = kernel.configs
         try:
-            for config in gpu_configs:
+            for config in gpu_configs + removed:
                 kernel.configs = [config]  # a one-config autotuner runs it without timing
                 kernel.cache.clear()
+                is_removed = config in removed
                 for n, p, (ref_y, ref_grads), (ref_blend_y, ref_blend_grads) in problems:
                     where = f"{name} {config} at {n} tokens (seed {seed})"
                     args = (p["x"], p["u"], p["v"])
@@ -373,12 +402,20 @@ def test_every_gpu_config_on_the_gpu(dtype, rank):
                         check_backward(grads, p, ref_grads, dtype, seed, True, bound)
                         assert_close("blended y", blend_y, ref_blend_y, dtype, seed, bound)
                         check_backward(blend_grads, p, ref_blend_grads, dtype, seed, True, bound)
-                    except AssertionError as error:
-                        raise AssertionError(f"{where}, rank {rank}: {error}") from None
+                    except AssertionError as error:  # every config is tried before failing
+                        (removed_wrong if is_removed else wrong).append(f"{where}, rank {rank}: {error}")
+                        break
                 else:
-                    ran[name] = ran.get(name, 0) + 1
+                    if is_removed:
+                        removed_right.append(f"{name} {config}")
+                    else:
+                        ran[name] = ran.get(name, 0) + 1
         finally:
             kernel.configs = saved
             kernel.cache.clear()
     print(f"{sum(ran.values())} configs checked; too big for shared memory: {too_big or 'none'}")
-    assert set(ran) == {k[0] for k in kernels.autotuned()}, (ran, too_big)
+    if removed_wrong or removed_right:  # what the next change to chained_chunks_ok needs to know
+        warnings.warn(f"rank {rank}, {dtype}: configs chained_chunks_ok removes; wrong here: "
+                      f"{removed_wrong or 'none'}; right here: {removed_right or 'none'}")
+    assert not wrong, "\n".join(wrong)
+    assert ran.get(kernel_name), (ran, too_big)  # some config of it ran
