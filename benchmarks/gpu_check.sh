@@ -75,10 +75,14 @@
 # (2026-11-26, gVisor, before the profile and ncu stages existed): build 52 s, info 15 s,
 # tests-gpu shards 24-72 s (one hung until the 180 s cap, now 150 s), model 120 s, bench
 # 119 s. So call 1 is about build 1 min, info 0.5, tests-gpu 1-2.5, bench 2.5, ncu 1-2,
-# model 2, which leaves the profile stage little or nothing: that order puts first what the
-# issues' targets are read from (the benchmarks; ncu says why a target is missed). A second
-# call in the ~3 min a 15-minute session has left: sanitize (~2-5 min, as much as fits),
-# then profile.
+# model 2, which leaves the profile stage little or nothing. Seen on an H200 (2026-11-27):
+# build 66 s, info 12 s, tests-gpu 153 s (the every-config test, then one test for all six
+# kernels, hit its shard's cap in fp32: now one test per kernel), bench 117 s, ncu cut at its
+# 104 s cap before its report (the report now runs on what was profiled, the backends' own
+# forward first); model, profile not run. Call 2: sanitize 84 s, model 93 s. That order puts
+# first what the issues' targets are read from (the benchmarks; ncu says why a target is
+# missed). A second call in the ~3-5 min a 15-minute session has left: sanitize (~1.5-5 min,
+# as much as fits), then model or profile, whichever call 1 left out.
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
 # tests-gpu bench ncu model profile"; the stages always run in the order above),
@@ -316,7 +320,10 @@ if wants ncu; then
     done
     NCU_TMP=$(mktemp -d)
     stage ncu 120 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
-      --export "$NCU_TMP/kernels" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$NCU_TMP" &&
+      --export "$NCU_TMP/kernels" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$NCU_TMP"
+    # Also after a stop at the cap: ncu still writes what it profiled, and the run wrote its
+    # case list before profiling (the report names the cases not profiled).
+    [[ -s "$NCU_TMP/kernels.ncu-rep" && -s "$NCU_TMP/ncu-cases.json" ]] &&
       stage ncu-report 60 "$OUT/ncu.log" "$PY" benchmarks/ncu_kernels.py report --ncu "$NCU" \
         --report "$NCU_TMP/kernels.ncu-rep" --cases "$NCU_TMP/ncu-cases.json" --out-dir "$OUT"
     rm -rf "$NCU_TMP"

@@ -23,8 +23,8 @@ def ncu_kernels(monkeypatch):
 def test_every_case_runs_and_computes_the_op(ncu_kernels):
     cases = ncu_kernels.build_cases(device="cpu", dtype=torch.float32, shape=(24, 20, 33), rank=8,
                                     small_tokens=5, backends=("torch", "cpu"))
-    expected = ["dense fwd", "eager fwd", "torch fwd", "cpu fwd", "eager fwd+bwd", "torch fwd+bwd",
-                "cpu fwd+bwd", "torch blend fwd", "cpu blend fwd", "torch fwd n=5", "cpu fwd n=5"]
+    expected = ["cpu fwd", "dense fwd", "eager fwd", "torch fwd", "torch blend fwd", "cpu blend fwd",
+                "eager fwd+bwd", "torch fwd+bwd", "cpu fwd+bwd", "torch fwd n=5", "cpu fwd n=5"]
     assert list(cases) == expected
     outputs = {name: call() for name, call in cases.items()}
     assert outputs["torch fwd"].shape == (33, 20)
@@ -131,6 +131,25 @@ def test_report_refuses_a_profile_whose_markers_do_not_match_the_cases(ncu_kerne
     kernels = ncu_kernels.parse_raw_csv(_raw_csv(_kernels(), METRICS))
     with pytest.raises(ValueError, match="2 case markers in the profile, but 3 cases"):
         ncu_kernels.summarize(kernels, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 case markers in the profile, but 1 cases"):
+        ncu_kernels.summarize(kernels, ["a"], complete=False)  # more markers than cases: never
+
+
+def test_report_of_a_profile_stopped_by_its_time_cap(ncu_kernels, tmp_path):
+    """ncu stopped at its cap: run wrote the cases before profiling, with complete false; the
+    report assigns the kernels profiled to the first cases and names the others."""
+    kernels = ncu_kernels.parse_raw_csv(_raw_csv(_kernels(), METRICS))
+    info = {"device": "NVIDIA H200", "date": "2026-11-27", "dtype": "torch.bfloat16",
+            "torch": "2.11", "triton": "3.6", "tunecomp": "0.1", "cuda": "13.0",
+            "shape": {"in": 768, "out": 768, "tokens": 12608, "rank": 192, "small_tokens": 197, "kept": 0.5},
+            "cases": ["triton fwd", "cuda fwd", "dense fwd", "eager fwd"], "unavailable": {},
+            "complete": False}
+    text = open(ncu_kernels.write_results(kernels, info, str(tmp_path))).read()
+    assert "| triton fwd | `_forward_kernel` |" in text and "| cuda fwd | 2 | 4.0 |" in text
+    assert "Not profiled (ncu stopped at its time cap; the last case profiled may lack kernels): " \
+           "dense fwd, eager fwd" in text
+    with pytest.raises(ValueError, match="2 case markers in the profile, but 4 cases"):
+        ncu_kernels.write_results(kernels, {**info, "complete": True}, str(tmp_path))
     with pytest.raises(ValueError, match="no ncu raw-page header"):
         ncu_kernels.parse_raw_csv("==ERROR== the profiler could not be loaded\n")
 
