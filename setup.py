@@ -43,8 +43,8 @@ def _shared_cxx_runtime_flags():
     defined in it, no libstdc++.so.6 among its needed libraries). Two copies of the C++
     runtime in one process keep separate locale facet tables, so writing an integer to a
     stream in the extension (every TORCH_CHECK message with a shape in it) crashed the process
-    there; on this kind of machine, made to link the same way with -static-libstdc++, the
-    number is silently left out of the message instead. Naming the shared runtime before the
+    there; on a CI-class machine (g++ 12, Debian 12), made to link the same way with
+    -static-libstdc++, the number is silently left out of the message instead. Naming the shared runtime before the
     driver's own -lstdc++ makes the linker take every C++ runtime symbol from it. Only where
     needed: elsewhere the driver's -lstdc++ may name a newer runtime than the system's .so.6.
     """
