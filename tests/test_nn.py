@@ -44,9 +44,26 @@ def test_alpha_checks():
         layer.alpha = 1.5
     with pytest.raises(TypeError, match="alpha must be a float"):
         layer.alpha = "high"
+    with pytest.raises(ValueError, match=r"alpha must be one number; got a tensor of shape \(2,\)"):
+        layer.alpha = torch.tensor([0.5, 0.5])
     layer.drop_teacher()
     with pytest.raises(ValueError, match="alpha must be 0 without a teacher"):
         layer.alpha = 0.5
+
+
+def test_student_alone_loaded_from_a_blended_checkpoint_has_alpha_0():
+    """strict=False leaves out the teacher's tensors: the layer computes the student alone, and
+    says so (alpha 0), whatever alpha the checkpoint held."""
+    blended = FusedPrunedLowRankLinear.from_linear(linear(), rank=4)
+    blended.alpha = 0.4
+    student = FusedPrunedLowRankLinear.from_linear(linear(), rank=4)
+    student.drop_teacher()
+    student.load_state_dict(blended.state_dict(), strict=False)
+    assert student.alpha == 0.0 and float(student.alpha_tensor) == 0.0 and "alpha=0," in repr(student)
+    x = torch.randn(3, 24)
+    blended.alpha = 0.0
+    assert torch.equal(student(x), blended(x))
+    student.alpha = student.alpha  # what it reports can be set again
 
 
 def test_drop_teacher_frees_buffers():
@@ -121,12 +138,18 @@ def test_to_linear_computes_the_same(alpha):
 def test_effective_params_sparsity_and_repr():
     layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=8)
     assert layer.num_effective_params() == 8 * (24 + 40) + 40
-    layer.mask_u[:, :4] = False  # 40*4 of 8*64 factor entries pruned
-    assert layer.num_effective_params() == 8 * 64 - 160 + 40
+    layer.mask_u[:, :4] = False  # 40*4 of 8*64 factor entries pruned: 4 components dead
+    assert layer.num_effective_params() == 4 * (24 + 40) + 40  # their v entries not counted
     assert layer.sparsity == pytest.approx(160 / 512)
     text = repr(layer)
     for words in ("in_features=24", "out_features=40", "rank=8", "sparsity=31.2%", "teacher=attached"):
         assert words in text
+    layer.mask_v[::2, 4] = False  # half of a live component's v: its u entries still count
+    assert layer.num_effective_params() == 4 * (24 + 40) - 12 + 40
+    from tunecomp.deploy import drop_dead_components, masked_factors
+
+    u, v = drop_dead_components(*masked_factors(layer))  # what export stores
+    assert layer.num_effective_params() == int((u != 0).sum() + (v != 0).sum()) + 40
 
 
 def test_constructor_checks():

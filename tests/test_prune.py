@@ -81,6 +81,29 @@ def test_bad_arguments():
         prune_(group, 0.1, scope="model")
     with pytest.raises(ValueError, match="rank pruning works per layer"):
         prune_(group, 0.1, mode="rank", scope="global")
+    with pytest.raises(TypeError, match="ratio must be a float in \\[0, 1\\); got str"):
+        prune_(group, "0.5")
+    with pytest.raises(TypeError, match="m must be an int; got float 4.0"):
+        prune_(group, 0.5, mode="n:m", m=4.0)
+    with pytest.raises(ValueError, match=r"needs the rank \(U's reduction dim\) to be a multiple of m=4; got 6"):
+        prune_(layers((8, 8, 6)), 0.5, mode="n:m")
+    with pytest.raises(ValueError, match=r"needs in_features \(V's reduction dim\) to be a multiple of m=4; got 6"):
+        prune_(layers((6, 8, 4)), 0.5, mode="n:m")
+    prune_([], 0.5, scope="global")  # nothing to prune, as in layer scope
+
+
+@pytest.mark.parametrize("mode, scope", [("unstructured", "layer"), ("unstructured", "global"), ("rank", "layer")])
+def test_a_ratio_below_1_never_prunes_everything(mode, scope):
+    """round(0.95 * 10) = 10 of 10 would leave the layer its bias alone: at most all but one."""
+    group = layers((10, 10, 10)) if mode == "rank" else layers((1, 2, 1))
+    prune_(group, 0.95, mode=mode, scope=scope)
+    layer = group[0]
+    if mode == "rank":
+        assert int((layer.mask_u.any(0) & layer.mask_v.any(0)).sum()) == 1
+    elif scope == "layer":  # u [2, 1] and v [1, 1]: one entry of u stays, v's only one too
+        assert int(layer.mask_u.sum()) == 1 and int(layer.mask_v.sum()) == 1
+    else:  # one threshold over the three entries: round(2.85) = 3 -> 2
+        assert int(layer.mask_u.sum() + layer.mask_v.sum()) == 1
 
 
 def test_sparsity_penalty_values_and_gradients():

@@ -141,6 +141,8 @@ class FusedPrunedLowRankLinear(nn.Module):
     @alpha.setter
     def alpha(self, value: float) -> None:
         if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"alpha must be one number; got a tensor of shape {tuple(value.shape)}")
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"alpha must be a float in [0, 1]; got {type(value).__name__}")
@@ -155,9 +157,13 @@ class FusedPrunedLowRankLinear(nn.Module):
 
     @staticmethod
     def _sync_alpha(module: "FusedPrunedLowRankLinear", incompatible_keys) -> None:
-        # After load_state_dict the buffer holds the truth; mirror it on the Python side.
+        # After load_state_dict the buffer holds the truth; mirror it on the Python side. A
+        # layer without a teacher (loaded with strict=False from a blended checkpoint)
+        # computes the student alone: its alpha is 0, whatever the checkpoint held.
+        if not module.has_teacher:
+            module.alpha_tensor.fill_(0.0)
         module._alpha = float(module.alpha_tensor)
-        module._blend = module._alpha > 0.0 and module.has_teacher
+        module._blend = module._alpha > 0.0
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts floating buffers; alpha stays float32 (in bf16, 0.997 would
@@ -218,8 +224,12 @@ class FusedPrunedLowRankLinear(nn.Module):
     # ---- accounting -----------------------------------------------------------------------
 
     def num_effective_params(self) -> int:
-        """Unpruned entries of u and v plus the bias: what the compact model will store."""
-        kept = int(self.mask_u.sum()) + int(self.mask_v.sum())
+        """Unpruned entries of u and v plus the bias: what the compact model will store. A rank
+        component with all of its u or all of its v pruned adds nothing to the output, and
+        export drops it whole (``deploy.drop_dead_components``): its other side's kept
+        entries are not counted."""
+        alive = self.mask_u.any(0) & self.mask_v.any(0)
+        kept = int(self.mask_u[:, alive].sum()) + int(self.mask_v[:, alive].sum())
         return kept + (0 if self.bias is None else self.bias.numel())
 
     @property

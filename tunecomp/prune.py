@@ -18,6 +18,7 @@ Modes:
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -35,10 +36,16 @@ def _scores(weight: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, weight.detach().abs().float(), torch.full_like(weight, _PRUNED, dtype=torch.float32))
 
 
+def _prune_target(ratio: float, n: int) -> int:
+    """How many of ``n`` entries (or components) ratio ρ < 1 prunes: ``round(ρ·n)``, but never
+    all of them (at ρ = 0.95, round(9.5) = 10 of 10 would leave a layer its bias alone)."""
+    return min(round(ratio * n), n - 1)
+
+
 def _prune_smallest(scores: Tensor, masks: Sequence[Tensor], ratio: float) -> None:
     """Set False, across ``masks`` (flattened in order into ``scores``), the
-    ``round(ratio·numel)`` lowest-scored entries; already pruned ones count towards it."""
-    target = round(ratio * scores.numel())
+    ``_prune_target(ratio, numel)`` lowest-scored entries; already pruned ones count towards it."""
+    target = _prune_target(ratio, scores.numel())
     if target <= int((scores == _PRUNED).sum()):
         return  # monotone: never revive, and nothing more to prune
     pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -51,6 +58,8 @@ def _prune_smallest(scores: Tensor, masks: Sequence[Tensor], ratio: float) -> No
 
 
 def _check_ratio(ratio: float) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"ratio must be a float in [0, 1); got {type(ratio).__name__}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1); got {ratio}")
 
@@ -62,7 +71,7 @@ def prune_unstructured_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
     layers = list(layers)
-    if scope == "global":
+    if scope == "global" and layers:
         masks = [m for layer in layers for m in (layer.mask_u, layer.mask_v)]
         scores = [_scores(w, m).view(-1) for layer in layers for w, m in ((layer.u, layer.mask_u), (layer.v, layer.mask_v))]
         _prune_smallest(torch.cat(scores), masks, ratio)
@@ -74,7 +83,8 @@ def prune_unstructured_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float
 
 @torch.no_grad()
 def prune_rank_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float) -> None:
-    """Prune whole rank components, the ``round(ratio·r)`` weakest of each layer."""
+    """Prune whole rank components, the ``round(ratio·r)`` weakest of each layer (all but one
+    at most)."""
     _check_ratio(ratio)
     for layer in layers:
         u = torch.where(layer.mask_u, layer.u, 0).float()
@@ -82,17 +92,17 @@ def prune_rank_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float) -> Non
         alive = layer.mask_u.any(0) | layer.mask_v.any(0)
         strength = torch.where(alive, u.norm(dim=0) * v.norm(dim=0), torch.full_like(u[0], _PRUNED))
         dead = torch.zeros_like(alive)
-        target = round(ratio * layer.rank)
+        target = _prune_target(ratio, layer.rank)
         if target > int((~alive).sum()):
             dead[torch.topk(strength, target, largest=False).indices] = True
         layer.mask_u[:, dead] = False
         layer.mask_v[:, dead] = False
 
 
-def _prune_groups_(weight: Tensor, mask: Tensor, per_group: int, m: int, dim: int) -> None:
+def _prune_groups_(weight: Tensor, mask: Tensor, per_group: int, m: int, dim: int, what: str) -> None:
     if weight.shape[dim] % m:
         raise ValueError(
-            f"n:m pruning needs the reduction dim ({weight.shape[dim]}) to be a multiple of m={m}"
+            f"n:m pruning needs {what} to be a multiple of m={m}; got {weight.shape[dim]}"
         )
     # groups of m consecutive entries along `dim`, moved to the last axis
     scores = _scores(weight, mask).movedim(dim, -1)
@@ -106,16 +116,20 @@ def _prune_groups_(weight: Tensor, mask: Tensor, per_group: int, m: int, dim: in
 @torch.no_grad()
 def prune_n_m_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float, n: int = 2, m: int = 4) -> None:
     """N:M pruning along each factor's reduction dim; ``ratio`` ≤ (m−n)/m, floored to k/m."""
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
     if not (0 < n < m):
         raise ValueError(f"n:m needs 0 < n < m; got {n}:{m}")
+    _check_ratio(ratio)
     if not 0.0 <= ratio <= (m - n) / m + 1e-9:
         raise ValueError(f"ratio for {n}:{m} pruning must be in [0, {(m - n) / m:g}]; got {ratio}")
     per_group = int(ratio * m + 1e-9)
     if per_group == 0:
         return
     for layer in layers:
-        _prune_groups_(layer.v, layer.mask_v, per_group, m, dim=0)  # x @ V reduces over in
-        _prune_groups_(layer.u, layer.mask_u, per_group, m, dim=1)  # t @ U.T reduces over r
+        _prune_groups_(layer.v, layer.mask_v, per_group, m, 0, "in_features (V's reduction dim)")
+        _prune_groups_(layer.u, layer.mask_u, per_group, m, 1, "the rank (U's reduction dim)")
 
 
 def prune_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float, mode: str = "unstructured",

@@ -1,8 +1,8 @@
 """The schedules of the joint loop, as pure functions of the optimisation step.
 
 - ``alpha(t, T)``: the teacher's weight in each layer's blend, ``1 − sin(π·t / 2T)`` for
-  ``t ≤ T`` and 0 after. It leaves 1 with zero slope (the student joins gently) and reaches 0
-  with slope −π/2T; the student's weight is ``sqrt(1 − alpha²)``
+  ``t ≤ T`` and 0 after. It leaves 1 with slope −π/2T and reaches 0 with zero slope (the
+  teacher fades out gently); the student's weight is ``sqrt(1 − alpha²)``
   (``reference.student_scale``), so the two weights stay on the unit circle and the output's
   scale is kept for uncorrelated branches.
 - ``prune_ratio(t, target, start, end)``: the fraction of factor entries pruned at step t,
