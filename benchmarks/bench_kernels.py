@@ -256,8 +256,9 @@ def work(case: Case, elem_bytes: int) -> tuple:
     Bytes: X read and Y written once, every weight, mask (1 byte per entry) and bias read
     once. fwd+bwd adds the backward's own floor: dY read, X read again (for the weight
     gradients), dX written, weights and masks read again, weight and bias gradients written.
-    FLOPs: 2*N*r*(in+out) for the rank-r chain (2*N*in*out for dense); the backward does
-    twice the forward's GEMM work, so fwd+bwd counts 3x. The blend adds the teacher GEMM
+    FLOPs: 2*N*r*(in+out)*(1-rho) for the rank-r chain, the products of kept factor entries
+    (2*N*in*out for dense); the backward does twice the forward's GEMM work, so fwd+bwd counts
+    3x. The blend adds the teacher GEMM
     2*N*in*out forward and the same again in the backward for dX (the teacher gets no
     gradient). Recomputed intermediates and the bias add are not counted.
     """
@@ -266,7 +267,7 @@ def work(case: Case, elem_bytes: int) -> tuple:
         weights, masks, flops = n_in * n_out, 0, 2 * n * n_in * n_out
     else:
         weights = case.rank * (n_in + n_out)
-        masks, flops = weights, 2 * n * case.rank * (n_in + n_out)
+        masks, flops = weights, round(2 * n * case.rank * (n_in + n_out) * (1 - case.rho))
     teacher = n_in * n_out if case.op == "blended" else 0  # W0; never written
     teacher_bias = n_out if teacher else 0
     if case.direction == "fwd":

@@ -91,7 +91,7 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
     n, n_in, n_out, r = 40, 64, 96, 8
     assert (p["in_features"], p["out_features"], p["rank"]) == (n_in, n_out, r)
     assert p["bytes"] == 4 * (n * n_in + n * n_out + r * (n_in + n_out) + n_out) + r * (n_in + n_out)
-    assert p["flops"] == 2 * n * r * (n_in + n_out)
+    assert p["flops"] == round(2 * n * r * (n_in + n_out) * (1 - 0.5))  # products of kept entries
 
     geomeans = {(g["backend"], g["op"], g["direction"]): g for g in results["geomeans"]}
     assert _positive(geomeans[("torch", "masked", "fwd")]["speedup"]["compile"])
@@ -141,8 +141,8 @@ def test_benchmark_suite_and_report_on_cpu(tmp_path):
     cuda = [p for p in results["points"] if p["impl"] == "cuda"]
     assert cuda and all(abs(p["speedup"]["triton"] - 0.8) < 1e-9 for p in cuda)
     versus_triton = [t for t in results["targets"] if "over triton" in t["name"]]
-    assert {t["backend"] for t in versus_triton} == {"cuda"} and len(versus_triton) == 3
-    assert all(t["status"] == "MISS" and "short by 11.1%" in t["detail"] for t in versus_triton)
+    assert {t["backend"] for t in versus_triton} == {"cuda"} and len(versus_triton) == 4
+    assert all(t["status"] == "MISS" and "short by 12.0%" in t["detail"] for t in versus_triton)  # 0.8 x 1.1
     assert "×triton" in next((tmp_path / "two").glob("*.md")).read_text()
 
     # A backend that the grid timed on the blend alone (as "torch" on the gpu and cpu grids)
@@ -223,6 +223,46 @@ def test_cpu_grid_report_checks_the_cpu_targets_on_paired_ratios():
     assert "update the parameters in place" not in md
     benchmarks[0]["extra_info"]["params_change"] = True
     assert report.markdown(report.build(bench)).count("update the parameters in place") == 1
+
+
+def test_gpu_report_verdicts_count_every_point():
+    """A "gpu" grid run (synthetic timings) on an H200: a point whose eager case was skipped is
+    left out of the verdicts and named, and a verdict that passes without it is INCOMPLETE; a
+    backend timed without a single point keeps its rows, NOT MEASURED; cuda within 10% of
+    Triton means at most 1.1x its time (0.9025x misses); the same run on the smoke grid is
+    informational."""
+    report = _benchmarks_module("report")
+
+    def entry(impl, role, tokens, median, op="masked", direction="fwd"):
+        info = dict(op=op, direction=direction, impl=impl, role=role, in_features=768,
+                    out_features=768, tokens=tokens, rank=0 if impl == "dense" else 192, rho=0.5,
+                    dtype="bfloat16", bytes=10 ** 6, flops=10 ** 9, k=1)
+        return {"extra_info": info, "stats": {"median": median, "min": median, "rounds": 7}}
+
+    us = 1e-6
+    benchmarks = [entry("triton", "backend", 197, 10 * us), entry("eager", "baseline", 197, 20 * us),
+                  entry("triton", "backend", 12608, 100 * us),  # its eager case was skipped
+                  entry("cuda", "backend", 197, 10 * us / 0.9025),
+                  entry("triton", "backend", 197, 10 * us, "blended"), entry("cuda", "backend", 197, 20 * us, "blended")]
+    timed = [[b, op, d] for b in ("triton", "cuda", "torch") for op, d in (("masked", "fwd"), ("blended", "fwd"))]
+    run = {"grid": "gpu", "dtype": "bfloat16", "device_name": "NVIDIA H200", "timed_ops": timed,
+           "baselines": {"masked": ["eager"], "blended": ["eager"]}, "versions": {}}
+    results = report.build({"datetime": "2026-01-01T00:00:00", "benchmarks": benchmarks, "tunecomp": run})
+    assert results["targets_apply"] and results["timed_ops"] == timed
+    targets = {(t["backend"], t["name"]): t for t in results["targets"]}
+    every = targets[("triton", "masked fwd: speedup over eager at every point")]
+    assert every["status"] == "INCOMPLETE" and every["value"] == pytest.approx(2.0), every
+    assert "1 of 2 points without a eager time, left out" in every["detail"]
+    assert targets[("triton", "masked fwd: geometric-mean speedup over eager")]["status"] == "INCOMPLETE"
+    assert targets[("torch", "masked fwd: geometric-mean speedup over eager")]["status"] == "NOT MEASURED"
+    vs_triton = targets[("cuda", "masked fwd: geometric-mean speedup over triton")]
+    assert vs_triton["status"] == "MISS" and vs_triton["value"] == pytest.approx(0.9025), vs_triton
+    assert targets[("cuda", "blended fwd: geometric-mean speedup over triton")]["value"] == pytest.approx(0.5)
+    md = report.markdown(results)
+    assert "| triton | masked | fwd | 2 | 2.00 (1 of 2) | — | — | — |" in md, md
+    assert "**INCOMPLETE**" in md and "(target >= 0.909x)" in md
+    run["grid"] = "smoke"
+    assert not report.build({"datetime": "2026-01-01", "benchmarks": benchmarks, "tunecomp": run})["targets_apply"]
 
 
 def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):

@@ -93,6 +93,14 @@ def test_gpu_grid_targets_pass_miss_and_say_by_how_much(monkeypatch):
     # without the cases, NOT MEASURED rather than a pass
     empty = {t["name"]: t["status"] for t in model_bench.check_targets(rows[:2], "gpu")}
     assert set(empty.values()) == {"NOT MEASURED"}
+    # a 2:4 case whose low-rank twin is missing (skipped) could be the worst: no PASS
+    cut = [r for r in rows if not (r["variant"] == lowrank and r["batch"] == 64)]
+    cut_semi = {t["name"]: t for t in model_bench.check_targets(cut, "gpu")}[semi_target["name"]]
+    assert cut_semi["status"] == "INCOMPLETE" and abs(cut_semi["value"] - 1.3) < 1e-12, cut_semi
+    assert "1 of 2 cases without their comparison, left out: batch 64 eager" in cut_semi["detail"]
+    only_missing = [r for r in rows if r["variant"] != lowrank]
+    lone = {t["name"]: t for t in model_bench.check_targets(only_missing, "gpu")}[semi_target["name"]]
+    assert lone["status"] == "NOT MEASURED" and lone["detail"].startswith("2 of 2 cases without"), lone
 
 
 def test_gpu_grid_runs_the_targets_batches_first_each_graph_case_after_its_eager_one(monkeypatch):
