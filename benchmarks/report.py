@@ -214,11 +214,11 @@ def check_target(target: dict, backend: str, points: list, run: dict) -> dict:
                   stat=target["stat"], value=None, status="NOT MEASURED", detail="")
     if target["stat"] == "floor":
         values = [(p["pct_byte_floor"], p) for p in mine if p["pct_byte_floor"] is not None]
-        lacking = "a byte floor (no copy ceiling)"
+        lacking = "byte floor (no copy ceiling)"
     else:
         values = [(p["speedup"][target["baseline"]], p) for p in mine
                   if target["baseline"] in p["speedup"]]
-        lacking = f"a {target['baseline']} time"
+        lacking = f"{target['baseline']} time"
     # Points of the backend whose ratio is missing (the baseline's case skipped or failed):
     # the verdict cannot be a PASS without them.
     missing = len(mine) - len(values)
@@ -246,7 +246,7 @@ def check_target(target: dict, backend: str, points: list, run: dict) -> dict:
         short = f"short by {100 * (1 - value / target['at_least']):.1f}%"
         result["detail"] = f"{short}; {result['detail']}" if result["detail"] else short
     if missing:
-        note = f"{missing} of {len(mine)} points without {lacking}, left out"
+        note = f"{missing} of {len(mine)} points left out: no {lacking}"
         result["detail"] = f"{result['detail']}; {note}" if result["detail"] else note
     return result
 

@@ -252,7 +252,7 @@ def test_gpu_report_verdicts_count_every_point():
     targets = {(t["backend"], t["name"]): t for t in results["targets"]}
     every = targets[("triton", "masked fwd: speedup over eager at every point")]
     assert every["status"] == "INCOMPLETE" and every["value"] == pytest.approx(2.0), every
-    assert "1 of 2 points without a eager time, left out" in every["detail"]
+    assert "1 of 2 points left out: no eager time" in every["detail"]
     assert targets[("triton", "masked fwd: geometric-mean speedup over eager")]["status"] == "INCOMPLETE"
     assert targets[("torch", "masked fwd: geometric-mean speedup over eager")]["status"] == "NOT MEASURED"
     vs_triton = targets[("cuda", "masked fwd: geometric-mean speedup over triton")]
