@@ -192,7 +192,7 @@ inline at::Tensor forward(const at::Tensor& x, const at::Tensor& u, const at::Te
     // and s computed from that would be 0 instead of 0.032.
     const at::Tensor alpha32 = alpha->reshape({});
     const at::Tensor a = alpha32.to(x.scalar_type());
-    const at::Tensor s = at::sqrt(at::clamp_min((1 - alpha32) * (1 + alpha32), 0)).to(x.scalar_type());
+    const at::Tensor s = at::sqrt((1 - alpha32) * (1 + alpha32)).to(x.scalar_type());
     std::optional<at::Tensor> folded_bias;
     if (teacher_bias.has_value()) folded_bias = *teacher_bias * a;
     if (bias.has_value()) folded_bias = folded_bias ? *folded_bias + *bias * s : *bias * s;
@@ -319,7 +319,7 @@ inline std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tens
   if (has_bias) {
     at::Tensor sum = grad_y.sum(0, /*keepdim=*/false, at::kFloat);
     if (blended) {
-      sum = sum * at::sqrt(at::clamp_min((1.0 - *alpha) * (1.0 + *alpha), 0.0)).reshape({});
+      sum = sum * at::sqrt((1.0 - *alpha) * (1.0 + *alpha)).reshape({});
     }
     grad_b = sum.to(x.scalar_type());
   }

@@ -151,7 +151,8 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) 
 __device__ __forceinline__ float scale_value(int kind, float alpha) {
   if (kind == kScaleAlpha) return alpha;
   // s as sqrt((1 - alpha)(1 + alpha)): 1 - alpha is exact near alpha = 1, 1 - alpha² is not.
-  if (kind == kScaleStudent) return sqrtf(fmaxf((1.0f - alpha) * (1.0f + alpha), 0.0f));
+  // NaN for alpha outside [-1, 1], as on every backend (a tensor alpha's range is unchecked).
+  if (kind == kScaleStudent) return sqrtf((1.0f - alpha) * (1.0f + alpha));
   return 1.0f;
 }
 

@@ -43,7 +43,14 @@ def _env_flag(name: str) -> bool:
 
 
 def _interpreting() -> bool:
-    return _env_flag("TRITON_INTERPRET")
+    """Whether Triton builds kernels for its interpreter: Triton's own reading of
+    TRITON_INTERPRET (it also takes "yes" and "y"), where this Triton has it."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return _env_flag("TRITON_INTERPRET")
 
 
 # Host-side integer helpers for grids, autotune keys and splits. triton.cdiv and
@@ -75,6 +82,9 @@ def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:
         return ("the Triton kernels were imported with TRITON_INTERPRET="
                 f"{'1' if built.BUILT_FOR_INTERPRETER else '0'} but it is now "
                 f"{'1' if interpret else '0'}; set it before the first call")
+    if interpret and dtype == torch.bfloat16 and device.type in ("cuda", "cpu"):
+        # CUDA tensors too: the interpreter copies them to the host and runs the same numpy dot
+        return "tl.dot on bfloat16 is wrong under Triton's CPU interpreter (TRITON_INTERPRET is set)"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available"
@@ -82,8 +92,6 @@ def unavailable_reason(device, dtype: torch.dtype) -> Optional[str]:
     if device.type == "cpu":
         if not interpret:
             return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1"
-        if dtype == torch.bfloat16:
-            return "tl.dot on bfloat16 is wrong under Triton's CPU interpreter"
         return None
     return f"the Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device.type}"
 

@@ -161,8 +161,10 @@ def tokens_per_split(n_tokens: int, d_dim: int, rank: int, device: torch.device)
     no split). See SPLIT_TILE above."""
     sms = _multiprocessor_count(device)
     tiles = cdiv(d_dim, SPLIT_TILE) * cdiv(rank, SPLIT_TILE)
+    if tiles == 0 or tiles >= sms:  # tiles 0: an empty gradient (in or out features 0)
+        return n_tokens
     splits = min(cdiv(2 * sms, tiles), cdiv(n_tokens, 4 * SPLIT_ALIGN))
-    if tiles >= sms or splits <= 1:
+    if splits <= 1:
         return n_tokens
     return cdiv(cdiv(n_tokens, splits), SPLIT_ALIGN) * SPLIT_ALIGN
 
@@ -317,9 +319,10 @@ def load_masked_tile(ptr, mask_ptr, rows, cols, n_rows, n_cols, stride_r, stride
 def student_scale(alpha_ptr):
     """(a, s) with s = sqrt(1 - a^2), read from device memory so that a changing alpha needs
     neither a host sync nor a recompile (CUDA graphs replay with the new value). s as
-    sqrt((1 - a)(1 + a)), accurate near a = 1 (see ``tunecomp.reference.student_scale``)."""
+    sqrt((1 - a)(1 + a)), accurate near a = 1 (see ``tunecomp.reference.student_scale``); NaN
+    for a outside [-1, 1], as on every backend (a tensor alpha's range is not checked)."""
     a = tl.load(alpha_ptr).to(tl.float32)
-    return a, tl.sqrt(tl.maximum((1.0 - a) * (1.0 + a), 0.0))
+    return a, tl.sqrt((1.0 - a) * (1.0 + a))
 
 
 @triton.jit

@@ -234,6 +234,19 @@ def test_blend_with_alpha_near_one(backend, dtype):
     check_blend_on_both_routes(backend, p, dtype, seed, 0.9995)
 
 
+def test_blend_with_alpha_outside_its_range_is_nan(backend):
+    """A tensor alpha's range is not checked (that would sync the device on every call): at
+    1.5 the student's weight sqrt(1 - alpha^2) is NaN on every backend, on both routes, and so
+    are the output and the input's gradient, rather than one backend clamping it to 0."""
+    dtype = torch.float32
+    backend.skip_unless_available(dtype)
+    p = make_problem(*SHAPES[2][:4], dtype, "keep50", backend.device, True, teacher=True)
+    for route in ("two-branch", "folded"):
+        with blend_route(route):
+            y, grads = run_blended(backend, p, torch.tensor(1.5, device=backend.device))
+        assert torch.isnan(y).all() and torch.isnan(grads[0]).all(), route
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_blended_many_tokens(backend, dtype):
     """301 tokens: the blended factor gradients through the CUDA backend's split-K path."""

@@ -40,6 +40,51 @@ def test_host_integer_helpers_match_triton():
             assert kernels.cdiv(n, b) == triton.cdiv(n, b), (n, b)
 
 
+def test_interpreter_flag_read_as_triton_reads_it(monkeypatch):
+    """TRITON_INTERPRET=yes makes Triton interpret (its own parsing takes "yes"), so the
+    backend must see it set too."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "yes")
+    assert kernels._interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not kernels._interpreting()
+
+
+def test_bf16_refused_under_the_interpreter_on_cuda_tensors_too(monkeypatch):
+    """The interpreter copies CUDA tensors to the host and runs the same numpy tl.dot, which
+    is wrong on bfloat16: refused on either device while TRITON_INTERPRET is set."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in ("cuda", "cpu"):
+        assert "bfloat16" in (kernels.unavailable_reason(device, torch.bfloat16) or ""), device
+        assert kernels.unavailable_reason(device, torch.float16) is None, device
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's copy of the kernels runs on the CPU")
+@pytest.mark.parametrize("blended", [False, True], ids=["plain", "blended"])
+@pytest.mark.parametrize("in_features, out_features", [(5, 0), (0, 5)])
+def test_backward_with_no_features(in_features, out_features, blended):
+    """in or out features 0 (ops takes them): empty factor gradients, no division by zero in
+    the token split, and what the torch backend gives."""
+    from tunecomp import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(40, in_features, requires_grad=True)
+    u = torch.randn(out_features, 3, requires_grad=True)
+    v = torch.randn(in_features, 3, requires_grad=True)
+    extra = dict(teacher_weight=torch.randn(out_features, in_features), teacher_bias=None, alpha=0.5) if blended else {}
+    results = []
+    for backend in ("triton", "torch"):
+        op = ops.blended_lowrank_linear if blended else ops.masked_lowrank_linear
+        y = op(x, u, v, None, None, None, backend=backend, **extra)
+        grads = torch.autograd.grad(y.sum() + (x.sum() * 0), (x, u, v), allow_unused=True)
+        results.append((y, grads))
+    (y, grads), (want_y, want_grads) = results
+    assert y.shape == want_y.shape == (40, out_features) and torch.allclose(y, want_y)
+    for got, want in zip(grads, want_grads):
+        assert got.shape == want.shape and torch.allclose(got, want)
+
+
 @pytest.mark.parametrize("rank", [1, 7, 64, 128, 200, 256, 384])
 def test_config_pruning_keeps_a_config_for_every_rank(rank):
     """The GPU config sets (checked here without a GPU): large ranks keep only thin tiles, and

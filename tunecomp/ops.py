@@ -835,7 +835,8 @@ def _check_teacher_args(x, u, teacher_weight, teacher_bias, alpha) -> None:
         _check_same("teacher_bias", teacher_bias, x)
     if isinstance(alpha, Tensor):
         # The range of a tensor alpha is not checked here: that would sync the device on
-        # every call. FusedPrunedLowRankLinear checks it when alpha is set.
+        # every call. FusedPrunedLowRankLinear checks it when alpha is set. Outside [-1, 1]
+        # every backend computes sqrt(1 - alpha²) as NaN.
         if alpha.numel() != 1:
             raise ValueError(f"alpha must be a number or a one-element tensor; got {_describe(alpha)}")
         if not alpha.is_floating_point():
