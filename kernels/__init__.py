@@ -37,20 +37,17 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _env_flag(name: str) -> bool:
-    """Whether the environment variable ``name`` is set to a true value (the spellings
-    Triton's own env parsing accepts)."""
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "on")
+    """Whether the environment variable ``name`` is set to a true value, in the spellings
+    Triton's own ``getenv_bool`` accepts (Triton 3.6-3.8). Read here rather than through
+    ``triton.knobs``: that calls into Triton's C++ module, which torch.compile cannot trace
+    (``ops`` asks on every call)."""
+    return os.environ.get(name, "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _interpreting() -> bool:
-    """Whether Triton builds kernels for its interpreter: Triton's own reading of
-    TRITON_INTERPRET (it also takes "yes" and "y"), where this Triton has it."""
-    try:
-        import triton
-
-        return bool(triton.knobs.runtime.interpret)
-    except (ImportError, AttributeError):
-        return _env_flag("TRITON_INTERPRET")
+    """Whether Triton builds kernels for its interpreter (TRITON_INTERPRET, read as Triton
+    reads it: "yes" counts)."""
+    return _env_flag("TRITON_INTERPRET")
 
 
 # Host-side integer helpers for grids, autotune keys and splits. triton.cdiv and
