@@ -38,15 +38,17 @@ def _shared_cxx_runtime_flags():
     """["-l:libstdc++.so.6"] where the link would otherwise put a static copy of libstdc++ in
     the extension, else [].
 
-    Seen on an H200 machine (2026-11-27; g++ 13, Ubuntu 24.04): every torch extension built
-    there, this one and a ten-line one alike, had its own copy of libstdc++ (__cxa_throw
-    defined in it, no libstdc++.so.6 among its needed libraries). Two copies of the C++
-    runtime in one process keep separate locale facet tables, so writing an integer to a
-    stream in the extension (every TORCH_CHECK message with a shape in it) crashed the process
-    there; on a CI-class machine (g++ 12, Debian 12), made to link the same way with
-    -static-libstdc++, the number is silently left out of the message instead. Naming the shared runtime before the
-    driver's own -lstdc++ makes the linker take every C++ runtime symbol from it. Only where
-    needed: elsewhere the driver's -lstdc++ may name a newer runtime than the system's .so.6.
+    Seen on an H200 machine (2026-11-27; g++ 13, Ubuntu 24.04): writing an integer to a stream
+    in the extension (every TORCH_CHECK message with a shape in it) crashed the process, inside
+    _C's own copy of the stream code, and a ten-line torch extension crashed the same way. The
+    dynamic linker bound neither __cxa_throw nor __gxx_personality_v0 of _C to libstdc++.so.6
+    (only the unwinder's _Unwind_* to libgcc_s): signs of a static copy of libstdc++ in _C.
+    Two copies of the C++ runtime in one process keep separate locale facet tables, so the
+    stream called the wrong facet. On a CI-class machine (g++ 12, Debian 12), made to link the
+    same way with -static-libstdc++, the number is silently left out of the message instead.
+    Naming the shared runtime before the driver's own -lstdc++ makes the linker take every C++
+    runtime symbol from it. Only where needed: elsewhere the driver's -lstdc++ may name a newer
+    runtime than the system's .so.6.
     """
     if not sys.platform.startswith("linux"):
         return []

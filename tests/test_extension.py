@@ -280,9 +280,9 @@ def test_cuda_part_built_when_toolkit_present():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects only")
 def test_extension_uses_the_shared_cxx_runtime():
     """tunecomp._C takes the C++ runtime from libstdc++.so.6 rather than holding a copy of it:
-    with its own copy (seen on an H200 machine, 2026-11-27: every extension built there had
-    one), an integer written into an error message crashed the process there and was silently
-    dropped here (see setup.py, _shared_cxx_runtime_flags)."""
+    with its own copy, an integer written into an error message is silently dropped on this
+    kind of machine, and an H200 machine's build crashed on one the same way (2026-11-27; see
+    setup.py, _shared_cxx_runtime_flags)."""
     import subprocess
 
     if shutil.which("readelf") is None:
