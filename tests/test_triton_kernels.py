@@ -145,10 +145,11 @@ def test_forward_at_rank_192_has_a_t_holding_config_with_loads_in_flight(tmp_pat
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU test_every_gpu_config_on_the_gpu runs them compiled")
-@pytest.mark.parametrize("rank", [70, 300])
+@pytest.mark.parametrize("rank", [64, 70, 300])
 def test_every_forward_gpu_config_interpreted(rank):
     """Each GPU config of the two forward kernels that pruning keeps at this rank (held as
-    64 + 16 or 256 + 32 + 16: two and three chunks), forced on its own under the interpreter:
+    64, 64 + 16 or 256 + 32 + 16: one, two and three chunks; only the one-chunk rank keeps the
+    64- and 128-row tiles, see chained_chunks_ok), forced on its own under the interpreter:
     the output-tile groups (OUT_TILES), the 128-row tiles and the token, rank and output edges
     compute the op against float64 in fp32 (77 tokens, 200 -> 300, half the entries pruned; no
     block size divides these). Compiled code and the backward configs are checked by
