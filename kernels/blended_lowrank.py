@@ -49,7 +49,7 @@ from .masked_lowrank import (
     lowrank_backward,
     mask_arg,
     project_chunks,
-    prune_by_registers,
+    prune_forward_configs,
     store_tile,
     student_scale,
     times_um_t,
@@ -77,7 +77,7 @@ _BLENDED_FORWARD_CONFIGS = configs(BLENDED_FORWARD_GPU_CONFIGS,
 @triton.autotune(configs=_BLENDED_FORWARD_CONFIGS,
                  key=["n_bucket", "in_features", "out_features", "R0", "R1", "R2", "N_CHUNKS",
                       "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_registers},
+                 prune_configs_by={"early_config_prune": prune_forward_configs},
                  cache_results=DISK_CACHE)
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _blended_forward_kernel(

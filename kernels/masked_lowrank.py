@@ -19,9 +19,10 @@ are powers of two (``rank_chunks``: ``tl.arange`` needs a power of two), adding 
 rounded up to a multiple of 16 (192 = 128 + 64; 307 -> 256 + 64; padded columns load as zeros
 and add nothing). Padding to one power of two instead (as before) wasted up to 2x the rank
 FLOPs and factor bytes just above one: 33% at r=192 (256), 67% at r=307 (512). Each chunk is
-one more dot per K step with the same X tile. Register pressure grows with r, which the config
-pruning below handles (``prune_by_registers``: large ranks only get thin tiles). Looping over
-rank chunks in sequence instead would force either storing T or re-reading X once per chunk.
+one more dot per K step with the same X tile. Register pressure grows with r, which the
+config pruning below handles (``prune_forward_configs``: large ranks only get thin tiles).
+Looping over rank chunks in sequence instead would force either storing T or re-reading X
+once per chunk.
 
 ``OUT_TILES`` is the knob between the two designs DESIGN.md asks to measure: ``OUT_TILES=1``
 recomputes T for every output tile (most parallelism, ``out/BLOCK_N`` times the X@V FLOPs),
@@ -256,7 +257,7 @@ def chained_chunks_ok(cfg, rank) -> bool:
     return len(rank_chunks(rank)) == 1 or cfg.kwargs["BLOCK_M"] < 64
 
 
-def prune_by_registers(configs_list, named_args, **kwargs):
+def prune_forward_configs(configs_list, named_args, **kwargs):
     """The configs within the register budget and, where the rank takes several chunks, with
     tiles of fewer than 64 rows (``chained_chunks_ok``); and always the list's last one: both
     forward lists end with their smallest single-stage config (ONE_CONFIG's pick, 16 rows),
@@ -394,7 +395,7 @@ _FORWARD_CONFIGS = configs(FORWARD_GPU_CONFIGS,
 @triton.autotune(configs=_FORWARD_CONFIGS,
                  key=["n_bucket", "in_features", "out_features", "R0", "R1", "R2", "N_CHUNKS",
                       "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_registers},
+                 prune_configs_by={"early_config_prune": prune_forward_configs},
                  cache_results=DISK_CACHE)
 @triton.jit(do_not_specialize=["n_bucket"])  # n_bucket: for the autotune key only
 def _forward_kernel(

@@ -94,7 +94,7 @@ def test_config_pruning_keeps_a_config_for_every_rank(rank):
     r_pad = masked_lowrank.rank_pad(rank)
     for gpu_configs in (masked_lowrank.FORWARD_GPU_CONFIGS,
                         blended_lowrank.BLENDED_FORWARD_GPU_CONFIGS):
-        kept = masked_lowrank.prune_by_registers(gpu_configs, {"rank": rank})
+        kept = masked_lowrank.prune_forward_configs(gpu_configs, {"rank": rank})
         assert kept and kept[-1] is gpu_configs[-1]
         # T [BLOCK_M, padded rank] in fp32 takes at most 160 of a thread's 255 registers (128-row
         # tiles at rank 384 did not fit an H100's shared memory: benchmarks/kernel_resources.py)
@@ -169,7 +169,7 @@ def test_every_forward_gpu_config_interpreted(rank):
     for kernel, gpu_configs, expected, run in ops:
         saved = kernel.configs
         try:
-            for config in masked_lowrank.prune_by_registers(gpu_configs, {"rank": rank}):
+            for config in masked_lowrank.prune_forward_configs(gpu_configs, {"rank": rank}):
                 kernel.configs = [config]
                 kernel.cache.clear()
                 assert_close(f"{kernel.fn.__name__} {config}", run(), expected, torch.float32,
