@@ -50,3 +50,52 @@ def test_unknown_method(setup, tmp_path):
     data, make_model = setup
     with pytest.raises(ValueError, match="method must be one of"):
         run_method("prune-only", make_model, data, Budget(steps=2), str(tmp_path))
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"level": 0.6, "rho": 0.5}, "level must be at most 1 - rho = 0.5"),  # factors past dense size
+    ({"level": 0.5, "rho": 0.95}, "level must be at most 1 - rho = 0.05"),
+    ({"rho": 1.0}, "rho must be in"), ({"rho": -0.2}, "rho must be in"),
+    ({"level": 0.0}, "level must be in"), ({"level": 1.5}, "level must be in"),
+    ({"level": "0.5"}, "level must be in"), ({"steps": 1}, "steps must be an integer >= 2"),
+    ({"steps": 10.0}, "steps must be an integer"), ({"batch_size": 0}, "batch_size must be"),
+    ({"calib_batches": True}, "calib_batches must be"), ({"lr": 0.0}, "lr must be positive"),
+])
+def test_budget_refuses_what_the_methods_cannot_share(changes, named):
+    # Before: level above 1 - rho was cut silently to factors of the dense size, so the
+    # pruning methods ended below the level PC-LoRA kept, under the same reported level.
+    with pytest.raises(ValueError, match="Budget." + named.replace("(", r"\(")):
+        Budget(**changes)
+
+
+def test_budget_takes_every_level_up_to_one_minus_rho():
+    for rho in (0.0, 0.3, 0.5, 0.9):
+        level = 0.7 * (1 - rho)  # as reproduce.py's sweep and the CLI make it
+        assert Budget(level=level, rho=rho).factor_ratio == pytest.approx(0.7)
+    assert Budget(level=1 - 0.3, rho=0.3).factor_ratio == pytest.approx(1.0)
+
+
+def test_pc_lora_factors_get_no_weight_decay_like_tunecomp_factors(setup, tmp_path, monkeypatch):
+    from tunecomp.nn import FusedPrunedLowRankLinear
+
+    data, make_model = setup
+    groups, models = [], []
+    adamw = torch.optim.AdamW
+
+    def spy(param_groups, **kwargs):
+        groups.append(param_groups)
+        return adamw(param_groups, **kwargs)
+
+    def make_and_keep():
+        models.append(make_model())
+        return models[-1]
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    budget = Budget(steps=2, level=0.5, rho=0.5, batch_size=16, calib_batches=1)
+    for method, kind, names in (("pc-lora", PCLoRALinear, ("a", "b")),
+                                ("tunecomp", FusedPrunedLowRankLinear, ("u", "v"))):
+        run_method(method, make_and_keep, data, budget, str(tmp_path / method))
+        decayed = {id(p) for g in groups[-1] if g["weight_decay"] > 0 for p in g["params"]}
+        factors = [getattr(m, n) for m in models[-1].modules() if isinstance(m, kind) for n in names]
+        assert factors and decayed, method  # the head and the layers left dense still decay
+        assert not any(id(p) in decayed for p in factors), method  # before: pc-lora's did

@@ -11,20 +11,27 @@ optimiser steps on the same data, and ends with the same number of parameters, c
 - ``svd-ft``     compress first (SVD + one-shot pruning), then fine-tune for all steps
 - ``pc-lora``    PC-LoRA style: ``y = λ_t·W0·x + B·A·x + b`` with λ_t decaying 1→0 over the
                  first half (same curve as TuneComp's alpha), the student weighted 1,
-                 randomly initialised factors (A random, B zero), no pruning
+                 randomly initialised factors (A random, B zero), no pruning, no
+                 distillation loss (see below)
 - ``tunecomp``   whitened init, teacher blended out over the first half (alpha_t), factors
                  pruned gradually to ρ over the same half, L1 pull, then the student alone
 
 ``level`` is the fraction of the replaced layers' weight parameters kept. Methods that prune
 by ρ get factors holding ``level / (1 − ρ)`` of the dense parameters (``param_ratio``; so ρ
 of their factor entries go and ``level`` remains); PC-LoRA, which does not prune, gets
-``param_ratio = level`` directly.
+``param_ratio = level`` directly. So ``level`` can be at most ``1 − ρ`` (``Budget`` refuses
+more).
+
+PC-LoRA here is trained on the task loss alone: the published method (arXiv 2406.09117) adds
+a feature-distillation loss against the pretrained model, which is not implemented. Its
+factors A and B get no weight decay, as TuneComp's U and V (``train(no_decay=...)``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, replace
@@ -81,10 +88,32 @@ class Budget:
     calib_batches: int = 4
     targets: tuple = DEFAULT_TARGETS
 
+    def __post_init__(self):
+        def number(name, value, ok, expected):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+                raise ValueError(f"Budget.{name} must be {expected}; got {value!r}")
+
+        def count(name, value, least):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"Budget.{name} must be an integer >= {least}; got {value!r}")
+
+        count("steps", self.steps, 2)  # the methods split the steps in halves
+        count("batch_size", self.batch_size, 1)
+        count("calib_batches", self.calib_batches, 1)
+        number("level", self.level, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        number("rho", self.rho, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        number("lr", self.lr, lambda v: v > 0.0, "positive")
+        # The pruning methods' factors hold level / (1 - rho) of the dense parameters; above 1
+        # they could not, and would end with fewer parameters than PC-LoRA at the same level.
+        if self.level > (1.0 - self.rho) * (1.0 + 1e-9):
+            raise ValueError(f"Budget.level must be at most 1 - rho = {1.0 - self.rho:g} (the methods "
+                             f"that prune keep 1 - rho of factors at most as large as the dense "
+                             f"weights); got level {self.level:g} with rho {self.rho:g}")
+
     @property
     def factor_ratio(self) -> float:
         """param_ratio of the factors before pruning: then ρ of their entries go and ``level`` stays."""
-        return min(1.0, self.level / (1.0 - self.rho))
+        return min(1.0, self.level / (1.0 - self.rho))  # min: rounding only (__post_init__)
 
 
 def _calib(data, budget: Budget) -> list:
@@ -152,7 +181,8 @@ def run_method(method: str, make_model: Callable[[], nn.Module], data, budget: B
             for layer in layers:
                 layer.set_lambda(alpha_schedule(step, half))
 
-        fit(model, budget.steps, "pc-lora", step_hook=fade)
+        fit(model, budget.steps, "pc-lora", step_hook=fade,
+            no_decay=[p for layer in layers for p in (layer.a, layer.b)])
         fade(budget.steps)
     else:  # tunecomp
         prepare(model, param_ratio=budget.factor_ratio, targets=budget.targets, init="whiten",

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -278,14 +278,16 @@ class _State:
 def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: str,
           resume: bool = False, device: Optional[str] = None,
           distill_from: Optional[nn.Module] = None,
-          step_hook: Optional[Callable[[int], None]] = None) -> dict:
+          step_hook: Optional[Callable[[int], None]] = None,
+          no_decay: Sequence[nn.Parameter] = ()) -> dict:
     """Run the joint loop on ``model`` (already prepared with low-rank layers, or dense for
     plain fine-tuning) and return a summary dict. See the module doc for ``out_dir``.
 
     ``distill_from``: a frozen model whose logits the loss also matches (logit KD:
     ``(1-w)·CE + w·T²·KL(teacher_T ‖ model_T)``, w and T from the config), for the
     fine-tune-then-distil baseline. ``step_hook(step)``: called before every step, after
-    the schedule (baselines with schedules of their own use it)."""
+    the schedule (baselines with schedules of their own use it). ``no_decay``: parameters
+    that, like the low-rank factors, get no weight decay (the PC-LoRA baseline's factors)."""
     cfg = config.resolved()
     sched = cfg.schedule()
     rank, world, dev = _dist_setup(device)
@@ -300,7 +302,7 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
     layers = compressible_layers(model)
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda") else None
 
-    factors = {id(p) for layer in layers for p in (layer.u, layer.v)}
+    factors = {id(p) for layer in layers for p in (layer.u, layer.v)} | {id(p) for p in no_decay}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
