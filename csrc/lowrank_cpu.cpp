@@ -141,7 +141,9 @@ Groups kept_entries(const at::Tensor& w, const std::optional<at::Tensor>& mask, 
   const at::Tensor mc = mask.has_value() ? mask->contiguous() : at::Tensor();
   const int64_t rows = wc.size(0), cols = wc.size(1), groups = by_row ? rows : cols;
   const float* wp = wc.data_ptr<float>();
-  const uint8_t* mp =  // the mask's bytes, 0 or 1
+  // The mask's bytes. A bool tensor may hold bytes other than 0 and 1 (a uint8 buffer viewed as
+  // bool): every nonzero byte counts as kept, as torch and the other backends read it.
+  const uint8_t* mp =
       mask.has_value() ? reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>()) : nullptr;
   at::Tensor start = at::zeros({groups + 1}, wc.options().dtype(at::kLong));
   int64_t* sp = start.data_ptr<int64_t>();
@@ -150,12 +152,12 @@ Groups kept_entries(const at::Tensor& w, const std::optional<at::Tensor>& mask, 
   } else if (by_row) {
     for (int64_t r = 0; r < rows; ++r) {
       int64_t count = 0;
-      for (int64_t c = 0; c < cols; ++c) count += mp[r * cols + c];
+      for (int64_t c = 0; c < cols; ++c) count += mp[r * cols + c] != 0;
       sp[r + 1] = count;
     }
   } else {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) sp[c + 1] += mp[r * cols + c];
+      for (int64_t c = 0; c < cols; ++c) sp[c + 1] += mp[r * cols + c] != 0;
   }
   for (int64_t g = 0; g < groups; ++g) sp[g + 1] += sp[g];
   at::Tensor index = at::empty({sp[groups]}, wc.options().dtype(at::kInt));
@@ -170,7 +172,7 @@ Groups kept_entries(const at::Tensor& w, const std::optional<at::Tensor>& mask, 
           ip[e] = static_cast<int32_t>(c);
           vp[e] = wp[r * cols + c];
         }
-        e += mp ? mp[r * cols + c] : 1;
+        e += mp ? mp[r * cols + c] != 0 : 1;
       }
     }
   } else {
@@ -182,7 +184,7 @@ Groups kept_entries(const at::Tensor& w, const std::optional<at::Tensor>& mask, 
           ip[e] = static_cast<int32_t>(r);
           vp[e] = wp[r * cols + c];
         }
-        cursor[c] = e + (mp ? mp[r * cols + c] : 1);
+        cursor[c] = e + (mp ? mp[r * cols + c] != 0 : 1);
       }
   }
   return Groups(start, index, value);
@@ -240,13 +242,14 @@ Groups grouping(const std::optional<std::vector<at::Tensor>>& packed, Slot slot,
 }
 
 // out[i] = keep[i] ? w[i] : +0.0, as a bit mask: no branch to mispredict on a mask that is
-// half kept at random, and a NaN in a pruned entry still never leaks.
-TUNECOMP_CLONES void select_kept(const float* __restrict w, const bool* __restrict keep,
+// half kept at random, and a NaN in a pruned entry still never leaks. keep: the mask's bytes,
+// any nonzero one kept (read as bytes: a bool holding another value than 0 or 1 is undefined).
+TUNECOMP_CLONES void select_kept(const float* __restrict w, const uint8_t* __restrict keep,
                                  float* __restrict out, int64_t n) {
   typedef uint32_t __attribute__((may_alias)) Bits;  // float storage read as its bits
   const Bits* __restrict bits = reinterpret_cast<const Bits*>(w);
   Bits* __restrict out_bits = reinterpret_cast<Bits*>(out);
-  for (int64_t i = 0; i < n; ++i) out_bits[i] = bits[i] & (0u - static_cast<uint32_t>(keep[i]));
+  for (int64_t i = 0; i < n; ++i) out_bits[i] = bits[i] & (0u - static_cast<uint32_t>(keep[i] != 0));
 }
 
 at::Tensor masked(const at::Tensor& factor, const std::optional<at::Tensor>& mask) {
@@ -256,7 +259,7 @@ at::Tensor masked(const at::Tensor& factor, const std::optional<at::Tensor>& mas
   const at::Tensor w = factor.contiguous(), keep = mask->contiguous();
   at::Tensor out = at::empty_like(w);
   const float* wp = w.data_ptr<float>();
-  const bool* kp = keep.data_ptr<bool>();
+  const uint8_t* kp = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     select_kept(wp + begin, kp + begin, op + begin, end - begin);

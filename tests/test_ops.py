@@ -342,6 +342,67 @@ def test_one_mask_given(backend, which, keep):
     assert torch.all(factor.grad[~mask] == 0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("keep", [0.7, 0.08])  # the cpu backend's dense and sparse paths
+@pytest.mark.parametrize("cached", [True, False], ids=["both-masks", "mask-v-only"])
+def test_bool_masks_holding_other_bytes_than_0_and_1(backend, keep, cached):
+    """A bool tensor made from bytes (a uint8 buffer viewed as bool) may hold 2 or 255 for
+    True: every nonzero byte is kept, as torch itself counts them. The cpu kernels added the
+    raw bytes, so the packed groups held uninitialised indices (a crash, or an error about
+    the packing) and the dense path cleared mantissa bits."""
+    a = make_inputs(n=9, k=64, m=40, r=8, dtype=torch.float32, keep=keep, grad=True)
+    for name in ("mask_u", "mask_v"):
+        byte = torch.randint(1, 256, a[name].shape, dtype=torch.uint8)
+        a[name] = (a[name].to(torch.uint8) * byte).view(torch.bool)  # nonzero bytes = kept
+    if not cached:
+        a["mask_u"] = None
+    y = ops.masked_lowrank_linear(**a, backend=backend)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    dbl = {k: (t.detach().double().requires_grad_() if t.is_floating_point() else t != 0)
+           for k, t in a.items() if t is not None}
+    want = reference.masked_lowrank_linear(**dbl)
+    want.backward(grad_y.double())
+    assert rel_error(y, want) < 1e-5
+    for name in ("x", "u", "v", "bias"):
+        assert rel_error(a[name].grad, dbl[name].grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_features(backend):
+    """in_features = out_features = 0: an empty result, not a ZeroDivisionError in the cpu
+    backend's kept fraction."""
+    a = make_inputs(n=3, k=0, m=0, r=2, dtype=torch.float32, grad=True)
+    y = ops.masked_lowrank_linear(**a, backend=backend)
+    assert y.shape == (3, 0)
+    y.sum().backward()
+    assert a["x"].grad.shape == (3, 0) and a["u"].grad.shape == (0, 2)
+
+
+def test_sparse_path_computes_with_kept_entries_only():
+    """The cpu backend's sparse path (high ρ) never touches a pruned entry, so a non-finite
+    input feature whose row of V is wholly pruned reaches no output, where the dense math
+    (and the torch backend) gives NaN·0 = NaN. A non-finite input that meets a kept entry
+    still reaches every output it feeds. Pinned here, as the README states it."""
+    a = make_inputs(n=5, k=64, m=40, r=8, dtype=torch.float32, keep=0.05)
+    a["mask_v"][3] = False  # feature 3 feeds nothing
+    a["mask_v"][7] = False
+    a["mask_v"][7, 0] = True  # feature 7 feeds component 0, which reaches output 0
+    a["mask_u"][0, 0] = True
+    a["x"][1, 3] = float("nan")
+    a["x"][2, 7] = float("inf")
+    y = ops.masked_lowrank_linear(**a, backend="cpu")
+    clean = dict(a, x=a["x"].clone())
+    clean["x"][1, 3] = 0.0
+    clean["x"][2, 7] = 0.0
+    want = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in clean.items()})
+    rows = [0, 1, 3, 4]
+    assert torch.isfinite(y[rows]).all() and rel_error(y[rows], want[rows]) < 1e-5
+    fed = (a["u"] * a["mask_u"])[:, 0] != 0  # outputs that component 0 reaches
+    assert fed.any() and not torch.isfinite(y[2, fed]).any()
+    assert not torch.isfinite(ops.masked_lowrank_linear(**a, backend="torch")[1]).any()  # the dense math
+
+
 def test_cpu_backend_reads_values_written_without_a_version_bump():
     """Fused optimizers (fused=True) change the factors without bumping their version: the
     sparse path reads their values again after any optimiser step. In-place ops on `.data`

@@ -271,7 +271,8 @@ class _CpuBackend:
     def _kept(u, v, mask_u, mask_v) -> float:
         """The fraction of factor entries kept (a mask left out keeps all of its factor's)."""
         kept = sum(t.numel() if m is None else int(m.sum()) for t, m in ((u, mask_u), (v, mask_v)))
-        return kept / (u.numel() + v.numel())
+        total = u.numel() + v.numel()
+        return kept / total if total else 1.0  # no features: nothing to prune
 
     def _pack(self, u, v, mask_u, mask_v) -> tuple:
         """(kept fraction, packed groups or None) of the factors under their masks (a mask
