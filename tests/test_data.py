@@ -121,3 +121,90 @@ def test_unknown_dataset_and_bad_classes():
         load_dataset("digits", image_size=8, classes=[5, 5, 6])  # would be an empty class
     with pytest.raises(ValueError, match="at least one class"):
         load_dataset("digits", image_size=8, classes=[])
+
+
+def write_cifar(tmp_path, n_images=20, n_labels=20, labels=None, train=None):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng()
+    for name in ("train", "test"):
+        with open(folder / name, "wb") as f:
+            if name == "train" and train is not None:
+                pickle.dump(train, f)
+                continue
+            pickle.dump({"data": rng.integers(0, 256, (n_images, 3072), dtype=np.uint8),
+                         "fine_labels": labels if labels is not None else [i % 100 for i in range(n_labels)]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
+    return folder
+
+
+@pytest.mark.parametrize("n_images, n_labels", [(20, 18), (12, 20)])
+@pytest.mark.parametrize("classes", [None, [1, 2], [15]])
+def test_cifar100_images_and_labels_that_do_not_belong_together(tmp_path, n_images, n_labels, classes):
+    # before: loaded, then misaligned or dropped samples, or an IndexError much later
+    folder = write_cifar(tmp_path, n_images, n_labels)
+    with pytest.raises(ValueError, match=f"{folder / 'train'} holds {n_images} images but {n_labels} labels"):
+        load_dataset("cifar100", str(tmp_path), image_size=32, classes=classes)
+
+
+def test_labels_past_the_class_count_are_refused_at_load(tmp_path):
+    # before: num_classes 10 / 100 reported, and the loss failed mid-training
+    folder = write_cifar(tmp_path, labels=[i * 7 for i in range(20)])
+    with pytest.raises(ValueError, match=r"train: labels run 0..133; this dataset has 100 classes \(0..99\)"):
+        load_dataset("cifar100", str(tmp_path), image_size=32)
+    fm = tmp_path / "fm"
+    fm.mkdir()
+    for prefix in ("train", "t10k"):
+        write_idx(fm / f"{prefix}-images-idx3-ubyte.gz", np.zeros((13, 28, 28)))
+        write_idx(fm / f"{prefix}-labels-idx1-ubyte.gz", np.arange(13))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: labels run 0..12; this dataset has 10 classes"):
+        load_dataset("fashion_mnist", str(fm), image_size=28)
+    assert folder.exists()
+
+
+@pytest.mark.parametrize("content", [[1, 2, 3], "text", {"data": 1}])
+def test_cifar100_pickles_of_something_else(tmp_path, content):
+    write_cifar(tmp_path, train=content)  # a list: TypeError before, not the friendly error
+    with pytest.raises(ValueError, match="cannot read the train or meta file"):
+        load_dataset("cifar100", str(tmp_path), image_size=32)
+
+
+def test_idx_files_damaged_or_misnamed(tmp_path):
+    for prefix, n in (("train", 30), ("t10k", 12)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: not a complete gzip file"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+    path.write_bytes(b"\x1f\x8b<html>not found</html>")
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: not a complete gzip file"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+    # gzip data under the raw name (preferred over .gz) is read as gzip
+    path.write_bytes(whole)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(whole)
+    assert len(load_dataset("fashion_mnist", str(tmp_path), image_size=28).train) == 30
+    raw = gzip.decompress(whole)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(raw + bytes(100))
+    with pytest.raises(ValueError, match=r"has 23620 bytes after its header; its shape \(30, 28, 28\) needs 23520 \(extra bytes\)"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((30, 28, 28)))  # labels of 3 dims
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz holds a 3-dim array; expected 1 dims \(labels \[N\]\)"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+
+
+def test_imagefolder_class_folders(tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog", "fox", ".ipynb_checkpoints")), ("val", ("cat", "dog"))):
+        for cls in classes:
+            os.makedirs(tmp_path / split / cls)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / split / cls / "0.png")
+    with pytest.raises(ValueError, match=r"only in train/: \['fox'\], only in val/: \[\]"):
+        load_dataset("imagefolder", str(tmp_path), image_size=8)
+    os.rename(tmp_path / "train" / "fox", tmp_path / "fox")
+    data = load_dataset("imagefolder", str(tmp_path), image_size=8)  # the hidden folder is no class
+    assert data.num_classes == 2 and data.train.classes == ["cat", "dog"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -89,21 +90,37 @@ def _subset(images, labels, classes: Optional[Sequence[int]]):
     return images[keep], remap[labels[keep]]
 
 
-def _read_idx(path: str) -> np.ndarray:
-    """An idx file (optionally gzipped): big-endian dims after a 4-byte magic."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+def _read_idx(path: str, ndim: int) -> np.ndarray:
+    """An idx file of ``ndim`` dims (gzipped or not, whatever its name says): big-endian dims
+    after a 4-byte magic."""
+    with open(path, "rb") as f:
         data = f.read()
+    if data[:2] == b"\x1f\x8b":  # gzip's magic
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError) as error:  # cut short, or damaged
+            raise ValueError(f"{path}: not a complete gzip file ({error})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an idx file of unsigned bytes")
-    ndim = data[3]
+    if data[3] != ndim:
+        raise ValueError(f"{path} holds a {data[3]}-dim array; expected {ndim} dims "
+                         f"({'images [N, H, W]' if ndim == 3 else 'labels [N]'})")
     if len(data) < 4 + 4 * ndim:
         raise ValueError(f"{path} is truncated: {len(data)} bytes, less than its header")
-    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: {body.size} bytes for shape {tuple(dims)}")
-    return body.reshape(tuple(dims))
+    if body.size != math.prod(dims):
+        raise ValueError(f"{path} has {body.size} bytes after its header; its shape {dims} needs "
+                         f"{math.prod(dims)} ({'truncated' if body.size < math.prod(dims) else 'extra bytes'})")
+    return body.reshape(dims)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Every label in 0..num_classes-1: a label past the class count would only fail inside
+    the loss, mid-training."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{where}: labels run {int(labels.min())}..{int(labels.max())}; this dataset "
+                         f"has {num_classes} classes (0..{num_classes - 1})")
 
 
 def _idx_file(directory: str, stem: str) -> str:
@@ -121,8 +138,10 @@ def fashion_mnist(data_dir: Optional[str], image_size: int, classes=None, **norm
     directory = data_dir or FASHION_MNIST_DIR
     parts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = torch.from_numpy(_read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte")).copy())
-        labels = torch.from_numpy(_read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte")).astype(np.int64))
+        images = torch.from_numpy(_read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"), 3).copy())
+        label_file = _idx_file(directory, f"{prefix}-labels-idx1-ubyte")
+        labels = torch.from_numpy(_read_idx(label_file, 1).astype(np.int64))
+        _check_labels(labels, 10, label_file)
         images, labels = _subset(images, labels, classes)
         parts[split] = TensorImageDataset(images, labels, image_size, flip=False, **norm)
     return DataBundle(parts["train"], parts["test"], len(classes) if classes else 10, "fashion_mnist")
@@ -183,9 +202,14 @@ def cifar100(data_dir: Optional[str], image_size: int, classes=None, mean=IMAGEN
         try:
             ds = LocalCIFAR100(data_dir, train=split == "train", download=False,
                                transform=_torchvision_transforms(image_size, split == "train", mean, std))
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+                IndexError, ImportError) as error:  # (a pickle of something else than the dicts)
             raise ValueError(f"CIFAR-100 in {folder}: cannot read the {split} or meta file "
                              f"({type(error).__name__}: {error}); truncated or not the python version?") from None
+        where = os.path.join(folder, split)
+        if len(ds.data) != len(ds.targets):
+            raise ValueError(f"{where} holds {len(ds.data)} images but {len(ds.targets)} labels")
+        _check_labels(torch.tensor(ds.targets, dtype=torch.long), 100, where)
         if classes is not None:
             labels = torch.tensor(ds.targets)
             keep, new_labels = _subset(torch.arange(len(labels)), labels, classes)
@@ -195,7 +219,15 @@ def cifar100(data_dir: Optional[str], image_size: int, classes=None, mean=IMAGEN
 
 
 def imagefolder(data_dir: Optional[str], image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DataBundle:
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+    class ImageFolder(TorchvisionImageFolder):
+        @staticmethod
+        def find_classes(directory):  # hidden folders (.ipynb_checkpoints, ...) are no classes
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(f"{directory} holds no class folders")
+            return classes, {name: i for i, name in enumerate(classes)}
 
     if data_dir is None or not os.path.isdir(os.path.join(data_dir, "train")):
         raise FileNotFoundError(f"imagefolder needs --data-dir with train/ and val/ (or test/) subfolders; got {data_dir!r}")
@@ -205,7 +237,10 @@ def imagefolder(data_dir: Optional[str], image_size: int, mean=IMAGENET_MEAN, st
     train = ImageFolder(os.path.join(data_dir, "train"), transform=_torchvision_transforms(image_size, True, mean, std))
     test = ImageFolder(test_dir, transform=_torchvision_transforms(image_size, False, mean, std))
     if train.classes != test.classes:
-        raise ValueError(f"train/ and {os.path.basename(test_dir)}/ have different classes")
+        name = os.path.basename(test_dir)
+        raise ValueError(f"{data_dir}: train/ and {name}/ have different class folders; only in train/: "
+                         f"{sorted(set(train.classes) - set(test.classes))}, only in {name}/: "
+                         f"{sorted(set(test.classes) - set(train.classes))}")
     return DataBundle(train, test, len(train.classes), "imagefolder")
 
 
