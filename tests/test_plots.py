@@ -82,3 +82,21 @@ def test_plotting_leaves_the_callers_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend().lower() == "pdf"
     finally:
         matplotlib.use(before)
+
+
+def test_plots_of_one_run_at_the_same_time(tmp_path):
+    """`tunecomp plot` on a run in progress can overlap the run's own plot: each writes its
+    own temporary file. With a shared `training.png.tmp`, 2 processes x 25 plots saw 7-12
+    fail (one moved or removed the other's file)."""
+    import subprocess
+    import sys
+
+    _write(tmp_path / "log.jsonl", [_step(s, 3.0 / s) for s in range(1, 6)])
+    code = ("import sys; from tunecomp.plots import plot_training\n"
+            "for _ in range(8): plot_training(sys.argv[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert matplotlib.image.imread(tmp_path / "training.png").shape[-1] in (3, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "training.png"]  # no temporary left

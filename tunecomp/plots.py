@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import warnings
 
 from .train import LOG
@@ -140,7 +141,10 @@ def plot_training(run_dir: str, out: str | None = None) -> str:
     fig.tight_layout()
     out = out or os.path.join(run_dir, PLOT)
     fmt = os.path.splitext(out)[1][1:].lower() or "png"
-    tmp = f"{out}.tmp"
+    # A temporary name of its own: a plot of a run in progress may overlap the run's own plot.
+    handle, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(out)))
+    os.close(handle)
     try:
         fig.savefig(tmp, dpi=110, format=fmt)
         os.replace(tmp, out)  # a reader (or a plot of a run in progress) never sees half a file
