@@ -166,6 +166,9 @@ def test_model_and_weights_mistakes_are_clear_errors(tmp_path):
     model = load_timm_model("vit_tiny_patch16_224", None, img_size=(8, 16), patch_size=4, depth=1)
     with pytest.raises(ValueError, match=r"img_size must be square.*got \(8, 16\) \(from --model-kwargs\)"):
         model_input(model)
+    model = load_timm_model("vit_tiny_patch16_224", None, in_chans=1, img_size=16, patch_size=4, depth=1)
+    with pytest.raises(ValueError, match=r"in_chans must be 3: the data loaders make RGB images; got 1"):
+        model_input(model)  # before: a shape error mid-run (or a traceback with --init svd)
     not_weights = tmp_path / "weights.safetensors"
     not_weights.write_bytes(b"\xff" * 64)
     other_size = tmp_path / "other.pth"

@@ -139,6 +139,11 @@ def model_input(model: torch.nn.Module) -> dict:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
     patch_embed = getattr(model, "patch_embed", None)
+    proj = getattr(patch_embed, "proj", None)
+    channels = getattr(proj, "in_channels", 3)
+    if channels != 3:
+        raise ValueError(f"in_chans must be 3: the data loaders make RGB images; got {channels} "
+                         f"(from --model-kwargs)")
     if patch_embed is not None and getattr(patch_embed, "img_size", None):
         size = patch_embed.img_size[-1]  # follows an img_size override
         if patch_embed.img_size[-2] != size:
