@@ -217,6 +217,33 @@ def test_dense_model_is_plain_fine_tuning(tmp_path):
     assert summary["effective_params"] == sum(p.numel() for p in model.parameters())
 
 
+def test_data_loader_seeds_differ_by_epoch_and_repeat_by_run(tmp_path, monkeypatch):
+    """The loader's generator seeds its workers' random streams (augmentation): a new seed
+    each epoch (one seed for every epoch gave the workers the same draws each epoch), the
+    same seeds on a rerun."""
+    train_module = sys.modules["tunecomp.train"]  # (tunecomp.train is also the function)
+
+    data = load_dataset("digits", image_size=8, classes=[0, 1])  # 288 training images
+    seeds = []
+    loader = train_module.DataLoader
+
+    def spy(*args, generator=None, **kwargs):
+        if "batch_sampler" in kwargs:  # the training loader (not evaluate's)
+            seeds.append(generator.initial_seed())
+        return loader(*args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(train_module, "DataLoader", spy)
+    runs = []
+    for run in range(2):
+        seeds.clear()
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **TINY)
+        cfg = TrainConfig(steps=28, batch_size=32, progress=False, eval_every=100)  # 9 steps an epoch
+        train(model, data.train, data.test, cfg, str(tmp_path / str(run)), device="cpu")
+        runs.append(list(seeds))
+    assert len(runs[0]) == 4 and len(set(runs[0])) == 4, runs[0]
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(decay_steps=50), "decay_steps must be in [0, steps=20]"),
     (dict(prune=1.0), "prune must be in [0, 1)"),

@@ -388,10 +388,11 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
 
     def loader(batch_sampler) -> DataLoader:
         # A private generator: creating the loader draws nothing from the global RNG, so a
-        # resumed run's random numbers match the uninterrupted run's.
+        # resumed run's random numbers match the uninterrupted run's. Seeded per epoch and
+        # process: the workers' random streams (augmentation) differ from epoch to epoch.
+        seed = (cfg.seed * 100_003 + state.epoch) * 4096 + rank
         return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=cfg.num_workers,
-                          worker_init_fn=_ignore_interrupts,
-                          generator=torch.Generator().manual_seed(cfg.seed))
+                          worker_init_fn=_ignore_interrupts, generator=torch.Generator().manual_seed(seed))
 
     batches = None
 
