@@ -93,6 +93,12 @@ def test_init_errors():
         init_factors(w, 2, "pca")
     with pytest.raises(ValueError, match="calib was collected for 5 input channels; the weight has 6"):
         init_factors(w, 2, "asvd", stats_of(torch.randn(4, 5)))
+    with pytest.raises(ValueError, match=r"weight must be a 2-D tensor \[out_features, in_features\]; got \(8,\)"):
+        init_factors(torch.randn(8), 2, "whiten", stats_of(torch.randn(4, 5)))  # before: IndexError
+    import numpy as np
+
+    u, v = init_factors(w, np.int64(3), "svd")  # a numpy int is an int (before: TypeError)
+    assert u.shape == (8, 3) and v.shape == (6, 3)
     with pytest.raises(ValueError, match="no calibration tokens"):
         collect_stats(nn.Sequential(nn.Linear(4, 4)), [], ["0"])
     batch = torch.randn(3, 4)

@@ -28,6 +28,7 @@ U and V columns have equal norms (the product is unchanged).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -40,8 +41,9 @@ ASVD_EXPONENT = 0.5
 
 def check_rank(rank, in_features: int, out_features: int) -> int:
     """``rank`` as an int in [1, min(in, out)], or a ``ValueError``/``TypeError`` saying why."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):  # numpy ints too
         raise TypeError(f"rank must be an int; got {type(rank).__name__} {rank!r}")
+    rank = int(rank)
     full = min(in_features, out_features)
     if not 1 <= rank <= full:
         raise ValueError(
@@ -209,6 +211,9 @@ def check_init(init: str) -> None:
 def init_factors(weight: Tensor, rank: int, init: str = "svd", calib: Optional[CalibStats] = None) -> tuple:
     """``(U, V)`` for ``weight`` by ``init`` (one of ``INITS``); asvd/whiten need ``calib``."""
     check_init(init)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features]; got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
     if init == "svd":
         return svd_factors(weight, rank)
     if not isinstance(calib, CalibStats):
