@@ -208,3 +208,13 @@ def test_imagefolder_class_folders(tmp_path):
     os.rename(tmp_path / "train" / "fox", tmp_path / "fox")
     data = load_dataset("imagefolder", str(tmp_path), image_size=8)  # the hidden folder is no class
     assert data.num_classes == 2 and data.train.classes == ["cat", "dog"]
+
+
+def test_cifar100_folder_hints(tmp_path):
+    folder = write_cifar(tmp_path)
+    with pytest.raises(FileNotFoundError, match="itself holds the files: pass its parent folder"):
+        load_dataset("cifar100", str(folder), image_size=32)
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "cifar-100-python.tar.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="holds cifar-100-python.tar.gz: extract it there first"):
+        load_dataset("cifar100", str(tmp_path / "archive"), image_size=32)

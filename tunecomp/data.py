@@ -187,10 +187,15 @@ def cifar100(data_dir: Optional[str], image_size: int, classes=None, mean=IMAGEN
             self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     if data_dir is None or not os.path.isdir(os.path.join(data_dir, "cifar-100-python")):
+        hint = ""
+        if data_dir is not None and os.path.isfile(os.path.join(data_dir, "meta")):
+            hint = f" {data_dir} itself holds the files: pass its parent folder."
+        elif data_dir is not None and os.path.isfile(os.path.join(data_dir, "cifar-100-python.tar.gz")):
+            hint = f" {data_dir} holds cifar-100-python.tar.gz: extract it there first."
         raise FileNotFoundError(
             f"CIFAR-100 not found: expected {os.path.join(data_dir or '<--data-dir>', 'cifar-100-python')} "
             f"holding train, test and meta (the 'CIFAR-100 python version' archive, extracted). "
-            f"Nothing is downloaded."
+            f"Nothing is downloaded.{hint}"
         )
     folder = os.path.join(data_dir, "cifar-100-python")
     missing = [name for name in ("train", "test", "meta") if not os.path.isfile(os.path.join(folder, name))]
