@@ -44,6 +44,7 @@ from .masked_lowrank import (
     chunk_args,
     configs,
     dot_precision,
+    launch,
     load_masked_tile,
     load_tile,
     lowrank_backward,
@@ -198,7 +199,7 @@ def fold(u, v, mask_u, mask_v, teacher_weight, alpha, bias=None, teacher_bias=No
     def grid(meta):
         return (cdiv(out_features, meta["BLOCK_O"]), cdiv(in_features, meta["BLOCK_I"]))
 
-    _fold_kernel[grid](
+    launch(_fold_kernel, grid,
         u, v, mu, mv, teacher_weight, alpha, w,
         bias if bias is not None else w, teacher_bias if teacher_bias is not None else w,
         folded_bias if has_bias else w,
@@ -236,7 +237,7 @@ def two_branch_forward(x, u, v, bias, mask_u, mask_v, teacher_weight, teacher_bi
     def grid(meta):
         return (cdiv(n_tokens, meta["BLOCK_M"]), cdiv(out_features, meta["BLOCK_N"]))
 
-    _blended_forward_kernel[grid](
+    launch(_blended_forward_kernel, grid,
         x, u, v, bias_arg, mu, mv, teacher_weight, b0_arg, alpha, y,
         n_tokens, in_features, out_features, rank, token_bucket(n_tokens),
         x.stride(0), x.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),

@@ -179,6 +179,57 @@ def test_every_forward_gpu_config_interpreted(rank):
             kernel.cache.clear()
 
 
+def test_a_tuned_key_launches_past_the_autotuner(monkeypatch):
+    """masked_lowrank.launch: the first call of a key goes through the autotuner; later calls
+    find its pick in the autotuner's own cache (so the key built here is the autotuner's) and
+    launch it without Autotuner.run; a caller who clears that cache or forces one config is
+    obeyed; every result matches float64."""
+    from kernel_battery import assert_close, fresh_seed, make_problem, reference_lowrank
+    from triton.runtime.autotuner import Autotuner
+
+    from tunecomp.kernels import masked_lowrank as ml
+
+    seed = fresh_seed()
+    kernel = ml._forward_kernel
+    two = [ml._cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, OUT_TILES=2),
+           ml._cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, OUT_TILES=1)]
+    monkeypatch.setattr(kernel, "configs", two)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "cache_results", False)  # no disk cache: tuned here
+    monkeypatch.setattr(kernel, "_bench", lambda *args, config, **kw: [1.0 if config is two[1] else 2.0])
+    autotuner_runs = []
+    run = Autotuner.run
+
+    def counted(self, *args, **kwargs):
+        autotuner_runs.append(self)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counted)
+
+    def forward_matches(n_tokens):
+        p = make_problem(n_tokens, 20, 24, 6, torch.float32, "keep50", DEVICE)
+        y = ml.forward(p["x"], p["u"], p["v"], p["bias"], p["mask_u"], p["mask_v"])
+        assert_close(f"y, {n_tokens} tokens, {kernel.best_config}", y, reference_lowrank(p)[0],
+                     torch.float32, seed, 1e-5)
+
+    forward_matches(37)
+    assert len(autotuner_runs) == 1 and len(kernel.cache) == 1 and kernel.best_config is two[1]
+    forward_matches(37)
+    forward_matches(40)  # the same token bucket: the same key
+    assert len(autotuner_runs) == 1 and kernel.best_config is two[1]
+    forward_matches(300)  # a new bucket: a new key, tuned
+    assert len(autotuner_runs) == 2 and len(kernel.cache) == 2
+    kernel.cache.clear()  # as the every-config tests and profile_forward do
+    forward_matches(37)
+    assert len(autotuner_runs) == 3
+    kernel.configs = [two[0]]  # forced: a one-config autotuner runs it untimed
+    forward_matches(37)
+    assert kernel.best_config is two[0]
+    # every autotuned kernel names its key arguments among its parameters
+    for name, tuned, _ in kernels.autotuned():
+        assert all(k in tuned.arg_names for k in tuned.keys), name
+
+
 def test_factor_gradient_token_split_rule(monkeypatch):
     """tokens_per_split with the GPU constants and an H100's 132 SMs: the ViT-B shapes whose
     [d, r] gradient has fewer 64 x 64 tiles than SMs split into about two programs per SM,
@@ -270,6 +321,23 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 
     if _C.with_cuda:  # the CUDA C++ kernels were built: read for sm_90
         assert " CUDA C++ kernels;" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(CUDA, reason="measures the host path with launches stubbed: for a machine without a GPU")
+def test_host_overhead_script_runs():
+    """benchmarks/host_overhead.py, the command behind KERNEL_LOG's host-time rows, runs
+    without a GPU (a fresh process: it compiles for sm_90) and prints its three rows."""
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TUNECOMP_TRITON_ONE_CONFIG")}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_overhead.py"), "--reps", "2",
+                           "--rank", "64"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\| (forward|backward|blend fold) .*\| [0-9.]+ \| [0-9.]+ \| -?[0-9.]+ \(", proc.stdout, re.M)
+    assert rows == ["forward", "backward", "blend fold"], proc.stdout
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the GPU tests compile and run the kernels for real")
