@@ -110,7 +110,7 @@ inline Operand operand(const at::Tensor& t, bool transposed = false,
   op.stride_i = t.stride(transposed ? 1 : 0);
   op.stride_j = t.stride(transposed ? 0 : 1);
   if (mask.has_value()) {
-    op.mask = mask->data_ptr<bool>();
+    op.mask = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
     op.mask_stride_i = mask->stride(transposed ? 1 : 0);
     op.mask_stride_j = mask->stride(transposed ? 0 : 1);
   }
@@ -298,7 +298,7 @@ inline std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tens
   pu.scale_first = student;
   pu.alpha = alpha_ptr;
   if (mask_u.has_value()) {
-    pu.out_mask = mask_u->data_ptr<bool>();
+    pu.out_mask = reinterpret_cast<const uint8_t*>(mask_u->data_ptr<bool>());
     pu.out_mask_stride_i = mask_u->stride(0);
     pu.out_mask_stride_j = mask_u->stride(1);
   }
@@ -309,7 +309,7 @@ inline std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tens
   pv.n = rank;
   pv.seg[0] = Segment{operand(x, true), operand(g), n};
   if (mask_v.has_value()) {
-    pv.out_mask = mask_v->data_ptr<bool>();
+    pv.out_mask = reinterpret_cast<const uint8_t*>(mask_v->data_ptr<bool>());
     pv.out_mask_stride_i = mask_v->stride(0);
     pv.out_mask_stride_j = mask_v->stride(1);
   }

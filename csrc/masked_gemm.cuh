@@ -62,7 +62,9 @@ enum ScaleKind : int { kScaleOne = 0, kScaleAlpha = 1, kScaleStudent = 2 };
 struct Operand {
   const void* data = nullptr;
   int64_t stride_i = 0, stride_j = 0;
-  const bool* mask = nullptr;
+  // A bool mask's bytes, read as bytes: any nonzero byte is kept (a bool tensor made from a
+  // uint8 buffer may hold 2 or 255, which read as bool would be undefined).
+  const uint8_t* mask = nullptr;
   int64_t mask_stride_i = 0, mask_stride_j = 0;
 };
 
@@ -84,7 +86,7 @@ struct GemmParams {
   const void* addend = nullptr;  // [m, n] in the operands' dtype (the fold's teacher weight)
   int64_t addend_stride_i = 0, addend_stride_j = 0;
   int addend_scale = kScaleOne;
-  const bool* out_mask = nullptr;
+  const uint8_t* out_mask = nullptr;  // as Operand::mask
   int64_t out_mask_stride_i = 0, out_mask_stride_j = 0;
   // [m, n] contiguous in the operands' dtype; or, with k_per_split > 0 (one segment only),
   // fp32 partial sums [gridDim.z, m, n], block z covering k in [z·k_per_split, +k_per_split)
@@ -161,7 +163,7 @@ template <typename T>
 __device__ __forceinline__ T load_element(const Operand& op, int64_t i, int64_t j, int64_t rows,
                                           int64_t cols) {
   if (i >= rows || j >= cols) return from_float<T>(0.0f);
-  if (op.mask != nullptr && !op.mask[i * op.mask_stride_i + j * op.mask_stride_j]) {
+  if (op.mask != nullptr && op.mask[i * op.mask_stride_i + j * op.mask_stride_j] == 0) {
     return from_float<T>(0.0f);
   }
   return static_cast<const T*>(op.data)[i * op.stride_i + j * op.stride_j];
@@ -176,7 +178,7 @@ struct alignas(16) Pack {
   T v[kSize];
 };
 
-// The kSize mask bytes of a run as one integer (bool is one byte, 0 or 1).
+// The kSize mask bytes of a run as one integer (one byte each; nonzero: kept).
 template <typename T>
 using MaskBits = std::conditional_t<Pack<T>::kSize == 8, uint64_t, uint32_t>;
 
@@ -438,14 +440,14 @@ __device__ __forceinline__ void put_run(const Operand& op, RunLayout layout, int
       for (int q = 0; q < kSize; ++q) copy_async<4>(tile + (r + q) * ld + c, source + q);
     }
     if (op.mask == nullptr) return;
-    const bool* mask = op.mask + i * op.mask_stride_i + j * op.mask_stride_j;
+    const uint8_t* mask = op.mask + i * op.mask_stride_i + j * op.mask_stride_j;
     if (layout.mask_vector) {
       copy_async<sizeof(MaskBits<T>)>(&keep, mask);
     } else {
       const int64_t step = layout.along_j ? op.mask_stride_j : op.mask_stride_i;
       MaskBits<T> bits = 0;
 #pragma unroll
-      for (int q = 0; q < kSize; ++q) bits |= static_cast<MaskBits<T>>(mask[q * step]) << (8 * q);
+      for (int q = 0; q < kSize; ++q) bits |= static_cast<MaskBits<T>>(mask[q * step] != 0) << (8 * q);
       keep = bits;
     }
     return;
@@ -621,7 +623,7 @@ __device__ __forceinline__ void store_output(const GemmParams& p, int64_t m0, in
       value += addend_scale *
                to_float(static_cast<const T*>(p.addend)[gm * p.addend_stride_i + gn * p.addend_stride_j]);
     }
-    if (p.out_mask != nullptr && !p.out_mask[gm * p.out_mask_stride_i + gn * p.out_mask_stride_j]) {
+    if (p.out_mask != nullptr && p.out_mask[gm * p.out_mask_stride_i + gn * p.out_mask_stride_j] == 0) {
       value = 0.0f;
     }
     if (p.k_per_split > 0) {

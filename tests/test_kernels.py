@@ -349,6 +349,24 @@ def test_backend_object_has_the_contract(backend):
     assert backend.impl.unavailable_reason(torch.device("meta"), torch.float32) is not None
 
 
+@pytest.mark.parametrize("mask_case", ["keep50", "keep5"])
+def test_bool_masks_holding_other_bytes_than_0_and_1(backend, mask_case):
+    """A bool mask made from bytes (a uint8 buffer viewed as bool) may hold 2 or 255 for True:
+    every backend keeps every entry whose byte is nonzero, as torch counts them, in the plain
+    op and the blend on both routes (reading such a byte as a C++ bool is undefined: the cpu
+    kernels added raw bytes, the CUDA ones tested bools)."""
+    dtype = torch.float32
+    backend.skip_unless_available(dtype)
+    seed = fresh_seed()
+    p = make_problem(37, 24, 40, 9, dtype, mask_case, backend.device, True, teacher=True)
+    q = dict(p)
+    for name in ("mask_u", "mask_v"):
+        byte = torch.randint(1, 256, p[name].shape, dtype=torch.uint8).to(backend.device)
+        q[name] = (p[name].to(torch.uint8) * byte).view(torch.bool)
+    check_against_reference(backend, p, dtype, seed, run_on=q)
+    check_blend_on_both_routes(backend, p, dtype, seed, 0.3, run_on=q)
+
+
 @pytest.fixture(params=["torch", "cpu", "triton", "cuda", "cuda-emulator"], scope="module")
 def folding_backend(request):
     return make_backend(request.param)
