@@ -214,9 +214,9 @@ def cifar100(data_dir: Optional[str], image_size: int, classes=None, mean=IMAGEN
         where = os.path.join(folder, split)
         if len(ds.data) != len(ds.targets):
             raise ValueError(f"{where} holds {len(ds.data)} images but {len(ds.targets)} labels")
-        _check_labels(torch.tensor(ds.targets, dtype=torch.long), 100, where)
+        labels = torch.tensor(ds.targets, dtype=torch.long)
+        _check_labels(labels, 100, where)
         if classes is not None:
-            labels = torch.tensor(ds.targets)
             keep, new_labels = _subset(torch.arange(len(labels)), labels, classes)
             ds.data, ds.targets = ds.data[keep.numpy()], new_labels.tolist()
         parts[split] = ds
