@@ -27,7 +27,7 @@ inline void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& 
                    mask->scalar_type());
   TORCH_CHECK_VALUE(mask->sizes() == factor.sizes(), name, " must have shape ",
                     factor.sizes(), "; got ", mask->sizes());
-  TORCH_CHECK_VALUE(mask->device() == factor.device(), name, " must be on x's device ",
+  TORCH_CHECK_VALUE(mask->device() == factor.device(), name, " must be on its factor's device ",
                     factor.device(), "; got ", mask->device());
 }
 

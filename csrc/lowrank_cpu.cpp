@@ -570,6 +570,8 @@ std::vector<at::Tensor> pack_groups_cpu(const at::Tensor& u, const at::Tensor& v
 std::vector<at::Tensor> pack_values_cpu(const at::Tensor& u, const at::Tensor& v,
                                         const std::vector<at::Tensor>& packed) {
   check_factors(u, v);
+  TORCH_CHECK_VALUE(packed.size() == 12 || packed.size() == 6,
+                    "packed must hold the 6 or 12 tensors of pack_groups_cpu; got ", packed.size());
   const at::Tensor uc = u.contiguous(), vc = v.contiguous();
   // every grouping checked against these factors before any index is used
   std::vector<Groups> groups;

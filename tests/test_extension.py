@@ -352,8 +352,11 @@ def test_pack_values_checks_its_inputs():
     packed = _C.pack_groups_cpu(u, v, random_mask(u.shape, 0.3), random_mask(v.shape, 0.3))
     with pytest.raises(ValueError, match="packed does not match these factors"):
         _C.pack_values_cpu(torch.randn(19, 6), v, packed)
-    with pytest.raises(ValueError, match="packed must hold the 6 or 12 tensors"):
-        _C.pack_values_cpu(u, v, packed[:3])
+    for wrong in ([], packed[:3]):
+        with pytest.raises(ValueError, match=f"packed must hold the 6 or 12 tensors of pack_groups_cpu; got {len(wrong)}"):
+            _C.pack_values_cpu(u, v, wrong)
+    with pytest.raises(ValueError, match="mask_u must be on its factor's device cpu; got meta"):
+        _C.pack_groups_cpu(u, v, torch.ones(20, 6, dtype=torch.bool, device="meta"), None)
     with pytest.raises(TypeError, match="u and v must be float32"):
         _C.pack_values_cpu(u.double(), v, packed)
 
