@@ -290,13 +290,17 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     a scan of the argument names for each, ``str`` of every tensor's dtype), which for these
     kernels' 30-odd arguments costs about as much host time as the JIT dispatch that follows
     (benchmarks/KERNEL_LOG.md, "Host time"). Here the same key is built from the key
-    arguments' positions, found once per kernel, and looked up in the autotuner's own cache:
-    a hit launches the cached config through the JIT function (as ``Autotuner.run`` would,
-    and it is recorded as ``best_config`` as there); a miss (the first call of a key, or a
-    cache a caller cleared) goes through the autotuner, which tunes or reads Triton's disk
-    cache. A one-config autotuner runs its config, as it would. Should a Triton release
-    build its key otherwise, every call misses and takes the autotuner's route: slower,
-    never a different config. Tensor arguments are positional, as in every call here.
+    arguments' positions, found once per ``kernel.keys``, and looked up in the autotuner's
+    own cache: a hit launches the cached config through the JIT function (as
+    ``Autotuner.run`` would, and it is recorded as ``best_config`` as there); a miss (the
+    first call of a key, or a cache a caller cleared) goes through the autotuner, which tunes
+    or reads Triton's disk cache. A one-config autotuner runs its config, as it would.
+
+    The key is Triton's (3.6-3.8): the key arguments' values, then ``str(dtype)`` of each
+    argument that has a dtype, in argument order. Calls this does not cover the same way go
+    through the autotuner: a keyword argument with a dtype, a key argument left to its
+    default. Should a Triton release build its key otherwise, every call misses and takes
+    the autotuner's route: slower, never a different config.
     """
     if not isinstance(kernel, Autotuner):  # a stand-in (benchmarks/kernel_resources.py)
         kernel[grid](*args, **kwargs)
@@ -305,11 +309,17 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if len(configs) == 1:
         config = configs[0]
     else:
-        positions = _KEY_POSITIONS.get(kernel)
-        if positions is None:
-            positions = _KEY_POSITIONS[kernel] = [kernel.arg_names.index(k) for k in kernel.keys]
+        keys, positions = _KEY_POSITIONS.get(kernel, (None, None))
+        if keys != kernel.keys:  # first call, or a caller changed the key names
+            keys = list(kernel.keys)
+            positions = [kernel.arg_names.index(k) for k in keys if k in kernel.arg_names]
+            _KEY_POSITIONS[kernel] = keys, positions
+        if any(hasattr(a, "dtype") for a in kwargs.values()) or \
+                any(i >= len(args) and kernel.arg_names[i] not in kwargs for i in positions):
+            kernel[grid](*args, **kwargs)
+            return
         key = tuple(args[i] if i < len(args) else kwargs[kernel.arg_names[i]] for i in positions)
-        key += tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        key += tuple(str(a.dtype) for a in args[:len(kernel.arg_names)] if hasattr(a, "dtype"))
         config = kernel.cache.get(key)
         if config is None:
             kernel[grid](*args, **kwargs)
@@ -321,6 +331,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
 
 
+# kernel -> (its key names, their positions among its arguments)
 _KEY_POSITIONS: dict = {}
 
 

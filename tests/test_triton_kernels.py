@@ -230,6 +230,135 @@ def test_a_tuned_key_launches_past_the_autotuner(monkeypatch):
         assert all(k in tuned.arg_names for k in tuned.keys), name
 
 
+@pytest.mark.parametrize("route", ["two-branch", "folded"])
+def test_launch_builds_the_autotuners_key_at_every_call_site(monkeypatch, route):
+    """Every kernel given two configs, so that launch builds a key: at each of its call sites
+    the key launch looks up is the one Autotuner.run checks for the same arguments (dtypes of
+    fp32/fp16 tensors and uint8 masks included), and a second pass of the same calls never
+    enters Autotuner.run."""
+    from triton.runtime.autotuner import Autotuner
+
+    from tunecomp import ops
+    from tunecomp.kernels import blended_lowrank as bl, masked_lowrank as ml
+
+    class Recording(dict):  # the keys Autotuner.run checks (in) and launch looks up (get)
+        def __init__(self):
+            super().__init__()
+            self.checked, self.looked_up = [], []
+
+        def __contains__(self, key):
+            self.checked.append(key)
+            return super().__contains__(key)
+
+        def get(self, key, default=None):
+            self.looked_up.append(key)
+            return super().get(key, default)
+
+    tuned = {name: kernel for name, kernel, _ in kernels.autotuned()}
+    for kernel in tuned.values():
+        two = [kernel.configs[0], triton_config_copy(kernel.configs[0])]
+        monkeypatch.setattr(kernel, "configs", two)
+        monkeypatch.setattr(kernel, "cache", Recording())
+        monkeypatch.setattr(kernel, "cache_results", False)
+        monkeypatch.setattr(kernel, "_bench", lambda *a, config, _two=two, **kw: [1.0 if config is _two[1] else 2.0])
+    compared = []
+    real_launch = ml.launch
+
+    def both(kernel, grid, *args, **kwargs):
+        kernel[grid](*args, **kwargs)  # Autotuner.run: tunes this key on a miss
+        real_launch(kernel, grid, *args, **kwargs)
+        compared.append((kernel.fn.__name__, kernel.cache.checked[-1], kernel.cache.looked_up[-1]))
+        assert kernel.best_config is kernel.cache[kernel.cache.checked[-1]]
+
+    monkeypatch.setattr(ops, "folding_pays", lambda *shape: route == "folded")
+    monkeypatch.setattr(ops, "folding_pays_backward", lambda *shape: route == "folded")
+
+    def steps(n_tokens, dtype, masks):
+        g = torch.Generator().manual_seed(n_tokens)
+        rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)  # noqa: E731
+        x, u, v, w, b, gy = rnd(n_tokens, 24), rnd(20, 6), rnd(24, 6), rnd(20, 24), rnd(20), rnd(n_tokens, 20)
+        mask_u, mask_v = (torch.rand(20, 6, generator=g).to(DEVICE) > 0.5,
+                          torch.rand(24, 6, generator=g).to(DEVICE) > 0.5) if masks else (None, None)
+        alpha = torch.full((), 0.3, device=DEVICE)
+        kernels.forward(x, u, v, b, mask_u, mask_v)
+        kernels.backward(gy, x, u, v, mask_u, mask_v, True)
+        kernels.blended_forward(x, u, v, None, mask_u, mask_v, w, b, alpha)
+        kernels.blended_backward(gy, x, u, v, mask_u, mask_v, w, alpha, False)
+
+    cases = [(5, torch.float32, True), (301, torch.float16, False)]  # 301: the token-split path
+    with monkeypatch.context() as patched:
+        patched.setattr(ml, "launch", both)
+        patched.setattr(bl, "launch", both)
+        for case in cases:
+            steps(*case)
+    names = {name for name, _, _ in compared}
+    assert names == {"_forward_kernel", "_rank_project_kernel", "_grad_x_kernel", "_grad_factor_kernel",
+                     "_blended_forward_kernel" if route == "two-branch" else "_fold_kernel"}
+    assert [(n, a) for n, a, b in compared if a != b] == []
+    autotuner_runs = []
+    run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **kw: autotuner_runs.append(self) or run(self, *a, **kw))
+    for case in cases:
+        steps(*case)
+    assert autotuner_runs == []
+
+
+def test_launch_never_reuses_a_config_tuned_for_another_key(monkeypatch):
+    """Argument forms the call sites do not use, on a toy kernel: a tensor passed by keyword
+    (its dtype is in Autotuner.run's key), a key argument left to its default, and key names
+    changed after a first launch. Each gets the config Autotuner.run would pick, never one
+    tuned for another key."""
+    import triton
+    import triton.language as tl
+
+    from tunecomp.kernels.masked_lowrank import launch
+
+    two = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+
+    @triton.autotune(configs=two, key=["n", "m"])
+    @triton.jit
+    def copy(x_ptr, y_ptr, n, scale, m=7, BLOCK: tl.constexpr = 16):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    monkeypatch.setattr(copy, "cache_results", False)
+    picks = iter([1, 0, 1, 0])  # the config each tuning picks: every tuning is told apart
+
+    def bench(*args, config, **kwargs):
+        return [1.0 if config is two[pick] else 2.0]
+
+    def tune():
+        nonlocal pick
+        pick = next(picks)
+
+    pick = None
+    monkeypatch.setattr(copy, "_bench", bench)
+    x, grid = torch.randn(64, device=DEVICE), (lambda meta: (triton.cdiv(64, meta["BLOCK"]),))
+
+    def run(*args, **kwargs):
+        y = torch.zeros(64, device=DEVICE)
+        launch(copy, grid, x, y, *args, **kwargs)
+        assert torch.equal(y, x)
+        return copy.best_config
+
+    tune()
+    assert run(64, 2.0) is two[1]  # tuned: key (64, fp32, fp32), m left to its default
+    assert run(64, 2.0) is two[1] and len(copy.cache) == 1
+    tune()  # a tensor scale by keyword: a new key for Autotuner.run, so tuned again
+    assert run(64, scale=torch.ones(1, dtype=torch.float16, device=DEVICE)) is two[0]
+    assert len(copy.cache) == 2
+    copy.keys = ["m"]  # the key changes: m is not passed, so (fp32, fp32), not yet tuned
+    tune()
+    assert run(64, 2.0) is two[1] and len(copy.cache) == 3
+
+
+def triton_config_copy(config):
+    """Another Config object with the same settings (the autotuner tells configs apart by identity)."""
+    import triton
+
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def test_factor_gradient_token_split_rule(monkeypatch):
     """tokens_per_split with the GPU constants and an H100's 132 SMs: the ViT-B shapes whose
     [d, r] gradient has fewer 64 x 64 tiles than SMs split into about two programs per SM,
