@@ -817,3 +817,118 @@ def test_a_failed_tensor_write_is_an_os_error_naming_the_file(tmp_path, monkeypa
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(OSError, match=f"cannot write {re.escape(str(tmp_path))}/m.safetensors: No space left"):
         save_tensors({"w": torch.zeros(2)}, str(tmp_path / "m.safetensors"))
+
+
+def test_export_over_an_export_and_a_crash_while_writing(tmp_path, monkeypatch):
+    """An export in the directory already is replaced only when asked (model.safetensors is
+    also the usual name of pretrained weights); a crash while writing leaves the old export
+    loadable, and no temporary file."""
+    from tunecomp import deploy
+
+    first, second = trained_like_model(), trained_like_model()
+    tmp_path, root = tmp_path / "export", tmp_path
+    export(first, str(tmp_path), arch_kwargs=KW)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(tmp_path))} already holds model.safetensors and "
+                                              "manifest.json: pass overwrite=True"):
+        export(second, str(tmp_path), arch_kwargs=KW)
+    weights_dir = root / "weights"
+    weights_dir.mkdir()
+    (weights_dir / "model.safetensors").write_bytes(b"pretrained")
+    with pytest.raises(FileExistsError, match="already holds model.safetensors: pass overwrite=True"):
+        export(second, str(weights_dir), arch_kwargs=KW)
+    assert (weights_dir / "model.safetensors").read_bytes() == b"pretrained"
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy, "_manifest", crash)  # after the new tensors are written aside
+    with pytest.raises(KeyboardInterrupt):
+        export(second, str(tmp_path), arch_kwargs=KW, overwrite=True)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    monkeypatch.undo()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(load(str(tmp_path))(x), first(x)) < 1e-5
+        export(second, str(tmp_path), arch_kwargs=KW, overwrite=True)
+        assert sorted(os.listdir(tmp_path)) == ["manifest.json", "model.safetensors"]
+        assert rel_error(load(str(tmp_path))(x), second(x)) < 1e-5
+    (root / "file").write_text("")
+    with pytest.raises(FileExistsError, match="is a file; export writes a directory"):
+        export(second, str(root / "file"), arch_kwargs=KW)
+
+
+def test_export_refuses_an_arch_that_does_not_build_the_model(tmp_path, monkeypatch):
+    """arch and arch_kwargs are what load rebuilds: a kwarg left out (here depth, or all of
+    them) is refused at export, naming the tensors that differ, before any layer is
+    timed; so are a model that is itself a low-rank layer and unknown forms keys."""
+    from tunecomp import deploy
+
+    model = trained_like_model()
+    monkeypatch.setattr(deploy, "choose_form", lambda *a, **k: pytest.fail("refused after choosing forms"))
+    short = {k: v for k, v in KW.items() if k != "depth"}
+    with pytest.raises(ValueError, match=r"arch 'vit_tiny_patch16_224' with arch_kwargs \{.*\} does not build this "
+                                         r"model \(\d+ tensors differ: blocks.\d+.attn.proj.bias: model none, arch \(32,\)"):
+        export(model, str(tmp_path / "a"), arch_kwargs=short)
+    with pytest.raises(ValueError, match=r"with arch_kwargs \{\} does not build this model .* model \(32,\), arch \(192,\)"):
+        export(model, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="timm cannot build arch 'vit_tiny_patch16_224' with arch_kwargs"):
+        export(model, str(tmp_path / "a"), arch_kwargs={**KW, "no_such_kwarg": 1})
+    with pytest.raises(ValueError, match=r"not low-rank layers of the model: \['nowhere'\]"):
+        export(model, str(tmp_path / "a"), arch_kwargs=KW, measure=True, forms={"nowhere": "dense"})
+    with pytest.raises(ValueError, match="model is itself a FusedPrunedLowRankLinear"):
+        export(model.blocks[0].attn.proj, str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+
+
+def test_device_arguments_are_checked_with_or_without_measure(tmp_path):
+    model = trained_like_model()
+    for device in ("gpu", "cuda:x"):
+        with pytest.raises(ValueError, match=f"device must be a device such as 'cpu', 'cuda' or 'cuda:1', or None; "
+                                             f"got {device!r}"):
+            export(model, str(tmp_path / "a"), arch_kwargs=KW, device=device)
+    export(model, str(tmp_path), arch_kwargs=KW)
+    with pytest.raises(ValueError, match="device must be a device such as"):
+        load(str(tmp_path), device="gpu")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=f"device is cuda:{count}, but this machine has {count} CUDA device"):
+            load(str(tmp_path), device=f"cuda:{count}")
+
+
+def test_a_manifest_integer_too_long_to_read_is_a_deploy_error(tmp_path):
+    export(trained_like_model(), str(tmp_path), arch_kwargs=KW)
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"bytes": ', '"bytes": ' + "9" * 5000, 1))
+    with pytest.raises(DeployError, match="manifest.json is not valid JSON .*truncated or edited"):
+        load(str(tmp_path))
+
+
+def test_sparse_form_off_the_kernel_loads_by_the_low_rank_rule(tmp_path):
+    """The sparse form where the CPU kernel cannot run it loads as the factors' cheaper form:
+    merged to a Linear where r·(in + out) >= in·out (here a full-rank student), low-rank
+    below; a merged weight is rounded once, to the load dtype."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "8 of 8 layers got factors larger")  # meant: full rank
+        model = trained_like_model(keep=0.1, rank_ratio=1.0)
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, form="sparse")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    double = load(str(tmp_path), dtype=torch.float64)
+    for name, info in manifest["layers"].items():
+        cheaper = info["rank"] * (info["in_features"] + info["out_features"]) < info["in_features"] * info["out_features"]
+        assert type(double.get_submodule(name)) is (LowRankLinear if cheaper else torch.nn.Linear), name
+    assert {type(m) for m in double.modules()} >= {torch.nn.Linear}
+    with torch.no_grad():
+        assert rel_error(double(x), model.double()(x)) < 1e-12
+
+
+def test_dense_form_merged_by_load_is_rounded_once(tmp_path):
+    """A dense layer stored as its factors (the smaller file) is merged in float32 and rounded
+    to the load dtype once: loading a bf16 export in float32 keeps the exact product."""
+    model = trained_like_model().to(torch.bfloat16)
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, form="dense")
+    name, info = next((n, i) for n, i in manifest["layers"].items() if "u" in i["storage"])
+    loaded = load(str(tmp_path), dtype=torch.float32)
+    source = model.get_submodule(name)
+    want = (source.u * source.mask_u).float() @ (source.v * source.mask_v).float().T
+    assert torch.equal(loaded.get_submodule(name).weight, want)

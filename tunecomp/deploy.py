@@ -18,8 +18,9 @@ pruned are removed, and one form is chosen:
 - ``"sparse"``: when fewer than ``ops``' CPU threshold (25%) of the factor entries are kept.
   Loaded on the CPU in float32 (backend "auto" or "cpu") it is a ``SparseLowRankLinear``:
   the kept entries alone (values and int32 indices, grouped for the C++ kernel), whose
-  forward touches nothing else; loaded anywhere else, the ``LowRankLinear`` of the factors,
-  zeros included;
+  forward touches nothing else; loaded anywhere else, the factors' form by the rule of the
+  other forms (``LowRankLinear``, zeros included, or the merged ``nn.Linear``). It takes no
+  gradient for its input, where the others do;
 - ``"semi24"``: ``SemiStructuredLowRankLinear``, for factors that are 2:4 sparse along their
   reduction dims (pruned in ``"n:m"`` mode with n=2, m=4: V along ``in``, U along the rank),
   only when asked for (``form``/``forms``) or timed fastest (``measure=True``): the rule
@@ -520,7 +521,7 @@ def choose_form(u: Tensor, v: Tensor, bias: Optional[Tensor], measure: bool = Fa
     bias = None if bias is None else bias.to(device, dtype)
     timings = {"lowrank": time_forward(_lowrank(u, v, bias), x),
                "dense": time_forward(_dense(u, v, bias, in_features, out_features), x)}
-    if sparse_runs_packed(device, dtype):  # elsewhere "sparse" loads as "lowrank"
+    if sparse_runs_packed(device, dtype):  # elsewhere "sparse" loads as "lowrank" or "dense"
         timings["sparse"] = time_forward(SparseLowRankLinear.from_factors(u, v, bias), x)
     if full is not None:
         semi = _lowrank(full[0].to(device, dtype), full[1].to(device, dtype), bias, SemiStructuredLowRankLinear)
@@ -547,9 +548,15 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 def _check_device_dtype(device, dtype) -> Optional[torch.device]:
     """``device`` as a torch.device (None stays None); ``ValueError`` naming the argument
     where ``device`` is CUDA with none here, or ``dtype`` is not a floating torch.dtype."""
-    device = None if device is None else torch.device(device)
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device is {device}, but no CUDA device is available here")
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a device such as 'cpu', 'cuda' or 'cuda:1', or None; got {device!r}") from None
+    if device is not None and device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device is {device}, but no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device is {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...) or None; "
                          f"got {dtype!r}")
@@ -570,7 +577,8 @@ def check_arch(arch: Optional[str], arch_kwargs: dict) -> None:
 @torch.no_grad()
 def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs: Optional[dict] = None,
            forms: Optional[dict] = None, measure: bool = False, device=None, tokens: int = 1576,
-           form: Optional[str] = None, dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict:
+           form: Optional[str] = None, dtype: Optional[torch.dtype] = None, progress: bool = False,
+           overwrite: bool = False) -> dict:
     """Write ``model`` (with trained ``FusedPrunedLowRankLinear`` layers) to the directory
     ``path``; returns the manifest. ``arch``/``arch_kwargs``: the timm name and kwargs to
     rebuild it (default: the model's own ``pretrained_cfg['architecture']``, no kwargs);
@@ -578,7 +586,12 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     form}`` to force a form (``form``: the same for every layer that ``forms`` does not name).
     ``measure``/``device``/``tokens``/``dtype``: choose forms by timing (``dtype``: the one
     the model will be loaded in; the file keeps the model's own). ``progress``: a progress
-    bar over the layers (on stderr)."""
+    bar over the layers (on stderr). ``overwrite``: replace an export already in ``path``
+    (else ``FileExistsError``).
+
+    ``arch``/``arch_kwargs`` are checked against the model: the model timm builds from them
+    must have the model's tensors, with their shapes (kwargs that change no shape, such as
+    ``act_layer``, cannot be told apart: pass the ones the model was built with)."""
     forms = dict(forms or {})
     arch_kwargs = dict(arch_kwargs or {})
     if form is not None and form not in FORMS:
@@ -586,8 +599,8 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
     unknown = {n: f for n, f in forms.items() if f not in FORMS}
     if unknown:
         raise ValueError(f"forms must be one of {FORMS}; got {unknown}")
+    device = _check_device_dtype(device, dtype)
     if measure:
-        device = _check_device_dtype(device, dtype)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise ValueError(f"tokens must be a positive int (the token count to time forms at); got {tokens!r}")
     if arch is None:
@@ -599,10 +612,22 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         raise ValueError(f"arch_kwargs must be JSON values (numbers, strings, lists, dicts); got "
                          f"{arch_kwargs!r} ({error})") from None
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedPrunedLowRankLinear)}
+    if "" in layers:
+        raise ValueError("model is itself a FusedPrunedLowRankLinear; export the model that holds such layers")
+    if set(forms) - set(layers):
+        raise ValueError(f"forms names layers that are not low-rank layers of the model: {sorted(set(forms) - set(layers))}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"path {path} is a file; export writes a directory")
+    existing = [f for f in (TENSORS, MANIFEST) if os.path.exists(os.path.join(path, f))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{path} already holds {' and '.join(existing)}: pass overwrite=True "
+                              f"(tunecomp export --overwrite) to replace them, or choose another directory")
     blending = [f"{name} (alpha={m.alpha:g})" for name, m in layers.items() if m.has_teacher and m.alpha > 0]
     if blending:
         raise ValueError(f"export needs the student alone; the teacher still counts in {blending[:3]}: "
                          f"finish training (alpha = 0) or call drop_teacher()")
+    if arch is not None:
+        _check_arch_fits(model, layers, arch, arch_kwargs)
     model_dtype = next((t.dtype for t in model.state_dict().values() if t.is_floating_point()), torch.float32)
     state, layer_info = {}, {}
     todo = layers.items()
@@ -641,15 +666,30 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
                             "rank": int(stored["u"].shape[1]) if "u" in stored else int(u.shape[1]),
                             "rank_before": layer.rank, "bias": bias is not None, "kept": kept,
                             "storage": storage, "dtype": str(layer.u.dtype).replace("torch.", "")}
-    if forms:
-        raise ValueError(f"forms names layers that are not low-rank layers of the model: {sorted(forms)}")
     prefixes = tuple(f"{name}." for name in layers)
     for key, tensor in model.state_dict().items():
         if not key.startswith(prefixes):
             state[key] = tensor.detach().contiguous()
     os.makedirs(path, exist_ok=True)
     tensors_path = os.path.join(path, TENSORS)
-    save_tensors({k: t.cpu() for k, t in state.items()}, tensors_path)
+    # Both files written aside first, then the old manifest removed before the new tensors
+    # take its place: a crash leaves the old export, or no manifest (never a manifest that
+    # describes other tensors than the file's).
+    tmp = f"{tensors_path}.tmp{os.getpid()}"
+    try:
+        save_tensors({k: t.cpu() for k, t in state.items()}, tmp)
+        manifest = _manifest(arch, arch_kwargs, model_dtype, layer_info, state, tmp)
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            os.remove(os.path.join(path, MANIFEST))
+        os.replace(tmp, tensors_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    write_json(os.path.join(path, MANIFEST), manifest, indent=1)
+    return manifest
+
+
+def _manifest(arch, arch_kwargs, model_dtype, layer_info, state, tensors_path) -> dict:
     manifest = {
         "format_version": FORMAT_VERSION, "tunecomp": __version__, "torch": torch.__version__,
         "arch": arch, "arch_kwargs": arch_kwargs,
@@ -658,8 +698,38 @@ def export(model: nn.Module, path: str, arch: Optional[str] = None, arch_kwargs:
         "sha256": _sha256(tensors_path), "bytes": os.path.getsize(tensors_path),
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    write_json(os.path.join(path, MANIFEST), manifest, indent=1)
     return manifest
+
+
+def _check_arch_fits(model: nn.Module, layers: dict, arch: str, arch_kwargs: dict) -> None:
+    """``ValueError`` naming ``arch_kwargs`` unless timm's ``arch`` with them (built on the
+    meta device: nothing allocated) has the model's tensors with their shapes, the low-rank
+    layers as Linear layers of their sizes."""
+    import timm
+
+    try:
+        try:
+            with torch.device("meta"):
+                built = timm.create_model(arch, pretrained=False, **arch_kwargs)
+        except Exception:  # noqa: BLE001 - some timm versions compute on tensors in constructors
+            built = timm.create_model(arch, pretrained=False, **arch_kwargs)
+    except Exception as error:  # noqa: BLE001 - timm raises all kinds for kwargs it cannot take
+        raise ValueError(f"timm cannot build arch {arch!r} with arch_kwargs {arch_kwargs}: {error}") from None
+    want = {k: tuple(t.shape) for k, t in built.state_dict().items()}
+    have = {}
+    prefixes = tuple(f"{name}." for name in layers)
+    for key, t in model.state_dict().items():
+        if not key.startswith(prefixes):
+            have[key] = tuple(t.shape)
+    for name, layer in layers.items():
+        have[f"{name}.weight"] = (layer.out_features, layer.in_features)
+        if layer.bias is not None:
+            have[f"{name}.bias"] = (layer.out_features,)
+    differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: model {have.get(k, 'none')}, arch {want.get(k, 'none')}" for k in differ[:3])
+        raise ValueError(f"arch {arch!r} with arch_kwargs {arch_kwargs} does not build this model "
+                         f"({len(differ)} tensors differ: {shown}): pass the kwargs the model was built with")
 
 
 def needed_bytes(model: nn.Module) -> int:
@@ -684,11 +754,11 @@ def read_manifest(path: str) -> dict:
     first that is missing or wrong)."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise DeployError(f"{path} holds no {MANIFEST}: not a tunecomp export")
+        raise DeployError(f"{path} holds no {MANIFEST}: not a tunecomp export (or one interrupted while written)")
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit int
         raise DeployError(f"{manifest_path} is not valid JSON ({type(error).__name__}: {error}): "
                           f"truncated or edited?") from None
     if not isinstance(manifest, dict):
@@ -852,6 +922,9 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
                               f"{TENSORS} holds {'no bias' if bias is None else f'a bias of shape {list(bias.shape)}'} "
                               f"for it")
         parent_name, _, child = name.rpartition(".")
+        form = info["form"]
+        if form == "sparse" and not packed_here:  # the factors' form by the rule of choose_form
+            form = "lowrank" if info["rank"] * sum(shape) < shape[0] * shape[1] else "dense"
         rows = {"u": info["out_features"], "v": info["in_features"], "weight": info["out_features"]}
         decoded = {side: decode(state, f"{name}.{side}", encoding,
                                 (rows[side], info["in_features"] if side == "weight" else info["rank"]),
@@ -860,30 +933,30 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
         for side, encoding in info["storage"].items():
             for leaf in _LEAVES[encoding]:
                 del state[f"{name}.{side}{leaf}"]
-        if info["form"] == "dense":
+        if form == "dense":
             with torch.device("meta"):  # filled by load_state_dict(assign=True) below
                 module = nn.Linear(*shape, bias=info["bias"])
             if "weight" in decoded:
                 weight = decoded["weight"][0]
             elif decoded:  # the factors were the smaller file: merged here
                 u, v = decoded["u"][0], decoded["v"][0]
-                compute = torch.promote_types(u.dtype, torch.float32)
-                weight = (u.to(compute) @ v.to(compute).T).to(u.dtype)
+                compute = torch.promote_types(torch.promote_types(u.dtype, dtype), torch.float32)
+                weight = (u.to(compute) @ v.to(compute).T).to(dtype)  # rounded once, to the load dtype
             else:  # rank 0: the layer is its bias
                 weight = torch.zeros(info["out_features"], info["in_features"], dtype=getattr(torch, manifest["dtype"]))
             state[f"{name}.weight"] = weight
-        elif info["form"] == "sparse" and packed_here:
+        elif form == "sparse":
             # packed from this layer's factors alone: the dense ones are gone after this line
             module = SparseLowRankLinear.from_factors(decoded["u"][0].float(), decoded["v"][0].float(),
                                                       state.get(f"{name}.bias"))
             state.update({f"{name}.{key}": t for key, t in module.named_buffers()})
-        else:  # "sparse" where it cannot run packed is the low-rank form of the same factors
-            cls = {"lowrank": LowRankLinear, "sparse": LowRankLinear, "semi24": SemiStructuredLowRankLinear}
+        else:
+            cls = {"lowrank": LowRankLinear, "semi24": SemiStructuredLowRankLinear}[form]
             rank = info["rank"]
-            if cls[info["form"]] is LowRankLinear:  # the 2:4 form keeps its packed layout
+            if cls is LowRankLinear:  # the 2:4 form keeps its packed layout
                 rank = -(-rank // rank_multiple) * rank_multiple
             with torch.device("meta"):  # filled by load_state_dict(assign=True) below
-                module = cls[info["form"]](*shape, rank, bias=info["bias"], backend=backend)
+                module = cls(*shape, rank, bias=info["bias"], backend=backend)
             for side, (factor, _) in decoded.items():
                 state[f"{name}.{side}"] = _pad_rank(factor, rank)
         setattr(model.get_submodule(parent_name), child, module)
