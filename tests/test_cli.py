@@ -243,3 +243,52 @@ def test_json_outputs_are_replaced_whole(tmp_path):
         write_json(str(path), {"accuracy": 0.9, "bad": {1, 2}})  # a set: json.dump fails midway
     assert json.loads(path.read_text()) == {"accuracy": 0.5}
     assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_export_overwrite_flag_and_bench_model_points(tmp_path, capsys, monkeypatch):
+    """export refuses to write over an export unless --overwrite, and --device/--dtype
+    without --measure; bench-model compiles each model per batch size (dynamo's recompile
+    limit would run later sizes uncompiled), records an out-of-memory point and goes on, and
+    refuses an export that names no timm architecture."""
+    from tunecomp import cli, deploy, replace_linear_layers
+
+    kwargs = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["compress", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs, "--dataset", "digits",
+                 "--classes", "0,1", "--steps", "2", "--batch-size", "16", "--init", "svd", "--num-workers", "0",
+                 "--out", str(run)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 2
+    assert "already holds model.safetensors and manifest.json: pass overwrite=True (tunecomp export --overwrite)" \
+        in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--out", str(out), "--overwrite"]) == 0
+    for flag in (["--device", "cpu"], ["--dtype", "float16"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", "--run", str(run), "--out", str(tmp_path / "x"), *flag])
+        assert exit_info.value.code == 2
+        assert "--device and --dtype choose where --measure times the forms; give --measure too" in capsys.readouterr().err
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    real_time_forward = deploy.time_forward
+
+    def time_forward(module, x, repeats):
+        if x.shape[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return real_time_forward(module, x, repeats)
+
+    monkeypatch.setattr(deploy, "time_forward", time_forward)
+    rows = cli._bench_one(str(out), "compressed", [1, 3, 2], "cpu", torch.float32, True, 1)
+    assert len(compiled) == 3 and all(kw == {"dynamic": False} for kw in compiled)
+    assert [(r["batch"], r.get("error"), r["latency_ms"] is None) for r in rows] == \
+        [(1, None, False), (3, "out of memory", True), (2, None, False)]
+    cli._print_bench([{**r, "model": "dense"} for r in rows] + rows)
+    printed = capsys.readouterr().out
+    assert printed.count("out of memory") == 2 and printed.count("1.00x") == 4
+    monkeypatch.setattr(deploy, "time_forward", lambda *a: pytest.fail("refused after timing"))
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))  # no pretrained_cfg: no arch
+    replace_linear_layers(plain, rank=2, targets=("0",), keep_teacher=False)
+    deploy.export(plain, str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="manifest names no timm architecture: bench-model needs one"):
+        cli.bench_model(str(tmp_path / "plain"), [1], "cpu", torch.float32, False)

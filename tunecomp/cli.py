@@ -337,7 +337,7 @@ def rebuild_run(run_dir: str) -> tuple:
 
 
 def export_run(run_dir: str, out: str, measure: bool, device: Optional[str],
-               dtype: Optional[torch.dtype] = None) -> dict:
+               dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> dict:
     from .deploy import export
 
     if os.path.realpath(out) == os.path.realpath(run_dir) or any(
@@ -346,7 +346,7 @@ def export_run(run_dir: str, out: str, measure: bool, device: Optional[str],
                               f"overwrite its model.safetensors; choose another --out")
     model, meta = rebuild_run(run_dir)
     manifest = export(model, out, arch=meta["model"], arch_kwargs=meta["kwargs"], measure=measure, device=device,
-                      dtype=dtype, progress=measure)  # timing the forms of each layer takes a while
+                      dtype=dtype, progress=measure, overwrite=overwrite)  # timing the forms of each layer takes a while
     forms = {}
     for info in manifest["layers"].values():
         forms[info["form"]] = forms.get(info["form"], 0) + 1
@@ -362,7 +362,16 @@ def bench_model(model_dir: str, batches: Sequence[int], device: str, dtype: torc
     the device at a time. Peak memory: on CUDA the allocator's peak during each batch's
     runs (the model's tensors included); on the CPU (Linux) the peak resident memory during
     each batch's runs, in a fresh process per model, above its level before the model was
-    built. ``progress``: a line on stderr as each point is measured."""
+    built. ``progress``: a line on stderr as each point is measured. ``compile_model``: each
+    model compiled for each batch size afresh (a fixed-shape graph, as a deployment at one
+    batch size runs). A point that runs out of memory is a row with ``"error"`` and no
+    timings; the others are measured. On the CPU each model is timed in a fresh process
+    (spawned: a script calling this needs an ``if __name__ == "__main__":`` guard)."""
+    from .deploy import read_manifest
+
+    if not read_manifest(model_dir)["arch"]:
+        raise ValueError(f"{model_dir}'s manifest names no timm architecture: bench-model needs one to build "
+                         f"the dense original (export with arch=...)")
     rows = []
     for label in ("dense", "compressed"):
         args = (model_dir, label, batches, device, dtype, compile_model, repeats, progress)
@@ -411,19 +420,29 @@ def _bench_one(model_dir: str, label: str, batches: Sequence[int], device: str, 
     else:
         model = load(model_dir, device=device, dtype=dtype)
     size = model_input(model)["image_size"]
-    if compile_model:
-        torch._dynamo.reset()  # a fresh cache per model: no recompile limit shared with the other
-        runner = torch.compile(model, dynamic=False)
-    else:
-        runner = model
-    rows = []
+    runner, rows = model, []
     for batch in batches:
-        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+        if compile_model:  # afresh per batch size: dynamo's recompile limit (8) is never reached
+            torch._dynamo.reset()
+            runner = torch.compile(model, dynamic=False)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         elif before is not None:
             _reset_resident_peak()  # building and loading the model is not counted
-        seconds = time_forward(runner, x, repeats)
+        try:
+            x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+            seconds = time_forward(runner, x, repeats)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not _out_of_memory(error):
+                raise
+            x = None
+            rows.append({"model": label, "batch": batch, "latency_ms": None, "images_per_s": None,
+                         "peak_memory_bytes": None, "error": "out of memory"})
+            if progress:
+                print(f"bench-model: {label} batch {batch}: out of memory", file=sys.stderr, flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
         if cuda:
             peak = torch.cuda.max_memory_allocated()
         else:
@@ -442,13 +461,24 @@ def _bench_one(model_dir: str, label: str, batches: Sequence[int], device: str, 
     return rows
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CUDA's OutOfMemoryError, the CPU
+    allocator's RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) \
+        or "not enough memory" in str(error)
+
+
 def _print_bench(rows: list) -> None:
     dense = {r["batch"]: r for r in rows if r["model"] == "dense"}
     print(f"{'model':<11} {'batch':>5} {'latency ms':>11} {'images/s':>10} {'peak MiB':>9} {'speed-up':>8}")
     for r in rows:
+        if r["latency_ms"] is None:
+            print(f"{r['model']:<11} {r['batch']:>5} {r['error']:>11}")
+            continue
         peak = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
-        speedup = dense[r["batch"]]["latency_ms"] / r["latency_ms"]
-        print(f"{r['model']:<11} {r['batch']:>5} {r['latency_ms']:>11.2f} {r['images_per_s']:>10.1f} {peak:>9} {speedup:>7.2f}x")
+        base = dense[r["batch"]]["latency_ms"]
+        speedup = "n/a" if base is None else f"{base / r['latency_ms']:.2f}x"
+        print(f"{r['model']:<11} {r['batch']:>5} {r['latency_ms']:>11.2f} {r['images_per_s']:>10.1f} {peak:>9} {speedup:>8}")
 
 
 # The demo: a small ViT pretrained on one task (digits 0-4) and compressed while it learns
@@ -633,10 +663,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--num-workers", type=_int_at_least(0), default=2, help="data loader processes")
     p.add_argument("--seed", type=int, default=0, help="data order, init and pruning ties")
 
-    p = sub.add_parser("export", help="write a compress run's model in the compact inference format")
+    p = export_parser = sub.add_parser("export", help="write a compress run's model in the compact inference format")
     p.add_argument("--run", required=True, help="a `tunecomp compress` output directory")
     p.add_argument("--out", required=True, help="directory to write model.safetensors + manifest.json to")
     p.add_argument("--measure", action="store_true", help="choose each layer's form by timing it")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     p.add_argument("--device", default=None, type=_device, help="device to time on with --measure (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="dtype to time in with --measure (the one you will load the model in; "
@@ -665,6 +696,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ignored:
             compress_parser.error(f"--method {args.method} runs its own schedule (tunecomp.baselines) and would "
                                   f"ignore {', '.join(ignored)}; it takes {', '.join('--' + f.replace('_', '-') for f in BASELINE_FLAGS)}")
+    if args.command == "export" and not args.measure and (args.device or args.dtype):
+        export_parser.error("--device and --dtype choose where --measure times the forms; give --measure too "
+                            "(the file keeps the model's dtype; load(dtype=...) picks the one to run in)")
     try:
         return _run(parser, args)
     except KeyboardInterrupt:
@@ -689,7 +723,8 @@ def _run(parser, args) -> int:
         _print_demo(demo(args.out, args.steps, args.seed))
     elif args.command == "export":
         measure_device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        export_run(args.run, args.out, args.measure, measure_device, _dtype(args.dtype, measure_device))
+        export_run(args.run, args.out, args.measure, measure_device, _dtype(args.dtype, measure_device),
+                   args.overwrite)
     elif args.command == "plot":
         print(f"wrote {plot_training(args.run, args.out)}")
     elif args.command == "bench-model":
