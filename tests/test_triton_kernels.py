@@ -52,7 +52,11 @@ def test_interpreter_flag_read_as_triton_reads_it(monkeypatch):
 
 def test_bf16_refused_under_the_interpreter_on_cuda_tensors_too(monkeypatch):
     """The interpreter copies CUDA tensors to the host and runs the same numpy tl.dot, which
-    is wrong on bfloat16: refused on either device while TRITON_INTERPRET is set."""
+    is wrong on bfloat16: refused on either device while TRITON_INTERPRET is set. (On a GPU
+    the kernels may be imported compiled already: set aside, as in a fresh process.)"""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "tunecomp.kernels.masked_lowrank", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for device in ("cuda", "cpu"):
