@@ -15,9 +15,10 @@
 #             and a check that the torch, triton and cuda backends all run on the GPU, and
 #             that an argument error raised in tunecomp._C reaches Python as a ValueError (on
 #             an H200, 2026-11-26, every such error ended the process with a segfault: where
-#             it still does, the log gets cuda-gdb's stack of the crash, the toolchain, the
-#             unwinder and C++ runtime the throw binds to, and whether minimal torch
-#             extensions raising the same way crash too (benchmarks/raise_probe.py, ~1 min);
+#             it still does, the log gets the toolchain, the unwinder and C++ runtime the
+#             throw binds to, and, with GPU_CHECK_RAISE_DIAG=1, cuda-gdb's stack of the crash
+#             and whether minimal torch extensions raising the same way crash too
+#             (benchmarks/raise_probe.py; ~2-4 min together);
 #             and the test stages leave out tests/test_extension.py; without the info stage
 #             the probe runs before the test stages)
 #   tests-gpu the GPU tests: pytest -k "gpu or (cuda and not emulator)" -> tests.log
@@ -85,8 +86,9 @@
 # as much as fits), then model or profile, whichever call 1 left out.
 #
 # Knobs: PYTHON (default python3, else python), GPU_CHECK_STAGES (default "build info
-# tests-gpu bench ncu model profile"; the stages always run in the order above),
-# GPU_CHECK_TOTAL_S, GPU_CHECK_SHARDS, GPU_CHECK_BENCH_S, GPU_CHECK_MODEL_S,
+# tests-gpu bench ncu model profile"; the stages always run in the order above; an unknown
+# name is an error), GPU_CHECK_TOTAL_S (keep it below the device time left), GPU_CHECK_SHARDS,
+# GPU_CHECK_BENCH_S, GPU_CHECK_MODEL_S, GPU_CHECK_RAISE_DIAG,
 # TUNECOMP_BENCH_GRID, TUNECOMP_BENCH_BACKENDS, TUNECOMP_CUDA_ARCHS (default here: 90, i.e.
 # H100/H200 only).
 set -o pipefail  # not -e: keep going to the benchmarks when a stage fails
@@ -99,6 +101,10 @@ export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
 TOTAL=${GPU_CHECK_TOTAL_S:-550}
 STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu bench ncu model profile} "
+for name in $STAGES; do  # a misspelt stage would be skipped without a word: a wasted call
+  [[ " build info tests-gpu tests bench ncu sanitize model profile " == *" $name "* ]] ||
+    { echo "GPU_CHECK_STAGES: unknown stage '$name' (stages: build info tests-gpu tests bench ncu sanitize model profile)" >&2; exit 2; }
+done
 SHARDS=${GPU_CHECK_SHARDS:-8}
 [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_SHARDS must be a positive integer; got '$SHARDS'" >&2; exit 2; }
 MODEL_S=${GPU_CHECK_MODEL_S:-120}
@@ -215,19 +221,25 @@ print("pybind11 headers:", [h for d in c.include_paths() for h in glob.glob(d + 
     # throws in this way elsewhere. The dynamic linker's bindings of _C's throw symbols, and
     # every runtime library the process maps.
     echo "=== raise-probe: _C's exception symbols as the dynamic linker binds them"
-    LD_DEBUG=bindings "$PY" -c "$probe" 2>&1 | grep -E "_C\..*(_Unwind_|__cxa_throw|__gxx_personality)|libstdc\+\+[^ ]* \[0\] to .*_Unwind_RaiseException" | sed 's/^ *[0-9]*://' | sort -u | head -n 20
+    LD_DEBUG=bindings timeout -k 5 30 "$PY" -c "$probe" 2>&1 | grep -E "_C\..*(_Unwind_|__cxa_throw|__gxx_personality)|libstdc\+\+[^ ]* \[0\] to .*_Unwind_RaiseException" | sed 's/^ *[0-9]*://' | sort -u | head -n 20
     echo "=== raise-probe: runtime libraries mapped after importing _C"
-    "$PY" -c 'import torch
+    timeout -k 5 30 "$PY" -c 'import torch
 from tunecomp import _C
 libs = {line.split()[-1] for line in open("/proc/self/maps") if ".so" in line}
 print(*sorted(l for l in libs if any(k in l for k in ("unwind", "gcc_s", "stdc++", "c++", "gomp", "omp", "_C."))), sep="\n")'
-    local gdb
-    gdb=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -n 1)
-    echo "=== raise-probe under ${gdb:-cuda-gdb (not found)}"
-    [[ -n "$gdb" ]] && timeout -k 5 90 "$gdb" -q -batch -ex run -ex bt --args "$PY" -c "$probe"
-    # The machine or the extension: minimal torch extensions that raise the same way (~1 min)
-    echo "=== raise-probe: minimal torch extensions (benchmarks/raise_probe.py)"
-    timeout -k 5 150 "$PY" benchmarks/raise_probe.py
+    # The crash's stack and minimal torch extensions raising the same way (~2-4 min): the
+    # H200 runs of 11-26 and 11-27 have them; only on request (GPU_CHECK_RAISE_DIAG=1), as they
+    # would take that time from the benchmarks.
+    if [[ "${GPU_CHECK_RAISE_DIAG:-0}" == 1 ]]; then
+      local gdb
+      gdb=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -n 1)
+      echo "=== raise-probe under ${gdb:-cuda-gdb (not found)}"
+      [[ -n "$gdb" ]] && timeout -k 5 90 "$gdb" -q -batch -ex run -ex bt --args "$PY" -c "$probe"
+      echo "=== raise-probe: minimal torch extensions (benchmarks/raise_probe.py)"
+      timeout -k 5 150 "$PY" benchmarks/raise_probe.py
+    else
+      echo "=== raise-probe: cuda-gdb stack and benchmarks/raise_probe.py not run (GPU_CHECK_RAISE_DIAG=1 runs them)"
+    fi
   } >>"$OUT/setup.log" 2>&1
   tail -n 60 "$OUT/setup.log"
   IGNORE=(--ignore=tests/test_extension.py)
@@ -255,7 +267,8 @@ if wants info; then
   echo "=== info"
   sed -n '/^=== info/,$p' "$OUT/setup.log" | tail -n +2 | head -n 40
   # A build that quietly left out the CUDA part (nvcc not found) would turn every CUDA test
-  # into a skip and this check green: fail here instead.
+  # into a skip and this check green: fail here instead (each GPU backend must say it is
+  # available for bf16 on cuda; the test stages run them).
   stage backends 60 "$OUT/setup.log" "$PY" -c 'import sys, torch; from tunecomp import ops
 missing = {n: r for n, r in ops.available_backends("cuda", torch.bfloat16).items() if n != "cpu" and r}
 print(missing or "torch, triton and cuda backends available for bfloat16 on cuda"); sys.exit(1 if missing else 0)'
@@ -295,8 +308,10 @@ fi
 # ncu: first a probe of a few seconds (one small kernel under ncu: where the profiler cannot
 # read the counters, as on gVisor machines, "LibraryNotLoaded", the stage is NOT RUN without
 # spending its minutes); then the sections of benchmarks/ncu_kernels.py's SECTIONS that this
-# ncu lists (an unknown one would fail the whole run), the clocks left alone. The report and
-# the case list stay out of $OUT (a device call brings back at most 8 files).
+# ncu lists (an unknown one would fail the whole run), the clocks left alone, capped so that
+# 45 s are left for its report. The profile and the case list stay out of $OUT (a device call
+# brings back at most 8 files), unless the report could not be made from them: then they go
+# to $OUT (kernels.ncu-rep.gz, packed with the logs) to be read later.
 ncu_reads_counters() {
   local out
   out=$(timeout -k 5 90 "$NCU" --clock-control none --metrics gpu__time_duration.sum "$PY" -c \
@@ -309,6 +324,9 @@ if wants ncu; then
   if [[ -z "$NCU" ]]; then
     SUMMARY+=("ncu           FAILED     ncu (Nsight Compute) not found")
     FAILED=1
+  elif (( $(left) < 120 )); then  # probe (<= 95 s) + a profile worth having + its report
+    SUMMARY+=("ncu           NOT RUN (time budget spent)")
+    FAILED=1
   elif ! ncu_reads_counters; then
     SUMMARY+=("ncu           NOT RUN    ncu read no counter of a probe kernel here (see ncu.log)")
     FAILED=1
@@ -319,13 +337,25 @@ if wants ncu; then
       grep -qw -- "$section" <<<"$NCU_LISTED" && NCU_SECTIONS+=(--section "$section")
     done
     NCU_TMP=$(mktemp -d)
-    stage ncu 120 "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
+    cap=$(( $(left) - 45 ))  # its report's time kept back
+    (( cap > 120 )) && cap=120
+    stage ncu "$cap" "$OUT/ncu.log" "$NCU" --profile-from-start off --clock-control none "${NCU_SECTIONS[@]}" \
       --export "$NCU_TMP/kernels" --force-overwrite "$PY" benchmarks/ncu_kernels.py run --out-dir "$NCU_TMP"
     # Also after a stop at the cap: ncu still writes what it profiled, and the run wrote its
     # case list before profiling (the report names the cases not profiled).
+    reported=0
+    if [[ ! -s "$NCU_TMP/kernels.ncu-rep" || ! -s "$NCU_TMP/ncu-cases.json" ]]; then
+      SUMMARY+=("ncu-report    NOT RUN    ncu wrote no profile, or the run no case list (see ncu.log)")
+      FAILED=1
+    fi
     [[ -s "$NCU_TMP/kernels.ncu-rep" && -s "$NCU_TMP/ncu-cases.json" ]] &&
       stage ncu-report 60 "$OUT/ncu.log" "$PY" benchmarks/ncu_kernels.py report --ncu "$NCU" \
-        --report "$NCU_TMP/kernels.ncu-rep" --cases "$NCU_TMP/ncu-cases.json" --out-dir "$OUT"
+        --report "$NCU_TMP/kernels.ncu-rep" --cases "$NCU_TMP/ncu-cases.json" --out-dir "$OUT" && reported=1
+    # A profile with no report is kept, to read later with ncu --import (packed with the logs)
+    if (( ! reported )) && [[ -s "$NCU_TMP/kernels.ncu-rep" ]]; then
+      gzip -c "$NCU_TMP/kernels.ncu-rep" >"$OUT/kernels.ncu-rep.gz"
+      cp "$NCU_TMP/ncu-cases.json" "$OUT/ncu-cases.json" 2>/dev/null
+    fi
     rm -rf "$NCU_TMP"
   fi
 fi
@@ -349,6 +379,9 @@ if wants sanitize; then
   if [[ -z "$SANITIZER" ]]; then
     SUMMARY+=("sanitize      FAILED     compute-sanitizer not found")
     FAILED=1
+  elif (( $(left) < 75 )); then  # probe (<= 65 s) and a stage worth starting
+    SUMMARY+=("sanitize      NOT RUN (time budget spent)")
+    FAILED=1
   elif ! sanitizer_takes_device; then
     SUMMARY+=("sanitize      NOT RUN    compute-sanitizer refuses this device: 'Device not supported' (see sanitize.log)")
     FAILED=1
@@ -361,7 +394,7 @@ if wants sanitize; then
     # No caching allocator: every tensor its own allocation, so out-of-bounds accesses show.
     stage sanitize 120 "$OUT/sanitize.log" env TUNECOMP_TRITON_ONE_CONFIG=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 50 \
-      "$PY" benchmarks/sanitize_kernels.py
+      "$PY" benchmarks/sanitize_kernels.py --require-cuda
     # racecheck: hazards of error level only, where this compute-sanitizer has the option
     # (checked in its --help). Not filtered by kernel name: a filter that matched nothing would
     # pass silently. A hazard in one of PyTorch's own kernels (racecheck has reported a real
@@ -370,7 +403,7 @@ if wants sanitize; then
     [[ "$("$SANITIZER" --help 2>&1)" == *"--racecheck-detect-level"* ]] && RACE_OPTS+=(--racecheck-detect-level error)
     stage racecheck 90 "$OUT/sanitize.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool racecheck "${RACE_OPTS[@]}" --error-exitcode 3 --print-limit 50 \
-      "$PY" benchmarks/sanitize_kernels.py --backends cuda
+      "$PY" benchmarks/sanitize_kernels.py --backends cuda --require-cuda
   fi
 fi
 if wants model; then
@@ -388,7 +421,7 @@ fi
 # A device call brings back at most 8 files: past that, the logs travel as one archive, named
 # per call (a second call into the same $OUT must not replace the first one's).
 if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
-  (cd "$OUT" && packed=(*.log $(ls bench.json 2>/dev/null)) && tar czf "logs-$(date -u +%H%M%S).tar.gz" -- "${packed[@]}" &&
+  (cd "$OUT" && packed=(*.log $(ls bench.json kernels.ncu-rep.gz ncu-cases.json 2>/dev/null)) && tar czf "logs-$(date -u +%H%M%S).tar.gz" -- "${packed[@]}" &&
     rm -f -- "${packed[@]}")
 fi
 

@@ -373,7 +373,9 @@ def write_results(kernels: list, info: dict, out_dir: str) -> str:
         profiled = {r["case"] for r in records}
         info = {**info, "not_profiled": [c for c in info["cases"] if c not in profiled]}
     command = "bash benchmarks/gpu_check.sh (stage ncu)"
-    stem = os.path.join(out_dir, f"ncu-{info['device'].lower().replace(' ', '-')}-{info['date']}")
+    from report import slug  # benchmarks/ (sys.path[0] when run as a script)
+
+    stem = os.path.join(out_dir, f"ncu-{slug(info['device'])}-{info['date']}")
     with open(stem + ".json", "w") as f:
         json.dump({**info, "command": command, "kernels": records}, f, indent=1)
     with open(stem + ".md", "w") as f:

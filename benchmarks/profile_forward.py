@@ -45,6 +45,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from bench_kernels import eager_blended
 from bench_kernels import eager_masked as eager  # the kernel benchmarks' eager baseline
+from report import slug
 from tunecomp import ops, provenance, reference
 from tunecomp.kernels import blended_lowrank, masked_lowrank
 
@@ -263,8 +264,7 @@ def main() -> None:
               "command": "python benchmarks/profile_forward.py", "dtype": str(DTYPE),
               "shapes": [], "blend": [], "forward_configs": [], "host_us_per_call_n197": {},
               "rank_alignment": []}
-    name = result["device"].lower().replace(" ", "-")
-    path = os.path.join(args.out_dir, f"profile-{name}-{result['date']}.json")
+    path = os.path.join(args.out_dir, f"profile-{slug(result['device'])}-{result['date']}.json")
 
     def save():  # after every section: a run cut short keeps what it measured
         with open(path, "w") as f:

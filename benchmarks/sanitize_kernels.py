@@ -80,10 +80,13 @@ def run(op: str, backend_name: str, n: int = N, device="cuda", dtype=DTYPE, rank
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="triton,cuda", help="comma-separated GPU backends")
-    backends = [b for b in parser.parse_args(argv).backends.split(",") if b]
+    parser.add_argument("--require-cuda", action="store_true",
+                        help="no CUDA device is a failure (under compute-sanitizer: a CUDA start-up it broke)")
+    args = parser.parse_args(argv)
+    backends = [b for b in args.backends.split(",") if b]
     if not torch.cuda.is_available():
         print("sanitize_kernels: no CUDA device, nothing to check")
-        return 0
+        return 1 if args.require_cuda else 0
     failed = False
     for backend in backends:
         reason = ops.available_backends("cuda", DTYPE)[backend]

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -332,3 +333,13 @@ def test_raise_probe_tells_a_crash_from_an_exception():
     assert raised.returncode == 0 and raise_probe.outcome(raised) == "ValueError: n must be positive"
     failed = run("raise SystemExit('no compiler')")
     assert raise_probe.outcome(failed) == "exit 1: no compiler"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a CUDA device")
+def test_sanitize_script_without_cuda_fails_only_when_cuda_is_required(capsys):
+    """gpu_check runs it with --require-cuda under compute-sanitizer: a CUDA start-up the
+    sanitizer broke must fail the stage, not pass it as "nothing to check"."""
+    sanitize_kernels = _benchmarks_module("sanitize_kernels")
+    assert sanitize_kernels.main([]) == 0
+    assert sanitize_kernels.main(["--require-cuda"]) == 1
+    assert capsys.readouterr().out.count("no CUDA device, nothing to check") == 2
