@@ -210,6 +210,12 @@ def cases(grid: dict) -> list:
 CASES = cases(GRID)
 
 
+def not_run_cases() -> list:
+    """The cases neither measured, skipped nor failed: never started (an interrupted run, a -k)."""
+    seen = {(c["variant"], c["batch"], c["mode"]) for c in ROWS + SKIPPED + FAILED}
+    return [{"variant": v, "batch": b, "mode": m} for v, b, m in CASES if (v, b, m) not in seen]
+
+
 def graphed(module, x):
     """``module(x)`` captured in a CUDA graph (after two warm-up calls: cuBLAS handles and
     workspaces, autotuning); the returned callable replays it, on the same ``x``."""
@@ -303,7 +309,8 @@ def write_results(bench_run):
                        + "python -m pytest benchmarks/model_bench.py",
             "compile_batches": list(dict.fromkeys(b for _, b, m in CASES if m == "compile")),
             "graph_batches": list(dict.fromkeys(b for _, b, m in CASES if m == "graph")),
-            "budget_s": bench_run["budget_s"], "skipped": SKIPPED, "failed": FAILED}
+            "budget_s": bench_run["budget_s"], "skipped": SKIPPED, "failed": FAILED,
+            "not_run": not_run_cases()}
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"model-{slug(device)}-{date}")
@@ -328,6 +335,9 @@ def write_results(bench_run):
     if SKIPPED:
         lines += ["", f"Not measured (time budget of {bench_run['budget_s']:g} s spent): "
                   + ", ".join(f"{c['variant']} batch {c['batch']} {c['mode']}" for c in SKIPPED) + "."]
+    if meta["not_run"]:
+        lines += ["", "Not run (the run was interrupted, or they were deselected): "
+                  + ", ".join(f"{c['variant']} batch {c['batch']} {c['mode']}" for c in meta["not_run"]) + "."]
     if FAILED:
         lines += ["", "Failed: " + "; ".join(f"{c['variant']} batch {c['batch']} {c['mode']}: {c['error']}"
                                             for c in FAILED) + "."]

@@ -35,6 +35,7 @@ def test_model_bench_smoke(tmp_path):
     meta = data["meta"]
     assert meta["device"].startswith("CPU ") and meta["device"].endswith(" threads") and meta["date"]
     assert {"python", "torch", "cuda", "triton", "tunecomp"} <= set(meta)  # where it was measured
+    assert meta["not_run"] == [] and "Not run" not in json_file.with_suffix(".md").read_text()
     assert json_file.stem.startswith("model-cpu-") and json_file.stem.endswith(meta["date"])
     markdown = json_file.with_suffix(".md").read_text()
     assert "| variant |" in markdown
@@ -58,6 +59,23 @@ def test_model_bench_stops_starting_cases_when_the_budget_is_spent(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "8 skipped" in result.stdout and "time budget spent" in result.stdout
     assert not list(tmp_path.iterdir())  # nothing measured, no results file
+
+
+def test_cases_never_started_are_listed(tmp_path):
+    """An interrupted run (here: cases deselected) says which cases it never started."""
+    env = dict(os.environ, TUNECOMP_MODEL_GRID="smoke", TUNECOMP_RESULTS_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "model_bench.py"),
+                             "-q", "-p", "no:cacheprovider", "-k", "dense"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (json_file,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(json_file.read_text())
+    measured = {(r["variant"], r["batch"], r["mode"]) for r in data["rows"]}
+    not_run = {(c["variant"], c["batch"], c["mode"]) for c in data["meta"]["not_run"]}
+    assert {v for v, _, _ in measured} == {"dense"} and not_run and not measured & not_run
+    assert {v for v, _, _ in not_run} == {"params 50%", "params 50%, rho 0.9", "params 50%, rho 0.5 2:4"}
+    assert "Not run (the run was interrupted, or they were deselected): params 50% batch" in \
+        json_file.with_suffix(".md").read_text()
 
 
 FILE_BYTES = {"params 50%": 105, "params 50%, rho 0.5 2:4": 120}  # of 100 needed; the rest 100
