@@ -6,16 +6,22 @@ SASS instructions that say whether the mainloop's pipeline is what the source me
 - LDG: synchronous global loads (the edges of the problem and odd strides, the epilogue's
   bias and addend reads): every one makes its warp wait;
 - DEPBAR: waits for the cp.async groups; BAR: block barriers; HMMA: tensor-core MMAs (0 for
-  fp32, which runs on the FMA units).
+  fp32, which runs on the FMA units);
+- LDSM: shared -> register matrix loads (ldmatrix), the usual way tensor-core operands leave
+  shared memory; LDS: plain shared loads; LD: generic-address loads (a pointer the compiler
+  cannot prove shared: each resolves its address space at run time); MOVM: in-register
+  transposes of 8x8 tiles.
 
 Seen (nvcc 13.0, sm_90, the 3-stage cp.async pipeline): 0 spills; 90 registers in the bf16
 GEMM, 122 in the bf16 fused forward (before, with the K tile prefetched into registers: 128
-and 164).
+and 164). 11-27: 90 and 96 registers; the fp16 kernels read their tensor-core tiles with
+ldmatrix (LDSM), the bf16 ones with generic loads and transposes (0 LDSM; 350 LD and 160
+MOVM in the fused forward).
 
     python benchmarks/cuda_sass.py [--arch 90] [--keep DIR]
 
-Needs nvcc and cuobjdump (the CUDA toolkit's, or ``pip install nvidia-cuda-cuobjdump``:
-found on PATH or in that package).
+Needs nvcc, cuobjdump and nvdisasm (the CUDA toolkit's, or ``pip install
+nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``: found on PATH or in those packages).
 """
 
 from __future__ import annotations
@@ -33,22 +39,23 @@ import torch.utils.cpp_extension as cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTED = {"LDGSTS": r"\bLDGSTS\b", "LDG": r"\bLDG\.", "DEPBAR": r"\bDEPBAR\b", "BAR": r"\bBAR\.SYNC\b",
-           "HMMA": r"\bHMMA\b"}
+           "HMMA": r"\bHMMA\b", "LDSM": r"\bLDSM\b", "LDS": r"\bLDS(?:\.|\s)", "LD": r"\bLD\.", "MOVM": r"\bMOVM\b"}
 RESOURCES = re.compile(r"Compiling entry function '(\w+)'.*?Used (\d+) registers.*?(\d+) bytes smem", re.S)
 SPILLS = re.compile(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", re.S)
 
 
-def cuobjdump() -> str:
-    found = shutil.which("cuobjdump")
+def tool(name: str) -> str:
+    """The path of a CUDA tool: on PATH, else in its pip package (nvidia/*/bin)."""
+    found = shutil.which(name)
     if found:
         return found
     import site
 
     for root in site.getsitepackages():
-        hits = glob.glob(os.path.join(root, "nvidia", "*", "bin", "cuobjdump"))
+        hits = glob.glob(os.path.join(root, "nvidia", "*", "bin", name))
         if hits:
             return hits[0]
-    raise SystemExit("cuobjdump not found: install the CUDA toolkit's, or `pip install nvidia-cuda-cuobjdump`")
+    raise SystemExit(f"{name} not found: install the CUDA toolkit's, or `pip install nvidia-cuda-{name}`")
 
 
 def compile_cubin(arch: str, workdir: str) -> tuple:
@@ -61,7 +68,9 @@ def compile_cubin(arch: str, workdir: str) -> tuple:
                             "-std=c++20", "-Xptxas", "-v", "-cubin", "-o", cubin,
                             os.path.join(ROOT, "csrc", "lowrank_cuda.cu")],
                            check=True, capture_output=True, text=True)
-    sass = subprocess.run([cuobjdump(), "-sass", cubin], check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ, NVDISASM_PATH=os.path.dirname(tool("nvdisasm")))  # cuobjdump -sass runs it
+    sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], check=True, capture_output=True, text=True,
+                          env=env).stdout
     return sass, built.stderr
 
 

@@ -12,7 +12,8 @@ fewer cases took about 30 s on an H200, most of it compiling and autotuning Trit
 2. the host time per call at 197 tokens, the GPU left to run behind: the launch overhead;
    and per forward+backward, through the public op and through the custom op directly;
    then the GPU time per call of dense, eager and each backend replayed in a CUDA graph
-   (host out of the way), at 197 tokens and at the first shape's;
+   (host out of the way), at 197 tokens and at the first shape's, and the cuda backend in
+   fp16 beside its bf16 (the SASS of the two differs: ``benchmarks/cuda_sass.py``);
 3. every Triton forward config on its own (autotuning bypassed) on the first shape, on masked
    factors and on factors masked beforehand, and beside them the earlier list's pick
    (``EARLIER_PICKS``);
@@ -169,6 +170,10 @@ def in_graph_us() -> list:
         cases = {"dense": lambda: F.linear(a["x"], weight, a["bias"]), "eager": lambda: eager(**a)}
         for backend in ("torch", "triton", "cuda"):
             cases[backend] = lambda b=backend: ops.masked_lowrank_linear(**a, backend=b)
+        # the cuda backend's kernels in fp16 too: nvcc 13 loads their bf16 tensor-core tiles
+        # with generic loads and transposes, the fp16 ones with ldmatrix (cuda_sass.py)
+        half = {k: t.half() if t.is_floating_point() else t for k, t in a.items()}
+        cases["cuda_fp16"] = lambda: ops.masked_lowrank_linear(**half, backend="cuda")
         row = {"shape": f"{SHAPES[0][0]}->{SHAPES[0][1]} n={n_tokens} r={RANK}"}
         time_into(row, cases, bench=do_bench_cudagraph)
         rows.append(row)
