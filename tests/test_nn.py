@@ -204,3 +204,54 @@ def test_torch_compile_fullgraph_matches_eager():
     model.fc1.alpha = 0.2
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert rel_error(compiled(x), model(x)) < 1e-5
+
+
+def test_load_with_assign_leaves_the_source_layer_alone():
+    """load_state_dict(assign=True) hands the source's tensors over: the loaded layer's alpha
+    buffer must become its own, or zeroing it (no teacher here) or setting a new alpha
+    (teacher here) changes what the source layer computes."""
+    source = FusedPrunedLowRankLinear.from_linear(linear(), rank=6)
+    source.alpha = 0.4
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        before = source(x)
+    student = FusedPrunedLowRankLinear(24, 40, 6)
+    student.load_state_dict(source.state_dict(), strict=False, assign=True)
+    assert student.alpha == 0.0 and not student.has_teacher
+    blended = FusedPrunedLowRankLinear(24, 40, 6)
+    blended.teacher_weight, blended.teacher_bias = torch.zeros(40, 24), torch.zeros(40)
+    blended.load_state_dict(source.state_dict(), assign=True)
+    assert blended.alpha == pytest.approx(0.4)
+    blended.alpha = 0.9
+    with torch.no_grad():
+        assert torch.equal(source(x), before)
+    assert float(source.alpha_tensor) == pytest.approx(0.4)
+
+
+def test_built_on_the_meta_device_then_materialised():
+    """Deferred init (meta device, then to_empty and reset_parameters, as FSDP does): the
+    repr and shape inference work on meta; afterwards every entry is kept and alpha is 0,
+    whatever the new memory held."""
+    with torch.device("meta"):
+        layer = FusedPrunedLowRankLinear(64, 48, 8)
+    assert "sparsity=unknown (meta)" in repr(layer)
+    assert layer(torch.empty(2, 64, device="meta")).shape == (2, 48)
+    garbage = torch.full((1 << 16,), 7, dtype=torch.uint8)  # freed memory with other bytes in it
+    del garbage
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert layer.mask_u.all() and layer.mask_v.all() and float(layer.alpha_tensor) == 0.0
+    assert layer.sparsity == 0.0
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert rel_error(layer(x), x @ layer.v @ layer.u.T + layer.bias) < 1e-5
+
+
+def test_torch_export_of_the_student_alone():
+    """torch.export (non-strict, its default) of a layer without a teacher as the root module:
+    once failed on the None teacher buffers registered before alpha's."""
+    layer = FusedPrunedLowRankLinear.from_linear(linear(), rank=6, keep_teacher=False).eval()
+    x = torch.randn(5, 24)
+    exported = torch.export.export(layer, (x,))
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), layer(x))

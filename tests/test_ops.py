@@ -474,6 +474,7 @@ def test_zero_in_features(blend):
 
 def test_backend_resolution():
     assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) in ("torch", "cpu", "triton")
+    assert ops.resolve_backend("auto", "cpu", torch.float32) == ops.resolve_backend("auto", torch.device("cpu"), torch.float32)
     assert ops.available_backends("cpu")["torch"] is None
     assert set(ops.available_backends("cpu")) == set(ops.BACKENDS) - {"auto"}
     # on CUDA tensors eager PyTorch measured fastest (benchmarks/results/nvidia-h200-*.md);

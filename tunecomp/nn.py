@@ -67,9 +67,11 @@ class FusedPrunedLowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("mask_u", torch.ones(out_features, rank, dtype=torch.bool, device=device))
         self.register_buffer("mask_v", torch.ones(in_features, rank, dtype=torch.bool, device=device))
+        # alpha_tensor before the teacher's two buffers: torch.export (2.14, non-strict) maps
+        # a root module's buffers to graph inputs wrongly when a None buffer comes first
+        self.register_buffer("alpha_tensor", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("teacher_weight", None)
         self.register_buffer("teacher_bias", None)
-        self.register_buffer("alpha_tensor", torch.zeros((), dtype=torch.float32, device=device))
         self._alpha = 0.0
         self._blend = False  # teacher attached and alpha > 0: the only thing forward branches on
         self.register_load_state_dict_post_hook(FusedPrunedLowRankLinear._sync_alpha)
@@ -77,7 +79,9 @@ class FusedPrunedLowRankLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random factors whose product has ``nn.Linear``'s default weight variance.
+        """Random factors whose product has ``nn.Linear``'s default weight variance, every
+        entry kept (masks all True), alpha as set (so that a layer built on the meta device
+        and materialised with ``to_empty`` is a valid one after this call).
 
         ``nn.Linear`` draws W ~ U(±1/sqrt(in)), variance 1/(3·in). For U, V with i.i.d.
         N(0, σ²) entries, Var((U·Vᵀ)ij) = r·σ⁴, so σ = (3·in·r)^(-1/4).
@@ -88,6 +92,9 @@ class FusedPrunedLowRankLinear(nn.Module):
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
+        self.mask_u.fill_(True)
+        self.mask_v.fill_(True)
+        self.alpha_tensor.fill_(self._alpha)
 
     @classmethod
     @torch.no_grad()
@@ -159,11 +166,13 @@ class FusedPrunedLowRankLinear(nn.Module):
     def _sync_alpha(module: "FusedPrunedLowRankLinear", incompatible_keys) -> None:
         # After load_state_dict the buffer holds the truth; mirror it on the Python side. A
         # layer without a teacher (loaded with strict=False from a blended checkpoint)
-        # computes the student alone: its alpha is 0, whatever the checkpoint held.
-        if not module.has_teacher:
-            module.alpha_tensor.fill_(0.0)
-        module._alpha = float(module.alpha_tensor)
-        module._blend = module._alpha > 0.0
+        # computes the student alone: its alpha is 0, whatever the checkpoint held. The
+        # buffer is the layer's own afterwards: after load_state_dict(assign=True) it was
+        # the source's tensor, which a fill here or a later alpha change would alter.
+        value = float(module.alpha_tensor) if module.has_teacher else 0.0
+        module.alpha_tensor = torch.full((), value, dtype=torch.float32, device=module.alpha_tensor.device)
+        module._alpha = value
+        module._blend = value > 0.0
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts floating buffers; alpha stays float32 (in bf16, 0.997 would
@@ -239,9 +248,10 @@ class FusedPrunedLowRankLinear(nn.Module):
         return 1.0 - (int(self.mask_u.sum()) + int(self.mask_v.sum())) / total
 
     def extra_repr(self) -> str:
+        sparsity = "unknown (meta)" if self.mask_u.is_meta else f"{self.sparsity:.1%}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, bias={self.bias is not None}, sparsity={self.sparsity:.1%}, "
+            f"rank={self.rank}, bias={self.bias is not None}, sparsity={sparsity}, "
             f"teacher={'attached' if self.has_teacher else 'none'}, alpha={self._alpha:g}, "
             f"backend={self.backend!r}"
         )

@@ -486,6 +486,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rank
         raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    device = torch.device(device)
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
             if _BACKENDS[name].unavailable_reason(device, dtype) is None and _rank_refusal(name, dtype, rank) is None:
@@ -854,7 +855,8 @@ def _autocast(x: Tensor, tensors: Sequence[Optional[Tensor]]):
     """Apply autocast by hand: custom ops are opaque to it, so under
     ``torch.autocast`` the floating inputs are cast to the autocast dtype here."""
     device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(device_type):
+    if not isinstance(x, Tensor) or not torch.amp.is_autocast_available(device_type) \
+            or not torch.is_autocast_enabled(device_type):  # (meta: shape inference)
         return x, tensors
     dtype = torch.get_autocast_dtype(device_type)
 
