@@ -286,6 +286,11 @@ def test_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         train(other, data.train, data.test, cfg, str(tmp_path), resume=True, device="cpu")
     checkpoint = tmp_path / "checkpoint.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    torch.save({**payload, "rng": payload["rng"] * 2}, checkpoint)  # as written by two processes
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\); this run has 1: resume with as many "
+                                         r"\(torchrun --nproc_per_node 2\)"):
+        train(tiny_setup("svd")[0], data.train, data.test, cfg, str(tmp_path), resume=True, device="cpu")
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
     with pytest.raises(ValueError, match="cannot read checkpoint .*checkpoint.pt"):
         train(tiny_setup("svd")[0], data.train, data.test, cfg, str(tmp_path), resume=True, device="cpu")
@@ -302,7 +307,7 @@ def test_config_checks_before_training(field, value, words):
 
 
 DDP_SCRIPT = """
-import os, sys, timm, torch
+import gc, os, sys, timm, torch, weakref
 from tunecomp import TrainConfig, prepare, train
 from tunecomp.data import load_dataset
 
@@ -312,8 +317,17 @@ def run(out, batch_size):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8,
                               patch_size=4, embed_dim=32, depth=1, num_heads=2)
     prepare(model, param_ratio=0.5, init="svd")
+    teachers = [weakref.ref(t) for name, t in model.named_buffers() if name.endswith("teacher_weight")]
+    alive = {}
+
+    def after_the_drop(step):  # alpha is 0 from step 4: the teachers must be gone
+        if step == 6:
+            gc.collect()
+            alive["teachers"] = sum(ref() is not None for ref in teachers)
+
     cfg = TrainConfig(steps=8, batch_size=batch_size, lr=2e-3, decay_steps=4, progress=False)
-    summary = train(model, data.train, data.test, cfg, out, device="cpu")
+    summary = train(model, data.train, data.test, cfg, out, device="cpu", step_hook=after_the_drop)
+    assert len(teachers) == 4 and alive == {"teachers": 0}, alive
     return model, summary
 
 if __name__ == "__main__":

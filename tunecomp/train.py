@@ -327,11 +327,15 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out_dir}")
         payload = load_checkpoint(checkpoint_path, model, asdict(cfg))
+        if len(payload["rng"]) != world:  # one random state per process; the global batch is theirs
+            raise ValueError(f"resume: {checkpoint_path} was written by {len(payload['rng'])} process(es); this "
+                             f"run has {world}: resume with as many (torchrun --nproc_per_node "
+                             f"{len(payload['rng'])}), or start a new run elsewhere")
         optimizer.load_state_dict(payload["optimizer"])
         lr_schedule.load_state_dict(payload["lr_schedule"])
         state = _State(**payload["state"])
         saved_running = payload.get("running")
-        _set_rng_state(payload["rng"][rank] if rank < len(payload["rng"]) else payload["rng"][0], dev)
+        _set_rng_state(payload["rng"][rank], dev)
         if main_process:
             _end_cut_off_line(os.path.join(out_dir, LOG))
     elif main_process:  # a new run: no records of an earlier one in its log, nor its checkpoint
@@ -339,9 +343,14 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
             if os.path.exists(os.path.join(out_dir, earlier)):
                 os.remove(os.path.join(out_dir, earlier))
 
+    if world > 1:
+        # DDP keeps a list of the module's buffers whatever broadcast_buffers says: the
+        # teachers' would stay alive after they are dropped. They are frozen and the same on
+        # every rank, so DDP is told to leave them out.
+        teachers = [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] in ("teacher_weight", "teacher_bias")]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, teachers)
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
-    # broadcast_buffers=False: masks follow from identical weights on every rank, and the
-    # DDP buffer list would otherwise keep the dropped teachers alive.
+    # broadcast_buffers=False: masks follow from identical weights on every rank.
     forward = ddp or model
 
     def write_log(record: dict) -> None:
