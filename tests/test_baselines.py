@@ -60,6 +60,7 @@ def test_unknown_method(setup, tmp_path):
     ({"level": "0.5"}, "level must be in"), ({"steps": 1}, "steps must be an integer >= 2"),
     ({"steps": 10.0}, "steps must be an integer"), ({"batch_size": 0}, "batch_size must be"),
     ({"calib_batches": True}, "calib_batches must be"), ({"lr": 0.0}, "lr must be positive"),
+    ({"rank_multiple": 0}, "rank_multiple must be an integer >= 1"),
 ])
 def test_budget_refuses_what_the_methods_cannot_share(changes, named):
     # Before: level above 1 - rho was cut silently to factors of the dense size, so the
@@ -99,3 +100,18 @@ def test_pc_lora_factors_get_no_weight_decay_like_tunecomp_factors(setup, tmp_pa
         factors = [getattr(m, n) for m in models[-1].modules() if isinstance(m, kind) for n in names]
         assert factors and decayed, method  # the head and the layers left dense still decay
         assert not any(id(p) in decayed for p in factors), method  # before: pc-lora's did
+
+
+def test_every_method_rounds_its_ranks_to_the_budgets_multiple(setup, tmp_path):
+    """compress --method on a GPU rounds TuneComp's ranks to multiples of 16: the baselines'
+    Budget carries the same multiple, so the methods keep the same parameter count there."""
+    from tunecomp.nn import FusedPrunedLowRankLinear
+
+    data, make_model = setup
+    budget = Budget(steps=2, level=0.5, rho=0.5, batch_size=16, calib_batches=1, rank_multiple=8)
+    for method in METHODS:
+        models = []
+        run_method(method, lambda: models.append(make_model()) or models[-1], data, budget, str(tmp_path / method))
+        ranks = [m.rank if isinstance(m, FusedPrunedLowRankLinear) else m.a.shape[0]
+                 for m in models[0].modules() if isinstance(m, (FusedPrunedLowRankLinear, PCLoRALinear))]
+        assert ranks and all(r % 8 == 0 for r in ranks), (method, ranks)

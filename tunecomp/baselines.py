@@ -87,6 +87,7 @@ class Budget:
     seed: int = 0
     calib_batches: int = 4
     targets: tuple = DEFAULT_TARGETS
+    rank_multiple: int = 1  # every method's ranks rounded down to a multiple of it (16 on a GPU)
 
     def __post_init__(self):
         def number(name, value, ok, expected):
@@ -100,6 +101,7 @@ class Budget:
         count("steps", self.steps, 2)  # the methods split the steps in halves
         count("batch_size", self.batch_size, 1)
         count("calib_batches", self.calib_batches, 1)
+        count("rank_multiple", self.rank_multiple, 1)
         number("level", self.level, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         number("rho", self.rho, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
         number("lr", self.lr, lambda v: v > 0.0, "positive")
@@ -123,7 +125,7 @@ def _calib(data, budget: Budget) -> list:
 def _compress_now(model: nn.Module, data, budget: Budget) -> None:
     """Whitened SVD at the pruning methods' rank, then one-shot magnitude pruning to ρ."""
     prepare(model, param_ratio=budget.factor_ratio, targets=budget.targets, init="whiten",
-            calib_batches=_calib(data, budget), keep_teacher=False)
+            calib_batches=_calib(data, budget), keep_teacher=False, rank_multiple=budget.rank_multiple)
     if budget.rho > 0:
         prune_(compressible_layers(model), budget.rho)
 
@@ -161,7 +163,7 @@ def run_method(method: str, make_model: Callable[[], nn.Module], data, budget: B
         fit(model, half, "finetune")
         teacher = copy.deepcopy(model).eval()
         prepare(model, param_ratio=budget.factor_ratio, targets=budget.targets, init="whiten",
-                calib_batches=_calib(data, budget), keep_teacher=False)
+                calib_batches=_calib(data, budget), keep_teacher=False, rank_multiple=budget.rank_multiple)
         rest = budget.steps - half
         fit(model, rest, "distil", distill_from=teacher,
             cfg={"prune": budget.rho, "prune_end": rest // 2, "prune_every": 5})
@@ -171,7 +173,8 @@ def run_method(method: str, make_model: Callable[[], nn.Module], data, budget: B
     elif method == "pc-lora":
         layers = []
         for name, linear in select_linear_layers(model, budget.targets):
-            rank = rank_for(linear.in_features, linear.out_features, param_ratio=budget.level)
+            rank = rank_for(linear.in_features, linear.out_features, param_ratio=budget.level,
+                            rank_multiple=budget.rank_multiple)
             layer = PCLoRALinear(linear, rank)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
@@ -186,7 +189,7 @@ def run_method(method: str, make_model: Callable[[], nn.Module], data, budget: B
         fade(budget.steps)
     else:  # tunecomp
         prepare(model, param_ratio=budget.factor_ratio, targets=budget.targets, init="whiten",
-                calib_batches=_calib(data, budget), keep_teacher=True)
+                calib_batches=_calib(data, budget), keep_teacher=True, rank_multiple=budget.rank_multiple)
         fit(model, budget.steps, "tunecomp",
             cfg={"decay_steps": half, "prune": budget.rho, "prune_end": half, "prune_every": 5,
                  "reg": "l1", "reg_weight": 1e-2})

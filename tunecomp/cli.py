@@ -189,10 +189,13 @@ def compress_baseline(args, data, model_kwargs) -> dict:
 
     if args.param_ratio is None:
         raise ValueError("--method other than tunecomp needs --param-ratio (the budget is set in parameters)")
+    from .deploy import GPU_RANK_MULTIPLE
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = Budget(steps=args.steps, level=args.param_ratio * (1 - args.prune), rho=args.prune, lr=args.lr,
                     batch_size=args.batch_size, seed=args.seed, calib_batches=args.calib_batches,
-                    targets=tuple(args.targets.split(",")))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                    targets=tuple(args.targets.split(",")),
+                    rank_multiple=GPU_RANK_MULTIPLE if device.startswith("cuda") else 1)  # as compress's own
     result = run_method(args.method, lambda: load_timm_model(args.model, args.pretrained_file, **model_kwargs),
                         data, budget, args.out, device)
     result.update(model=args.model, dataset=args.dataset,
