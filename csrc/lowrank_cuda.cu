@@ -88,6 +88,9 @@ void launch_fused_forward(const GemmParams& t, const GemmParams& y, int64_t t_ld
 
 int64_t fused_shared_memory_limit(const at::Tensor& like) {
   // the smallest limit over the kernel's instantiations (the fp32 one has the largest tiles)
+  static_assert(sizeof(cuda_kernels::SharedTiles<float>) >= sizeof(cuda_kernels::SharedTiles<__half>) &&
+                    sizeof(cuda_kernels::SharedTiles<float>) >= sizeof(cuda_kernels::SharedTiles<__nv_bfloat16>),
+                "fused_shared_memory_limit assumes the fp32 tiles are the largest");
   return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(like.device().index()) -
          static_cast<int64_t>(sizeof(cuda_kernels::SharedTiles<float>));
 }

@@ -125,12 +125,14 @@ inline void set_bias(GemmParams& p, int slot, const std::optional<at::Tensor>& b
 }
 
 // Runs p into a new [p.m, p.n] tensor of like's dtype. split: the K of the single segment
-// may be cut over blocks (grid z) when the output has too few tiles to fill the GPU.
+// may be cut over blocks (grid z) when the output has too few tiles to fill the GPU; not
+// with biases or an addend, which every split's partial would add again.
 inline at::Tensor run(GemmParams p, const at::Tensor& like, bool split = false) {
   using cuda_kernels::kBlockK;
   const int64_t tiles = ceil_div(p.m, cuda_kernels::kBlockM) * ceil_div(p.n, cuda_kernels::kBlockN);
   int64_t k_per_split = 0;
-  if (split && p.num_segments == 1 && p.bias[0] == nullptr && p.bias[1] == nullptr && tiles > 0) {
+  if (split && p.num_segments == 1 && p.bias[0] == nullptr && p.bias[1] == nullptr &&
+      p.addend == nullptr && tiles > 0) {
     const int64_t sms = multiprocessor_count(like);
     const int64_t k = p.seg[0].k;
     // Aim at two blocks per SM; each split keeps at least four K tiles.
