@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -369,3 +370,44 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
             assert torch.allclose(got, value, rtol=1e-5, atol=2e-6), key
     log = read_log(tmp_path / "ddp")
     assert sum(1 for r in log if r.get("step") == 8 and "loss" in r) == 1  # rank 0 alone logs
+
+
+@pytest.mark.parametrize("field, value, error, words", [
+    ("steps", 3.5, TypeError, "steps must be an int; got 3.5"),
+    ("batch_size", 16.5, TypeError, "batch_size must be an int; got 16.5"),
+    ("grad_accum", True, TypeError, "grad_accum must be an int; got True"),
+    ("prune_end", 2.0, TypeError, "prune_end must be an int; got 2.0"),
+    ("prune", "0.5", TypeError, "prune must be a number; got '0.5'"),
+    ("lr", float("inf"), ValueError, "lr must be finite; got inf"),
+    ("kd_temperature", float("nan"), ValueError, "kd_temperature must be finite; got nan"),
+])
+def test_config_types_are_checked(field, value, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        TrainConfig(**{field: value}).resolved()
+
+
+def test_best_accuracy_counts_the_compressed_model_alone(tmp_path, monkeypatch):
+    """Evaluations while the teacher still counts (alpha > 0) or before the masks are final
+    measure another model than the one the run ends with: not in best_accuracy (here each
+    evaluation scores lower than the one before)."""
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    monkeypatch.setattr(sys.modules["tunecomp.train"], "evaluate", lambda *args: next(scores))
+    model, data = tiny_setup("svd")
+    cfg = TrainConfig(steps=8, batch_size=16, decay_steps=4, prune=0.5, prune_end=6, prune_every=1,
+                      eval_every=2, progress=False)
+    summary = train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
+    evals = [r for r in read_log(tmp_path) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals][:4] == [2, 4, 6, 8]
+    assert summary["best_accuracy"] == max(r["eval_accuracy"] for r in evals if r["step"] >= 6) == 0.7
+
+
+def test_n_m_pruning_is_refused_before_training_where_it_cannot_run(tmp_path):
+    with pytest.raises(ValueError, match="prune must be a multiple of 1/4 with prune_mode 'n:m'.* got 0.3"):
+        TrainConfig(prune=0.3, prune_mode="n:m").resolved()
+    data = load_dataset("digits", image_size=8, classes=[0, 1, 2, 3, 4])
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **TINY)
+    prepare(model, rank=6, init="svd")  # not a multiple of 4
+    cfg = TrainConfig(steps=4, batch_size=16, prune=0.5, prune_mode="n:m", progress=False)
+    with pytest.raises(ValueError, match=r"in_features and the rank: both must be multiples of 4 .*rank \d+"):
+        train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
+    assert not (tmp_path / "log.jsonl").exists()  # refused before the first step

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import random
 import resource
@@ -91,6 +92,19 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with the defaults that depend on other fields filled in, checked."""
+        for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "decay_steps", "prune_start",
+                     "prune_end", "prune_every", "reg_end", "eval_every", "log_every", "checkpoint_every",
+                     "seed", "num_workers"):
+            value = getattr(self, name)
+            if not (value is None and name in ("decay_steps", "prune_end", "reg_end")) and \
+                    (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise TypeError(f"{name} must be an int; got {value!r}")
+        for name in ("lr", "weight_decay", "prune", "reg_weight", "kd_weight", "kd_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number; got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite; got {value!r}")
         c = TrainConfig(**asdict(self))
         c.decay_steps = c.steps // 2 if c.decay_steps is None else c.decay_steps
         c.prune_end = c.decay_steps if c.prune_end is None else c.prune_end
@@ -110,6 +124,9 @@ class TrainConfig:
         if c.prune_mode == "n:m" and c.prune > 0.5:  # checked now, not when the ramp gets there
             raise ValueError(f"prune must be at most 0.5 with prune_mode 'n:m' (2 of every 4 "
                              f"entries); got {c.prune}")
+        if c.prune_mode == "n:m" and abs(c.prune * 4 - round(c.prune * 4)) > 1e-9:
+            raise ValueError(f"prune must be a multiple of 1/4 with prune_mode 'n:m' (entries go by "
+                             f"groups of 4: 0.25 or 0.5); got {c.prune}")
         if not c.lr > 0:
             raise ValueError(f"lr must be positive; got {c.lr}")
         non_negative = {"weight_decay": c.weight_decay, "warmup_steps": c.warmup_steps,
@@ -287,7 +304,9 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
     ``(1-w)·CE + w·T²·KL(teacher_T ‖ model_T)``, w and T from the config), for the
     fine-tune-then-distil baseline. ``step_hook(step)``: called before every step, after
     the schedule (baselines with schedules of their own use it). ``no_decay``: parameters
-    that, like the low-rank factors, get no weight decay (the PC-LoRA baseline's factors)."""
+    that, like the low-rank factors, get no weight decay (the PC-LoRA baseline's factors).
+    The summary's ``best_accuracy`` is the best evaluation of the compressed model alone:
+    from the step where alpha is 0 (a teacher attached) and the masks are final (pruning)."""
     cfg = config.resolved()
     sched = cfg.schedule()
     rank, world, dev = _dist_setup(device)
@@ -300,6 +319,12 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
     if distill_from is not None:
         distill_from.to(dev).eval().requires_grad_(False)
     layers = compressible_layers(model)
+    if cfg.prune > 0 and cfg.prune_mode == "n:m":  # refused now, not at the first pruning step
+        misfit = [f"{name} (in_features {m.in_features}, rank {m.rank})" for name, m in model.named_modules()
+                  if isinstance(m, FusedPrunedLowRankLinear) and (m.in_features % 4 or m.rank % 4)]
+        if misfit:
+            raise ValueError(f"prune_mode 'n:m' prunes groups of 4 along in_features and the rank: both must "
+                             f"be multiples of 4 (prepare(..., rank_multiple=4)); not so in {misfit[:3]}")
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda") else None
 
     factors = {id(p) for layer in layers for p in (layer.u, layer.v)} | {id(p) for p in no_decay}
@@ -371,11 +396,15 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                 "rng": rng, "config": asdict(cfg), "running": {k: float(v) for k, v in running.items()},
             })
 
+    compressed_from = max(cfg.decay_steps if any(layer.has_teacher for layer in layers) else 0,
+                          cfg.prune_end if cfg.prune > 0 else 0)
+
     def run_eval() -> float:
         accuracy = evaluate(model, test_set, cfg.batch_size, dev, amp_dtype, cfg.num_workers) if main_process else 0.0
         if world > 1:
             dist.barrier()
-        state.best_accuracy = max(state.best_accuracy, accuracy)
+        if state.step >= compressed_from:  # the student alone (alpha 0), its masks final
+            state.best_accuracy = max(state.best_accuracy, accuracy)
         record = {"step": state.step, "epoch": state.epoch, "eval_accuracy": accuracy}
         state.history.append(record)
         write_log(record)
