@@ -217,3 +217,22 @@ def test_cifar100_folder_hints(tmp_path):
     (tmp_path / "archive" / "cifar-100-python.tar.gz").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="holds cifar-100-python.tar.gz: extract it there first"):
         load_dataset("cifar100", str(tmp_path / "archive"), image_size=32)
+
+
+def test_calibration_draws_its_images_from_the_whole_dataset():
+    """A dataset listed by class (an ImageFolder) must not calibrate on its first classes:
+    the batches are drawn at random, without replacement, the same for the same seed."""
+    from torch.utils.data import TensorDataset
+
+    from tunecomp.data import calibration_batches
+
+    images = torch.arange(400, dtype=torch.float32).reshape(400, 1, 1, 1)
+    labels = torch.arange(400) // 40  # 10 classes, in order
+    dataset = TensorDataset(images, labels)
+    batches = calibration_batches(dataset, 16, 4, seed=3)
+    assert [b.shape for b in batches] == [(16, 1, 1, 1)] * 4
+    drawn = torch.cat(batches).flatten().long()
+    assert len(set(drawn.tolist())) == 64 and len(set((drawn // 40).tolist())) >= 8
+    assert all(torch.equal(a, b) for a, b in zip(batches, calibration_batches(dataset, 16, 4, seed=3)))
+    assert not torch.equal(drawn, torch.cat(calibration_batches(dataset, 16, 4, seed=4)).flatten().long())
+    assert len(calibration_batches(dataset, 300, 4)) == 2  # no more than the dataset holds

@@ -119,7 +119,7 @@ class Budget:
 
 
 def _calib(data, budget: Budget) -> list:
-    return calibration_batches(data.train, budget.batch_size, budget.calib_batches)
+    return calibration_batches(data.train, budget.batch_size, budget.calib_batches, budget.seed)
 
 
 def _compress_now(model: nn.Module, data, budget: Budget) -> None:

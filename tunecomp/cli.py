@@ -269,7 +269,7 @@ def compress(args) -> dict:
     rank_spec = {"param_ratio": args.param_ratio} if args.param_ratio is not None else {"rank_ratio": args.rank_ratio}
     calib = None
     if args.init != "svd":
-        calib = calibration_batches(data.train, args.batch_size, args.calib_batches)
+        calib = calibration_batches(data.train, args.batch_size, args.calib_batches, args.seed)
     # 2:4 pruning groups U's entries by 4 along the rank: ranks must be multiples of 4. On a GPU
     # multiples of 16, which 4 divides: factor rows the GPU kernels read aligned
     # (tunecomp.deploy.GPU_RANK_MULTIPLE).
@@ -514,7 +514,7 @@ def demo(out_dir: str, steps: int = 200, seed: int = 0) -> list:
     rows.append(("dense fine-tune (teacher)", result["final_accuracy"], params, params))
     for param_ratio, prune in ((0.5, 0.0), (0.5, 0.5), (0.25, 0.0)):
         model = load_timm_model(DEMO_MODEL, weights, num_classes=5, **DEMO_KWARGS)
-        calib = calibration_batches(target.train, 64, 4)
+        calib = calibration_batches(target.train, 64, 4, seed)
         prepare(model, param_ratio=param_ratio, init="whiten", calib_batches=calib)
         cfg = TrainConfig(steps=steps, lr=1e-3, decay_steps=steps // 2, prune=prune, **common)
         result = run(f"tunecomp-p{param_ratio}-rho{prune}", model, cfg, target)

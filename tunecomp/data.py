@@ -17,7 +17,6 @@ the classes and relabels them 0..k-1 (a downstream task of held-out classes).
 from __future__ import annotations
 
 import gzip
-import itertools
 import math
 import os
 import pickle
@@ -249,11 +248,15 @@ def imagefolder(data_dir: Optional[str], image_size: int, mean=IMAGENET_MEAN, st
     return DataBundle(train, test, len(train.classes), "imagefolder")
 
 
-def calibration_batches(dataset: Dataset, batch_size: int, count: int) -> list:
-    """The first ``count`` input batches of ``dataset`` in order (labels dropped), for the
-    activation statistics of the initialisation; only those batches are loaded."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    return [images for images, _ in itertools.islice(loader, count)]
+def calibration_batches(dataset: Dataset, batch_size: int, count: int, seed: int = 0) -> list:
+    """``count`` input batches (labels dropped) of images drawn from ``dataset`` at random
+    without replacement (``seed``), for the activation statistics of the initialisation;
+    only those images are loaded. Drawn, not the first ones: a dataset listed by class (an
+    ImageFolder) would calibrate on its first classes alone."""
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:batch_size * count]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen.tolist()), batch_size=batch_size,
+                                         shuffle=False)
+    return [images for images, _ in loader]
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, image_size: int = 224,
