@@ -411,3 +411,16 @@ def test_n_m_pruning_is_refused_before_training_where_it_cannot_run(tmp_path):
     with pytest.raises(ValueError, match=r"in_features and the rank: both must be multiples of 4 .*rank \d+"):
         train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
     assert not (tmp_path / "log.jsonl").exists()  # refused before the first step
+
+
+def test_position_embedding_and_class_token_get_no_weight_decay(tmp_path, monkeypatch):
+    """timm names what takes no weight decay (model.no_weight_decay()): honoured, as timm's
+    own optimiser factory does; the other matrices still decay."""
+    groups = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda param_groups, **kw: groups.append(param_groups) or adamw(param_groups, **kw))
+    model, data = tiny_setup("svd")
+    train(model, data.train, data.test, TrainConfig(steps=1, batch_size=8, progress=False), str(tmp_path), device="cpu")
+    decayed = {id(p) for g in groups[0] if g["weight_decay"] > 0 for p in g["params"]}
+    assert model.pos_embed.dim() >= 2 and id(model.pos_embed) not in decayed and id(model.cls_token) not in decayed
+    assert id(model.head.weight) in decayed and id(model.patch_embed.proj.weight) in decayed

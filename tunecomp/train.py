@@ -328,11 +328,13 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda") else None
 
     factors = {id(p) for layer in layers for p in (layer.u, layer.v)} | {id(p) for p in no_decay}
+    # and what the model itself says takes none (timm: position embedding, class token)
+    exempt = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
             # factors get the sparsity regulariser instead; norms and biases no decay
-            (decay if p.dim() >= 2 and id(p) not in factors else no_decay).append(p)
+            (decay if p.dim() >= 2 and id(p) not in factors and name not in exempt else no_decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
