@@ -702,20 +702,9 @@ def _manifest(arch, arch_kwargs, model_dtype, layer_info, state, tensors_path) -
 
 
 def _check_arch_fits(model: nn.Module, layers: dict, arch: str, arch_kwargs: dict) -> None:
-    """``ValueError`` naming ``arch_kwargs`` unless timm's ``arch`` with them (built on the
-    meta device: nothing allocated) has the model's tensors with their shapes, the low-rank
-    layers as Linear layers of their sizes."""
-    import timm
-
-    try:
-        try:
-            with torch.device("meta"):
-                built = timm.create_model(arch, pretrained=False, **arch_kwargs)
-        except Exception:  # noqa: BLE001 - some timm versions compute on tensors in constructors
-            built = timm.create_model(arch, pretrained=False, **arch_kwargs)
-    except Exception as error:  # noqa: BLE001 - timm raises all kinds for kwargs it cannot take
-        raise ValueError(f"timm cannot build arch {arch!r} with arch_kwargs {arch_kwargs}: {error}") from None
-    want = {k: tuple(t.shape) for k, t in built.state_dict().items()}
+    """``ValueError`` naming ``arch_kwargs`` unless timm's ``arch`` with them has the model's
+    tensors with their shapes, the low-rank layers as Linear layers of their sizes."""
+    want = {k: tuple(t.shape) for k, t in build_skeleton(arch, arch_kwargs, "arch").state_dict().items()}
     have = {}
     prefixes = tuple(f"{name}." for name in layers)
     for key, t in model.state_dict().items():
@@ -730,6 +719,30 @@ def _check_arch_fits(model: nn.Module, layers: dict, arch: str, arch_kwargs: dic
         shown = "; ".join(f"{k}: model {have.get(k, 'none')}, arch {want.get(k, 'none')}" for k in differ[:3])
         raise ValueError(f"arch {arch!r} with arch_kwargs {arch_kwargs} does not build this model "
                          f"({len(differ)} tensors differ: {shown}): pass the kwargs the model was built with")
+
+
+def build_skeleton(arch: str, arch_kwargs: dict, what: str) -> nn.Module:
+    """timm's ``arch`` with ``arch_kwargs``, no weights: built on the meta device (nothing
+    allocated; ``load`` fills it with the file's tensors through load_state_dict's assign),
+    except where timm cannot build it there or it has buffers its state does not hold
+    (computed at construction): then on the CPU. ``DeployError`` naming ``what`` where timm
+    cannot build it at all."""
+    import timm
+
+    def build():
+        try:
+            return timm.create_model(arch, pretrained=False, **arch_kwargs)
+        except Exception as error:  # noqa: BLE001 - timm raises all kinds for kwargs it cannot take
+            raise DeployError(f"timm cannot build {what} {arch!r} with arch_kwargs {arch_kwargs}: {error}") from None
+
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001 - some timm versions compute on tensors in constructors (.item())
+        model = None
+    if model is None or {name for name, _ in model.named_buffers()} - set(model.state_dict()):
+        model = build()
+    return model
 
 
 def needed_bytes(model: nn.Module) -> int:
@@ -880,25 +893,7 @@ def load(path: str, device=None, dtype: Optional[torch.dtype] = None, model: Opt
     if model is None:
         if not manifest["arch"]:
             raise DeployError("the manifest names no architecture: pass model= (the skeleton to load into)")
-        import timm
-
-        def build():
-            try:
-                return timm.create_model(manifest["arch"], pretrained=False, **manifest["arch_kwargs"])
-            except Exception as error:  # timm raises all kinds for kwargs it cannot take
-                raise DeployError(f"timm cannot build the manifest's arch {manifest['arch']!r} with arch_kwargs "
-                                  f"{manifest['arch_kwargs']}: {error}") from None
-
-        # Built on the meta device and filled with the file's tensors (load_state_dict's
-        # assign): the dense model is never allocated. Not where the model has buffers its
-        # state does not hold (computed at construction).
-        try:
-            with torch.device("meta"):
-                model = build()
-        except Exception:  # some timm versions compute on tensors in constructors (.item())
-            model = None
-        if model is None or {name for name, _ in model.named_buffers()} - set(model.state_dict()):
-            model = build()
+        model = build_skeleton(manifest["arch"], manifest["arch_kwargs"], "the manifest's arch")
     if device is None:  # a skeleton given on a device keeps the swapped-in layers there too
         device = next((t.device for t in model.state_dict().values() if not t.is_meta), None)
     packed_here = backend in ("auto", "cpu") and sparse_runs_packed(device or "cpu", dtype)
