@@ -101,9 +101,9 @@ export PYTHONUNBUFFERED=1
 export TUNECOMP_CUDA_ARCHS=${TUNECOMP_CUDA_ARCHS:-90}  # one arch: half the nvcc time
 TOTAL=${GPU_CHECK_TOTAL_S:-550}
 STAGES=" ${GPU_CHECK_STAGES:-build info tests-gpu bench ncu model profile} "
+KNOWN="build info tests-gpu tests bench ncu sanitize model profile"
 for name in $STAGES; do  # a misspelt stage would be skipped without a word: a wasted call
-  [[ " build info tests-gpu tests bench ncu sanitize model profile " == *" $name "* ]] ||
-    { echo "GPU_CHECK_STAGES: unknown stage '$name' (stages: build info tests-gpu tests bench ncu sanitize model profile)" >&2; exit 2; }
+  [[ " $KNOWN " == *" $name "* ]] || { echo "GPU_CHECK_STAGES: unknown stage '$name' (stages: $KNOWN)" >&2; exit 2; }
 done
 SHARDS=${GPU_CHECK_SHARDS:-8}
 [[ "$SHARDS" =~ ^[1-9][0-9]*$ ]] || { echo "GPU_CHECK_SHARDS must be a positive integer; got '$SHARDS'" >&2; exit 2; }
