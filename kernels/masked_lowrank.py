@@ -106,7 +106,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 from . import _env_flag, _interpreting, cdiv, next_power_of_2
 
@@ -283,29 +287,52 @@ def mask_arg(mask: Optional[torch.Tensor], fallback: torch.Tensor):
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel, past ``Autotuner.run`` once
-    the autotuner has picked a config for this call's key.
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel, past ``Autotuner.run`` and
+    ``JITFunction.run`` once both have seen a call like this one.
 
-    ``Autotuner.run`` rebuilds its key from every argument on each call (a dict of them all,
-    a scan of the argument names for each, ``str`` of every tensor's dtype), which for these
-    kernels' 30-odd arguments costs about as much host time as the JIT dispatch that follows
-    (benchmarks/KERNEL_LOG.md, "Host time"). Here the same key is built from the key
-    arguments' positions, found once per ``kernel.keys``, and looked up in the autotuner's
-    own cache: a hit launches the cached config through the JIT function (as
-    ``Autotuner.run`` would, and it is recorded as ``best_config`` as there); a miss (the
-    first call of a key, or a cache a caller cleared) goes through the autotuner, which tunes
-    or reads Triton's disk cache. A one-config autotuner runs its config, as it would.
+    Those two rebuild, on every call, what only changes with the arguments' shapes: the
+    autotuner its key (a dict of every argument, ``str`` of each dtype), the JIT function its
+    specialization (each argument through Triton's C++ specializer, the launch options, the
+    launch hooks' metadata). For these kernels' 25-33 arguments that is most of a launch's
+    host time (benchmarks/KERNEL_LOG.md, "Host time"), and on the GPU hosts measured so far
+    the Triton calls were host-bound. So a call goes one of three ways:
+
+    1. Seen before (``_direct``): a call whose *signature* -- the current device, Triton's
+       debug setting, each positional tensor's dtype and 16-byte alignment, every other
+       positional argument's value, the keyword arguments -- was launched before with the
+       config the autotuner still holds for it, launches the kernel that call compiled, with
+       the same arguments in the same order, straight through its launcher
+       (``CompiledKernel.run``, the call ``JITFunction.run`` ends in). The signature
+       determines everything Triton specializes on (dtypes, alignment, integer values) and
+       the autotuner's key, so it never picks another kernel or config than the slow way
+       would; it is only stricter (any change of an integer is a new signature).
+    2. Tuned key (``_launch_tuned``): the autotuner's key, built from the key arguments'
+       positions, is in the autotuner's own cache: the cached config runs through
+       ``JITFunction.run`` (which compiles on a miss), recorded as ``best_config`` as
+       ``Autotuner.run`` would, and the compiled kernel is remembered for way 1.
+    3. Otherwise through ``Autotuner.run``, which tunes or reads Triton's disk cache.
 
     The key is Triton's (3.6-3.8): the key arguments' values, then ``str(dtype)`` of each
     argument that has a dtype, in argument order. Calls this does not cover the same way go
     through the autotuner: a keyword argument with a dtype, a key argument left to its
-    default. Should a Triton release build its key otherwise, every call misses and takes
-    the autotuner's route: slower, never a different config.
+    default, a config with a pre-hook. Launch hooks (profilers such as proton), pre-run
+    hooks and a changed global of the kernel's source also take the slow ways, which serve
+    them. Should a Triton release build its key otherwise, every call misses and takes the
+    autotuner's route: slower, never a different config.
     """
     if not isinstance(kernel, Autotuner):  # a stand-in (benchmarks/kernel_resources.py)
         kernel[grid](*args, **kwargs)
         return
+    signature = _signature(args, kwargs) if isinstance(kernel.fn, JITFunction) else None
+    if signature is not None and _direct(kernel, grid, signature, args):
+        return
+    _launch_tuned(kernel, grid, signature, args, kwargs)
+
+
+def _launch_tuned(kernel, grid, signature, args, kwargs) -> None:
+    """Ways 2 and 3 of ``launch``."""
     configs = kernel.configs
+    key = None
     if len(configs) == 1:
         config = configs[0]
     else:
@@ -328,7 +355,70 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     kernel.best_config = config
-    kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+    fn = kernel.fn
+    compiled = fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+    if signature is not None and isinstance(compiled, CompiledKernel) and compiled.function is not None:
+        # the values the JIT function passed for the parameters after the positional ones
+        # (keyword arguments, the config's, defaults): fixed by the signature and the config
+        given = {**kwargs, **config.kwargs}
+        tail = [given[name] if name in given else fn.signature.parameters[name].default
+                for name in fn.arg_names[len(args):]]
+        launches = _LAUNCHES.setdefault(kernel, {})
+        if len(launches) >= 1024:  # one per layer shape and token count in use is plenty
+            launches.clear()
+        launches[signature] = (key, config, compiled, tail)
+
+
+def _signature(args, kwargs):
+    """What a call's kernel and config depend on (``launch``, way 1), or None where Triton's
+    state says to take the slow way: a launch hook set (its metadata is built there; a hook is
+    a chain of calls in Triton 3.6-3.8), or a stages-inspection hook (3.7 on). The knobs are
+    those ``JITFunction.run`` reads in Triton 3.6-3.8."""
+    runtime = knobs.runtime
+    if runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls or \
+            getattr(runtime, "add_stages_inspection_hook", None) is not None:
+        return None
+    facts = tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+                   for a in args])
+    return (driver.active.get_current_device(), runtime.debug,
+            getattr(knobs.compilation, "instrumentation_mode", None), facts, tuple(kwargs.items()))
+
+
+def _direct(kernel, grid, signature, args) -> bool:
+    """Way 1 of ``launch``; False where it does not apply (the caller takes the others)."""
+    launches = _LAUNCHES.get(kernel)
+    try:
+        entry = launches.get(signature) if launches is not None else None
+    except TypeError:  # an unhashable argument: never stored either
+        return False
+    if entry is None:
+        return False
+    key, config, compiled, tail = entry
+    # the autotuner still holds this config (a caller may clear its cache or force a config)
+    held = kernel.configs[0] if key is None and len(kernel.configs) == 1 else kernel.cache.get(key)
+    fn = kernel.fn
+    if held is not config or fn.pre_run_hooks or _globals_changed(fn):
+        return False
+    kernel.best_config = config
+    values = (*args, *tail)
+    if callable(grid):
+        grid = grid(dict(zip(fn.arg_names, values)))
+    device = signature[0]
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                 driver.active.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *values)
+    return True
+
+
+def _globals_changed(fn) -> bool:
+    """Whether a global the kernel's source reads changed since it compiled (JITFunction.run
+    raises then: the slow way does)."""
+    missing = object()
+    return any(scope.get(name, missing) != value for (name, _), (value, scope) in fn.used_global_vals.items())
+
+
+# kernel -> {call signature: (autotuner key or None, config, compiled kernel, trailing values)}
+_LAUNCHES: dict = {}
 
 
 # kernel -> (its key names, their positions among its arguments)

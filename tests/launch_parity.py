@@ -1,0 +1,171 @@
+"""Checks that ``masked_lowrank.launch``'s direct way launches exactly what Triton's own
+route launches, without a GPU: run by tests/test_triton_kernels.py in a fresh process.
+
+The kernels are compiled for sm_90 under benchmarks/kernel_resources' stand-in driver (it
+names the target, it cannot launch) and every compiled kernel's launcher records its call
+instead of launching. Each call site of the Triton backend (forward, backward, the blend's
+two-branch and folded forwards and its backward) runs on the same inputs three times: through
+``kernel[grid]`` (``Autotuner.run`` and ``JITFunction.run``, the reference), then twice through
+``launch``; the second pass must take the direct way (neither ``Autotuner.run`` nor
+``JITFunction.run`` entered) and record, launch by launch, the same compiled kernel, grid,
+stream, function, metadata and arguments as the reference. Cases cover fp32/fp16/bf16, masks
+or none, a token count that splits the factor gradients, and a view of x that is not 16-byte
+aligned (Triton compiles another kernel for it). Then the direct way must step aside where
+the slow ways serve the call: a cleared autotuner cache, a launch hook, a pre-run hook.
+Prints "ok" and exits 0, or raises.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import torch  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import kernel_resources  # noqa: E402
+
+LAUNCHES: list = []  # (compiled kernel, launcher arguments) per recorded launch
+ENTERED: list = []  # "autotuner" / "jit" per entry into Triton's slow route
+
+
+def _record_launches() -> None:
+    driver.set_active(kernel_resources._TargetOnlyDriver(GPUTarget("cuda", 90, 32)))
+
+    def init_handles(self):
+        if self.module is None:
+            self.module, self.function = 1, 0
+            self._run = lambda *args, _kernel=self: LAUNCHES.append((_kernel, args))
+
+    CompiledKernel._init_handles = init_handles
+    # tuning picks the second config of two (below), so a wrong key would show as another pick
+    Autotuner._bench = lambda self, *args, config, **kwargs: [1.0 if config is self.configs[-1] else 2.0]
+    autotuner_run, jit_run = Autotuner.run, JITFunction.run
+    Autotuner.run = lambda self, *a, **k: ENTERED.append("autotuner") or autotuner_run(self, *a, **k)
+    JITFunction.run = lambda self, *a, **k: ENTERED.append("jit") or jit_run(self, *a, **k)
+
+
+def _describe(value, inputs):
+    """A launcher argument, comparable across passes: an input tensor by identity, an output
+    (allocated per call) by layout, the rest by value."""
+    if isinstance(value, torch.Tensor):
+        for name, tensor in inputs.items():
+            if value is tensor or (value.data_ptr() == tensor.data_ptr() and value.shape == tensor.shape
+                                   and value.stride() == tensor.stride()):
+                return ("input", name, value.dtype)
+        return ("output", value.dtype, tuple(value.shape), value.stride(), value.data_ptr() % 16)
+    return value
+
+
+def _launched(calls, inputs):
+    """The launches of ``calls`` (a list of thunks) as comparable tuples; the launch metadata
+    and the hooks (positions 6-8: Triton passes its metadata and hook chains, the direct way
+    None, which the launcher reads as "no hook") are compared separately by the caller."""
+    del LAUNCHES[:]
+    for call in calls:
+        call()
+    out = []
+    for kernel, args in LAUNCHES:
+        head, rest = args[:6], args[9:]
+        out.append((kernel, head, tuple(_describe(a, inputs) for a in rest)))
+    return out, [args[6:9] for _, args in LAUNCHES]
+
+
+def main() -> None:
+    _record_launches()
+    from tunecomp import kernels, ops
+    from tunecomp.kernels import blended_lowrank as bl, masked_lowrank as ml
+
+    for _, kernel, _ in kernels.autotuned():  # two configs: launch builds the autotuner's key
+        first = kernel.configs[0]
+        import triton
+        kernel.configs = [first, triton.Config(dict(first.kwargs), num_warps=first.num_warps,
+                                               num_stages=first.num_stages)]
+        kernel.cache_results = False
+    real_launch = ml.launch
+
+    def through_triton(kernel, grid, *args, **kwargs):
+        kernel[grid](*args, **kwargs)
+
+    def case(n_tokens, dtype, masks, misaligned, folded):
+        g = torch.Generator().manual_seed(n_tokens)
+        rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+        x = rnd(n_tokens * 24 + 1)[1:].view(n_tokens, 24) if misaligned else rnd(n_tokens, 24)
+        u, v, w, b, gy = rnd(20, 6), rnd(24, 6), rnd(20, 24), rnd(20), rnd(n_tokens, 20)
+        mask_u, mask_v = (torch.rand(20, 6, generator=g) > 0.5,
+                          torch.rand(24, 6, generator=g) > 0.5) if masks else (None, None)
+        alpha = torch.full((), 0.3)
+        inputs = {"x": x, "u": u, "v": v, "w": w, "b": b, "gy": gy, "alpha": alpha}
+        if masks:
+            inputs.update(mask_u=mask_u.view(torch.uint8), mask_v=mask_v.view(torch.uint8))
+        ops.folding_pays = lambda *shape: folded
+        ops.folding_pays_backward = lambda *shape: folded
+        calls = [lambda: kernels.forward(x, u, v, b, mask_u, mask_v),
+                 lambda: kernels.backward(gy, x, u, v, mask_u, mask_v, True),
+                 lambda: kernels.blended_forward(x, u, v, None, mask_u, mask_v, w, b, alpha),
+                 lambda: kernels.blended_backward(gy, x, u, v, mask_u, mask_v, w, alpha, False)]
+        return calls, inputs
+
+    # the third and fourth differ only in x's alignment: the same signature but for that
+    cases = [(5, torch.float32, True, False, False), (301, torch.float16, False, False, True),
+             (301, torch.bfloat16, True, True, False), (301, torch.bfloat16, True, False, False),
+             (40, torch.bfloat16, True, False, True)]
+    compiled_for = {}
+    for spec in cases:
+        calls, inputs = case(*spec)
+        ml.launch = bl.launch = through_triton
+        reference, triton_meta = _launched(calls, inputs)
+        ml.launch = bl.launch = real_launch
+        _launched(calls, inputs)  # tunes nothing new; remembers each call's kernel
+        del ENTERED[:]
+        direct, direct_meta = _launched(calls, inputs)
+        assert ENTERED == [], f"{spec}: the second pass entered Triton's route: {ENTERED}"
+        assert len(direct) == len(reference) > 0, (spec, len(direct), len(reference))
+        for i, (want, got) in enumerate(zip(reference, direct)):
+            assert want == got, f"{spec}, launch {i} ({want[0].name}):\n  triton {want}\n  direct {got}"
+        assert all(m == (None, None, None) for m in direct_meta), direct_meta
+        assert all(h[1:] == (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+                   for h in triton_meta)
+        for kernel, _, _ in reference:
+            compiled_for.setdefault(kernel.name, set()).add(id(kernel))
+    # the misaligned x compiled other kernels than the aligned one, and the direct way told
+    # them apart (the comparison above)
+    assert len(compiled_for["_forward_kernel"]) >= 2, compiled_for
+
+    calls, inputs = case(*cases[-1])
+    forward = calls[0]
+    del ENTERED[:]
+    forward()
+    assert ENTERED == [], ENTERED
+    ml._forward_kernel.cache.clear()  # a caller clears the autotuner's picks: it tunes again
+    forward()
+    assert ENTERED[:1] == ["autotuner"], ENTERED
+    del ENTERED[:]
+    forward()
+    assert ENTERED == [], ENTERED
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)  # a profiler's hook: Triton's route
+    try:
+        del ENTERED[:]
+        forward()
+        assert ENTERED == ["jit"] and LAUNCHES[-1][1][6] is not None, (ENTERED, LAUNCHES[-1][1][6:9])
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    ml._forward_kernel.fn.add_pre_run_hook(lambda *a, **k: seen.append("pre"))
+    del ENTERED[:]
+    forward()
+    assert ENTERED == ["jit"] and seen == ["pre"], (ENTERED, seen)
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
