@@ -908,14 +908,20 @@ def masked_lowrank_linear(
     _check_lowrank_args(x, u, v, bias, mask_u, mask_v)
     name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
-    args = (x.reshape(math.prod(lead), x.shape[-1]), u, v, bias, mask_u, mask_v, name)
+    args = (_tokens(x), u, v, bias, mask_u, mask_v, name)
     if torch.compiler.is_compiling():
         y = _masked_lowrank_linear_op(*args)
     elif _records_grad(x, u, v, bias):
         y = _MaskedLowRankFunction.apply(*args)
     else:
         y = _masked_forward(*args)
-    return y.reshape(*lead, u.shape[0])
+    return y if x.dim() == 2 else y.reshape(*lead, u.shape[0])
+
+
+def _tokens(x: Tensor) -> Tensor:
+    """x [..., in] as [tokens, in] (a 2-D x as it is: two reshapes cost ~7 us of host time a
+    call, which the GPU backends' launches are bound by at small token counts)."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _records_grad(*tensors: Optional[Tensor]) -> bool:
@@ -955,7 +961,7 @@ def blended_lowrank_linear(
         alpha = torch.full((), float(alpha), dtype=alpha_dtype, device=x.device)
     name = resolve_backend(backend, x.device, x.dtype, u.shape[1])
     lead = x.shape[:-1]
-    args = (x.reshape(math.prod(lead), x.shape[-1]), u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, name)
+    args = (_tokens(x), u, v, bias, mask_u, mask_v, teacher_weight, teacher_bias, alpha, name)
     if torch.compiler.is_compiling():
         y = _blended_lowrank_linear_op(*args)
     elif _records_grad(x, u, v, bias, teacher_weight, teacher_bias):
@@ -963,7 +969,7 @@ def blended_lowrank_linear(
         y = _BlendedLowRankFunction.apply(*args)
     else:
         y = _blended_forward(*args)
-    return y.reshape(*lead, u.shape[0])
+    return y if x.dim() == 2 else y.reshape(*lead, u.shape[0])
 
 
 class PackedFactors(list):
