@@ -101,6 +101,7 @@ Every config is then checked on its own by ``test_every_gpu_config_on_the_gpu``.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -297,33 +298,36 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     host time (benchmarks/KERNEL_LOG.md, "Host time"), and on the GPU hosts measured so far
     the Triton calls were host-bound. So a call goes one of three ways:
 
-    1. Seen before (``_direct``): a call whose *signature* -- the current device, Triton's
-       debug setting, each positional tensor's dtype and 16-byte alignment, every other
-       positional argument's value, the keyword arguments -- was launched before with the
-       config the autotuner still holds for it, launches the kernel that call compiled, with
-       the same arguments in the same order, straight through its launcher
-       (``CompiledKernel.run``, the call ``JITFunction.run`` ends in). The signature
-       determines everything Triton specializes on (dtypes, alignment, integer values) and
-       the autotuner's key, so it never picks another kernel or config than the slow way
-       would; it is only stricter (any change of an integer is a new signature).
+    1. Seen before (``_direct``): a call with the same *signature* (``_signature``: the
+       device, the debug settings, each positional tensor's dtype and 16-byte alignment, the
+       type and value of every other argument) launches the kernel such a call compiled,
+       with the same arguments in the same order, straight through its launcher
+       (``CompiledKernel.run``, the call ``JITFunction.run`` ends in), as long as the
+       autotuner would still pick the same config (its cache, config list and key names)
+       and the JIT function would still find the same kernel (its cache not dropped, no
+       pre-run hook, its globals unchanged). The signature determines everything Triton
+       specializes on (dtypes, alignment, integer values) and the autotuner's key, so this
+       never launches another kernel or config than the slow ways would; it is only
+       stricter (any change of an integer is a new signature).
     2. Tuned key (``_launch_tuned``): the autotuner's key, built from the key arguments'
        positions, is in the autotuner's own cache: the cached config runs through
        ``JITFunction.run`` (which compiles on a miss), recorded as ``best_config`` as
-       ``Autotuner.run`` would, and the compiled kernel is remembered for way 1.
+       ``Autotuner.run`` would, and the compiled kernel is kept for way 1.
     3. Otherwise through ``Autotuner.run``, which tunes or reads Triton's disk cache.
 
     The key is Triton's (3.6-3.8): the key arguments' values, then ``str(dtype)`` of each
     argument that has a dtype, in argument order. Calls this does not cover the same way go
     through the autotuner: a keyword argument with a dtype, a key argument left to its
-    default, a config with a pre-hook. Launch hooks (profilers such as proton), pre-run
-    hooks and a changed global of the kernel's source also take the slow ways, which serve
-    them. Should a Triton release build its key otherwise, every call misses and takes the
-    autotuner's route: slower, never a different config.
+    default, a config with a pre-hook. Launch hooks (profilers such as proton) take the slow
+    ways, which build their metadata. Should a Triton release build its key otherwise, every
+    call misses and takes the autotuner's route: slower, never a different config. Not
+    seen: a ``triton.Config`` edited in place (replace it, or the config list, instead).
     """
     if not isinstance(kernel, Autotuner):  # a stand-in (benchmarks/kernel_resources.py)
         kernel[grid](*args, **kwargs)
         return
-    signature = _signature(args, kwargs) if isinstance(kernel.fn, JITFunction) else None
+    fn = kernel.fn
+    signature = _signature(fn, args, kwargs) if isinstance(fn, JITFunction) else None
     if signature is not None and _direct(kernel, grid, signature, args):
         return
     _launch_tuned(kernel, grid, signature, args, kwargs)
@@ -357,31 +361,44 @@ def _launch_tuned(kernel, grid, signature, args, kwargs) -> None:
     kernel.best_config = config
     fn = kernel.fn
     compiled = fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
-    if signature is not None and isinstance(compiled, CompiledKernel) and compiled.function is not None:
-        # the values the JIT function passed for the parameters after the positional ones
-        # (keyword arguments, the config's, defaults): fixed by the signature and the config
-        given = {**kwargs, **config.kwargs}
-        tail = [given[name] if name in given else fn.signature.parameters[name].default
-                for name in fn.arg_names[len(args):]]
-        launches = _LAUNCHES.setdefault(kernel, {})
-        if len(launches) >= 1024:  # one per layer shape and token count in use is plenty
-            launches.clear()
-        launches[signature] = (key, config, compiled, tail)
+    if signature is None or not isinstance(compiled, CompiledKernel) or compiled.function is None:
+        return
+    # the values the JIT function passed for the parameters after the positional ones
+    # (keyword arguments, the config's, defaults): fixed by the signature and the config
+    given = {**kwargs, **config.kwargs}
+    tail = [given[name] if name in given else fn.signature.parameters[name].default
+            for name in fn.arg_names[len(args):]]
+    launches = _LAUNCHES.setdefault(kernel, {})
+    if len(launches) >= 1024:  # one per layer shape and token count in use is plenty
+        launches.clear()
+    entry = (key, list(kernel.keys), config, fn.device_caches.get(signature[0]), compiled, tail)
+    try:
+        launches[signature] = entry
+    except TypeError:  # an unhashable argument (Triton takes some): this call stays slow
+        pass
 
 
-def _signature(args, kwargs):
+def _signature(fn, args, kwargs):
     """What a call's kernel and config depend on (``launch``, way 1), or None where Triton's
-    state says to take the slow way: a launch hook set (its metadata is built there; a hook is
-    a chain of calls in Triton 3.6-3.8), or a stages-inspection hook (3.7 on). The knobs are
-    those ``JITFunction.run`` reads in Triton 3.6-3.8."""
+    state says to take the slow way: a launch hook set (its metadata is built there), or a
+    stages-inspection hook (3.7 on). The knobs are those ``JITFunction.run`` reads in
+    Triton 3.6-3.8. Values go with their types: 2, 2.0 and True are equal keys but
+    specialize as i32, fp32 and i1."""
     runtime = knobs.runtime
-    if runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls or \
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or \
             getattr(runtime, "add_stages_inspection_hook", None) is not None:
         return None
-    facts = tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+    facts = tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a.__class__, a)
                    for a in args])
-    return (driver.active.get_current_device(), runtime.debug,
-            getattr(knobs.compilation, "instrumentation_mode", None), facts, tuple(kwargs.items()))
+    return (driver.active.get_current_device(), fn.debug, runtime.debug,
+            getattr(knobs.compilation, "instrumentation_mode", None), facts,
+            tuple([(name, value.__class__, value) for name, value in kwargs.items()]))
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: a chain with calls in it (Triton 3.6-3.8), or anything
+    else but None assigned in its place."""
+    return hook is not None and getattr(hook, "calls", True)
 
 
 def _direct(kernel, grid, signature, args) -> bool:
@@ -393,17 +410,23 @@ def _direct(kernel, grid, signature, args) -> bool:
         return False
     if entry is None:
         return False
-    key, config, compiled, tail = entry
-    # the autotuner still holds this config (a caller may clear its cache or force a config)
-    held = kernel.configs[0] if key is None and len(kernel.configs) == 1 else kernel.cache.get(key)
+    key, keys, config, device_cache, compiled, tail = entry
+    # the config Autotuner.run would pick now: a caller may force one config, clear the
+    # cache or rename the key
+    configs = kernel.configs
+    if len(configs) == 1:
+        held = configs[0]
+    else:
+        held = kernel.cache.get(key) if key is not None and kernel.keys == keys else None
     fn = kernel.fn
-    if held is not config or fn.pre_run_hooks or _globals_changed(fn):
+    device = signature[0]
+    if held is not config or fn.device_caches.get(device) is not device_cache or fn.pre_run_hooks \
+            or _globals_changed(fn):
         return False
     kernel.best_config = config
     values = (*args, *tail)
     if callable(grid):
         grid = grid(dict(zip(fn.arg_names, values)))
-    device = signature[0]
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                  driver.active.get_current_stream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *values)
@@ -417,12 +440,13 @@ def _globals_changed(fn) -> bool:
     return any(scope.get(name, missing) != value for (name, _), (value, scope) in fn.used_global_vals.items())
 
 
-# kernel -> {call signature: (autotuner key or None, config, compiled kernel, trailing values)}
-_LAUNCHES: dict = {}
+# kernel -> {call signature: (autotuner key or None, key names, config, the JIT function's
+# caches for the device, compiled kernel, trailing values)}; weak: a kernel no one holds goes
+_LAUNCHES = weakref.WeakKeyDictionary()
 
 
 # kernel -> (its key names, their positions among its arguments)
-_KEY_POSITIONS: dict = {}
+_KEY_POSITIONS = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,13 +12,15 @@ stream, function, metadata and arguments as the reference. Cases cover fp32/fp16
 or none, a token count that splits the factor gradients, and a view of x that is not 16-byte
 aligned (Triton compiles another kernel for it). Then the direct way must step aside where
 the slow ways serve the call: a cleared autotuner cache, a launch hook, a pre-run hook.
-Prints "ok" and exits 0, or raises.
+Last, a toy kernel goes through the changes of state and argument forms after which a stored
+launch would no longer be Triton's (``toy_kernel_cases``). Prints "ok" and exits 0, or raises.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import types
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +41,9 @@ ENTERED: list = []  # "autotuner" / "jit" per entry into Triton's slow route
 
 
 def _record_launches() -> None:
-    driver.set_active(kernel_resources._TargetOnlyDriver(GPUTarget("cuda", 90, 32)))
+    stand_in = kernel_resources._TargetOnlyDriver(GPUTarget("cuda", 90, 32))
+    stand_in.utils = types.SimpleNamespace(unload_module=lambda module: None)  # a dropped kernel
+    driver.set_active(stand_in)
 
     def init_handles(self):
         if self.module is None:
@@ -164,7 +168,101 @@ def main() -> None:
     del ENTERED[:]
     forward()
     assert ENTERED == ["jit"] and seen == ["pre"], (ENTERED, seen)
+    toy_kernel_cases(ml.launch)
     print("ok")
+
+
+def toy_kernel_cases(launch) -> None:
+    """Each case: calls that store a launch, a change, then the same call through Triton's
+    route and through ``launch``, which must launch the same compiled kernel (signature,
+    constants, options) with the same grid and arguments."""
+    import triton
+    import triton.language as tl
+
+    two = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+
+    @triton.autotune(configs=list(two), key=["n"])
+    @triton.jit
+    def toy(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * scale, mask=offs < n)
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=[])
+    @triton.jit
+    def described(x_desc, y_ptr, BLOCK: tl.constexpr):  # a host tensor descriptor: unhashable
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs[:, None] * 16 + tl.arange(0, 16)[None, :], x_desc.load([tl.program_id(0) * BLOCK, 0]))
+
+    for kernel in (toy, described):
+        kernel.cache_results = False
+    pick = [1]  # the config a tuning of toy picks: the change below can make it another
+    toy._bench = lambda *args, config, **kwargs: [1.0 if config is toy.configs[pick[0]] else 2.0]
+    x, y = torch.randn(64), torch.empty(64)
+    grid = lambda meta: (triton.cdiv(64, meta["BLOCK"]),)  # noqa: E731
+
+    def launched(route, kernel, *args, **kwargs):
+        del LAUNCHES[:]
+        if route == "triton":
+            kernel[grid](*args, **kwargs)
+        else:
+            launch(kernel, grid, *args, **kwargs)
+        compiled, arguments = LAUNCHES[-1]
+        values = tuple((a.data_ptr(), a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else a
+                       for a in arguments[9:])
+        return (compiled.src.signature, compiled.src.constants, compiled.metadata.debug,
+                compiled.metadata.enable_fp_fusion, arguments[:3], values)
+
+    def same(label, change, *args, kernel=toy, stored=((x, y, 64, 2.0), {}), **kwargs):
+        toy.configs, toy.keys, pick[0] = list(two), ["n"], 1
+        toy.cache.clear()
+        _LAUNCHES_OF(kernel).clear()
+        for _ in range(2):
+            launch(kernel, grid, *stored[0], **stored[1])
+        change()
+        want = launched("triton", kernel, *args, **kwargs)
+        got = launched("launch", kernel, *args, **kwargs)
+        assert got == want, f"{label}:\n  triton {want}\n  launch {got}"
+
+    nothing = lambda: None  # noqa: E731
+    same("the same call", nothing, x, y, 64, 2.0)
+    same("configs cut to one, the autotuner's cache kept", lambda: setattr(toy, "configs", two[:1]),
+         x, y, 64, 2.0)
+    same("key names changed", lambda: (setattr(toy, "keys", ["scale"]), pick.__setitem__(0, 0)), x, y, 64, 2.0)
+    for first, then in [(2, 2.0), (1, True), (True, 1.0), (0, 0.0)]:  # equal keys, other types
+        same(f"scale {first!r} then {then!r}", nothing, x, y, 64, then, stored=((x, y, 64, first), {}))
+        same(f"scale={first!r} then scale={then!r}", nothing, x, y, 64, scale=then,
+             stored=((x, y, 64), {"scale": first}))
+    same("the kernel's own debug flag", lambda: setattr(toy.fn, "debug", True), x, y, 64, 2.0)
+    toy.fn.debug = False
+    fusion = knobs.language.default_fp_fusion
+
+    def recompile():  # how Triton is made to compile again with new options
+        knobs.language.default_fp_fusion = not fusion
+        toy.fn.device_caches.clear()
+
+    try:
+        same("the JIT function's caches dropped", recompile, x, y, 64, 2.0)
+    finally:
+        knobs.language.default_fp_fusion = fusion
+    # an unhashable argument Triton takes: launched each time the slow way, no error
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    x2, y2 = torch.randn(64, 16), torch.empty(64, 16)
+    descriptor = TensorDescriptor.from_tensor(x2, [16, 16])
+    same("a tensor descriptor", nothing, descriptor, y2, kernel=described, stored=((descriptor, y2), {}))
+    hooks = knobs.runtime.launch_enter_hook
+    for assigned in (None, lambda metadata: None):  # a hook set by assignment, not .add
+        knobs.runtime.launch_enter_hook = assigned
+        try:
+            same(f"launch_enter_hook = {assigned!r}", nothing, x, y, 64, 2.0)
+        finally:
+            knobs.runtime.launch_enter_hook = hooks
+
+
+def _LAUNCHES_OF(kernel) -> dict:
+    from tunecomp.kernels import masked_lowrank as ml
+
+    return ml._LAUNCHES.setdefault(kernel, {})
 
 
 if __name__ == "__main__":
