@@ -398,7 +398,7 @@ def _signature(fn, args, kwargs):
 def _hooked(hook) -> bool:
     """Whether a launch hook is set: a chain with calls in it (Triton 3.6-3.8), or anything
     else but None assigned in its place."""
-    return hook is not None and getattr(hook, "calls", True)
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _direct(kernel, grid, signature, args) -> bool:
