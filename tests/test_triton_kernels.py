@@ -478,8 +478,11 @@ def test_direct_launches_match_tritons_own(tmp_path):
     """masked_lowrank.launch's direct way (past Autotuner.run and JITFunction.run) launches,
     at every call site of the backend, the same compiled kernel with the same grid, stream and
     arguments as Triton's route, tells a misaligned x from an aligned one, and steps aside for
-    a cleared autotuner cache, a launch hook and a pre-run hook: tests/launch_parity.py, in a
-    fresh process (it compiles for sm_90 with launches recorded; about 30 s)."""
+    a cleared autotuner cache, a launch hook and a pre-run hook; on a toy kernel, it follows
+    Triton through a config list cut to one, renamed key arguments, dropped JIT caches, the
+    kernel's debug flag, equal values of other types, an unhashable argument and an assigned
+    hook: tests/launch_parity.py, in a fresh process (it compiles for sm_90 with launches
+    recorded; about 40 s)."""
     import subprocess
     import sys
 
