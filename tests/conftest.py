@@ -18,27 +18,6 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
-def rel_error_to_terms(actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor) -> float:
-    """‖actual − expected‖ relative to the larger of ‖expected‖ and ‖terms‖, where ``terms``
-    is the same result computed in float64 from the inputs' absolute values: for an op
-    that is a sum of products with nonnegative coefficients (the masked low-rank op, its
-    blend at alpha in [0, 1], their gradients), each entry of ``terms`` is the sum of the
-    absolute values of the products rounded on the way. fp32 rounds those, so a result that
-    cancels to a small fraction of them (a few kept entries, a sum over a few tokens) has a
-    relative error of its own that no correct kernel meets; against the terms it does
-    (rel_error alone failed test_one_mask_given about once in 330 draws at 5% of u kept)."""
-    scale = max(expected.double().norm().item(), terms.double().norm().item(), 1e-300)
-    return (actual.double() - expected.double()).norm().item() / scale
-
-
-def abs_inputs(inputs: dict) -> dict:
-    """``inputs`` with every floating tensor as its absolute value in float64, a fresh leaf
-    that records gradients (masks and everything else as they are)."""
-    return {k: (t.detach().double().abs().requires_grad_()
-                if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-            for k, t in inputs.items()}
-
-
 def random_mask(shape, keep: float, device="cpu") -> torch.Tensor:
     """A bool mask keeping about ``keep`` of the entries (fresh randomness every call)."""
     return torch.rand(shape, device=device) < keep
