@@ -27,12 +27,15 @@ def test_read_log_keeps_the_latest_record_of_a_step_and_skips_a_cut_off_last_lin
                # killed after step 3, resumed from the checkpoint of step 2: steps 3-4 again
                _step(3, 1.1), {"step": 3, "epoch": 0, "eval_accuracy": 0.45},
                {"step": 4, "event": "teacher_dropped", "bytes_before": 10, "bytes_after": 5},
-               _step(4, 0.9)]
+               _step(4, 0.9),
+               # killed after step 4, resumed from the checkpoint of step 3: the teacher is
+               # dropped again at step 4
+               {"step": 4, "event": "teacher_dropped", "bytes_before": 11, "bytes_after": 5}]
     _write(log, records, tail='{"step": 5, "epoch": 0, "lo')
     steps, evals, events = read_log(str(log))
     assert [(r["step"], r["loss"]) for r in steps] == [(1, 2.0), (2, 1.5), (3, 1.1), (4, 0.9)]
     assert [(r["step"], r["eval_accuracy"]) for r in evals] == [(3, 0.45)]
-    assert [e["event"] for e in events] == ["teacher_dropped"]
+    assert [(e["event"], e["bytes_before"]) for e in events] == [("teacher_dropped", 11)]
 
 
 def test_read_log_skips_cut_off_records_with_a_warning(tmp_path):

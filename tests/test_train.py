@@ -397,7 +397,9 @@ def test_best_accuracy_counts_the_compressed_model_alone(tmp_path, monkeypatch):
                       eval_every=2, progress=False)
     summary = train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
     evals = [r for r in read_log(tmp_path) if "eval_accuracy" in r]
-    assert [r["step"] for r in evals][:4] == [2, 4, 6, 8]
+    # one evaluation per step: the last step's is the final one (after the final pruning)
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    assert summary["final_accuracy"] == evals[-1]["eval_accuracy"] == 0.6
     assert summary["best_accuracy"] == max(r["eval_accuracy"] for r in evals if r["step"] >= 6) == 0.7
 
 

@@ -26,7 +26,7 @@ def read_log(path: str) -> tuple:
     (``teacher_dropped``) of a run's log, each sorted by step.
 
     A resumed run logs again the steps after its last checkpoint: the latest record of a step
-    wins. A run killed while writing leaves a cut-off record: on the last line it is ignored
+    (and of an event at a step) wins. A run killed while writing leaves a cut-off record: on the last line it is ignored
     (the line may still be being written); elsewhere it is skipped with a warning, and a
     record that follows it on the same line (a log written before resumes ended the cut-off
     line) is read.
@@ -35,7 +35,7 @@ def read_log(path: str) -> tuple:
         raise FileNotFoundError(f"no training log at {path} (a `tunecomp compress` run writes {LOG})")
     with open(path) as f:
         lines = f.read().split("\n")
-    steps, evals, events, skipped = {}, {}, [], []
+    steps, evals, events, skipped = {}, {}, {}, []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -45,7 +45,7 @@ def read_log(path: str) -> tuple:
         if record is None:
             continue
         if "event" in record:
-            events.append(record)
+            events[record.get("step"), record["event"]] = record
         elif "eval_accuracy" in record:
             evals[record["step"]] = record
         elif "loss" in record:
@@ -54,7 +54,7 @@ def read_log(path: str) -> tuple:
         warnings.warn(f"{path}: skipped what is not a JSON record on line(s) {skipped} "
                       "(a run killed while writing?)", stacklevel=2)
     by_step = lambda records: sorted(records, key=lambda r: r["step"])  # noqa: E731
-    return by_step(steps.values()), by_step(evals.values()), by_step(events)
+    return by_step(steps.values()), by_step(evals.values()), by_step(events.values())
 
 
 def _parse(line: str) -> tuple:

@@ -512,8 +512,8 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                         shown.update(alpha=f"{a:.2f}", rho=f"{rho:.2f}")
                     progress.set_postfix(shown)
                 running = {"loss": zero, "task": zero, "correct": zero, "seen": 0}
-            if cfg.eval_every and state.step % cfg.eval_every == 0:
-                run_eval()
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                run_eval()  # (the last step's is the final evaluation below)
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or interrupted.requested:
                 checkpoint()
             if interrupted.requested:
