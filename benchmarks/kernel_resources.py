@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -85,6 +86,28 @@ class _TargetOnlyDriver:
 
     def is_active(self):
         return True
+
+
+def stub_launches(on_launch, pick) -> None:
+    """For host-side checks and timings without a GPU: compile for sm_90 under the stand-in
+    driver, make each compiled kernel's launcher call ``on_launch(kernel, args)`` instead of
+    launching, and make autotuning pick ``pick(configs)`` without timing anything."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
+
+    stand_in = _TargetOnlyDriver(GPUTarget("cuda", 90, 32))
+    stand_in.utils = types.SimpleNamespace(unload_module=lambda module: None)  # a dropped kernel
+    driver.set_active(stand_in)
+
+    def init_handles(self):
+        if self.module is None:
+            self.module, self.function = 1, 0
+            self._run = lambda *args, _kernel=self: on_launch(_kernel, args)
+
+    CompiledKernel._init_handles = init_handles
+    Autotuner._bench = lambda self, *args, config, **kwargs: [0.0 if config is pick(self.configs) else 1.0]
 
 
 def _cuobjdump() -> str:

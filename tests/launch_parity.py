@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +27,6 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
 from triton import knobs  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler.compiler import CompiledKernel  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -41,18 +37,9 @@ ENTERED: list = []  # "autotuner" / "jit" per entry into Triton's slow route
 
 
 def _record_launches() -> None:
-    stand_in = kernel_resources._TargetOnlyDriver(GPUTarget("cuda", 90, 32))
-    stand_in.utils = types.SimpleNamespace(unload_module=lambda module: None)  # a dropped kernel
-    driver.set_active(stand_in)
-
-    def init_handles(self):
-        if self.module is None:
-            self.module, self.function = 1, 0
-            self._run = lambda *args, _kernel=self: LAUNCHES.append((_kernel, args))
-
-    CompiledKernel._init_handles = init_handles
     # tuning picks the second config of two (below), so a wrong key would show as another pick
-    Autotuner._bench = lambda self, *args, config, **kwargs: [1.0 if config is self.configs[-1] else 2.0]
+    kernel_resources.stub_launches(lambda kernel, args: LAUNCHES.append((kernel, args)),
+                                   pick=lambda configs: configs[-1])
     autotuner_run, jit_run = Autotuner.run, JITFunction.run
     Autotuner.run = lambda self, *a, **k: ENTERED.append("autotuner") or autotuner_run(self, *a, **k)
     JITFunction.run = lambda self, *a, **k: ENTERED.append("jit") or jit_run(self, *a, **k)
