@@ -389,18 +389,30 @@ def test_config_types_are_checked(field, value, error, words):
 def test_best_accuracy_counts_the_compressed_model_alone(tmp_path, monkeypatch):
     """Evaluations while the teacher still counts (alpha > 0) or before the masks are final
     measure another model than the one the run ends with: not in best_accuracy (here each
-    evaluation scores lower than the one before)."""
-    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    monkeypatch.setattr(sys.modules["tunecomp.train"], "evaluate", lambda *args: next(scores))
+    evaluation scores lower than the one before). An evaluation every eval_every steps comes
+    after step s's update with step s-1's alpha and masks: the one at step 6 = prune_end still
+    has rho(5) < 0.5, so the first counted is at step 8."""
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5])
+    states = []
+
+    def evaluate(model, *args):
+        layers = compressible_layers(model)
+        states.append((max(layer.alpha for layer in layers), train_module._factor_sparsity(layers)))
+        return next(scores)
+
+    train_module = sys.modules["tunecomp.train"]
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
     model, data = tiny_setup("svd")
-    cfg = TrainConfig(steps=8, batch_size=16, decay_steps=4, prune=0.5, prune_end=6, prune_every=1,
+    cfg = TrainConfig(steps=10, batch_size=16, decay_steps=4, prune=0.5, prune_end=6, prune_every=1,
                       eval_every=2, progress=False)
     summary = train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")
     evals = [r for r in read_log(tmp_path) if "eval_accuracy" in r]
     # one evaluation per step: the last step's is the final one (after the final pruning)
-    assert [r["step"] for r in evals] == [2, 4, 6, 8]
-    assert summary["final_accuracy"] == evals[-1]["eval_accuracy"] == 0.6
-    assert summary["best_accuracy"] == max(r["eval_accuracy"] for r in evals if r["step"] >= 6) == 0.7
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10]
+    assert summary["final_accuracy"] == evals[-1]["eval_accuracy"] == 0.5
+    compressed = [alpha == 0.0 and sparsity == 0.5 for alpha, sparsity in states]
+    assert compressed == [False, False, False, True, True], states
+    assert summary["best_accuracy"] == 0.6
 
 
 def test_n_m_pruning_is_refused_before_training_where_it_cannot_run(tmp_path):

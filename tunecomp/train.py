@@ -400,12 +400,15 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
 
     compressed_from = max(cfg.decay_steps if any(layer.has_teacher for layer in layers) else 0,
                           cfg.prune_end if cfg.prune > 0 else 0)
+    scheduled = -1  # the step whose alpha and masks the model has (apply_schedule's last)
 
     def run_eval() -> float:
         accuracy = evaluate(model, test_set, cfg.batch_size, dev, amp_dtype, cfg.num_workers) if main_process else 0.0
         if world > 1:
             dist.barrier()
-        if state.step >= compressed_from:  # the student alone (alpha 0), its masks final
+        # The student alone (alpha 0), its masks final. Not state.step: an evaluation every
+        # eval_every steps comes after step s's update with step s-1's alpha and masks.
+        if scheduled >= compressed_from:
             state.best_accuracy = max(state.best_accuracy, accuracy)
         record = {"step": state.step, "epoch": state.epoch, "eval_accuracy": accuracy}
         state.history.append(record)
@@ -413,6 +416,8 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         return accuracy
 
     def apply_schedule(step: int) -> tuple:
+        nonlocal scheduled
+        scheduled = step
         a, rho, lam = sched.at(step)
         for layer in layers:
             if layer.has_teacher:
