@@ -89,6 +89,11 @@ def test_bad_arguments():
         prune_(layers((8, 8, 6)), 0.5, mode="n:m")
     with pytest.raises(ValueError, match=r"needs in_features \(V's reduction dim\) to be a multiple of m=4; got 6"):
         prune_(layers((6, 8, 4)), 0.5, mode="n:m")
+    # a refused layer anywhere in the list: no mask of any layer changed
+    group = layers((8, 8, 8), (8, 8, 6))
+    with pytest.raises(ValueError, match=r"multiple of m=4; got 6"):
+        prune_(group, 0.5, mode="n:m")
+    assert all(bool(layer.mask_u.all()) and bool(layer.mask_v.all()) for layer in group)
     prune_([], 0.5, scope="global")  # nothing to prune, as in layer scope
 
 

@@ -99,11 +99,14 @@ def prune_rank_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float) -> Non
         layer.mask_v[:, dead] = False
 
 
-def _prune_groups_(weight: Tensor, mask: Tensor, per_group: int, m: int, dim: int, what: str) -> None:
+def _check_groups(weight: Tensor, m: int, dim: int, what: str) -> None:
     if weight.shape[dim] % m:
         raise ValueError(
             f"n:m pruning needs {what} to be a multiple of m={m}; got {weight.shape[dim]}"
         )
+
+
+def _prune_groups_(weight: Tensor, mask: Tensor, per_group: int, m: int, dim: int) -> None:
     # groups of m consecutive entries along `dim`, moved to the last axis
     scores = _scores(weight, mask).movedim(dim, -1)
     grouped = scores.reshape(*scores.shape[:-1], -1, m)
@@ -127,9 +130,13 @@ def prune_n_m_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float, n: int 
     per_group = int(ratio * m + 1e-9)
     if per_group == 0:
         return
+    layers = list(layers)
+    for layer in layers:  # every layer checked before any mask changes
+        _check_groups(layer.v, m, 0, "in_features (V's reduction dim)")
+        _check_groups(layer.u, m, 1, "the rank (U's reduction dim)")
     for layer in layers:
-        _prune_groups_(layer.v, layer.mask_v, per_group, m, 0, "in_features (V's reduction dim)")
-        _prune_groups_(layer.u, layer.mask_u, per_group, m, 1, "the rank (U's reduction dim)")
+        _prune_groups_(layer.v, layer.mask_v, per_group, m, 0)
+        _prune_groups_(layer.u, layer.mask_u, per_group, m, 1)
 
 
 def prune_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float, mode: str = "unstructured",
@@ -150,12 +157,17 @@ def prune_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float, mode: str =
 
 
 def sparsity_penalty(layers: Iterable[FusedPrunedLowRankLinear], mode: str = "unstructured") -> Tensor:
-    """The regulariser that pulls factor entries towards pruning, averaged so that its weight
-    λ does not depend on the model size.
+    """The regulariser that pulls factor entries towards pruning, averaged: the size of the
+    loss term λ·penalty does not depend on the model size, but each entry's gradient is λ/N.
 
     ``"unstructured"`` and ``"n:m"``: L1, the sum of |kept entries| of U and V over the number
-    of factor entries. ``"rank"``: group lasso, the sum over components of
+    N of factor entries. ``"rank"``: group lasso, the sum over components of
     ``‖U[:, i]‖ + ‖V[:, i]‖`` over the number of components. Pruned entries add nothing.
+
+    So the pull per entry shrinks as the model grows. At the default λ = 1e-2 it is 9.1e-8 on
+    the accuracy benchmark's small ViT (110k factor entries, where the task loss's gradients
+    have a median of 3e-4) and 2.4e-10 on ViT-B/16 at half its linear parameters (42M
+    entries), below AdamW's eps: weak beside the task loss at either size.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
