@@ -109,7 +109,7 @@ SEMI, SEMI_AS_LOWRANK = "params 50%, rho 0.5 2:4", "params 50%, rho 0.5 2:4 as l
 
 def _file_over_needed(rows):  # one value per compressed variant, the same at every batch
     return list({r["variant"]: (r["file_bytes"] / r["needed_bytes"], r["variant"])
-                 for r in rows if r["variant"] != "dense"}.values())
+                 for r in rows if r["variant"] != "dense" and r["median_s"] is not None}.values())
 
 
 def _speedup(variants=None, batches=None):  # None: every compressed variant, every batch
@@ -121,8 +121,10 @@ def _speedup(variants=None, batches=None):  # None: every compressed variant, ev
 
 
 def _semi_over_lowrank(rows):  # the low-rank form's median over the 2:4 form's, same batch and mode
-    lowrank = {(r["batch"], r["mode"]): r["median_s"] for r in rows if r["variant"] == SEMI_AS_LOWRANK}
-    return [(lowrank[(r["batch"], r["mode"])] / r["median_s"] if (r["batch"], r["mode"]) in lowrank else None,
+    lowrank = {(r["batch"], r["mode"]): r["median_s"] for r in rows
+               if r["variant"] == SEMI_AS_LOWRANK and r["median_s"] is not None}
+    return [(lowrank[(r["batch"], r["mode"])] / r["median_s"]
+             if (r["batch"], r["mode"]) in lowrank and r["median_s"] is not None else None,
              f"batch {r['batch']} {r['mode']}") for r in rows if r["variant"] == SEMI and r["batch"] >= 64]
 
 
@@ -136,9 +138,13 @@ TARGETS = (
 )
 
 
-def check_targets(rows: list, grid: str) -> list:
+def check_targets(rows: list, grid: str, unrun=()) -> list:
     """The TARGETS of ``grid`` as PASS / MISS (and by how much) / INCOMPLETE (passing on the
-    cases measured, some lacking their comparison) / NOT MEASURED, from one run's rows."""
+    cases measured, some lacking their comparison) / NOT MEASURED, from one run's rows.
+    ``unrun``: the cases skipped or failed (``variant``, ``batch``, ``mode``), which lack
+    their own time: a target they belong to is not a PASS either."""
+    rows = [*rows, *(dict(variant=c["variant"], batch=c["batch"], mode=c["mode"], median_s=None,
+                          speedup_vs_dense=None) for c in unrun)]
     results = []
     for name, grids, measure, (sense, bound) in TARGETS:
         if grids is not None and grid not in grids:
@@ -314,7 +320,7 @@ def write_results(bench_run):
     out = os.environ.get("TUNECOMP_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"model-{slug(device)}-{date}")
-    targets = check_targets(ROWS, GRID_NAME)
+    targets = check_targets(ROWS, GRID_NAME, SKIPPED + FAILED)
     # the GPU targets are for H100/H200, the CPU one for any CPU; the smoke grid's tiny model, none
     applies = GRID_NAME == "cpu" or (GRID_NAME == "gpu" and any(k in device for k in ("H100", "H200")))
     with open(stem + ".json", "w") as f:

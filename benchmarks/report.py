@@ -205,11 +205,19 @@ def _where(p) -> str:
     return f"{p['in_features']}->{p['out_features']} n={p['tokens']} r={p['rank']} rho={p['rho']:g}"
 
 
+def _of_target(target: dict, backend: str, p: dict) -> bool:
+    """Whether ``p`` (a point, or a skipped or failed case) is one of ``target``'s points."""
+    return (p.get("impl") == backend and p.get("op") == target["op"]
+            and p.get("direction") == target["direction"]
+            and p.get("tokens", 0) >= target.get("min_tokens", 0)
+            and p.get("rho") == target.get("rho", p.get("rho")))
+
+
 def check_target(target: dict, backend: str, points: list, run: dict) -> dict:
-    mine = [p for p in points if p["impl"] == backend and p["op"] == target["op"]
-            and p["direction"] == target["direction"]
-            and p["tokens"] >= target.get("min_tokens", 0)
-            and p["rho"] == target.get("rho", p["rho"])]
+    mine = [p for p in points if _of_target(target, backend, p)]
+    # the backend's own cases of these points that the run skipped or that failed
+    unrun = sum(_of_target(target, backend, entry["case"])
+                for entry in [*run.get("skipped", ()), *run.get("failed", ())])
     result = dict(name=target["name"], backend=backend, at_least=target["at_least"],
                   stat=target["stat"], value=None, status="NOT MEASURED", detail="")
     if target["stat"] == "floor":
@@ -219,9 +227,10 @@ def check_target(target: dict, backend: str, points: list, run: dict) -> dict:
         values = [(p["speedup"][target["baseline"]], p) for p in mine
                   if target["baseline"] in p["speedup"]]
         lacking = f"{target['baseline']} time"
-    # Points of the backend whose ratio is missing (the baseline's case skipped or failed):
-    # the verdict cannot be a PASS without them.
-    missing = len(mine) - len(values)
+    # Points of the backend whose ratio is missing (the baseline's case skipped or failed) or
+    # that it has no time for: the verdict cannot be a PASS without them, nor a geometric
+    # mean's MISS (they could lift it).
+    missing = len(mine) - len(values) + unrun
     if not values:
         baseline = target.get("baseline")
         if baseline == "triton":
@@ -239,14 +248,19 @@ def check_target(target: dict, backend: str, points: list, run: dict) -> dict:
         result["detail"] = f"worst at {_where(worst)}; {below} of {len(values)} points below"
     result["value"] = value
     result["points"] = len(values)
-    if value >= target["at_least"]:
+    if value >= target["at_least"] or (missing and target["stat"] == "geomean"):
         result["status"] = "INCOMPLETE" if missing else "PASS"
     else:
         result["status"] = "MISS"
         short = f"short by {100 * (1 - value / target['at_least']):.1f}%"
         result["detail"] = f"{short}; {result['detail']}" if result["detail"] else short
     if missing:
-        note = f"{missing} of {len(mine)} points left out: no {lacking}"
+        no_ratio, why = len(mine) - len(values), []
+        if no_ratio:
+            why.append(f"{no_ratio} with no {lacking}" if unrun else f"no {lacking}")
+        if unrun:
+            why.append(f"{unrun} of {backend}'s own cases skipped or failed")
+        note = f"{missing} of {len(mine) + unrun} points left out: {', '.join(why)}"
         result["detail"] = f"{result['detail']}; {note}" if result["detail"] else note
     return result
 

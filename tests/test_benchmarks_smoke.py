@@ -226,6 +226,14 @@ def test_cpu_grid_report_checks_the_cpu_targets_on_paired_ratios():
     assert report.markdown(report.build(bench)).count("update the parameters in place") == 1
 
 
+def _entry(impl, role, tokens, median, op="masked", direction="fwd", rho=0.5):
+    """A pytest-benchmark record of bench_kernels (768->768, rank 192) with a given median."""
+    info = dict(op=op, direction=direction, impl=impl, role=role, in_features=768,
+                out_features=768, tokens=tokens, rank=0 if impl == "dense" else 192, rho=rho,
+                dtype="bfloat16", bytes=10 ** 6, flops=10 ** 9, k=1)
+    return {"extra_info": info, "stats": {"median": median, "min": median, "rounds": 7}}
+
+
 def test_gpu_report_verdicts_count_every_point():
     """A "gpu" grid run (synthetic timings) on an H200: a point whose eager case was skipped is
     left out of the verdicts and named, and a verdict that passes without it is INCOMPLETE; a
@@ -233,13 +241,7 @@ def test_gpu_report_verdicts_count_every_point():
     Triton means at most 1.1x its time (0.9025x misses); the same run on the smoke grid is
     informational."""
     report = _benchmarks_module("report")
-
-    def entry(impl, role, tokens, median, op="masked", direction="fwd"):
-        info = dict(op=op, direction=direction, impl=impl, role=role, in_features=768,
-                    out_features=768, tokens=tokens, rank=0 if impl == "dense" else 192, rho=0.5,
-                    dtype="bfloat16", bytes=10 ** 6, flops=10 ** 9, k=1)
-        return {"extra_info": info, "stats": {"median": median, "min": median, "rounds": 7}}
-
+    entry = _entry
     us = 1e-6
     benchmarks = [entry("triton", "backend", 197, 10 * us), entry("eager", "baseline", 197, 20 * us),
                   entry("triton", "backend", 12608, 100 * us),  # its eager case was skipped
@@ -265,6 +267,54 @@ def test_gpu_report_verdicts_count_every_point():
     run["grid"] = "smoke"
     assert not report.build({"datetime": "2026-01-01", "benchmarks": benchmarks, "tunecomp": run})["targets_apply"]
 
+
+
+def test_gpu_report_verdicts_count_the_backends_own_skipped_and_failed_cases():
+    """Points the backend has no time for (its own case skipped by the time budget, or
+    failed) keep a verdict from being a PASS, as a missing baseline does; and a geometric
+    mean's MISS with points left out is INCOMPLETE, since they could lift it (a "min" MISS
+    stands: a measured point is already below)."""
+    report = _benchmarks_module("report")
+    us = 1e-6
+    fast = [_entry("triton", "backend", 197, 10 * us), _entry("eager", "baseline", 197, 20 * us),
+            _entry("compile", "baseline", 197, 20 * us)]
+
+    def case(impl, role, tokens):
+        return dict(op="masked", direction="fwd", impl=impl, role=role, in_features=768,
+                    out_features=768, tokens=tokens, rank=192, rho=0.5)
+
+    run = {"grid": "gpu", "dtype": "bfloat16", "device_name": "NVIDIA H200", "versions": {},
+           "timed_ops": [["triton", "masked", "fwd"]], "baselines": {"masked": ["eager", "compile"]},
+           "skipped": [{"case": case(impl, role, 12608), "reason": "time budget spent"}
+                       for impl, role in (("triton", "backend"), ("eager", "baseline"))],
+           "failed": [{"case": case("triton", "backend", 50432), "error": "RuntimeError: boom"}]}
+
+    def verdicts(benchmarks, run):
+        results = report.build({"datetime": "2026-01-01T00:00:00", "benchmarks": benchmarks, "tunecomp": run})
+        return {t["name"]: t for t in results["targets"] if t["backend"] == "triton"}
+
+    targets = verdicts(fast, run)
+    for name in ("masked fwd: geometric-mean speedup over eager",
+                 "masked fwd: geometric-mean speedup over torch.compile",
+                 "masked fwd: speedup over eager at every point"):
+        assert targets[name]["status"] == "INCOMPLETE", targets[name]
+        assert targets[name]["value"] == pytest.approx(2.0)
+        assert "2 of 3 points left out: 2 of triton's own cases skipped or failed" in targets[name]["detail"]
+    # the >= 8192-token floor target: no point of the backend measured at all
+    assert targets["masked fwd, >= 8192 tokens: % of byte floor at every point"]["status"] == "NOT MEASURED"
+    # nothing left out: the same timings pass
+    complete = dict(run, skipped=[], failed=[])
+    assert verdicts(fast, complete)["masked fwd: speedup over eager at every point"]["status"] == "PASS"
+
+    slow = [_entry("triton", "backend", 197, 16 * us), _entry("eager", "baseline", 197, 20 * us),
+            _entry("compile", "baseline", 197, 20 * us)]  # 1.25x: under both targets
+    targets = verdicts(slow, run)
+    geo = targets["masked fwd: geometric-mean speedup over eager"]
+    assert geo["status"] == "INCOMPLETE" and "short by" not in geo["detail"], geo
+    assert verdicts(slow, complete)["masked fwd: geometric-mean speedup over eager"]["status"] == "MISS"
+    slower = [_entry("triton", "backend", 197, 25 * us), *slow[1:]]  # 0.8x: under 0.95 already
+    every = verdicts(slower, run)["masked fwd: speedup over eager at every point"]
+    assert every["status"] == "MISS" and "short by 15.8%" in every["detail"], every
 
 def test_paired_ratio_is_the_median_over_alternating_rounds(monkeypatch):
     """bench_kernels.measure with baselines paired: each backend round is compared with the

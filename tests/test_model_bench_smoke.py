@@ -119,6 +119,19 @@ def test_gpu_grid_targets_pass_miss_and_say_by_how_much(monkeypatch):
     only_missing = [r for r in rows if r["variant"] != lowrank]
     lone = {t["name"]: t for t in model_bench.check_targets(only_missing, "gpu")}[semi_target["name"]]
     assert lone["status"] == "NOT MEASURED" and lone["detail"].startswith("2 of 2 cases without"), lone
+    # a case of the target's own variant skipped or failed (no row of its own) could be the
+    # worst too: the 2:4 case at batch 64 skipped with its twin measured, and the failed
+    # eager case of "params 50%" at batch 256 with a passing compile case
+    faster = [dict(r, speedup_vs_dense=1.6) if r["variant"] == "params 50%" and r["batch"] == 256 else r
+              for r in rows if not (r["variant"] == semi and r["batch"] == 64)
+              and not (r["variant"] == "params 50%" and r["batch"] == 256 and r["mode"] == "eager")]
+    unrun = [dict(variant=semi, batch=64, mode="eager"), dict(variant="params 50%", batch=256, mode="eager")]
+    cut = {t["name"]: t for t in model_bench.check_targets(faster, "gpu", unrun)}
+    assert cut[semi_target["name"]]["status"] == "INCOMPLETE", cut[semi_target["name"]]
+    assert "left out: batch 64 eager" in cut[semi_target["name"]]["detail"]
+    assert cut[throughput["name"]]["status"] == "INCOMPLETE", cut[throughput["name"]]
+    assert "left out: params 50% batch 256 eager" in cut[throughput["name"]]["detail"]
+    assert {t["name"]: t for t in model_bench.check_targets(faster, "gpu")}[throughput["name"]]["status"] == "PASS"
 
 
 def test_gpu_grid_runs_the_targets_batches_first_each_graph_case_after_its_eager_one(monkeypatch):
