@@ -148,3 +148,75 @@ def test_factors_larger_than_the_weight_warn_and_bad_inits_fail_first():
         replace_linear_layers(model, rank_ratio=0.25, targets=["0"])  # 24·96 < 48·48: no warning
     with pytest.raises(ValueError, match=r"init must be one of \('svd', 'asvd', 'whiten'\); got 'foo'"):
         prepare(nn.Sequential(nn.Linear(4, 4)), rank=2, targets=["0"], init="foo")
+
+
+def test_layers_their_parent_reads_the_weight_of_are_refused():
+    """timm's BEiT (and EVA) attention computes F.linear(x, self.qkv.weight, qkv_bias) itself:
+    swapped, the model failed at its first forward. Refused at surgery, naming the layers;
+    the other targets still go."""
+    kw = dict(pretrained=False, img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, num_classes=10)
+    model = timm.create_model("beit_base_patch16_224", **kw).eval()
+    with pytest.raises(ValueError, match=r"holding \['blocks.0.attn.qkv'\] read their weight in their own forward"):
+        replace_linear_layers(model, rank=8)
+    assert type(model.blocks[0].attn.qkv) is nn.Linear and type(model.blocks[0].mlp.fc1) is nn.Linear
+    report = replace_linear_layers(model, rank=8, targets=["attn.proj", "mlp.fc1", "mlp.fc2"])
+    assert len(report.layers) == 3
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_a_weight_tied_to_another_kind_of_module_is_refused():
+    """An output projection sharing its embedding's matrix: the student would train apart."""
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 8), "out": nn.Linear(8, 10, bias=False)})
+    model["out"].weight = model["emb"].weight
+    with pytest.raises(ValueError, match=r"share one weight .*\['emb, out'\]"):
+        replace_linear_layers(model, rank=2, targets=["out"])
+    assert type(model["out"]) is nn.Linear
+
+
+def test_classifier_heads_are_found_inside_wrappers_and_in_pairs():
+    kw = dict(pretrained=False, img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, num_classes=10)
+    wrapped = nn.ModuleDict({"backbone": timm.create_model("vit_tiny_patch16_224", **kw)})
+    report = replace_linear_layers(wrapped, rank=4, targets=["*"])
+    assert "backbone.head" not in [l.name for l in report.layers] and len(report.layers) == 4
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", **kw)  # (head, head_dist)
+    report = replace_linear_layers(distilled, rank=4, targets=["*"])
+    assert {"head", "head_dist"}.isdisjoint(l.name for l in report.layers) and len(report.layers) == 4
+    assert type(distilled.head_dist) is nn.Linear
+
+
+def test_surgery_on_the_meta_device_and_nothing_swapped_when_a_layer_fails(monkeypatch):
+    with torch.device("meta"):
+        model = Plain()
+    report = replace_linear_layers(model, rank=4, targets=["encoder.*"], keep_teacher=False)
+    assert [l.params_after for l in report.layers] == [4 * (8 + 16) + 16, 4 * (16 + 8) + 8]
+    assert isinstance(model.encoder[2], FusedPrunedLowRankLinear) and model.encoder[2].u.is_meta
+    model = Plain()
+    real = FusedPrunedLowRankLinear.from_linear.__func__
+    calls = []
+
+    def failing_second(cls, linear, *args, **kwargs):
+        calls.append(linear)
+        if len(calls) == 2:
+            raise RuntimeError("decomposition failed")
+        return real(cls, linear, *args, **kwargs)
+
+    monkeypatch.setattr(FusedPrunedLowRankLinear, "from_linear", classmethod(failing_second))
+    with pytest.raises(RuntimeError, match="decomposition failed"):
+        replace_linear_layers(model, rank=4, targets=["encoder.*"])
+    assert [type(m) for m in model.encoder] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_a_model_that_is_one_linear_is_refused():
+    with pytest.raises(ValueError, match=r"the model is itself an nn.Linear.*from_linear"):
+        replace_linear_layers(nn.Linear(8, 8), rank=2, targets=["*"])
+
+
+def test_rank_arguments_take_numpy_numbers_and_refuse_bools():
+    np = pytest.importorskip("numpy")
+    assert rank_for(768, 768, rank=np.int64(8)) == 8 and type(rank_for(768, 768, rank=np.int64(8))) is int
+    assert rank_for(768, 768, rank_ratio=np.float32(0.25)) == 192
+    assert rank_for(768, 3072, param_ratio=0.5, rank_multiple=np.int64(4)) == 304
+    with pytest.raises(ValueError, match=r"rank_ratio must be in \(0, 1\]; got True"):
+        rank_for(8, 8, rank_ratio=True)
+    with pytest.raises(ValueError, match=r"param_ratio must be in \(0, 1\]; got nan"):
+        rank_for(8, 8, param_ratio=float("nan"))

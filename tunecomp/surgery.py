@@ -7,7 +7,11 @@ ViT block. The classifier head is never replaced unless asked (``include_head=Tr
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import math
+import numbers
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -44,8 +48,9 @@ def rank_for(
     ``rank_multiple``: round the rank down to a multiple of it (at least one multiple, at
     most full rank): 4 for 2:4 pruning of U along the rank, 16 or 64 for tensor-core tiles.
     """
-    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+    if not _is_int(rank_multiple) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be a positive int; got {rank_multiple!r}")
+    rank_multiple = int(rank_multiple)
     given = {k: v for k, v in
              (("rank", rank), ("rank_ratio", rank_ratio), ("param_ratio", param_ratio))
              if v is not None}
@@ -53,12 +58,12 @@ def rank_for(
         raise ValueError(f"give exactly one of rank, rank_ratio, param_ratio; got {given or 'none'}")
     full = min(in_features, out_features)
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if not _is_int(rank) or rank < 1:
             raise ValueError(f"rank must be a positive int; got {rank!r}")
-        r = rank
+        r = int(rank)
     else:
         (name, ratio), = given.items()
-        if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+        if isinstance(ratio, bool) or not (isinstance(ratio, numbers.Real) and 0.0 < ratio <= 1.0):
             raise ValueError(f"{name} must be in (0, 1]; got {ratio!r}")
         if rank_ratio is not None:
             r = round(rank_ratio * full)
@@ -68,6 +73,11 @@ def rank_for(
     if rank_multiple > 1:
         r = min(max(rank_multiple, r - r % rank_multiple), full)
     return r
+
+
+def _is_int(value) -> bool:
+    """An integer (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -116,11 +126,29 @@ class SurgeryReport:
 
 def _classifier_names(model: nn.Module) -> set:
     names = {name for name, _ in model.named_modules() if name.split(".")[0] in ("head", "classifier")}
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):  # timm models name their classifier themselves
-        head = get_classifier()
-        names |= {name for name, module in model.named_modules() if module is head}
-    return names
+    heads = set()
+    for module in model.modules():  # timm models name their classifier(s) themselves, also
+        get_classifier = getattr(module, "get_classifier", None)  # inside a wrapper
+        if callable(get_classifier):
+            try:
+                found = get_classifier()
+            except TypeError:  # another method of that name, which takes arguments
+                continue
+            # distilled DeiT: (head, head_dist)
+            heads |= {id(h) for h in (found if isinstance(found, (tuple, list)) else (found,))}
+    return names | {name for name, module in model.named_modules() if id(module) in heads}
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_weight(parent: type, child: str) -> bool:
+    """Whether the forward of module class ``parent`` reads ``self.<child>.weight`` itself
+    (timm's BEiT and EVA attention: ``F.linear(x, self.qkv.weight, qkv_bias)``), which a
+    low-rank layer lacks."""
+    try:
+        source = inspect.getsource(parent.forward)
+    except (OSError, TypeError):  # no source to read: assume not
+        return False
+    return re.search(rf"\bself\.{re.escape(child)}\.weight\b", source) is not None
 
 
 def select_linear_layers(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
@@ -145,14 +173,23 @@ def select_linear_layers(model: nn.Module, targets: Sequence[str] = DEFAULT_TARG
     unmatched = [p for p in targets if named and not any(name_matches(name, p) for name, _ in chosen)]
     if unmatched:
         raise ValueError(f"targets {unmatched} match no nn.Linear {where}")
-    by_weight = {}  # the names under which each weight is reached
-    for name, m in linears:
-        by_weight.setdefault(id(m.weight), []).append(name)
+    if any(name == "" for name, _ in chosen):
+        raise ValueError("the model is itself an nn.Linear: layers are swapped inside a model; "
+                         "use FusedPrunedLowRankLinear.from_linear(model, rank) for a single layer")
+    by_weight = {}  # the modules (any kind: an embedding tied to an output layer) holding each weight
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_weight.setdefault(id(p), []).append(name.rpartition(".")[0])
     shared = sorted({", ".join(by_weight[id(m.weight)]) for _, m in chosen if len(by_weight[id(m.weight)]) > 1})
     if shared:  # one student per name would untie them
-        raise ValueError(f"these nn.Linear names share one weight (one layer reached twice, or tied "
+        raise ValueError(f"these modules share one weight (one layer reached twice, or tied "
                          f"weights), which separate low-rank layers would untie: {shared}; leave them "
                          f"out of targets")
+    reading = [name for name, _ in chosen
+               if _reads_weight(type(model.get_submodule(name.rpartition(".")[0])), name.rpartition(".")[2])]
+    if reading:
+        raise ValueError(f"the modules holding {reading[:4]}{' ...' if len(reading) > 4 else ''} read "
+                         f"their weight in their own forward (as timm's BEiT and EVA attention do with "
+                         f"qkv), and a low-rank layer has no dense weight: leave them out of targets")
     return chosen
 
 
@@ -220,8 +257,8 @@ def replace_linear_layers(
         missing = [name for name, _ in chosen if name not in calib]
         if missing:
             raise ValueError(f"calib has no statistics for {missing[:4]}; collect them for every target")
-    report = SurgeryReport()
-    for name, linear in chosen:
+    report, built = SurgeryReport(), []
+    for name, linear in chosen:  # every layer built before any is swapped: an error changes nothing
         r = rank_for(linear.in_features, linear.out_features, rank, rank_ratio, param_ratio,
                      rank_multiple)
         layer = FusedPrunedLowRankLinear.from_linear(
@@ -229,12 +266,15 @@ def replace_linear_layers(
             keep_teacher=keep_teacher, backend=backend,
         )
         layer.train(linear.training)
+        built.append((name, layer))
+        bias = 0 if linear.bias is None else linear.bias.numel()
+        # (a new layer keeps every entry; counted from the shapes, as on the meta device)
+        report.layers.append(ReplacedLayer(name, linear.in_features, linear.out_features, r,
+                                           linear.weight.numel() + bias,
+                                           r * (linear.in_features + linear.out_features) + bias))
+    for name, layer in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
-        before = linear.weight.numel() + (0 if linear.bias is None else linear.bias.numel())
-        report.layers.append(ReplacedLayer(
-            name, linear.in_features, linear.out_features, r, before, layer.num_effective_params()
-        ))
     grown = [f"{x.name} (rank {x.rank}: {x.params_before:,} -> {x.params_after:,})"
              for x in report.layers if x.params_after > x.params_before]
     if grown:
