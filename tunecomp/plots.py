@@ -26,10 +26,10 @@ def read_log(path: str) -> tuple:
     (``teacher_dropped``) of a run's log, each sorted by step.
 
     A resumed run logs again the steps after its last checkpoint: the latest record of a step
-    (and of an event at a step) wins. A run killed while writing leaves a cut-off record: on the last line it is ignored
-    (the line may still be being written); elsewhere it is skipped with a warning, and a
-    record that follows it on the same line (a log written before resumes ended the cut-off
-    line) is read.
+    (and of an event at a step) wins. A run killed while writing leaves a cut-off record: on
+    the last line it is ignored (the line may still be being written); elsewhere it is skipped
+    with a warning, and a record that follows it on the same line (a log written before
+    resumes ended the cut-off line) is read.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no training log at {path} (a `tunecomp compress` run writes {LOG})")
