@@ -10,6 +10,15 @@ from tunecomp import ops, reference
 CPU_BACKENDS = ["torch", "cpu", "auto"]
 
 
+def _triton_ready():
+    return ops.available_backends("cpu", torch.float32)["triton"] is None
+
+
+# the Triton kernels too, under the interpreter (small shapes)
+WITH_TRITON = CPU_BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
+    not _triton_ready(), reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)"))]
+
+
 def make_inputs(n=7, k=13, m=5, r=3, dtype=torch.float64, keep=0.5, lead=(), grad=False):
     opts = {"dtype": dtype, "requires_grad": grad}
     return dict(
@@ -142,6 +151,24 @@ def test_teacher_gets_no_gradient(backend, student_grad):
     y = ops.blended_lowrank_linear(**a, **t, alpha=0.5, backend=backend)
     y.sum().backward()
     assert t["teacher_weight"].grad is None and t["teacher_bias"].grad is None
+
+
+@pytest.mark.parametrize("backend", WITH_TRITON)
+@pytest.mark.parametrize("blend", [False, True])
+def test_a_trainable_bias_alone_gets_its_gradient(backend, blend):
+    """Frozen factors and input, a bias that trains: the call still goes through autograd."""
+    a = make_inputs(dtype=torch.float32)
+    a["bias"].requires_grad_()
+    if blend:
+        y = ops.blended_lowrank_linear(**a, **make_teacher(a, torch.float32), alpha=torch.tensor(0.6),
+                                       backend=backend)
+    else:
+        y = ops.masked_lowrank_linear(**a, backend=backend)
+    assert y.requires_grad
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    scale = reference.student_scale(0.6) if blend else 1.0
+    assert rel_error(a["bias"].grad, grad_y.sum(0) * scale) < 1e-6
 
 
 @pytest.mark.parametrize("blend", [False, True])
@@ -314,6 +341,13 @@ def test_autocast_casts_inputs():
     assert y.dtype == torch.bfloat16
     want = reference.masked_lowrank_linear(**{k: (t.double() if t.is_floating_point() else t) for k, t in a.items()})
     assert rel_error(y, want) < 2e-2  # bf16 operands: 8-bit mantissa
+    # the blend: the teacher's weight and bias are cast too (training's default amp on CUDA)
+    t = make_teacher(a, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.blended_lowrank_linear(**a, **t, alpha=torch.tensor(0.6), backend="torch")
+    assert y.dtype == torch.bfloat16
+    dbl = {k: (v.double() if v.is_floating_point() else v) for k, v in {**a, **t}.items()}
+    assert rel_error(y, reference.blended_lowrank_linear(**dbl, alpha=0.6)) < 2e-2
     a = make_inputs(dtype=torch.float64)  # left alone, as torch's autocast leaves F.linear's
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ops.masked_lowrank_linear(**a, backend="torch")
@@ -321,7 +355,7 @@ def test_autocast_casts_inputs():
     assert y.dtype == torch.float64 and rel_error(y, reference.masked_lowrank_linear(**a)) < 1e-14
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", WITH_TRITON)
 @pytest.mark.parametrize("which", ["mask_u", "mask_v"])
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.05])
 def test_one_mask_given(backend, which, keep):
@@ -652,10 +686,6 @@ def test_training_step_in_cuda_graph(gpu, backend, route, monkeypatch):
         want = (y, *torch.autograd.grad(y, [dbl[k] for k in names], grad_y.double()))
         for name, got, ref in zip(("y",) + names, outs, want):
             assert rel_error(got, ref) < _gpu_bound(backend, torch.float32), (name, value)
-
-
-def _triton_ready():
-    return ops.available_backends("cpu", torch.float32)["triton"] is None
 
 
 @pytest.mark.skipif(not _triton_ready(), reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
