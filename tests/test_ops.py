@@ -168,7 +168,7 @@ def test_a_trainable_bias_alone_gets_its_gradient(backend, blend):
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
     scale = reference.student_scale(0.6) if blend else 1.0
-    assert rel_error(a["bias"].grad, grad_y.sum(0) * scale) < 1e-6
+    assert rel_error(a["bias"].grad, grad_y.sum(0) * scale) < 1e-5  # fp32 sums, other orders
 
 
 @pytest.mark.parametrize("blend", [False, True])
