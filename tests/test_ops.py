@@ -14,9 +14,10 @@ def _triton_ready():
     return ops.available_backends("cpu", torch.float32)["triton"] is None
 
 
+needs_triton = pytest.mark.skipif(not _triton_ready(),
+                                  reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
 # the Triton kernels too, under the interpreter (small shapes)
-WITH_TRITON = CPU_BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_ready(), reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)"))]
+WITH_TRITON = CPU_BACKENDS + [pytest.param("triton", marks=needs_triton)]
 
 
 def make_inputs(n=7, k=13, m=5, r=3, dtype=torch.float64, keep=0.5, lead=(), grad=False):
@@ -688,7 +689,7 @@ def test_training_step_in_cuda_graph(gpu, backend, route, monkeypatch):
             assert rel_error(got, ref) < _gpu_bound(backend, torch.float32), (name, value)
 
 
-@pytest.mark.skipif(not _triton_ready(), reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
+@needs_triton
 @pytest.mark.parametrize("blend", [False, True])
 def test_triton_backend_through_the_custom_ops(blend):
     """The ops layer (checks, flattening, autograd, alpha tensor) over the Triton kernels,
@@ -719,7 +720,7 @@ def test_triton_backend_through_the_custom_ops(blend):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _triton_ready(), reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
+@needs_triton
 def test_triton_backend_under_torch_compile():
     a = make_inputs(n=5, k=16, m=12, r=4, dtype=torch.float32, grad=True)
     torch._dynamo.reset()
