@@ -241,12 +241,11 @@ def test_gpu_report_verdicts_count_every_point():
     Triton means at most 1.1x its time (0.9025x misses); the same run on the smoke grid is
     informational."""
     report = _benchmarks_module("report")
-    entry = _entry
     us = 1e-6
-    benchmarks = [entry("triton", "backend", 197, 10 * us), entry("eager", "baseline", 197, 20 * us),
-                  entry("triton", "backend", 12608, 100 * us),  # its eager case was skipped
-                  entry("cuda", "backend", 197, 10 * us / 0.9025),
-                  entry("triton", "backend", 197, 10 * us, "blended"), entry("cuda", "backend", 197, 20 * us, "blended")]
+    benchmarks = [_entry("triton", "backend", 197, 10 * us), _entry("eager", "baseline", 197, 20 * us),
+                  _entry("triton", "backend", 12608, 100 * us),  # its eager case was skipped
+                  _entry("cuda", "backend", 197, 10 * us / 0.9025),
+                  _entry("triton", "backend", 197, 10 * us, "blended"), _entry("cuda", "backend", 197, 20 * us, "blended")]
     timed = [[b, op, d] for b in ("triton", "cuda", "torch") for op, d in (("masked", "fwd"), ("blended", "fwd"))]
     run = {"grid": "gpu", "dtype": "bfloat16", "device_name": "NVIDIA H200", "timed_ops": timed,
            "baselines": {"masked": ["eager"], "blended": ["eager"]}, "versions": {}}
@@ -268,7 +267,6 @@ def test_gpu_report_verdicts_count_every_point():
     assert not report.build({"datetime": "2026-01-01", "benchmarks": benchmarks, "tunecomp": run})["targets_apply"]
 
 
-
 def test_gpu_report_verdicts_count_the_backends_own_skipped_and_failed_cases():
     """Points the backend has no time for (its own case skipped by the time budget, or
     failed) keep a verdict from being a PASS, as a missing baseline does; and a geometric
@@ -279,9 +277,8 @@ def test_gpu_report_verdicts_count_the_backends_own_skipped_and_failed_cases():
     fast = [_entry("triton", "backend", 197, 10 * us), _entry("eager", "baseline", 197, 20 * us),
             _entry("compile", "baseline", 197, 20 * us)]
 
-    def case(impl, role, tokens):
-        return dict(op="masked", direction="fwd", impl=impl, role=role, in_features=768,
-                    out_features=768, tokens=tokens, rank=192, rho=0.5)
+    def case(impl, role, tokens):  # a case's description, as the suite records one it did not time
+        return _entry(impl, role, tokens, None)["extra_info"]
 
     run = {"grid": "gpu", "dtype": "bfloat16", "device_name": "NVIDIA H200", "versions": {},
            "timed_ops": [["triton", "masked", "fwd"]], "baselines": {"masked": ["eager", "compile"]},
