@@ -415,6 +415,28 @@ def test_backend_packs_again_when_the_data_is_swapped():
     assert rel_error(y3 - bias, 2 * (y2 - bias)) < 1e-6
 
 
+@pytest.mark.parametrize("factor", ["u", "v", "mask_u", "mask_v"])
+def test_backend_packs_again_when_the_data_is_a_view_of_the_same_storage(factor):
+    """`.data =` a transpose of a square factor or mask keeps the storage, the data pointer
+    and the version: only the strides tell the packing is stale. A slice to a lower rank
+    keeps them too, and changes the shape."""
+    x, u, v, bias, mask_u, mask_v = inputs((40, 8, 8, 8), 0.1, True)
+    tensors = dict(u=u, v=v, mask_u=mask_u, mask_v=mask_v)
+
+    def check():
+        want = reference.masked_lowrank_linear(x.double(), u.double(), v.double(), bias.double(),
+                                               mask_u, mask_v)
+        got = ops.masked_lowrank_linear(x, u, v, bias, mask_u, mask_v, backend="cpu")
+        assert rel_error(got, want) < 1e-6
+
+    check()
+    tensors[factor].data = tensors[factor].data.T
+    check()
+    for t in tensors.values():
+        t.data = t.data[:, :4]
+    check()
+
+
 @pytest.mark.parametrize("keep, sparse", [(0.05, True), (0.2, True), (0.5, False)])
 def test_backend_switches_both_passes_at_one_threshold(monkeypatch, keep, sparse):
     """Forward and backward run sparse below the same kept fraction (SPARSE_BELOW): there the

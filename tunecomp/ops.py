@@ -248,24 +248,27 @@ class _CpuBackend:
         # [refs, states, optimizer steps, kept fraction, packed groups] per factor set, reused
         # while none of u, v and the masks is replaced or modified in place, so an inference
         # model packs once and a training step packs once for forward and backward. Each
-        # tensor's identity, version counter, data pointer and storage are checked (_states):
-        # an in-place change bumps the version, while Module.to()/.half() and `.data =` swap
-        # the storage under the same tensor and version. Where only u or v changed (every
-        # training step between two prunings), the same entries are kept: their values alone
-        # are read again (pack_values_cpu, a gather of the kept entries instead of two passes
-        # over the whole factors). Some writes bump no version: fused optimizers (`fused=True`)
-        # and in-place ops on `.data`. So the values are also read again after any torch.optim
-        # step (_optimizer_steps); an edit through `.data` is not seen (edit the tensor itself,
-        # as prune.py does with the masks, or call clear_cache()).
+        # tensor's identity, version counter, data pointer, storage and layout are checked
+        # (_states): an in-place change bumps the version, while Module.to()/.half() and
+        # `.data =` swap the storage, or only the view of it, under the same tensor and
+        # version. Where only u or v changed (every training step between two prunings), the
+        # same entries are kept: their values alone are read again (pack_values_cpu, a gather
+        # of the kept entries instead of two passes over the whole factors). Some writes bump
+        # no version: fused optimizers (`fused=True`) and in-place ops on `.data`. So the
+        # values are also read again after any torch.optim step (_optimizer_steps); an edit
+        # through `.data` is not seen (edit the tensor itself, as prune.py does with the
+        # masks, or call clear_cache()).
         self._packed = collections.OrderedDict()
 
     @staticmethod
     def _states(tensors) -> list:
-        """(version, data pointer, storage) of each tensor. The storage is held by a weak
-        reference, which frees its data but keeps its address from being reused while the
-        cache holds it: a data pointer alone can be (after `.half().float()`, the new data
-        lay at the old address in 1% of tries)."""
-        return [(t._version, t.data_ptr(), StorageWeakRef(t.untyped_storage())) for t in tensors]
+        """(version, data pointer, storage, shape, strides, storage offset) of each tensor. The
+        storage is held by a weak reference, which frees its data but keeps its address from
+        being reused while the cache holds it: a data pointer alone can be (after
+        `.half().float()`, the new data lay at the old address in 1% of tries). The layout,
+        because `t.data = t.data.T` (a square factor) or a slice of it keeps the storage."""
+        return [(t._version, t.data_ptr(), StorageWeakRef(t.untyped_storage()), tuple(t.shape),
+                 t.stride(), t.storage_offset()) for t in tensors]
 
     @staticmethod
     def _kept(u, v, mask_u, mask_v) -> float:
@@ -448,7 +451,10 @@ _BACKENDS = {
 
 def clear_cache() -> None:
     """Forget the cpu backend's packings of kept entries: needed only after factors or masks
-    were edited through ``.data`` (which no version counter sees)."""
+    were edited through ``.data`` (which no version counter sees), and before
+    ``torch.utils.swap_tensors`` on tensors the cpu backend has run (what ``Module.to()`` and
+    ``load_state_dict`` use under ``torch.__future__.set_swap_module_params_on_conversion``):
+    it refuses tensors with weak references, and the cache holds one to each."""
     _BACKENDS["cpu"]._packed.clear()
 
 
