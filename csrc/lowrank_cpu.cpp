@@ -200,14 +200,17 @@ enum Slot { kVByCol = 0, kUByRow = 1, kUByCol = 2, kVByRow = 3 };
 Groups checked_groups(const at::Tensor& start, const at::Tensor& index, const at::Tensor& value,
                       int64_t groups, int64_t limit, const char* name) {
   TORCH_CHECK_VALUE(start.device().is_cpu() && index.device().is_cpu() && value.device().is_cpu(),
-                    name, " must be CPU tensors");
+                    name, " must be CPU tensors; got (", start.device(), ", ", index.device(), ", ",
+                    value.device(), ")");
   TORCH_CHECK_TYPE(start.scalar_type() == at::kLong && index.scalar_type() == at::kInt &&
                        value.scalar_type() == at::kFloat,
                    name, " must be (int64 starts, int32 indices, float32 values); got (",
                    start.scalar_type(), ", ", index.scalar_type(), ", ", value.scalar_type(), ")");
   TORCH_CHECK_VALUE(start.dim() == 1 && index.dim() == 1 && value.dim() == 1 &&
                         start.is_contiguous() && index.is_contiguous() && value.is_contiguous(),
-                    name, " must be contiguous 1-D tensors");
+                    name, " must be contiguous 1-D tensors; got sizes (", start.sizes(), ", ",
+                    index.sizes(), ", ", value.sizes(), ") and strides (", start.strides(), ", ",
+                    index.strides(), ", ", value.strides(), ")");
   TORCH_CHECK_VALUE(start.numel() == groups + 1, name, " must have ", groups + 1,
                     " starts (one per group, plus the end); got ", start.numel());
   TORCH_CHECK_VALUE(index.numel() == value.numel(), name, " must have as many indices as values; got ",
@@ -478,7 +481,7 @@ at::Tensor lowrank_forward_packed_cpu(const at::Tensor& x, const std::vector<at:
                     packed.size());
   // V's groups: one per rank component j, indices along in; U's: one per output, along r.
   const int64_t rank = packed[0].numel() - 1, out = packed[3].numel() - 1;
-  TORCH_CHECK_VALUE(rank >= 0 && out >= 1, "packed starts must hold rank + 1 and out_features + 1 "
+  TORCH_CHECK_VALUE(rank >= 0 && out >= 0, "packed starts must hold rank + 1 and out_features + 1 "
                     "entries; got ", packed[0].numel(), " and ", packed[3].numel());
   const Groups gv = checked_groups(packed[0], packed[1], packed[2], rank, x.size(1),
                                    "packed V (starts, indices, values):");
@@ -530,7 +533,7 @@ namespace {
 
 void check_factors(const at::Tensor& u, const at::Tensor& v) {
   TORCH_CHECK_TYPE(u.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                   "u and v must be float32");
+                   "u and v must be float32; got ", u.scalar_type(), " and ", v.scalar_type());
   TORCH_CHECK_VALUE(u.device().is_cpu() && v.device().is_cpu(), "u and v must be CPU tensors; got ",
                     u.device(), " and ", v.device());
   TORCH_CHECK_VALUE(u.dim() == 2 && v.dim() == 2 && u.size(1) == v.size(1),

@@ -357,8 +357,13 @@ def test_pack_values_checks_its_inputs():
             _C.pack_values_cpu(u, v, wrong)
     with pytest.raises(ValueError, match="mask_u must be on its factor's device cpu; got meta"):
         _C.pack_groups_cpu(u, v, torch.ones(20, 6, dtype=torch.bool, device="meta"), None)
-    with pytest.raises(TypeError, match="u and v must be float32"):
+    with pytest.raises(TypeError, match="u and v must be float32; got Double and Float"):
         _C.pack_values_cpu(u.double(), v, packed)
+    with pytest.raises(ValueError, match=r"must be CPU tensors; got \(meta, cpu, cpu\)"):
+        _C.pack_values_cpu(u, v, [packed[0].to("meta")] + packed[1:])
+    with pytest.raises(ValueError, match=r"must be contiguous 1-D tensors; got sizes \(\[7\], \[\d+\], \[\d+\]\) "
+                                         r"and strides \(\[2\], \[1\], \[1\]\)"):
+        _C.pack_values_cpu(u, v, [packed[0].repeat_interleave(2)[::2]] + packed[1:])
 
 
 def test_backend_reads_new_values_only_while_the_masks_stay(monkeypatch):
@@ -531,6 +536,15 @@ def test_packed_forward_matches_reference(shape, keep, with_bias):
         assert_close("y", y, want, torch.float32, seed, 1e-5)
     with torch.no_grad():  # no tokens
         assert ops.packed_lowrank_linear(torch.randn(0, shape[1]), packed, bias).shape == (0, u.shape[0])
+
+
+def test_packed_forward_with_no_outputs():
+    """out_features = 0 packs to one U start: a [tokens, 0] result, as masked_lowrank_linear
+    gives."""
+    packed = ops.pack_kept(torch.zeros(0, 3), torch.randn(5, 3))
+    with torch.no_grad():
+        for bias in (None, torch.zeros(0)):
+            assert ops.packed_lowrank_linear(torch.randn(4, 5), packed, bias).shape == (4, 0)
 
 
 def test_packed_forward_checks_its_inputs():
