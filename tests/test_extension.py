@@ -87,6 +87,47 @@ def test_sparse_backward_across_threads(threads):
     assert_matches_float64(y, grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
 
 
+def _out_of_index_order(packed):
+    """pack_groups_cpu's groupings with every group's entries reversed."""
+    packed = [t.clone() for t in packed]
+    for slot in range(len(packed) // 3):
+        start, index, value = packed[3 * slot: 3 * slot + 3]
+        for g in range(start.numel() - 1):
+            a, b = start[g].item(), start[g + 1].item()
+            index[a:b], value[a:b] = index[a:b].flip(0), value[a:b].flip(0)
+    return packed
+
+
+@pytest.mark.parametrize("n", [1, 9, 17, 45, 97, 197])
+def test_sparse_path_at_wider_layers_and_entries_in_any_order(n):
+    """The sparse path at 600 inputs and 530 outputs (the other tests stay under 71), 1 to 197
+    tokens, none a multiple of the chunks (32, 64): a token's products are added in the same
+    order whatever chunk and thread it falls in, so the forward's bits do not depend on the
+    thread count. Packed entries out of index order (reversed by hand) give the same result
+    up to rounding: the kernels read each entry's index, never assume an order."""
+    seed = fresh_seed()
+    x, u, v, bias, mask_u, mask_v = inputs((n, 600, 530, 12), 0.2, True)
+    grad_y = torch.randn(n, 530)
+    packed = _C.pack_groups_cpu(u, v, mask_u, mask_v, backward=True)
+    previous = torch.get_num_threads()
+    try:
+        ys = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ys.append(_C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True, packed))
+        torch.set_num_threads(2)
+        grads = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, True, packed)
+        reversed_packed = _out_of_index_order(packed)
+        y_reversed = _C.lowrank_forward_cpu(x, u, v, bias, mask_u, mask_v, True, reversed_packed)
+        grads_reversed = _C.lowrank_backward_cpu(grad_y, x, u, v, mask_u, mask_v, True, True,
+                                                 reversed_packed)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    assert_matches_float64(ys[0], grads, seed, x, u, v, bias, mask_u, mask_v, grad_y)
+    assert_matches_float64(y_reversed, grads_reversed, seed, x, u, v, bias, mask_u, mask_v, grad_y)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("keep", [0.0, 0.05, 0.5, 1.0])
 @pytest.mark.parametrize("sparse", [False, True])
