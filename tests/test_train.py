@@ -168,6 +168,61 @@ def test_ctrl_c_checkpoints_after_the_step_in_flight_and_resume_reproduces_the_r
         assert torch.equal(straight[key], resumed[key]), key
 
 
+def test_an_interrupt_in_the_final_evaluation_loses_no_training(tmp_path, monkeypatch):
+    """The final evaluation runs after the loop, where Ctrl-C is no longer deferred: the
+    checkpoint of the last step is written before it, so a resume only evaluates again."""
+    cfg = TrainConfig(steps=6, batch_size=32, decay_steps=3, prune=0.3, prune_every=2,
+                      checkpoint_every=0, eval_every=0, log_every=2, progress=False)
+    straight, data = tiny_setup("svd")
+    want = train(straight, data.train, data.test, cfg, str(tmp_path / "straight"), device="cpu")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model, data = tiny_setup("svd")
+    with monkeypatch.context() as patch:
+        patch.setattr(sys.modules["tunecomp.train"], "evaluate", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(model, data.train, data.test, cfg, str(tmp_path / "resumed"), device="cpu")
+    payload = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert payload["state"]["step"] == 6
+    fresh, data = tiny_setup("svd")
+    got = train(fresh, data.train, data.test, cfg, str(tmp_path / "resumed"), resume=True, device="cpu")
+    assert got["final_accuracy"] == want["final_accuracy"]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("unexpected pos 1024 vs 918"), KeyboardInterrupt()])
+def test_a_failed_checkpoint_write_keeps_the_earlier_one_and_leaves_no_temporary(tmp_path, monkeypatch,
+                                                                                 failure):
+    """A full disk (torch.save raises RuntimeError) is an OSError naming the file; a Ctrl-C
+    during the write goes on as one. Either way the earlier checkpoint stays whole."""
+    from tunecomp.train import save_checkpoint
+
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"step": 1})
+    real_save = torch.save
+
+    def save_half(payload, file):
+        real_save(payload, file)
+        with open(file, "r+b") as f:
+            f.truncate(10)
+        raise failure
+
+    monkeypatch.setattr(torch, "save", save_half)
+    if isinstance(failure, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(path, {"step": 2})
+    else:
+        with pytest.raises(OSError, match=f"checkpoint not written to {re.escape(path)} "
+                                          r"\(RuntimeError: unexpected pos 1024 vs 918\)"):
+            save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
 def test_a_run_not_resumed_starts_a_fresh_log(tmp_path):
     """...and has no checkpoint of the earlier run, which a crash before its own first one
     would have let a resume continue."""

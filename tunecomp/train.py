@@ -224,10 +224,20 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename."""
+    """torch.save to a temporary file in the same folder, then an atomic rename. A failed
+    write (a full disk: torch raises RuntimeError) or an interrupt leaves the earlier
+    checkpoint as it was and no temporary file behind."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(error, (OSError, RuntimeError)):
+            raise OSError(f"checkpoint not written to {path} ({type(error).__name__}: {error}); the "
+                          f"earlier one, if any, is unchanged") from error
+        raise
 
 
 def load_checkpoint(path: str, model: nn.Module, config: Optional[dict] = None) -> dict:
@@ -519,7 +529,10 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
                 running = {"loss": zero, "task": zero, "correct": zero, "seen": 0}
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
                 run_eval()  # (the last step's is the final evaluation below)
-            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or interrupted.requested:
+            # and after the last step, before the final evaluation: an interrupt there (no longer
+            # deferred) loses no training
+            if ((cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or interrupted.requested
+                    or state.step == cfg.steps):
                 checkpoint()
             if interrupted.requested:
                 if progress is not None:
