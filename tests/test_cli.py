@@ -215,6 +215,29 @@ def test_compress_is_reproducible_and_resume_refuses_other_data(tmp_path, capsys
     assert f"--resume: {tmp_path / 'a' / 'run.json'} is not valid JSON" in capsys.readouterr().err
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again(tmp_path, capsys):
+    """A log without a checkpoint (a crash before the first) is nothing to resume: --resume
+    says so before any work, and a new run in the same --out starts afresh."""
+    kwargs = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # cut off by the crash
+    flags = ["compress", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs, "--dataset", "digits",
+             "--classes", "0,1", "--steps", "2", "--batch-size", "16", "--calib-batches", "1",
+             "--num-workers", "0", "--out", str(out)]
+    assert main([*flags, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: no checkpoint.pt in --out {out}: nothing to resume" in err
+    assert not (tmp_path / "elsewhere").exists()
+    assert main([*flags[:-1], str(tmp_path / "elsewhere"), "--resume"]) == 2  # a mistyped --out
+    assert not (tmp_path / "elsewhere").exists()  # refused before anything is made
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert "holds the log of a run that stopped before its first checkpoint: starting afresh" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2] and (out / "checkpoint.pt").is_file()  # a fresh log
+
+
 def test_export_of_a_damaged_run_names_the_file(tmp_path, capsys):
     kwargs = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})
     run = tmp_path / "run"

@@ -238,11 +238,19 @@ def compress(args) -> dict:
     """``tunecomp compress``: prepare, train, save, summarise."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise NotADirectoryError(f"--out {args.out} is a file; give a directory")
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    # A log alone is a run that stopped before its first checkpoint: nothing to resume, nothing
+    # a new run would lose but that log (train() starts a fresh one).
+    found = [f for f in RUN_FILES if f != "log.jsonl" and os.path.exists(os.path.join(args.out, f))]
     if found and not args.resume:
         resume = "add --resume to continue it, or " if args.method == "tunecomp" else ""
         raise FileExistsError(f"--out {args.out} already holds a run ({', '.join(found)}): {resume}"
                               f"choose another --out")
+    if args.resume and not os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint.pt in --out {args.out}: nothing to resume (a run that "
+                                f"stopped before its first checkpoint starts again without --resume)")
+    if not found and os.path.exists(os.path.join(args.out, "log.jsonl")):
+        print(f"note: --out {args.out} holds the log of a run that stopped before its first checkpoint: "
+              f"starting afresh (its log.jsonl is replaced)", file=sys.stderr)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
