@@ -116,6 +116,7 @@ def test_compress_bad_arguments(tmp_path):
                          (("--model-kwargs", "[1]"), "argument --model-kwargs: must be a JSON object"),
                          (("--classes", "5,5,6"), "argument --classes: repeats [5]"),
                          (("--eval-every", "-1"), "argument --eval-every: must be at least 0; got -1"),
+                         (("--seed", "100000000000"), "argument --seed: must be in [0, 2147483647]; got 100000000000"),
                          (("--reg-weight", "-1"), "argument --reg-weight: must be in [0, inf]; got -1.0"),
                          (("--prune-mode", "n:m", "--prune", "0.75"), "prune must be at most 0.5 with prune_mode 'n:m'")):
         result = run_cli("compress", "--dataset", "digits", "--out", str(tmp_path / "x"), *flags)

@@ -355,6 +355,8 @@ def test_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path):
 @pytest.mark.parametrize("field, value, words", [
     ("prune_mode", "n:m", "at most 0.5 with prune_mode 'n:m'"), ("lr", 0.0, "lr must be positive"),
     ("eval_every", -1, "eval_every must be at least 0"), ("reg_weight", -1.0, "reg_weight must be at least 0"),
+    ("seed", -1, r"seed must be in \[0, 2147483647\]; got -1"),
+    ("seed", 10**11, r"seed must be in \[0, 2147483647\]; got 100000000000"),  # seeds per epoch: int64
 ])
 def test_config_checks_before_training(field, value, words):
     config = TrainConfig(prune=0.75 if field == "prune_mode" else 0.0, **{field: value})

@@ -28,7 +28,7 @@ from .deploy import write_json
 from .plots import plot_training
 from .prune import MODES
 from .surgery import DEFAULT_TARGETS, prepare
-from .train import TrainConfig, check_same_config, effective_params, save_checkpoint, train
+from .train import SEED_MAX, TrainConfig, check_same_config, effective_params, save_checkpoint, train
 
 
 def _version(module_name: str) -> str:
@@ -571,17 +571,19 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: Optional[int] = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {maximum}]; got {value}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer in [{minimum}, {maximum}]"
     return parse
 
 
@@ -672,7 +674,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"), help="auto: bf16 on CUDA")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS, help="the ops' kernels (tunecomp info)")
     p.add_argument("--num-workers", type=_int_at_least(0), default=2, help="data loader processes")
-    p.add_argument("--seed", type=int, default=0, help="data order, init and pruning ties")
+    p.add_argument("--seed", type=_int_at_least(0, SEED_MAX), default=0, help="data order, init and pruning ties")
 
     p = export_parser = sub.add_parser("export", help="write a compress run's model in the compact inference format")
     p.add_argument("--run", required=True, help="a `tunecomp compress` output directory")
@@ -700,7 +702,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("demo", help="small offline TuneComp run on real data, prints a table")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=_int_at_least(1), default=200, help="optimiser steps per fine-tuning run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0, SEED_MAX), default=0)
     args = parser.parse_args(argv)
     if args.command == "compress" and args.method != "tunecomp":
         ignored = baseline_ignores(args, compress_parser)

@@ -53,6 +53,8 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
+SEED_MAX = 2**31 - 1
+
 @dataclass
 class TrainConfig:
     """Knobs of the joint loop. Steps count optimiser steps (after gradient accumulation).
@@ -117,6 +119,8 @@ class TrainConfig:
         for name in ("decay_steps", "prune_end", "reg_end"):
             if not 0 <= getattr(c, name) <= c.steps:
                 raise ValueError(f"{name} must be in [0, steps={c.steps}]; got {getattr(c, name)}")
+        if not 0 <= c.seed <= SEED_MAX:  # the per-epoch seeds derived from it stay within int64
+            raise ValueError(f"seed must be in [0, {SEED_MAX}]; got {c.seed}")
         if not 0 <= c.prune_start <= c.prune_end:
             raise ValueError(f"prune_start must be in [0, prune_end={c.prune_end}]; got {c.prune_start}")
         if not 0.0 <= c.prune < 1.0:
