@@ -145,6 +145,14 @@ def test_pretrained_file_is_loaded(tmp_path):
     torch.save(source.state_dict(), path)
     loaded = load_timm_model("vit_tiny_patch16_224", str(path), depth=1)
     assert torch.equal(loaded.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+    # the head starts afresh even where the file's fits (1000 classes, which timm then loads),
+    # from the global seed as without a file
+    assert not torch.equal(loaded.head.weight, source.head.weight)
+    heads = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        heads.append(load_timm_model("vit_tiny_patch16_224", str(path), depth=1).head.weight)
+    assert torch.equal(*heads)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_timm_model("vit_tiny_patch16_224", str(tmp_path / "missing.pth"))
     # names that do not match the model's: timm would load nothing (non-strictly, with a

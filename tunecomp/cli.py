@@ -92,7 +92,7 @@ def load_timm_model(name: str, pretrained_file: Optional[str] = None, **kwargs) 
     """A timm model by name, with weights from a local file (safetensors or a torch state
     dict) when given, else randomly initialised. Never downloads. The classifier head is
     never taken from the file: it starts afresh for the downstream task (timm drops it when
-    num_classes is not the architecture's default, and it is left out of the check below)."""
+    num_classes is not the architecture's default; where it is, the fresh init is put back)."""
     import timm
 
     if pretrained_file is None:
@@ -119,9 +119,15 @@ def load_timm_model(name: str, pretrained_file: Optional[str] = None, **kwargs) 
                              f"({type(error).__name__}: {' '.join(line.strip() for line in first)})") from error
     heads = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
     heads = (heads,) if isinstance(heads, str) else tuple(heads)  # distilled models have two
+    in_head = tuple(h + "." for h in heads)
+    state = model.state_dict()
+    with torch.no_grad():  # timm keeps the file's head where num_classes is its default (1000)
+        for k, t in state.items():
+            if k.startswith(in_head):
+                t.copy_(initial[k])
     # Tensors initialised to a constant (norms' ones, zero biases) are the same loaded or not.
-    checked = {k: t for k, t in model.state_dict().items()
-               if t.is_floating_point() and t.numel() > 1 and not k.startswith(tuple(h + "." for h in heads))
+    checked = {k: t for k, t in state.items()
+               if t.is_floating_point() and t.numel() > 1 and not k.startswith(in_head)
                and bool(initial[k].min() != initial[k].max())}
     missed = [k for k, t in checked.items() if torch.equal(t, initial[k])]
     if checked and len(missed) == len(checked):
