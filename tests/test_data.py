@@ -123,6 +123,35 @@ def test_unknown_dataset_and_bad_classes():
         load_dataset("digits", image_size=8, classes=[])
 
 
+def test_class_subsets_that_leave_a_split_empty(tmp_path):
+    """Classes with no examples in a split: once a run reported accuracy 0 measured on an
+    empty test set, and a class absent from a split's labels was called out of range
+    (0..the split's largest label) though the dataset has it."""
+    for prefix, labels in (("train", [0, 1, 2, 3, 4, 5]), ("t10k", [0, 1, 2, 4, 5])):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((len(labels), 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.array(labels))
+    with pytest.raises(ValueError, match=r"fashion_mnist: the test split has no examples of classes \[3\]"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28, classes=[3])
+    with pytest.raises(ValueError, match=r"fashion_mnist: the train split has no examples of classes \[9\]"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28, classes=[9])
+    with pytest.raises(ValueError, match=r"classes \[10\] are not labels of this dataset \(0..9\)"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28, classes=[10])
+    assert len(load_dataset("fashion_mnist", str(tmp_path), image_size=28, classes=[3, 4]).test) == 1
+    for prefix in ("train", "t10k"):  # files of no examples at all
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((0, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(0))
+    for classes in (None, [1]):
+        with pytest.raises(ValueError, match="fashion_mnist: the train split has no examples"):
+            load_dataset("fashion_mnist", str(tmp_path), image_size=28, classes=classes)
+
+
+def test_cifar100_images_other_than_bytes_are_refused_at_load(tmp_path):
+    # before: loaded, then PIL failed on the first image read, mid-run
+    write_cifar(tmp_path, train={"data": np.zeros((4, 3072), dtype=np.int64), "fine_labels": [0, 1, 2, 3]})
+    with pytest.raises(ValueError, match=r"cifar-100-python/train: images must be uint8 .*; got int64"):
+        load_dataset("cifar100", str(tmp_path), image_size=32)
+
+
 def write_cifar(tmp_path, n_images=20, n_labels=20, labels=None, train=None):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir(exist_ok=True)

@@ -69,7 +69,9 @@ class TensorImageDataset(Dataset):
         return (image - self.mean) / self.std, self.labels[index]
 
 
-def _subset(images, labels, classes: Optional[Sequence[int]]):
+def _subset(images, labels, classes: Optional[Sequence[int]], num_classes: int):
+    """The examples of ``classes`` (of the dataset's ``num_classes``), relabelled 0.. in the
+    order given."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels: the files do not belong together")
     if classes is None:
@@ -80,10 +82,10 @@ def _subset(images, labels, classes: Optional[Sequence[int]]):
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if repeated:
         raise ValueError(f"classes {repeated} are listed more than once in {classes}")
-    remap = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
-    missing = [c for c in classes if not 0 <= c < len(remap)]
+    remap = torch.full((num_classes,), -1, dtype=torch.long)  # labels: checked to lie below it
+    missing = [c for c in classes if not 0 <= c < num_classes]
     if missing:
-        raise ValueError(f"classes {missing} are not labels of this dataset (0..{len(remap) - 1})")
+        raise ValueError(f"classes {missing} are not labels of this dataset (0..{num_classes - 1})")
     remap[torch.tensor(classes)] = torch.arange(len(classes))
     keep = remap[labels] >= 0
     return images[keep], remap[labels[keep]]
@@ -141,7 +143,7 @@ def fashion_mnist(data_dir: Optional[str], image_size: int, classes=None, **norm
         label_file = _idx_file(directory, f"{prefix}-labels-idx1-ubyte")
         labels = torch.from_numpy(_read_idx(label_file, 1).astype(np.int64))
         _check_labels(labels, 10, label_file)
-        images, labels = _subset(images, labels, classes)
+        images, labels = _subset(images, labels, classes, 10)
         parts[split] = TensorImageDataset(images, labels, image_size, flip=False, **norm)
     return DataBundle(parts["train"], parts["test"], len(classes) if classes else 10, "fashion_mnist")
 
@@ -152,7 +154,7 @@ def digits(image_size: int, classes=None, **norm) -> DataBundle:
     data = load_digits()
     images = torch.from_numpy(data.images.astype(np.float32))  # [1797, 8, 8], values 0..16
     labels = torch.from_numpy(data.target.astype(np.int64))
-    images, labels = _subset(images, labels, classes)
+    images, labels = _subset(images, labels, classes, 10)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(order))
     split = {"train": order[:cut], "test": order[cut:]}
@@ -213,10 +215,13 @@ def cifar100(data_dir: Optional[str], image_size: int, classes=None, mean=IMAGEN
         where = os.path.join(folder, split)
         if len(ds.data) != len(ds.targets):
             raise ValueError(f"{where} holds {len(ds.data)} images but {len(ds.targets)} labels")
+        if not (isinstance(ds.data, np.ndarray) and ds.data.dtype == np.uint8):
+            raise ValueError(f"{where}: images must be uint8 (0..255, the python version's); got "
+                             f"{getattr(ds.data, 'dtype', type(ds.data).__name__)}")
         labels = torch.tensor(ds.targets, dtype=torch.long)
         _check_labels(labels, 100, where)
         if classes is not None:
-            keep, new_labels = _subset(torch.arange(len(labels)), labels, classes)
+            keep, new_labels = _subset(torch.arange(len(labels)), labels, classes, 100)
             ds.data, ds.targets = ds.data[keep.numpy()], new_labels.tolist()
         parts[split] = ds
     return DataBundle(parts["train"], parts["test"], len(classes) if classes else 100, "cifar100")
@@ -261,16 +266,24 @@ def calibration_batches(dataset: Dataset, batch_size: int, count: int, seed: int
 
 def load_dataset(name: str, data_dir: Optional[str] = None, image_size: int = 224,
                  classes: Optional[Sequence[int]] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> DataBundle:
-    """The named dataset (one of ``DATASETS``) for a model with input size ``image_size``."""
+    """The named dataset (one of ``DATASETS``) for a model with input size ``image_size``.
+    A split with no examples (of ``classes``, where given) is an error: it would train on
+    nothing, or report an accuracy of 0 measured on nothing."""
     norm = {"mean": tuple(mean), "std": tuple(std)}
     if name == "cifar100":
-        return cifar100(data_dir, image_size, classes, **norm)
-    if name == "fashion_mnist":
-        return fashion_mnist(data_dir, image_size, classes, **norm)
-    if name == "digits":
-        return digits(image_size, classes, **norm)
-    if name == "imagefolder":
+        bundle = cifar100(data_dir, image_size, classes, **norm)
+    elif name == "fashion_mnist":
+        bundle = fashion_mnist(data_dir, image_size, classes, **norm)
+    elif name == "digits":
+        bundle = digits(image_size, classes, **norm)
+    elif name == "imagefolder":
         if classes is not None:
             raise ValueError("classes is not supported for imagefolder: arrange the folders instead")
-        return imagefolder(data_dir, image_size, **norm)
-    raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}")
+        bundle = imagefolder(data_dir, image_size, **norm)
+    else:
+        raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}")
+    for split, part in (("train", bundle.train), ("test", bundle.test)):
+        if len(part) == 0:
+            raise ValueError(f"{name}: the {split} split has no examples"
+                             + (f" of classes {list(classes)}" if classes is not None else ""))
+    return bundle
