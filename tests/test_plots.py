@@ -45,9 +45,14 @@ def test_read_log_skips_cut_off_records_with_a_warning(tmp_path):
     # line 2: a record cut off by a kill; line 3: one cut off, then the resumed run's record
     # glued to it (a log written before resumes ended a cut-off line)
     _write(log, [_step(1, 2.0)], tail='{"step": 2, "lo\n{"step": 2, "lo' + json.dumps(_step(2, 1.0)) + "\n")
-    with pytest.warns(UserWarning, match=r"log.jsonl: skipped what is not a JSON record on line\(s\) \[2, 3\]"):
+    with pytest.warns(UserWarning, match=r"log.jsonl: skipped what is not a JSON record with a step on line\(s\) \[2, 3\]"):
         steps, _, _ = read_log(str(log))
     assert [(r["step"], r["loss"]) for r in steps] == [(1, 2.0), (2, 1.0)]
+    # whole JSON lines, but not records of a run: no step, or not an integer one (a KeyError before)
+    _write(log, [_step(1, 2.0), {"loss": 2.0}, {"step": "3", "loss": 1.0}, [4], _step(2, 1.0)])
+    with pytest.warns(UserWarning, match=r"on line\(s\) \[2, 3, 4\]"):
+        steps, _, _ = read_log(str(log))
+    assert [r["step"] for r in steps] == [1, 2]
     _write(log, [])
     with pytest.raises(ValueError, match="has no training records yet"):
         plot_training(str(tmp_path))

@@ -126,7 +126,7 @@ def test_crash_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     # the cut-off record stays on a line of its own; every step's record can be read
     from tunecomp.plots import read_log as read_records
 
-    with pytest.warns(UserWarning, match="skipped what is not a JSON record"):
+    with pytest.warns(UserWarning, match="skipped what is not a JSON record with a step"):
         steps, evals, _ = read_records(str(log))
     assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24]
     assert [r["step"] for r in evals] == [7, 14, 21, 24]

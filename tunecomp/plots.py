@@ -40,6 +40,9 @@ def read_log(path: str) -> tuple:
         if not line.strip():
             continue
         record, complete = _parse(line)
+        step = None if record is None else record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):  # JSON, but none of a run's records
+            record, complete = None, False
         if not complete and number < len(lines):  # the last line may still be being written
             skipped.append(number)
         if record is None:
@@ -51,7 +54,7 @@ def read_log(path: str) -> tuple:
         elif "loss" in record:
             steps[record["step"]] = record
     if skipped:
-        warnings.warn(f"{path}: skipped what is not a JSON record on line(s) {skipped} "
+        warnings.warn(f"{path}: skipped what is not a JSON record with a step on line(s) {skipped} "
                       "(a run killed while writing?)", stacklevel=2)
     by_step = lambda records: sorted(records, key=lambda r: r["step"])  # noqa: E731
     return by_step(steps.values()), by_step(evals.values()), by_step(events.values())
