@@ -117,6 +117,7 @@ def test_compress_bad_arguments(tmp_path):
                          (("--classes", "5,5,6"), "argument --classes: repeats [5]"),
                          (("--eval-every", "-1"), "argument --eval-every: must be at least 0; got -1"),
                          (("--seed", "100000000000"), "argument --seed: must be in [0, 2147483647]; got 100000000000"),
+                         (("--targets", "attn.qkv,,mlp.fc1"), "argument --targets: an empty name in 'attn.qkv,,mlp.fc1'"),
                          (("--reg-weight", "-1"), "argument --reg-weight: must be in [0, inf]; got -1.0"),
                          (("--prune-mode", "n:m", "--prune", "0.75"), "prune must be at most 0.5 with prune_mode 'n:m'")):
         result = run_cli("compress", "--dataset", "digits", "--out", str(tmp_path / "x"), *flags)
@@ -130,6 +131,12 @@ def test_compress_bad_arguments(tmp_path):
                      "--model-kwargs", json.dumps(tiny))  # was silently replaced by the data's 10
     assert result.returncode == 2 and "Traceback" not in result.stderr  # a usage error, as the others
     assert "num_classes comes from the data (10 classes of digits); got 3 in --model-kwargs" in result.stderr
+
+
+def test_targets_are_one_setting_however_spaced():
+    from tunecomp.cli import _targets
+
+    assert _targets(" attn.qkv , mlp.fc1") == _targets("attn.qkv,mlp.fc1") == "attn.qkv,mlp.fc1"
 
 
 def test_demo_runs_and_prints_the_table(tmp_path, capsys):

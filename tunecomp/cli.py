@@ -620,6 +620,15 @@ def _int_list(minimum: int):
     return parse
 
 
+def _targets(text: str) -> str:
+    """Comma-separated layer names, spaces around them dropped: "attn.qkv, mlp.fc1" is the
+    same run setting as "attn.qkv,mlp.fc1" (a resume compares them)."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"an empty name in {text!r}")
+    return ",".join(names)
+
+
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default after its help, where it has one to show (not None or False)."""
 
@@ -654,7 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rank-ratio", type=_float_in(0, 1, low_open=True), default=0.25, help="rank as a fraction of full rank")
     p.add_argument("--param-ratio", type=_float_in(0, 1, low_open=True), default=None,
                    help="instead: fraction of each layer's weights kept")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), type=_targets,
                    help="comma-separated nn.Linear names to replace: a name, its tail after a dot "
                         "(attn.qkv), or a glob on the full name (blocks.1*.mlp.*)")
     p.add_argument("--init", default="whiten", choices=("svd", "asvd", "whiten"),
