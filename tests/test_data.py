@@ -222,6 +222,10 @@ def test_idx_files_damaged_or_misnamed(tmp_path):
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((30, 28, 28)))  # labels of 3 dims
     with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz holds a 3-dim array; expected 1 dims \(labels \[N\]\)"):
         load_dataset("fashion_mnist", str(tmp_path), image_size=28)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + bytes(120)))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz is not an idx file of unsigned bytes: its "
+                                         r"first bytes must be 00 00 08 \(then the number of dims\); got 00 00 0d 01"):
+        load_dataset("fashion_mnist", str(tmp_path), image_size=28)  # (0x0d: float32 values)
 
 
 def test_imagefolder_class_folders(tmp_path):

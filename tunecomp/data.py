@@ -102,7 +102,8 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
         except (EOFError, OSError) as error:  # cut short, or damaged
             raise ValueError(f"{path}: not a complete gzip file ({error})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+        raise ValueError(f"{path} is not an idx file of unsigned bytes: its first bytes must be 00 00 08 "
+                         f"(then the number of dims); got {data[:4].hex(' ') or 'none'}")
     if data[3] != ndim:
         raise ValueError(f"{path} holds a {data[3]}-dim array; expected {ndim} dims "
                          f"({'images [N, H, W]' if ndim == 3 else 'labels [N]'})")
