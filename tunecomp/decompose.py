@@ -180,10 +180,15 @@ def asvd_factors(weight: Tensor, stats: CalibStats, rank: int, exponent: float =
 
 
 def _regularised_cholesky(gram: Tensor) -> Tensor:
-    eps = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    """Cholesky factor of ``gram + ε·diag(scale)``, ε = 1e-6 (×10 until it succeeds), each
+    channel regularised by its own scale: ε times the mean diagonal over-regularised every
+    other channel by the size of one outlier channel (activations of 1e4x the typical scale
+    took whitening to 1.5x the optimal output error). Dead channels get a floor."""
+    diagonal = gram.diagonal()
+    scale = torch.diag(diagonal.clamp_min(1e-6 * diagonal.mean().clamp_min(1e-12)))
+    eps = 1e-6
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
+        factor, info = torch.linalg.cholesky_ex(gram + eps * scale)
         if int(info) == 0:
             return factor
         eps = eps * 10
