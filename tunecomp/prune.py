@@ -36,7 +36,7 @@ def _scores(weight: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, weight.detach().abs().float(), torch.full_like(weight, _PRUNED, dtype=torch.float32))
 
 
-def _prune_target(ratio: float, n: int) -> int:
+def pruned_count(ratio: float, n: int) -> int:
     """How many of ``n`` entries (or components) ratio ρ < 1 prunes: ``round(ρ·n)``, but never
     all of them (at ρ = 0.95, round(9.5) = 10 of 10 would leave a layer its bias alone)."""
     return min(round(ratio * n), n - 1)
@@ -44,8 +44,8 @@ def _prune_target(ratio: float, n: int) -> int:
 
 def _prune_smallest(scores: Tensor, masks: Sequence[Tensor], ratio: float) -> None:
     """Set False, across ``masks`` (flattened in order into ``scores``), the
-    ``_prune_target(ratio, numel)`` lowest-scored entries; already pruned ones count towards it."""
-    target = _prune_target(ratio, scores.numel())
+    ``pruned_count(ratio, numel)`` lowest-scored entries; already pruned ones count towards it."""
+    target = pruned_count(ratio, scores.numel())
     if target <= int((scores == _PRUNED).sum()):
         return  # monotone: never revive, and nothing more to prune
     pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -92,7 +92,7 @@ def prune_rank_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float) -> Non
         alive = layer.mask_u.any(0) | layer.mask_v.any(0)
         strength = torch.where(alive, u.norm(dim=0) * v.norm(dim=0), torch.full_like(u[0], _PRUNED))
         dead = torch.zeros_like(alive)
-        target = _prune_target(ratio, layer.rank)
+        target = pruned_count(ratio, layer.rank)
         if target > int((~alive).sum()):
             dead[torch.topk(strength, target, largest=False).indices] = True
         layer.mask_u[:, dead] = False

@@ -43,7 +43,9 @@ def rank_for(
     - ``rank``: absolute, capped at full rank ``min(in, out)``;
     - ``rank_ratio`` in (0, 1]: a fraction of full rank, rounded, at least 1;
     - ``param_ratio`` in (0, 1]: the largest rank whose factors hold at most this fraction
-      of the dense weight's parameters, ``floor(ratio·in·out / (in+out))``, at least 1.
+      of the dense weight's parameters, ``floor(ratio·in·out / (in+out))``, at least 1 (the
+      floor forgives a relative 1e-9: a ratio computed as 0.75 / (1 − ρ) · (1 − ρ) may come
+      out one ulp below 0.75, and a rank short).
 
     ``rank_multiple``: round the rank down to a multiple of it (at least one multiple, at
     most full rank): 4 for 2:4 pruning of U along the rank, 16 or 64 for tensor-core tiles.
@@ -68,7 +70,8 @@ def rank_for(
         if rank_ratio is not None:
             r = round(rank_ratio * full)
         else:
-            r = math.floor(param_ratio * in_features * out_features / (in_features + out_features))
+            r = math.floor(param_ratio * in_features * out_features / (in_features + out_features)
+                           * (1 + 1e-9))
     r = max(1, min(r, full))
     if rank_multiple > 1:
         r = min(max(rank_multiple, r - r % rank_multiple), full)
