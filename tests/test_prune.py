@@ -14,6 +14,24 @@ def pruned_fraction(group):
     return sum(int((~l.mask_u).sum() + (~l.mask_v).sum()) for l in group) / total
 
 
+def test_global_scope_leaves_every_factor_an_entry():
+    """One threshold over layers of scales 100x apart pruned the small layer's factors whole
+    (its output was then its bias). Each factor now keeps its largest entry; the total pruned
+    is still exactly the ratio's."""
+    group = layers((16, 16, 8), (16, 16, 8), (16, 16, 8))
+    with torch.no_grad():
+        group[1].u.mul_(0.01)
+        group[1].v.mul_(0.01)
+    n = sum(l.mask_u.numel() + l.mask_v.numel() for l in group)
+    for ratio in (0.4, 0.6):
+        prune_(group, ratio, scope="global")
+        assert sum(int((~l.mask_u).sum() + (~l.mask_v).sum()) for l in group) == round(ratio * n)
+        for layer in group:
+            for weight, mask in ((layer.u, layer.mask_u), (layer.v, layer.mask_v)):
+                assert int(mask.sum()) >= 1 and mask.view(-1)[weight.detach().abs().argmax()]
+    assert int(group[1].mask_u.sum()) == int(group[1].mask_v.sum()) == 1  # all but the largest
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_unstructured_exact_ratio_smallest_first_and_monotone(scope):
     group = layers((24, 40, 8), (16, 12, 5))
@@ -105,10 +123,9 @@ def test_a_ratio_below_1_never_prunes_everything(mode, scope):
     layer = group[0]
     if mode == "rank":
         assert int((layer.mask_u.any(0) & layer.mask_v.any(0)).sum()) == 1
-    elif scope == "layer":  # u [2, 1] and v [1, 1]: one entry of u stays, v's only one too
+    else:  # u [2, 1] and v [1, 1]: one entry of u stays, v's only one too (global: each
+        # factor keeps its largest entry, so 1 of round(2.85) = 3 is pruned)
         assert int(layer.mask_u.sum()) == 1 and int(layer.mask_v.sum()) == 1
-    else:  # one threshold over the three entries: round(2.85) = 3 -> 2
-        assert int(layer.mask_u.sum() + layer.mask_v.sum()) == 1
 
 
 def test_sparsity_penalty_values_and_gradients():

@@ -7,7 +7,8 @@ entry once pruned stays pruned, so lowering ρ prunes nothing more and revives n
 Modes:
 - ``"unstructured"`` (the paper's): any entry of U or V. Per layer, U and V are each pruned
   to the ratio (their scales can drift apart in training, and one threshold over both could
-  empty one factor); global: one threshold over every layer's entries.
+  empty one factor); global: one threshold over every layer's entries, each factor keeping
+  at least its largest entry.
 - ``"rank"``: whole rank components, scored by ``‖U[:, i]‖·‖V[:, i]‖`` (the Frobenius norm of
   the rank-1 term they form); per layer. The pruned components can then be removed outright.
 - ``"n:m"``: in every group of m consecutive entries along a factor's reduction dimension
@@ -42,10 +43,11 @@ def pruned_count(ratio: float, n: int) -> int:
     return min(round(ratio * n), n - 1)
 
 
-def _prune_smallest(scores: Tensor, masks: Sequence[Tensor], ratio: float) -> None:
+def _prune_smallest(scores: Tensor, masks: Sequence[Tensor], ratio: float, spared: int = 0) -> None:
     """Set False, across ``masks`` (flattened in order into ``scores``), the
-    ``pruned_count(ratio, numel)`` lowest-scored entries; already pruned ones count towards it."""
-    target = pruned_count(ratio, scores.numel())
+    ``pruned_count(ratio, numel)`` lowest-scored entries; already pruned ones count towards it.
+    ``spared``: how many entries are scored +inf (never pruned): the target leaves them."""
+    target = min(pruned_count(ratio, scores.numel()), scores.numel() - spared)
     if target <= int((scores == _PRUNED).sum()):
         return  # monotone: never revive, and nothing more to prune
     pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -74,7 +76,12 @@ def prune_unstructured_(layers: Iterable[FusedPrunedLowRankLinear], ratio: float
     if scope == "global" and layers:
         masks = [m for layer in layers for m in (layer.mask_u, layer.mask_v)]
         scores = [_scores(w, m).view(-1) for layer in layers for w, m in ((layer.u, layer.mask_u), (layer.v, layer.mask_v))]
-        _prune_smallest(torch.cat(scores), masks, ratio)
+        # Each factor keeps its largest entry: one threshold over layers whose scales differ
+        # (100x in a reproducer) could prune a whole factor, leaving its layer its bias alone
+        # (what pruned_count spares a factor pruned on its own).
+        for score in scores:
+            score[score.argmax()] = float("inf")
+        _prune_smallest(torch.cat(scores), masks, ratio, spared=len(scores))
         return
     for layer in layers:
         for weight, mask in ((layer.u, layer.mask_u), (layer.v, layer.mask_v)):
