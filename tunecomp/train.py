@@ -53,7 +53,8 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
-SEED_MAX = 2**31 - 1
+SEED_MAX = 2**31 - 1  # the seed's range: the per-epoch seeds derived from it stay within int64
+
 
 @dataclass
 class TrainConfig:
@@ -119,7 +120,7 @@ class TrainConfig:
         for name in ("decay_steps", "prune_end", "reg_end"):
             if not 0 <= getattr(c, name) <= c.steps:
                 raise ValueError(f"{name} must be in [0, steps={c.steps}]; got {getattr(c, name)}")
-        if not 0 <= c.seed <= SEED_MAX:  # the per-epoch seeds derived from it stay within int64
+        if not 0 <= c.seed <= SEED_MAX:
             raise ValueError(f"seed must be in [0, {SEED_MAX}]; got {c.seed}")
         if not 0 <= c.prune_start <= c.prune_end:
             raise ValueError(f"prune_start must be in [0, prune_end={c.prune_end}]; got {c.prune_start}")
