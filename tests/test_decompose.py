@@ -102,6 +102,16 @@ def test_collect_stats_and_activation_aware_surgery():
         assert rel_error(model(x), expected) < 0.5
 
 
+def test_collect_stats_stops_at_max_batches_and_keeps_the_models_mode():
+    model = nn.Sequential(nn.Linear(4, 4))
+    batches = [torch.randn(5, 4) for _ in range(3)]
+    assert collect_stats(model, batches, ["0"], max_batches=2)["0"].tokens == 10
+    for training in (False, True):
+        model.train(training)
+        collect_stats(model, batches, ["0"])
+        assert model.training == training
+
+
 def test_init_errors():
     w = torch.randn(8, 6)
     with pytest.raises(ValueError, match="init='whiten' needs calib=CalibStats"):

@@ -14,6 +14,22 @@ def pruned_fraction(group):
     return sum(int((~l.mask_u).sum() + (~l.mask_v).sum()) for l in group) / total
 
 
+def test_n_m_prunes_the_smallest_of_each_group_and_floors_the_ratio():
+    """Each group of 4 along the reduction dim loses its smallest magnitudes, as many as the
+    ratio floored to a multiple of 1/4 (0.45 -> 1 of 4: the training ramp passes through such
+    ratios, e.g. 0.375, on its way to 0.5)."""
+    for ratio, kept in ((0.5, 2), (0.45, 3)):
+        layer = FusedPrunedLowRankLinear(32, 24, 8)
+        prune_([layer], ratio, mode="n:m")
+        for weight, mask in ((layer.v.detach().abs().reshape(8, 4, 8), layer.mask_v.reshape(8, 4, 8)),
+                             (layer.u.detach().abs().reshape(24, 2, 4), layer.mask_u.reshape(24, 2, 4))):
+            axis = 1 if weight.shape[1] == 4 else 2  # V: groups along in; U: along the rank
+            assert torch.all(mask.sum(axis) == kept), ratio
+            kept_min = torch.where(mask, weight, torch.inf).amin(axis)
+            pruned_max = torch.where(~mask, weight, -torch.inf).amax(axis)
+            assert torch.all(pruned_max <= kept_min), ratio
+
+
 def test_global_scope_leaves_every_factor_an_entry():
     """One threshold over layers of scales 100x apart pruned the small layer's factors whole
     (its output was then its bias). Each factor now keeps its largest entry; the total pruned

@@ -14,6 +14,7 @@ def test_alpha_shape():
     values = [schedule.alpha(t, T) for t in range(T + 1)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone
     assert schedule.alpha(5, 0) == 0.0  # no distillation: student from the start
+    assert schedule.alpha(-1, T) == 1.0  # before the start: the teacher alone, as at 0
     for a in values:
         assert a**2 + student_scale(a) ** 2 == pytest.approx(1.0)
 
@@ -25,6 +26,7 @@ def test_prune_ratio_cubic_ramp():
     assert schedule.prune_ratio(110, 0.9, 10, 110) == pytest.approx(0.9)
     assert schedule.prune_ratio(500, 0.9, 10, 110) == pytest.approx(0.9)
     assert schedule.prune_ratio(3, 0.5, 5, 5) == 0.0 and schedule.prune_ratio(5, 0.5, 5, 5) == 0.5
+    assert schedule.prune_ratio(5, 0.0, 0, 10) == 0.0  # no pruning: a ratio of 0 is a valid target
     with pytest.raises(ValueError, match=r"target pruning ratio must be in \[0, 1\)"):
         schedule.prune_ratio(0, 1.0, 0, 1)
 
