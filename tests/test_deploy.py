@@ -932,3 +932,22 @@ def test_dense_form_merged_by_load_is_rounded_once(tmp_path):
     source = model.get_submodule(name)
     want = (source.u * source.mask_u).float() @ (source.v * source.mask_v).float().T
     assert torch.equal(loaded.get_submodule(name).weight, want)
+    # and a float32 export loaded in bf16: the float32 product rounded, not rounded factors'
+    model = trained_like_model()
+    manifest = export(model, str(tmp_path / "fp32"), arch_kwargs=KW, form="dense")
+    name = next(n for n, i in manifest["layers"].items() if "u" in i["storage"])
+    source = model.get_submodule(name)
+    want = ((source.u * source.mask_u) @ (source.v * source.mask_v).T).bfloat16()
+    assert torch.equal(load(str(tmp_path / "fp32"), dtype=torch.bfloat16).get_submodule(name).weight, want)
+
+
+def test_a_full_rank_layer_round_trips(tmp_path):
+    """rank = min(in, out) is a valid layer: its manifest entry is accepted on load."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KW).eval()
+    with pytest.warns(UserWarning, match="factors larger than their dense weight"):
+        replace_linear_layers(model, rank=32, targets=["blocks.0.attn.proj"], keep_teacher=False)
+    manifest = export(model, str(tmp_path), arch_kwargs=KW, forms={"blocks.0.attn.proj": "lowrank"})
+    assert manifest["layers"]["blocks.0.attn.proj"]["rank"] == 32
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_error(load(str(tmp_path))(x), model(x)) < 1e-5

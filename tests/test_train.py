@@ -472,6 +472,65 @@ def test_best_accuracy_counts_the_compressed_model_alone(tmp_path, monkeypatch):
     assert summary["best_accuracy"] == 0.6
 
 
+def test_best_accuracy_counts_the_evaluation_at_the_first_compressed_step(tmp_path, monkeypatch):
+    """As above with prune_end 7: the evaluation after step 8 ran with step 7's masks, the
+    final ones, so it counts (0.6), the first that does."""
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5])
+    monkeypatch.setattr(sys.modules["tunecomp.train"], "evaluate", lambda *args: next(scores))
+    model, data = tiny_setup("svd")
+    cfg = TrainConfig(steps=10, batch_size=16, decay_steps=4, prune=0.5, prune_end=7, prune_every=1,
+                      eval_every=2, progress=False)
+    assert train(model, data.train, data.test, cfg, str(tmp_path), device="cpu")["best_accuracy"] == 0.6
+
+
+def test_the_final_ratio_is_reached_at_prune_end_between_prune_steps(tmp_path):
+    """Pruning runs every prune_every steps and at every step from prune_end on: with
+    prune_end 15 and prune_every 10, step 15 already runs at the final ratio."""
+    train_module = sys.modules["tunecomp.train"]
+    model, data = tiny_setup("svd")
+    layers = compressible_layers(model)
+    seen = {}
+    cfg = TrainConfig(steps=16, batch_size=16, decay_steps=4, prune=0.5, prune_end=15, prune_every=10,
+                      progress=False)
+    train(model, data.train, data.test, cfg, str(tmp_path), device="cpu",
+          step_hook=lambda step: seen.setdefault(step, train_module._factor_sparsity(layers)))
+    assert seen[14] < 0.5 and seen[15] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_log_record_averages_the_steps_since_the_last(tmp_path):
+    runs = {}
+    for every in (1, 2):
+        model, data = tiny_setup("svd")
+        cfg = TrainConfig(steps=4, batch_size=16, log_every=every, progress=False)
+        train(model, data.train, data.test, cfg, str(tmp_path / str(every)), device="cpu")
+        runs[every] = {r["step"]: r for r in read_log(str(tmp_path / str(every))) if "loss" in r}
+    for step in (2, 4):
+        for key in ("loss", "task_loss", "train_accuracy"):
+            pair = (runs[1][step - 1][key] + runs[1][step][key]) / 2
+            assert runs[2][step][key] == pytest.approx(pair, rel=1e-5), (step, key)
+
+
+def test_the_distillation_term_is_scaled_by_the_temperature_squared(tmp_path, monkeypatch):
+    """kd_weight 1: the loss is T²·KL (Hinton et al.), T = 4 here, whatever the KL."""
+    model, data = tiny_setup("svd")
+    teacher, _ = tiny_setup("svd")
+    seen = []
+    kl_div = torch.nn.functional.kl_div
+
+    def spy(*args, **kwargs):
+        out = kl_div(*args, **kwargs)
+        seen.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(sys.modules["tunecomp.train"].F, "kl_div", spy)
+    cfg = TrainConfig(steps=1, batch_size=16, kd_weight=1.0, kd_temperature=4.0, reg="none", log_every=1,
+                      progress=False)
+    train(model, data.train, data.test, cfg, str(tmp_path), device="cpu", distill_from=teacher)
+    record = next(r for r in read_log(str(tmp_path)) if "loss" in r)
+    assert len(seen) == 1 and seen[0] > 0
+    assert record["loss"] == pytest.approx(16.0 * seen[0], rel=1e-5)
+
+
 def test_n_m_pruning_is_refused_before_training_where_it_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="prune must be a multiple of 1/4 with prune_mode 'n:m'.* got 0.3"):
         TrainConfig(prune=0.3, prune_mode="n:m").resolved()
