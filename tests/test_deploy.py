@@ -159,6 +159,10 @@ def test_storage_encodings_round_trip_and_refuse_bad_tensors():
     with pytest.raises(DeployError, match="marks .* entries for .* values"):
         decode(stored, "w", "bitmask", (7, 5))
     stored = encode("w", t, "positions")
+    stored["w.positions"][1] = stored["w.positions"][0]  # a position repeated: two values for one entry
+    with pytest.raises(DeployError, match="not increasing"):
+        decode(stored, "w", "positions", (7, 5))
+    stored = encode("w", t, "positions")
     stored["w.positions"] = stored["w.positions"].flip(0)
     with pytest.raises(DeployError, match="not increasing"):
         decode(stored, "w", "positions", (7, 5))
