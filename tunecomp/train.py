@@ -551,10 +551,10 @@ def train(model: nn.Module, train_set, test_set, config: TrainConfig, out_dir: s
         if progress is not None:
             progress.close()
 
-    # The end: the student alone, at its final sparsity.
+    # The end: the student alone, at its final sparsity. The checkpoint stays the last step's,
+    # written before this: a resumed finished run schedules and evaluates again.
     apply_schedule(cfg.steps)
     final_accuracy = run_eval()
-    checkpoint()
     summary = {
         "final_accuracy": final_accuracy,
         "best_accuracy": state.best_accuracy,
