@@ -28,7 +28,7 @@ from .deploy import write_json
 from .plots import plot_training
 from .prune import MODES
 from .surgery import DEFAULT_TARGETS, prepare
-from .train import SEED_MAX, TrainConfig, check_same_config, effective_params, save_checkpoint, train
+from .train import CHECKPOINT, SEED_MAX, TrainConfig, check_same_config, effective_params, save_checkpoint, train
 
 
 def _version(module_name: str) -> str:
@@ -251,8 +251,8 @@ def compress(args) -> dict:
         resume = "add --resume to continue it, or " if args.method == "tunecomp" else ""
         raise FileExistsError(f"--out {args.out} already holds a run ({', '.join(found)}): {resume}"
                               f"choose another --out")
-    if args.resume and not os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
-        raise FileNotFoundError(f"--resume: no checkpoint.pt in --out {args.out}: nothing to resume (a run that "
+    if args.resume and not os.path.isfile(os.path.join(args.out, CHECKPOINT)):
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in --out {args.out}: nothing to resume (a run that "
                                 f"stopped before its first checkpoint starts again without --resume)")
     if not found and os.path.exists(os.path.join(args.out, "log.jsonl")):
         print(f"note: --out {args.out} holds the log of a run that stopped before its first checkpoint: "
@@ -583,13 +583,12 @@ def _int_at_least(minimum: int, maximum: Optional[int] = None):
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
-        if maximum is not None and not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {maximum}]; got {value}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {span}; got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer in [{minimum}, {maximum}]"
+    span = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    parse.__name__ = f"integer {span}"
     return parse
 
 
